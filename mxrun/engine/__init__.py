@@ -1,0 +1,1 @@
+"""The recipe engine: loading, validation, resolution into a plan, and applying the plan to a model."""
