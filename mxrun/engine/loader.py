@@ -348,7 +348,7 @@ def _merge(files: list[FileRecipe], out: DiagnosticList) -> Recipe | None:
     for name, where in scheme_positions.items():
         if name not in used and where.file == child.label:
             out.warning("unused-scheme", f"scheme {name!r} is defined but no rule uses it", where)
-    if not rules:
+    if not rules and not out.has_errors:
         out.warning(
             "no-rules",
             "the recipe has no rules: it quantizes nothing",

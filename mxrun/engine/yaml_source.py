@@ -159,7 +159,7 @@ def load_yaml(text: str, label: str) -> YamlDocument:
     try:
         documents = list(yaml.compose_all(text, Loader=_Parser))
     except yaml.YAMLError as exc:  # already parsed once, but keep the guarantee of no traceback
-        raise _yaml_error(exc, label) from None
+        raise _yaml_error(exc, label, text) from None
     documents = [d for d in documents if d is not None]
     if not documents:
         raise _fail("empty-file", "the recipe is empty", Position(label, 1, 1), "start with `version: 1`")
@@ -208,7 +208,7 @@ def _check_events(text: str, label: str) -> None:
                     "recipes hold plain data only; remove the tag",
                 )
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, label) from None
+        raise _yaml_error(exc, label, text) from None
 
 
 def _explicit(event: Any) -> bool:
@@ -218,14 +218,16 @@ def _explicit(event: Any) -> bool:
     return not implicit
 
 
-def _yaml_error(exc: yaml.YAMLError, label: str) -> RecipeError:
+def _yaml_error(exc: yaml.YAMLError, label: str, text: str = "") -> RecipeError:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     position = _pos(label, mark) if mark is not None else Position(label)
     problem = getattr(exc, "problem", None) or str(exc)
     context = getattr(exc, "context", None)
     message = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
     hint = None
-    if "\\t" in problem or "tab" in problem:
+    lines = text.splitlines()
+    at_tab = mark is not None and mark.line < len(lines) and "\t" in lines[mark.line][: mark.column + 1]
+    if at_tab or "\\t" in problem or "tab" in problem:
         hint = "YAML indentation must use spaces, not tabs"
     return _fail("yaml-syntax", message, position, hint)
 
