@@ -1,9 +1,15 @@
 """``extends``: merge order, scheme override by name, skip accumulation, chains, cycles, built-in parents."""
 
+import re
 from pathlib import Path
 from textwrap import dedent
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mxrun.engine.layers import LayerKind
 from mxrun.engine.loader import load_recipe
+from mxrun.engine.matching import Matcher
 from mxrun.engine.schemes import ScaleRule, UnsupportedPolicy
 
 
@@ -149,3 +155,43 @@ def test_fingerprint_ignores_presentation_but_not_meaning(tmp_path: Path) -> Non
     assert fa == fb
     assert fa != fc  # rule order changes which rule wins
     assert fa.startswith("sha256:") and len(fa) == len("sha256:") + 64
+
+
+_NAMES = ["a.q_proj", "a.k_proj", "b.experts.gate_up_proj", "lm_head", "b.mlp.gate"]
+_PATTERNS = [".*", ".*q_proj", ".*_proj", "a\\..*", ".*experts.*", "lm_head", "b\\..*", ".*gate.*"]
+
+
+def _yaml_rules(rules: list[tuple[str, str]]) -> str:
+    return "".join(f"  - {{match: '{p}', scheme: {s}}}\n" for p, s in rules)
+
+
+_RULES = st.lists(st.tuples(st.sampled_from(_PATTERNS), st.sampled_from(["mxfp8", "fp8-channel"])), max_size=4)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parent_rules=_RULES, child_rules=_RULES, parent_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2),
+       child_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2))
+def test_merge_property(tmp_path: Path, parent_rules, child_rules, parent_skips, child_skips) -> None:
+    """For any parent and child: the merged recipe decides each name as 'skip if any skip of either matches,
+    else the child's first match, else the parent's first match'."""
+    def body(name: str, rules, skips, extra: str = "") -> str:
+        text = f"version: 1\nname: {name}\ndescription: d\n{extra}"
+        if rules:
+            text += "rules:\n" + _yaml_rules(rules)
+        if skips:
+            text += "skip:\n" + "".join(f"  - '{p}'\n" for p in skips)
+        return text
+
+    (tmp_path / "parent.yaml").write_text(body("parent", parent_rules, parent_skips))
+    (tmp_path / "child.yaml").write_text(body("child", child_rules, child_skips, "extends: parent.yaml\n"))
+    recipe = load_recipe(tmp_path / "child.yaml").recipe
+    assert recipe is not None
+    assert [(r.pattern, r.scheme) for r in recipe.rules] == child_rules + parent_rules
+    matcher = Matcher(recipe)
+    for name in _NAMES:
+        why = matcher.explain(name, LayerKind.LINEAR)
+        if any(re.fullmatch(p, name) for p in parent_skips + child_skips):
+            assert why.winner is None and why.skips
+            continue
+        expected = next((s for p, s in child_rules + parent_rules if re.fullmatch(p, name)), None)
+        assert (why.winner.scheme if why.winner else None) == expected
