@@ -53,8 +53,9 @@ def _layers(model: str | None) -> tuple[str, list[Any]]:
     from mxrun.engine.inventory import InventoryError, layers_from_checkpoint
 
     path = Path(model) if model else resources.example_model_dir()
+    label = model if model else f"the bundled example ({path.name})"
     try:
-        return str(path), layers_from_checkpoint(path)
+        return label, layers_from_checkpoint(path)
     except InventoryError as exc:
         _fail(str(exc))
 

@@ -11,15 +11,24 @@ from rich.table import Table
 from mxrun.engine.plan import Decision, Plan
 
 
+def _console() -> Console:
+    """A console that does not fold layer names when output goes to a file or CI log (rich assumes 80)."""
+    console = Console(soft_wrap=False)
+    if not console.is_terminal:
+        console.width = 200
+    return console
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 
 
 def print_plan(plan: Plan, model_label: str, console: Console | None = None) -> None:
     """The per-layer plan as a table, then the summary (layers per scheme, bytes before and after)."""
-    console = console or Console(soft_wrap=False)
+    console = console or _console()
     table = Table(title=f"plan: recipe {plan.recipe.name} on {model_label}", title_justify="left")
-    for column in ("layer", "kind", "shape", "decision", "scheme", "decided by"):
+    table.add_column("layer", no_wrap=True)
+    for column in ("kind", "shape", "decision", "scheme", "decided by"):
         table.add_column(column, overflow="fold")
     style = {Decision.QUANTIZE: "green", Decision.SKIPPED: "yellow", Decision.UNMATCHED: "dim",
              Decision.UNSUPPORTED: "red"}
@@ -43,7 +52,7 @@ def print_plan(plan: Plan, model_label: str, console: Console | None = None) -> 
 
 
 def print_recipes(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or _console()
     table = Table(title="built-in recipes (use by name: mxrun --recipe NAME)", title_justify="left")
     table.add_column("name", no_wrap=True)
     table.add_column("description")

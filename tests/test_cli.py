@@ -92,3 +92,45 @@ def test_hostile_recipe_file_through_the_cli(runner: CliRunner, tmp_path: Path) 
     result = runner.invoke(main, ["validate", str(bomb)])
     assert result.exit_code == 1
     assert "aliases expand to more than" in result.output
+
+
+def test_main_job_plans_the_bundled_example(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--recipe", "mixed-moe"])
+    assert result.exit_code == 0, result.output
+    assert "plan: recipe mixed-moe on the bundled example (tiny-moe)" in result.output
+    assert "12/15 layers quantized (attention: 8, experts: 4, skipped: 3)" in result.output
+
+
+def test_plan_json_is_complete_and_stable(runner: CliRunner) -> None:
+    first = runner.invoke(main, ["plan", "--recipe", "mxfp8", "--json"])
+    second = runner.invoke(main, ["plan", "--recipe", "mxfp8", "--json"])
+    assert first.exit_code == 0 and first.output == second.output
+    plan = json.loads(first.output)
+    names = [entry["layer"] for entry in plan["layers"]]
+    assert names[0] == "lm_head" and "model.layers.1.mlp.experts.gate_up_proj" in names
+    experts = next(e for e in plan["layers"] if e["layer"] == "model.layers.0.mlp.experts.gate_up_proj")
+    assert experts["shape"] == [4, 256, 128] and experts["family"] == "mxfp8"
+    assert experts["source"].endswith("mxfp8.yaml:18:5")
+    assert plan["fingerprint"].startswith("sha256:")
+
+
+def test_validate_against_a_model(runner: CliRunner, tmp_path: Path) -> None:
+    from mxrun import resources
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nname: r\ndescription: d\nrules:\n"
+        "  - {match: 'model\\.layers\\.\\d+\\.self_attn\\.q_proj', scheme: mxfp8}\n"
+        "  - {match: 'layers\\..*', scheme: mxfp8}\n"
+    )
+    model = str(resources.example_model_dir())
+    result = runner.invoke(main, ["validate", str(recipe), "--model", model])
+    assert result.exit_code == 1
+    assert f"{recipe}:5:13: error: fused group model.layers.0.self_attn.qkv is split" in result.output
+    assert f"{recipe}:6:13: warning: rule 'rules[1]' matches no layer of this model" in result.output
+
+
+def test_missing_model_is_one_line_error(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["plan", "--recipe", "mxfp8", "--model", str(tmp_path / "nope")])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and "mxrun: error:" in result.output

@@ -28,6 +28,7 @@ from typing import Any
 
 from mxrun import resources
 from mxrun.engine.diagnostics import Diagnostic, DiagnosticList, Position
+from mxrun.engine.inventory import layers_from_source
 from mxrun.engine.layers import Layer
 from mxrun.engine.matching import Explanation, Matcher
 from mxrun.engine.recipe import Recipe, Rule, SkipRule
@@ -144,6 +145,11 @@ def _is_builtin(position: Position) -> bool:
         return Path(position.file).resolve().parent == resources.recipes_dir().resolve()
     except (OSError, FileNotFoundError):
         return False
+
+
+def resolve(recipe: Recipe, source: Any) -> Plan:
+    """Resolve ``recipe`` against a model: an ``nn.Module`` or a checkpoint path (headers only are read)."""
+    return resolve_layers(recipe, layers_from_source(source))
 
 
 def resolve_layers(recipe: Recipe, layers: Iterable[Layer]) -> Plan:
