@@ -49,6 +49,8 @@ def print_plan(plan: Plan, model_label: str, console: Console | None = None) -> 
         f"{_mib(summary['bytes_before'])} -> {_mib(summary['bytes_after'])}; fingerprint {plan.fingerprint}",
         soft_wrap=True,
     )
+    if summary["unmatched_rules"]:
+        console.print("matched no layer: " + "; ".join(summary["unmatched_rules"]), soft_wrap=True)
 
 
 def print_recipes(rows: Sequence[dict[str, Any]], console: Console | None = None) -> None:

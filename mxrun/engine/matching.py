@@ -68,15 +68,21 @@ class Matcher:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self._rules = PatternSet([rule.pattern for rule in recipe.rules])
-        self._skips = PatternSet([skip.pattern for skip in recipe.skips])
+        # One set for rules and skips: index < len(rules) is a rule, the rest are skips.
+        self._patterns = PatternSet([rule.pattern for rule in recipe.rules] + [s.pattern for s in recipe.skips])
+        self._n_rules = len(recipe.rules)
 
     def explain(self, name: str, kind: LayerKind) -> Explanation:
         rules = self.recipe.rules
         skips = self.recipe.skips
+        n_rules = self._n_rules
         matched: list[Rule] = []
         filtered: list[Rule] = []
-        for index in self._rules.match(name):
-            (matched if rules[index].admits(kind) else filtered).append(rules[index])
-        skipped = tuple(skips[i] for i in self._skips.match(name) if skips[i].admits(kind))
-        return Explanation(name, kind, skipped, tuple(matched), tuple(filtered))
+        skipped: list[SkipRule] = []
+        for index in self._patterns.match(name):
+            if index < n_rules:
+                rule = rules[index]
+                (matched if rule.admits(kind) else filtered).append(rule)
+            elif skips[index - n_rules].admits(kind):
+                skipped.append(skips[index - n_rules])
+        return Explanation(name, kind, tuple(skipped), tuple(matched), tuple(filtered))

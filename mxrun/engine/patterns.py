@@ -97,4 +97,6 @@ class PatternSet:
         if self._empty:
             return []
         found = self._set.Match(name)
-        return sorted(found) if found else []
+        if not found:
+            return []
+        return found if len(found) == 1 else sorted(found)

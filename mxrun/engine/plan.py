@@ -103,6 +103,8 @@ class Plan:
     recipe: Recipe
     entries: tuple[PlanEntry, ...]
     diagnostics: tuple[Diagnostic, ...] = field(default=())
+    unmatched_rules: tuple[str, ...] = field(default=())
+    """``name (FILE:LINE:COL)`` of each rule and skip that matched no layer (built-in ones too)."""
 
     @property
     def fingerprint(self) -> str:
@@ -128,6 +130,7 @@ class Plan:
             "by_scheme": dict(sorted(per_scheme.items())),
             "bytes_before": sum(e.bytes_before for e in self.entries),
             "bytes_after": sum(e.bytes_after for e in self.entries),
+            "unmatched_rules": list(self.unmatched_rules),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def resolve_layers(recipe: Recipe, layers: Iterable[Layer]) -> Plan:
     rule_index = {id(rule): i for i, rule in enumerate(recipe.rules)}
     skip_index = {id(skip): i for i, skip in enumerate(recipe.skips)}
     unsupported: dict[int, list[str]] = defaultdict(list)
+    serve_cache: dict[tuple[str, tuple[int, ...]], str | None] = {}
 
     for layer in layers:
         why = matcher.explain(layer.name, layer.kind)
@@ -170,9 +174,10 @@ def resolve_layers(recipe: Recipe, layers: Iterable[Layer]) -> Plan:
             rule_hits[rule_index[id(rule)]] += 1
         for skip in why.skips:
             skip_hits[skip_index[id(skip)]] += 1
-        entries.append(_decide(recipe, layer, why, rule_wins, rule_index, unsupported, out))
+        entries.append(_decide(recipe, layer, why, rule_wins, rule_index, unsupported, serve_cache, out))
 
     _check_usage(recipe, rule_hits, rule_wins, skip_hits, out)
+    entries = _demote_partly_unsupported_groups(entries, rule_index, unsupported)
     _check_groups(entries, out)
     for index, names in unsupported.items():
         rule = recipe.rules[index]
@@ -183,7 +188,9 @@ def resolve_layers(recipe: Recipe, layers: Iterable[Layer]) -> Plan:
             f"{shown}",
             rule.pattern_origin,
         )
-    return Plan(recipe, tuple(entries), tuple(out.sorted()))
+    unmatched = [f"rule {r.name} ({r.origin})" for i, r in enumerate(recipe.rules) if not rule_hits[i]]
+    unmatched += [f"skip '{s.pattern}' ({s.origin})" for i, s in enumerate(recipe.skips) if not skip_hits[i]]
+    return Plan(recipe, tuple(entries), tuple(out.sorted()), tuple(unmatched))
 
 
 def _decide(
@@ -193,6 +200,7 @@ def _decide(
     rule_wins: dict[int, int],
     rule_index: dict[int, int],
     unsupported: dict[int, list[str]],
+    serve_cache: dict[tuple[str, tuple[int, ...]], str | None],
     out: DiagnosticList,
 ) -> PlanEntry:
     if why.skips:
@@ -204,7 +212,10 @@ def _decide(
         return PlanEntry(layer, Decision.UNMATCHED, None, None, None, "no rule matches")
     rule_wins[rule_index[id(rule)]] += 1
     scheme = recipe.scheme_for(rule)
-    problem = scheme.cannot_serve(layer)
+    key = (scheme.name, layer.shape)
+    if key not in serve_cache:  # shapes repeat thousands of times in large models
+        serve_cache[key] = scheme.cannot_serve(layer)
+    problem = serve_cache[key]
     if problem is None:
         return PlanEntry(layer, Decision.QUANTIZE, scheme, rule, None, f"rule {rule.name!r}")
     if recipe.policy_for(scheme) is UnsupportedPolicy.ERROR:
@@ -251,6 +262,29 @@ def _check_usage(
                 skip.pattern_origin,
                 "only Linear and MoE expert weights are layers; embeddings and norms are never quantized",
             )
+
+
+def _demote_partly_unsupported_groups(
+    entries: list[PlanEntry], rule_index: dict[int, int], unsupported: dict[int, list[str]]
+) -> list[PlanEntry]:
+    """If a scheme cannot serve one member of a fused group (and the policy is ``skip``), leave the whole group
+    unquantized: serving engines run the group as one matmul, so quantizing only part of it is no plan.
+    E.g. MXFP8 experts whose ``down_proj`` has in_features 48 also keep ``gate_up_proj`` unquantized."""
+    blocked: dict[str, str] = {}
+    for entry in entries:
+        if entry.decision is Decision.UNSUPPORTED and entry.layer.group is not None:
+            blocked.setdefault(entry.layer.group, entry.layer.name)
+    if not blocked:
+        return entries
+    result = []
+    for entry in entries:
+        group = entry.layer.group
+        if entry.decision is Decision.QUANTIZE and group in blocked and entry.rule is not None:
+            reason = f"its fused group {group} has a member the scheme cannot serve ({blocked[group]})"
+            entry = PlanEntry(entry.layer, Decision.UNSUPPORTED, entry.scheme, entry.rule, None, reason)
+            unsupported[rule_index[id(entry.rule)]].append(entry.layer.name)
+        result.append(entry)
+    return result
 
 
 def _check_groups(entries: list[PlanEntry], out: DiagnosticList) -> None:

@@ -123,3 +123,13 @@ def test_builtin_recipes_do_not_warn_about_generic_skips() -> None:
     dense = [Layer("model.layers.0.mlp.up_proj", L, (128, 64), "bfloat16")]
     plan = resolve_layers(load_recipe_or_raise("fp8-channel"), dense)
     assert plan.diagnostics == ()
+
+
+def test_unsupported_member_leaves_its_whole_group_unquantized(tmp_path: Path) -> None:
+    layers = _moe_layers(hidden=64, inter=48)  # experts.down_proj has in_features 48: not a multiple of 32
+    plan = resolve_layers(_recipe(tmp_path, "rules:\n  - {match: '.*experts.*', scheme: mxfp8}\n"), layers)
+    assert [d.code for d in plan.diagnostics] == ["unsupported-layers"]
+    gate_up = plan.entry("model.layers.0.mlp.experts.gate_up_proj")
+    assert gate_up.decision is Decision.UNSUPPORTED
+    assert "fused group model.layers.0.mlp.experts has a member" in gate_up.reason
+    assert "cannot serve 4 layer(s)" in plan.diagnostics[0].message
