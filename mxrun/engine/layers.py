@@ -38,7 +38,9 @@ class Layer:
     dtype: str
     group: str | None = None
     tensors: tuple[str, ...] = ()
-    """Checkpoint tensor names that hold this layer's weight (empty for a module-only source)."""
+    """Checkpoint tensor names that hold this layer's weight (empty for a module-only source). For experts
+    fused from per-expert tensors they are in stacking order: ``gate_0, up_0, gate_1, up_1, ...`` for
+    ``gate_up_proj`` and ``down_0, down_1, ...`` for ``down_proj``."""
 
     @property
     def in_features(self) -> int:

@@ -34,10 +34,8 @@ from mxrun.engine.matching import Explanation, Matcher
 from mxrun.engine.recipe import Recipe, Rule, SkipRule
 from mxrun.engine.schemes import Scheme, UnsupportedPolicy, quantized_weight_bytes
 
-_DTYPE_BYTES = {
-    "float32": 4, "F32": 4, "float16": 2, "F16": 2, "bfloat16": 2, "BF16": 2, "float64": 8, "F64": 8,
-    "float8_e4m3fn": 1, "F8_E4M3": 1, "float8_e5m2": 1, "F8_E5M2": 1,
-}
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1}
+"""Bytes per element by the torch dtype names that :mod:`mxrun.engine.inventory` reports."""
 
 
 class Decision(str, Enum):
