@@ -1,0 +1,487 @@
+"""FP8 E4M3 quantize / dequantize with fp32 scales: torch reference, Triton kernels, dispatcher.
+
+Granularities (``Fp8Granularity``) and the scale layout each returns, for ``x`` of shape ``[M, K]``
+(``[E, N, K]`` stacks get the same with a leading ``E``; "rows" are M or N):
+
+* ``PER_TENSOR``: one scale, a 0-dim fp32 tensor, over the whole tensor (a stack shares one scale).
+* ``PER_ROW``: ``[M, 1]`` -- per output channel for a weight ``[N, K]``, per token for activations ``[M, K]``
+  (the dynamic per-token scheme). Aliases: :func:`quantize_fp8_per_channel`, :func:`quantize_fp8_per_token`.
+* ``BLOCK_128X128`` (weights): ``[ceil(N/128), ceil(K/128)]``, one scale per 128x128 tile.
+* ``GROUP_1X128`` (activations): ``[M, ceil(K/128)]``, one scale per 128 consecutive elements of a row.
+Edge tiles and groups cover only the elements that exist. ``data`` is ``torch.float8_e4m3fn``, the input's
+shape, contiguous.
+
+Scale rule, the same for every granularity: ``scale = amax / 448`` in fp32 (correctly rounded division), so the
+largest element maps onto E4M3's largest finite value; elements are ``E4M3(x / scale)`` with a correctly
+rounded fp32 division (Triton's ``div_rn``, not its approximate ``/``), saturating, RNE, and ``x ~= data * scale``.
+Guards and special values:
+
+* ``scale == 0`` (an all-zero block, or amax so small that amax/448 underflows fp32) -> ``scale = 1``: the
+  block quantizes and dequantizes to exact (signed) zeros.
+* NaN in a block -> ``scale`` NaN and every element of the block NaN (0x7F).
+* +-Inf in a block (and no NaN) -> ``scale`` = Inf; Inf / Inf makes those elements NaN and the finite ones
+  become (signed) zero. Such a block carries no information; the behaviour is defined so it can be tested.
+* fp32 subnormal amaxes give subnormal scales, used as they are (no flush to zero anywhere).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from mxrun.kernels.backend import Backend, resolve_backend, tl, triton
+from mxrun.kernels.e4m3 import (
+    E4M3_MAX,
+    e4m3_code,
+    encode_e4m3_reference,
+    magnitude_bits,
+    widen_to_fp32,
+)
+from mxrun.kernels.mxfp8_quantize import E4m3Cast, resolve_cast
+from mxrun.kernels.row_layout import (
+    TileConfig,
+    ceil_div,
+    check_quantize_input,
+    check_quantize_shape,
+    next_power_of_2,
+    row_batches_of,
+    streaming_tile,
+)
+
+FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
+
+
+class Fp8Granularity(enum.Enum):
+    """Which elements share one fp32 scale (see the module docstring for the layouts)."""
+
+    PER_TENSOR = "per_tensor"
+    PER_ROW = "per_row"
+    BLOCK_128X128 = "block_128x128"
+    GROUP_1X128 = "group_1x128"
+
+
+class Fp8Quantized(NamedTuple):
+    """``data`` (E4M3, input's shape) and ``scale`` (fp32, layout set by the granularity)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """fp32 ``amax / 448``, with 1 where that is zero; NaN amax gives NaN, Inf gives Inf."""
+    # Divide by a tensor, not a Python number: CUDA torch turns division by a scalar into a multiply by its
+    # reciprocal, which is not correctly rounded.
+    amax = amax.float()
+    scale = amax / torch.full_like(amax, E4M3_MAX)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _pad_to_multiple(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    """Zero-pad ``x`` along ``dim`` to a multiple of ``multiple`` (zeros never change an amax)."""
+    missing = -x.shape[dim] % multiple
+    if missing == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - (dim % x.dim())) + [0, missing]
+    return F.pad(x, pad)
+
+
+def quantize_fp8_reference(x: torch.Tensor, granularity: Fp8Granularity | str) -> Fp8Quantized:
+    """Plain-torch FP8 quantize (CPU or CUDA); the definition the Triton kernels are tested against."""
+    granularity = Fp8Granularity(granularity)
+    check_quantize_input(x, "quantize_fp8_reference")
+    values = x.float()
+    if granularity is Fp8Granularity.PER_TENSOR:
+        scale = fp8_scale_from_amax(values.abs().amax())
+        scaled = values / scale
+    elif granularity is Fp8Granularity.PER_ROW:
+        scale = fp8_scale_from_amax(values.abs().amax(dim=-1, keepdim=True))
+        scaled = values / scale
+    elif granularity is Fp8Granularity.GROUP_1X128:
+        k = x.shape[-1]
+        padded = _pad_to_multiple(values, -1, FP8_BLOCK)
+        groups = padded.reshape(*padded.shape[:-1], -1, FP8_BLOCK)
+        scale = fp8_scale_from_amax(groups.abs().amax(dim=-1))
+        scaled = (groups / scale.unsqueeze(-1)).reshape(padded.shape)[..., :k]
+    else:
+        n, k = x.shape[-2:]
+        padded = _pad_to_multiple(_pad_to_multiple(values, -1, FP8_BLOCK), -2, FP8_BLOCK)
+        n_blocks, k_blocks = padded.shape[-2] // FP8_BLOCK, padded.shape[-1] // FP8_BLOCK
+        tiles = padded.reshape(*padded.shape[:-2], n_blocks, FP8_BLOCK, k_blocks, FP8_BLOCK)
+        scale = fp8_scale_from_amax(tiles.abs().amax(dim=(-3, -1)))
+        scaled = (tiles / scale[..., :, None, :, None]).reshape(padded.shape)[..., :n, :k]
+    return Fp8Quantized(encode_e4m3_reference(scaled).contiguous(), scale)
+
+
+def expand_fp8_scale(
+    scale: torch.Tensor, shape: torch.Size, granularity: Fp8Granularity | str
+) -> torch.Tensor:
+    """Broadcast a scale of ``granularity`` to one fp32 value per element of a tensor of ``shape``."""
+    granularity = Fp8Granularity(granularity)
+    if granularity in (Fp8Granularity.PER_TENSOR, Fp8Granularity.PER_ROW):
+        return scale.expand(shape)
+    k = shape[-1]
+    per_column = scale.repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]
+    if granularity is Fp8Granularity.GROUP_1X128:
+        return per_column
+    return per_column.repeat_interleave(FP8_BLOCK, dim=-2)[..., : shape[-2], :]
+
+
+def dequantize_fp8(
+    data: torch.Tensor,
+    scale: torch.Tensor,
+    granularity: Fp8Granularity | str,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``data * scale`` in fp32 with the scale broadcast per ``granularity``, then cast to ``out_dtype``."""
+    return (data.float() * expand_fp8_scale(scale, data.shape, granularity)).to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_from_amax_bits(amax_bits):
+    """fp32 scale from the int32 bits of a non-negative amax, exactly as :func:`fp8_scale_from_amax`."""
+    scale = tl.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0)
+    return tl.where(scale == 0.0, 1.0, scale)
+
+
+@triton.jit
+def _fp8_row_group_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [B, R, cdiv(K, GROUP_K)] fp32, contiguous
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    GROUP_K: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Groups of GROUP_K consecutive elements of a row share a scale: 1x128 groups (GROUP_K = 128), or whole
+    rows (GROUP_K = BLOCK_K >= K, one program column). A BLOCK_R x BLOCK_K tile holds BLOCK_K // GROUP_K."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP_K
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+
+    x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
+    x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
+    x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP_K])
+    amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
+    scale = _scale_from_amax_bits(amax_bits)
+    scaled = tl.div_rn(widen_to_fp32(x_raw), scale[:, :, None])
+    q = tl.reshape(e4m3_code(scaled, SOFT_CAST), [BLOCK_R, BLOCK_K])
+
+    q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
+
+    n_groups = tl.cdiv(K, GROUP_K)
+    group_cols = pid_k * GROUPS + tl.arange(0, GROUPS)
+    scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
+    scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
+    tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+
+
+@triton.jit
+def _fp8_long_row_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [B, R] fp32, contiguous
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per-row scales for rows too long to hold in registers: a pass for the amax, then a quantize pass (the
+    second read of a BLOCK_R-row strip mostly hits L2)."""
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+
+    amax_bits = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x_raw = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+        chunk_amax_bits = tl.max(magnitude_bits(x_raw), axis=1)
+        amax_bits = tl.maximum(amax_bits, chunk_amax_bits)
+    scale = _scale_from_amax_bits(amax_bits)
+    tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+
+    q_rows = q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
+        q = e4m3_code(tl.div_rn(x, scale[:, None]), SOFT_CAST)
+        tl.store(q_rows + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def _fp8_block_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [B, cdiv(R, 128), cdiv(K, 128)] fp32, contiguous
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per 128-row strip of BLOCK_K // 128 weight blocks of 128 x 128, each with its own scale.
+    Several blocks side by side give each row of the tile a longer contiguous run (better DRAM efficiency)."""
+    BLOCKS_K: tl.constexpr = BLOCK_K // 128
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+
+    x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
+    x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
+    x_raw = tl.reshape(x_raw, [BLOCK_R, BLOCKS_K, 128])
+    block_amax = tl.max(tl.max(magnitude_bits(x_raw), axis=2), axis=0)
+    scale = _scale_from_amax_bits(block_amax)
+    q = e4m3_code(tl.div_rn(widen_to_fp32(x_raw), scale[None, :, None]), SOFT_CAST)
+    q = tl.reshape(q, [BLOCK_R, BLOCK_K])
+
+    q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
+    n_col_blocks = tl.cdiv(K, 128)
+    block_cols = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
+    scale_row = pid_b * tl.num_programs(0) + pid_r
+    tl.store(scale_ptr + scale_row * n_col_blocks + block_cols, scale, mask=block_cols < n_col_blocks)
+
+
+@triton.jit
+def _amax_bits_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    amax_bits_ptr,  # [1] int32, zero-initialised; receives max over all tiles of |x|'s fp32 bits
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Whole-tensor amax as an integer atomic max on fp32 bits: order-independent, so deterministic."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
+    x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
+    tile_amax_bits = tl.max(tl.max(magnitude_bits(x_raw), axis=1), axis=0)
+    tl.atomic_max(amax_bits_ptr, tile_amax_bits)
+
+
+@triton.jit
+def _fp8_tensor_quantize_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    amax_bits_ptr,  # [1] int32: bits of the whole tensor's amax, from _amax_bits_kernel
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [1] fp32, written by program (0, 0, 0)
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Quantize one tile with the per-tensor scale, derived from the amax on the device (no host sync)."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    scale = _scale_from_amax_bits(tl.load(amax_bits_ptr))
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
+    x = widen_to_fp32(tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0))
+    q = e4m3_code(tl.div_rn(x, scale), SOFT_CAST)
+    q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
+    if (pid_r == 0) & (pid_k == 0) & (pid_b == 0):
+        tl.store(scale_ptr, scale)
+
+
+@functools.lru_cache(maxsize=1024)
+def fp8_tile_config(granularity: Fp8Granularity, rows: int, cols: int) -> TileConfig:
+    """The launcher's tile for a ``rows`` x ``cols`` problem of ``granularity``."""
+    granularity = Fp8Granularity(granularity)
+    if granularity is Fp8Granularity.BLOCK_128X128:
+        return TileConfig(FP8_BLOCK, FP8_BLOCK, 16)
+    if granularity is Fp8Granularity.PER_ROW:
+        whole_row = next_power_of_2(cols)
+        # One pass from registers when the row is short, or an exact power of two (no idle lanes); measured
+        # on H100, longer rows with idle lanes (K = 7168, 14336) ran faster as two passes over chunks.
+        if whole_row <= 2048 or (whole_row == cols and whole_row <= 8192):
+            block_r = max(1, min(next_power_of_2(rows), 4096 // whole_row))
+            return TileConfig(block_r, whole_row, max(1, min(8, block_r * whole_row // 1024)))
+        return TileConfig(1, 4096, 8)
+    return streaming_tile(
+        rows,
+        cols,
+        min_block_k=FP8_BLOCK if granularity is Fp8Granularity.GROUP_1X128 else 1,
+        max_block_k=1024,
+    )
+
+
+class _LaunchPlan(NamedTuple):
+    """Everything about a launch that depends only on shape, strides, dtype and options (cached: host time
+    per call is what bounds small shapes)."""
+
+    kernel_name: str  # "tensor" (two launches), "block", "row_group" or "long_row"
+    scale_shape: tuple[int, ...]
+    grid: tuple[int, int, int] | None  # None: empty input, nothing to launch
+    int_args: tuple[int, ...]
+    constexprs: dict
+
+
+@functools.lru_cache(maxsize=4096)
+def _fp8_launch_plan(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    dtype: torch.dtype,
+    granularity: Fp8Granularity | str,
+    cast: E4m3Cast | str,
+    config: TileConfig | None,
+) -> _LaunchPlan:
+    granularity = Fp8Granularity(granularity)
+    check_quantize_shape(shape, dtype, "quantize_fp8_triton")
+    rows_per_scale = FP8_BLOCK if granularity is Fp8Granularity.BLOCK_128X128 else 1
+    view = row_batches_of(shape, strides, rows_per_scale)
+    tile = config or fp8_tile_config(granularity, view.rows, view.cols)
+    grid = (ceil_div(view.rows, tile.block_r), ceil_div(view.cols, tile.block_k), view.batches)
+    constexprs = {"SOFT_CAST": resolve_cast(cast), "BLOCK_R": tile.block_r, "BLOCK_K": tile.block_k}
+    constexprs["num_warps"] = tile.num_warps
+    if granularity is Fp8Granularity.PER_TENSOR:
+        kernel_name, scale_shape = "tensor", ()
+    elif granularity is Fp8Granularity.BLOCK_128X128:
+        if tile.block_r != FP8_BLOCK or tile.block_k % FP8_BLOCK != 0:
+            raise ValueError(
+                f"128x128 blocks need a tile of {FP8_BLOCK} rows by a multiple of 128, got {tile}"
+            )
+        kernel_name = "block"
+        scale_shape = (*shape[:-2], ceil_div(shape[-2], FP8_BLOCK), ceil_div(shape[-1], FP8_BLOCK))
+    elif granularity is Fp8Granularity.GROUP_1X128:
+        if tile.block_k % FP8_BLOCK != 0:
+            raise ValueError(f"1x128 groups need block_k to be a multiple of {FP8_BLOCK}, got {tile}")
+        kernel_name, scale_shape = "row_group", (*shape[:-1], ceil_div(shape[-1], FP8_BLOCK))
+        constexprs["GROUP_K"] = FP8_BLOCK
+    else:
+        scale_shape = (*shape[:-1], 1)
+        if tile.block_k >= view.cols:
+            kernel_name = "row_group"
+            constexprs["GROUP_K"] = tile.block_k
+        else:
+            kernel_name, grid = "long_row", (grid[0], 1, grid[2])
+    empty = view.rows == 0 or view.cols == 0 or view.batches == 0
+    int_args = (view.rows, view.cols, view.stride_b, view.stride_r, view.stride_k)
+    return _LaunchPlan(kernel_name, scale_shape, None if empty else grid, int_args, constexprs)
+
+
+def quantize_fp8_triton(
+    x: torch.Tensor,
+    granularity: Fp8Granularity | str,
+    *,
+    cast: E4m3Cast | str = E4m3Cast.AUTO,
+    config: TileConfig | None = None,
+) -> Fp8Quantized:
+    """Triton FP8 quantize with the reference's bytes and scales; no host synchronisation.
+
+    Per-tensor takes two launches (an atomic amax, then quantize); the other granularities one pass.
+    """
+    plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, granularity, cast, config)
+    data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    if plan.kernel_name == "tensor":
+        scale = torch.ones((), dtype=torch.float32, device=x.device)
+        if plan.grid is not None:
+            amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+            tile_args = {k: v for k, v in plan.constexprs.items() if k != "SOFT_CAST"}
+            _amax_bits_kernel[plan.grid](x, amax_bits, *plan.int_args, **tile_args)
+            _fp8_tensor_quantize_kernel[plan.grid](
+                x, amax_bits, data, scale, *plan.int_args, **plan.constexprs
+            )
+        return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
+    scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
+    if plan.grid is not None:
+        kernel = _KERNELS[plan.kernel_name]
+        kernel[plan.grid](x, data, scale, *plan.int_args, **plan.constexprs)
+    return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
+
+
+_KERNELS = {"block": _fp8_block_kernel, "row_group": _fp8_row_group_kernel, "long_row": _fp8_long_row_kernel}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_fp8(
+    x: torch.Tensor, granularity: Fp8Granularity | str, backend: Backend | str = Backend.AUTO
+) -> Fp8Quantized:
+    """Quantize ``x`` to FP8 E4M3 with fp32 scales of ``granularity``: Triton on CUDA, torch elsewhere
+    (``backend='auto'``); both give the same bytes and scales."""
+    if resolve_backend(backend, x) is Backend.TRITON:
+        return quantize_fp8_triton(x, granularity)
+    return quantize_fp8_reference(x, granularity)
+
+
+def quantize_fp8_per_tensor(x: torch.Tensor, backend: Backend | str = Backend.AUTO) -> Fp8Quantized:
+    """One dynamic scale for the whole tensor (0-dim fp32)."""
+    return quantize_fp8(x, Fp8Granularity.PER_TENSOR, backend)
+
+
+def quantize_fp8_per_channel(weight: torch.Tensor, backend: Backend | str = Backend.AUTO) -> Fp8Quantized:
+    """One scale per weight row (output channel): scale ``[N, 1]`` for ``[N, K]``."""
+    return quantize_fp8(weight, Fp8Granularity.PER_ROW, backend)
+
+
+def quantize_fp8_per_token(x: torch.Tensor, backend: Backend | str = Backend.AUTO) -> Fp8Quantized:
+    """Dynamic per-token activation quantization: scale ``[M, 1]`` for ``[M, K]``."""
+    return quantize_fp8(x, Fp8Granularity.PER_ROW, backend)
+
+
+def quantize_fp8_block128(weight: torch.Tensor, backend: Backend | str = Backend.AUTO) -> Fp8Quantized:
+    """128x128 weight blocks: scale ``[ceil(N/128), ceil(K/128)]``."""
+    return quantize_fp8(weight, Fp8Granularity.BLOCK_128X128, backend)
+
+
+def quantize_fp8_group128(x: torch.Tensor, backend: Backend | str = Backend.AUTO) -> Fp8Quantized:
+    """1x128 activation groups: scale ``[M, ceil(K/128)]``."""
+    return quantize_fp8(x, Fp8Granularity.GROUP_1X128, backend)
