@@ -1,0 +1,369 @@
+"""Online quantization methods: one class per scheme family, and the quantized Linear they drive.
+
+Every method has the same small life cycle, so that a model can be quantized in place (``apply_plan``) or
+while a checkpoint streams in (a shard loader), with the same code:
+
+1. :meth:`QuantMethod.create_weights` registers the layer's quantized buffers, empty, on its device (E4M3
+   weight, fp32 scales; for MXFP8 one uint8 E8M0 code per 32 elements of K);
+2. :meth:`QuantMethod.process_weight` quantizes the high-precision weight when it arrives and keeps nothing
+   of it: the caller drops its reference at once, so at most one bf16 weight is alive at a time;
+3. :meth:`QuantMethod.apply` runs the forward: Triton kernels on CUDA, the plain-torch references of
+   :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm` elsewhere (CPU users get the same
+   numerics up to fp32 summation order, slower, never a crash).
+
+Methods are keyed by :class:`~mxrun.engine.schemes.SchemeFamily` and whether the scheme is weight-only
+(``scheme.activations is None``). This module imports only the scheme values and the kernels, never the recipe
+parser, so serving code can use it without jsonschema or RE2.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mxrun.engine.schemes import (
+    MX_BLOCK,
+    ActivationGranularity,
+    Scheme,
+    SchemeFamily,
+    WeightGranularity,
+)
+from mxrun.kernels.fp8_quantize import FP8_BLOCK, Fp8Granularity, quantize_fp8
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear
+from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8
+from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
+
+ORIGINAL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class UnsupportedSchemeError(ValueError):
+    """A scheme (or a layer shape under it) that no method here implements; the message names the layer."""
+
+
+class QuantMethod(ABC):
+    """One scheme family's life cycle (see the module docstring). Methods hold the scheme only; the tensors
+    live on the :class:`QuantizedLinear` they are given, so one method serves every layer of its scheme."""
+
+    family: ClassVar[SchemeFamily]
+    weight_only: ClassVar[bool]
+
+    def __init__(self, scheme: Scheme) -> None:
+        self.scheme = scheme
+
+    def check(self, layer_name: str, out_features: int, in_features: int) -> None:
+        """Raise :class:`UnsupportedSchemeError` if this method cannot serve a weight of this shape."""
+        return None
+
+    @abstractmethod
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        """Register the layer's empty quantized buffers (shape and dtype fixed, contents undefined)."""
+
+    @abstractmethod
+    def process_weight(self, layer: QuantizedLinear, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` ``[N, K]`` into the layer's buffers (moved to the layer's device first)."""
+
+    @abstractmethod
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x`` ``[M, K]`` (bf16/fp16) -> ``[M, N]`` in x's dtype."""
+
+
+def _weight_on(layer: QuantizedLinear, weight: torch.Tensor) -> torch.Tensor:
+    if tuple(weight.shape) != (layer.out_features, layer.in_features):
+        raise ValueError(
+            f"{layer.layer_name}: weight of shape {tuple(weight.shape)} does not fit a Linear "
+            f"[{layer.out_features}, {layer.in_features}]"
+        )
+    if not weight.dtype.is_floating_point or weight.element_size() < 2:
+        raise ValueError(f"{layer.layer_name}: the weight must be fp32/bf16/fp16 to quantize, got {weight.dtype}")
+    return weight.detach().to(layer.weight.device)
+
+
+class _Fp8Method(QuantMethod):
+    """FP8 E4M3 weights with fp32 scales; ``weight_granularity`` picks the scale layout."""
+
+    weight_granularity: ClassVar[Fp8Granularity]
+
+    def _scale_shape(self, n: int, k: int) -> tuple[int, ...]:
+        if self.weight_granularity is Fp8Granularity.PER_TENSOR:
+            return ()
+        if self.weight_granularity is Fp8Granularity.PER_ROW:
+            return (n, 1)
+        return (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        n, k = layer.out_features, layer.in_features
+        layer.register_buffer("weight", torch.empty((n, k), dtype=torch.float8_e4m3fn, device=layer.device))
+        layer.register_buffer(
+            "weight_scale", torch.empty(self._scale_shape(n, k), dtype=torch.float32, device=layer.device)
+        )
+
+    def process_weight(self, layer: QuantizedLinear, weight: torch.Tensor) -> None:
+        quantized = quantize_fp8(_weight_on(layer, weight), self.weight_granularity)
+        layer.weight.copy_(quantized.data)
+        layer.weight_scale.copy_(quantized.scale.reshape(layer.weight_scale.shape))
+
+
+class Fp8TensorMethod(_Fp8Method):
+    """FP8 per-tensor weight, dynamic per-tensor FP8 activations (W8A8)."""
+
+    family = SchemeFamily.FP8_TENSOR
+    weight_only = False
+    weight_granularity = Fp8Granularity.PER_TENSOR
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        granularity = self.scheme.activations.granularity if self.scheme.activations else None
+        activation = "token" if granularity is ActivationGranularity.TOKEN else "tensor"
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias, activation)
+
+
+class Fp8ChannelMethod(_Fp8Method):
+    """FP8 per-output-channel weight, dynamic per-token (or per-tensor) FP8 activations (W8A8)."""
+
+    family = SchemeFamily.FP8_CHANNEL
+    weight_only = False
+    weight_granularity = Fp8Granularity.PER_ROW
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        granularity = self.scheme.activations.granularity if self.scheme.activations else None
+        activation = "tensor" if granularity is ActivationGranularity.TENSOR else "token"
+        return fp8_linear(x, layer.weight, layer.weight_scale, bias, activation)
+
+
+class Fp8BlockMethod(_Fp8Method):
+    """FP8 128x128 weight blocks, dynamic 1x128 FP8 activation groups (W8A8)."""
+
+    family = SchemeFamily.FP8_BLOCK
+    weight_only = False
+    weight_granularity = Fp8Granularity.BLOCK_128X128
+
+    def check(self, layer_name: str, out_features: int, in_features: int) -> None:
+        _check_block_scheme(self.scheme, layer_name)
+        if in_features % FP8_BLOCK:
+            raise UnsupportedSchemeError(
+                f"{layer_name}: 1x128 activation groups need in_features % 128 == 0, got {in_features}"
+            )
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_block_linear(x, layer.weight, layer.weight_scale, bias)
+
+
+def _check_block_scheme(scheme: Scheme, layer_name: str) -> None:
+    block = scheme.weights.block_size or (FP8_BLOCK, FP8_BLOCK)
+    if tuple(block) != (FP8_BLOCK, FP8_BLOCK):
+        raise UnsupportedSchemeError(
+            f"{layer_name}: scheme {scheme.name!r} asks for {block[0]}x{block[1]} weight blocks; the kernels "
+            f"implement 128x128 only (hint: use the fp8-block preset's block_size)"
+        )
+    acts = scheme.activations
+    if acts is not None and (acts.group_size or FP8_BLOCK) != FP8_BLOCK:
+        raise UnsupportedSchemeError(f"{layer_name}: activation groups of {acts.group_size}; only 128 is implemented")
+
+
+class _Fp8WeightOnlyMethod(_Fp8Method):
+    """FP8 weight (granularity of the subclass), activations stay bf16/fp16 (W8A16)."""
+
+    weight_only = True
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return fp8_weight_only_linear(x, layer.weight, layer.weight_scale, self.weight_granularity, bias)
+
+
+class Fp8TensorWeightOnlyMethod(_Fp8WeightOnlyMethod):
+    family = SchemeFamily.FP8_TENSOR
+    weight_granularity = Fp8Granularity.PER_TENSOR
+
+
+class Fp8ChannelWeightOnlyMethod(_Fp8WeightOnlyMethod):
+    family = SchemeFamily.FP8_CHANNEL
+    weight_granularity = Fp8Granularity.PER_ROW
+
+
+class Fp8BlockWeightOnlyMethod(_Fp8WeightOnlyMethod):
+    family = SchemeFamily.FP8_BLOCK
+    weight_granularity = Fp8Granularity.BLOCK_128X128
+
+    def check(self, layer_name: str, out_features: int, in_features: int) -> None:
+        _check_block_scheme(self.scheme, layer_name)
+
+
+class MxFp8Method(QuantMethod):
+    """MXFP8 weight (E4M3 + E8M0 per 32 along K) with MXFP8 activations (W8A8), or bf16/fp16 ones (W8A16)."""
+
+    family = SchemeFamily.MXFP8
+    weight_only = False
+
+    @property
+    def weight_rule(self) -> MxScaleRule:
+        return MxScaleRule((self.scheme.weights.scale_rule or MxScaleRule.ROUND_UP).value)
+
+    @property
+    def activation_rule(self) -> MxScaleRule | None:
+        acts = self.scheme.activations
+        if acts is None:
+            return None
+        return MxScaleRule((acts.scale_rule or MxScaleRule.ROUND_UP).value)
+
+    def check(self, layer_name: str, out_features: int, in_features: int) -> None:
+        if in_features % MX_BLOCK:
+            raise UnsupportedSchemeError(f"{layer_name}: MXFP8 needs in_features % 32 == 0, got {in_features}")
+
+    def create_weights(self, layer: QuantizedLinear) -> None:
+        n, k = layer.out_features, layer.in_features
+        layer.register_buffer("weight", torch.empty((n, k), dtype=torch.float8_e4m3fn, device=layer.device))
+        layer.register_buffer(
+            "weight_scale_e8m0", torch.empty((n, k // MX_BLOCK), dtype=torch.uint8, device=layer.device)
+        )
+
+    def process_weight(self, layer: QuantizedLinear, weight: torch.Tensor) -> None:
+        quantized = quantize_mxfp8(_weight_on(layer, weight), self.weight_rule)
+        layer.weight.copy_(quantized.data)
+        layer.weight_scale_e8m0.copy_(quantized.scale_e8m0.view(torch.uint8))
+
+    def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return mxfp8_linear(x, layer.weight, layer.weight_scale_e8m0, bias, self.activation_rule)
+
+
+class MxFp8WeightOnlyMethod(MxFp8Method):
+    weight_only = True
+
+
+METHODS: dict[tuple[SchemeFamily, bool], type[QuantMethod]] = {
+    (cls.family, cls.weight_only): cls
+    for cls in (
+        Fp8TensorMethod,
+        Fp8ChannelMethod,
+        Fp8BlockMethod,
+        MxFp8Method,
+        Fp8TensorWeightOnlyMethod,
+        Fp8ChannelWeightOnlyMethod,
+        Fp8BlockWeightOnlyMethod,
+        MxFp8WeightOnlyMethod,
+    )
+}
+"""The registry: ``(family, weight_only)`` -> method class. A new scheme family is a new entry here."""
+
+
+def method_for(scheme: Scheme) -> QuantMethod:
+    """The method that serves ``scheme`` (raises :class:`UnsupportedSchemeError` for an unknown family)."""
+    if scheme.weights.granularity is WeightGranularity.MX and scheme.activations is not None and \
+            scheme.activations.granularity is not ActivationGranularity.MX:
+        raise UnsupportedSchemeError(f"scheme {scheme.name!r}: MX weights go with MX activations or none")
+    try:
+        return METHODS[(scheme.family, scheme.weight_only)](scheme)
+    except KeyError:
+        raise UnsupportedSchemeError(f"scheme {scheme.name!r}: no method for family {scheme.family.value}") from None
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is quantized by ``method``; drop-in for ``nn.Linear`` (``[..., K] -> [..., N]``).
+
+    Buffers (persistent, so ``state_dict`` carries the quantized checkpoint): ``weight`` (E4M3 ``[N, K]``) and
+    ``weight_scale`` (fp32) or ``weight_scale_e8m0`` (uint8, MXFP8); ``bias`` is a Parameter in the original
+    dtype, as ``nn.Linear`` has it. ``dtype`` is the original weight dtype, which activations are expected in
+    (an input of another float dtype is cast to it, and the output is returned in the input's dtype).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        method: QuantMethod,
+        *,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+        layer_name: str = "",
+    ) -> None:
+        super().__init__()
+        if dtype not in ORIGINAL_DTYPES:
+            raise UnsupportedSchemeError(
+                f"{layer_name or 'QuantizedLinear'}: activations in {dtype} are not supported; the quantized "
+                "kernels run bfloat16 or float16 models (cast the model first)"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.method = method
+        self.dtype = dtype
+        self.layer_name = layer_name
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        method.check(layer_name, out_features, in_features)
+        self.weight: torch.Tensor
+        method.create_weights(self)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=self.device),
+                                 requires_grad=False) if bias else None
+        self.weight_loaded = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: QuantMethod, layer_name: str = "") -> QuantizedLinear:
+        """Empty quantized twin of ``linear`` (same shape, bias, dtype, device); the weight is not read."""
+        layer = cls(
+            linear.in_features, linear.out_features, method, bias=linear.bias is not None,
+            dtype=linear.weight.dtype, device=linear.weight.device, layer_name=layer_name,
+        )
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.data)
+        return layer
+
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize the arriving high-precision weight into this layer (step 2 of the life cycle)."""
+        with torch.no_grad():
+            self.method.process_weight(self, weight)
+        self.weight_loaded = True
+
+    def load_bias(self, bias: torch.Tensor) -> None:
+        if self.bias is None:
+            raise ValueError(f"{self.layer_name}: the layer has no bias but the checkpoint has one")
+        with torch.no_grad():
+            self.bias.copy_(bias.to(self.bias.device, self.bias.dtype))
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()`` move the quantized buffers but never cast them (``nn.Module``
+        would cast the E4M3 weight and the fp32 scales, which are floating point, to the new dtype). The bias
+        follows the cast, and so does ``dtype``, the activation dtype of the layer."""
+        quantized = {name: self._buffers.pop(name) for name in list(self._buffers)}
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=torch.float32, device=self.device))
+            for name, tensor in quantized.items():
+                self._buffers[name] = tensor.to(probe.device) if tensor is not None else None
+        self.device = probe.device
+        if probe.dtype in ORIGINAL_DTYPES:
+            self.dtype = probe.dtype
+        return result
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.layer_name}: input has {x.shape[-1]} features, the layer {self.in_features}")
+        leading = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.dtype:
+            x2 = x2.to(self.dtype)
+        y = self.method.apply(self, x2, self.bias)
+        return y.reshape(*leading, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        kind = type(self.method).__name__
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"dtype={self.dtype}, method={kind}, scheme={self.method.scheme.name}")
+
+
+__all__ = [
+    "METHODS",
+    "Fp8BlockMethod",
+    "Fp8BlockWeightOnlyMethod",
+    "Fp8ChannelMethod",
+    "Fp8ChannelWeightOnlyMethod",
+    "Fp8TensorMethod",
+    "Fp8TensorWeightOnlyMethod",
+    "MxFp8Method",
+    "MxFp8WeightOnlyMethod",
+    "QuantMethod",
+    "QuantizedLinear",
+    "UnsupportedSchemeError",
+    "method_for",
+]

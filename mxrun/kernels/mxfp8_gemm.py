@@ -1,0 +1,485 @@
+"""MXFP8 GEMMs on Hopper (sm_90, which has no MX tensor-core instructions): references, Triton kernels, launchers.
+
+The weight ``W`` ``[N, K]`` is MXFP8 (:mod:`mxrun.kernels.mxfp8_quantize`): E4M3 codes plus one E8M0 scale
+(uint8, ``[N, K/32]``) per 32 consecutive elements along K. ``y = x @ W^T (+ bias)``, ``y`` in x's dtype.
+
+Numerics. Every MXFP8 element times its power-of-two scale is exact in fp32, in bf16, and (within fp16's
+range, i.e. ``2^-14 <= |v| <= 65504`` for normal values) in fp16: E4M3 has 3 mantissa bits, the scale only
+moves the exponent. So "dequantize, then multiply in bf16 with fp32 accumulation" computes the same sums as
+"FP8 MMA per 32-wide block, scaled": both add exact products in fp32, only the summation order differs. That
+gives two kernels with identical numerics, chosen by speed:
+
+* **dequant-MMA** (:func:`mxfp8_dequant_gemm_triton`, W8A16): weights are decoded in registers (E4M3 ->
+  fp32 -> times ``2^(code-127)`` -> bf16/fp16) and fed to a bf16/fp16 MMA. Activations are either left as
+  they are (weight-only scheme), or quantized to MXFP8 and decoded again in registers (``A_MODE = 1``, the W8A8
+  scheme's numerics in one launch, what small M wants: the weight bytes dominate), or read as pre-quantized
+  MXFP8 (``A_MODE = 2``).
+* **FP8-MMA** (:func:`mxfp8_fp8_gemm_triton`, W8A8): both operands stay E4M3 and run on the FP8 tensor cores,
+  one ``tl.dot`` per 32-wide K block whose fp32 result is scaled by ``2^(ea_m + ew_n)`` before it is added to
+  the accumulator (the scales change every 32 elements of K, so they cannot be pulled out of the sum).
+
+:func:`mxfp8_linear` picks by M: ``M <= MX_W8A8_MIN_M`` runs dequant-MMA with the activation quantization
+fused; larger M quantizes the activations once (the quantize kernel) and runs ``LARGE_M_KERNEL``. Both
+constants come from ``benchmarks/bench_linear.py`` on the H100 (see that script's output for the numbers).
+Kernels share the launch rules of :mod:`mxrun.kernels.scaled_gemm` (M buckets, no host sync, ragged tails).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.e4m3 import e4m3_code, widen_to_fp32
+from mxrun.kernels.mxfp8_quantize import (
+    MX_BLOCK_SIZE,
+    MxScaleRule,
+    dequantize_mxfp8,
+    quantize_mxfp8,
+    quantize_mxfp8_reference,
+    resolve_cast,
+)
+from mxrun.kernels.scaled_gemm import (
+    GemmConfig,
+    GemmInputError,
+    m_bucket,
+    pick_config,
+    small_m_block,
+    store_tile,
+    tile_ids,
+)
+
+MX_W8A8_MIN_M = 128
+"""Above this M the MXFP8 W8A8 Linear quantizes activations once and runs ``LARGE_M_KERNEL``; at or below it,
+the dequant-MMA kernel with the activation quantization fused (one launch, weight bytes dominate)."""
+LARGE_M_KERNEL = "dequant"
+"""``"dequant"`` (bf16 MMA on decoded MXFP8 operands) or ``"fp8"`` (FP8 MMA per 32-wide K block)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mxfp8_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_rule: MxScaleRule | str | None,
+) -> torch.Tensor:
+    """Decode the weight in fp32; with ``activation_rule`` (W8A8) quantize-dequantize ``x`` to MXFP8 with that
+    scale rule, else keep it (W8A16); fp32 matmul, bias, cast to x's dtype."""
+    w = dequantize_mxfp8(weight, weight_scale_e8m0)
+    if activation_rule is None:
+        a = x.float()
+    else:
+        quantized = quantize_mxfp8_reference(x, activation_rule)
+        a = dequantize_mxfp8(quantized.data, quantized.scale_e8m0)
+    acc = a @ w.T
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(x.dtype)
+
+
+def mxfp8_gemm_reference(
+    a_data: torch.Tensor,
+    a_scale_e8m0: torch.Tensor,
+    b_data: torch.Tensor,
+    b_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Both operands MXFP8: decode each in fp32 (exact), multiply, add bias, cast."""
+    acc = dequantize_mxfp8(a_data, a_scale_e8m0) @ dequantize_mxfp8(b_data, b_scale_e8m0).T
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def e8m0_to_fp32(codes):
+    """2^(code - 127) as fp32, from bits (code 0 is the subnormal 2^-127, 0x00400000; 255 is NaN)."""
+    codes = codes.to(tl.int32)
+    bits = tl.where(codes == 0, 0x00400000, codes << 23)
+    return tl.where(codes == 255, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def mx_quantize_dequantize(
+    x, ROUND_UP: tl.constexpr, SOFT_CAST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
+):
+    """fp32 ``[ROWS, COLS]`` (COLS % 32 == 0) -> the fp32 values of its MXFP8 quantization, with the same scale
+    rule and element bits as :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8` for finite inputs."""
+    groups = tl.reshape(x, [ROWS, COLS // 32, 32])
+    amax_bits = tl.max(tl.abs(groups), axis=2).to(tl.int32, bitcast=True)
+    codes = (amax_bits >> 23) - 8
+    if ROUND_UP:
+        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    codes = tl.maximum(codes, 0)
+    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
+    q = e4m3_code(groups * inverse_scale[:, :, None], SOFT_CAST).to(tl.float8e4nv, bitcast=True)
+    values = q.to(tl.float32) * e8m0_to_fp32(codes)[:, :, None]
+    return tl.reshape(values, [ROWS, COLS])
+
+
+@triton.jit
+def _mxfp8_dequant_gemm_kernel(
+    a_ptr,  # [M, K]: bf16/fp16 (A_MODE 0, 1) or float8e4nv (A_MODE 2); (m, k) at m*stride_am + k*stride_ak
+    as_ptr,  # A_MODE 2: uint8 E8M0 [M, K/32], (m, g) at m*stride_asm + g; else unused
+    b_ptr,  # [N, K] float8e4nv weight, (n, k) at n*stride_bn + k*stride_bk; K contiguous
+    bs_ptr,  # uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g
+    bias_ptr,
+    c_ptr,  # [M, N] bf16/fp16
+    M,
+    N,
+    K,  # multiple of 32
+    stride_am,
+    stride_ak,
+    stride_asm,
+    stride_bn,
+    stride_bk,
+    stride_bsn,
+    stride_cm,
+    stride_cn,
+    A_MODE: tl.constexpr,  # 0: A as is (W8A16); 1: A quantized-dequantized to MXFP8 here; 2: A is MXFP8
+    A_ROUND_UP: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16/fp16 dot is wrong, so run the exact values in fp32
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # multiple of 32
+    GROUP_M: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,  # FP8 dots only (see GemmConfig.max_imprecise_acc)
+):
+    """Decode MXFP8 weights (and, per A_MODE, activations) in registers and run a bf16/fp16 MMA."""
+    G: tl.constexpr = BLOCK_K // 32
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
+    a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    bs_ptrs = bs_ptr + offs_bn.to(tl.int64)[None, :] * stride_bsn + offs_g[:, None]  # [G, BLOCK_N]
+    as_ptrs = as_ptr + offs_am.to(tl.int64)[:, None] * stride_asm + offs_g[None, :]  # [BLOCK_M, G]
+    n_groups = K // 32
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+            b_codes = tl.load(bs_ptrs)
+        else:
+            k_ok = kb * BLOCK_K + offs_k < K
+            g_ok = kb * G + offs_g < n_groups
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
+            b_codes = tl.load(bs_ptrs, mask=g_ok[:, None], other=0)
+        w = tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(b_codes)[:, None, :]
+        w = tl.reshape(w, [BLOCK_K, BLOCK_N])
+        if A_MODE == 1:
+            a_values = mx_quantize_dequantize(widen_to_fp32(a), A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
+        elif A_MODE == 2:
+            a_codes = tl.load(as_ptrs) if EVEN_K else tl.load(as_ptrs, mask=g_ok[None, :], other=0)
+            a_values = tl.reshape(
+                tl.reshape(a.to(tl.float32), [BLOCK_M, G, 32]) * e8m0_to_fp32(a_codes)[:, :, None],
+                [BLOCK_M, BLOCK_K],
+            )
+        else:
+            a_values = widen_to_fp32(a)
+        if DOT_FP32:
+            acc = tl.dot(a_values, w, acc, input_precision="ieee")
+        else:
+            mma_dtype = c_ptr.dtype.element_ty
+            acc = tl.dot(a_values.to(mma_dtype), w.to(mma_dtype), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+        bs_ptrs += G
+        as_ptrs += G
+    store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+@triton.jit
+def _mxfp8_fp8_gemm_kernel(
+    a_ptr,  # [M, K] float8e4nv, (m, k) at m*stride_am + k*stride_ak; K contiguous
+    as_ptr,  # uint8 E8M0 [M, K/32], (m, g) at m*stride_asm + g
+    b_ptr,  # [N, K] float8e4nv, (n, k) at n*stride_bn + k*stride_bk; K contiguous
+    bs_ptr,  # uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g
+    bias_ptr,
+    c_ptr,  # [M, N] bf16/fp16
+    M,
+    N,
+    K,  # multiple of 32
+    stride_am,
+    stride_ak,
+    stride_asm,
+    stride_bn,
+    stride_bk,
+    stride_bsn,
+    stride_cm,
+    stride_cn,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # multiple of 32: K steps, each unrolled into BLOCK_K/32 scaled FP8 dots
+    GROUP_M: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,  # FP8 dots only (see GemmConfig.max_imprecise_acc)
+):
+    """FP8 MMA per 32-wide K block, each block's fp32 product scaled by 2^(ea_m + ew_n) and accumulated."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, 32)
+    offs_am = offs_m % M
+    offs_bn = offs_n % N
+    a_ptrs = a_ptr + offs_am.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_bn.to(tl.int64)[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    as_ptrs = as_ptr + offs_am.to(tl.int64) * stride_asm
+    bs_ptrs = bs_ptr + offs_bn.to(tl.int64) * stride_bsn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        for j in tl.static_range(BLOCK_K // 32):
+            k0 = kb * BLOCK_K + j * 32
+            if EVEN_K:
+                a = tl.load(a_ptrs + k0 * stride_ak)
+                b = tl.load(b_ptrs + k0 * stride_bk)
+                a_codes = tl.load(as_ptrs + k0 // 32)
+                b_codes = tl.load(bs_ptrs + k0 // 32)
+            else:
+                a = tl.load(a_ptrs + k0 * stride_ak, mask=(k0 + offs_k < K)[None, :], other=0.0)
+                b = tl.load(b_ptrs + k0 * stride_bk, mask=(k0 + offs_k < K)[:, None], other=0.0)
+                a_codes = tl.load(as_ptrs + k0 // 32, mask=offs_am * 0 + k0 < K, other=127)
+                b_codes = tl.load(bs_ptrs + k0 // 32, mask=offs_bn * 0 + k0 < K, other=127)
+            scale = e8m0_to_fp32(a_codes)[:, None] * e8m0_to_fp32(b_codes)[None, :]
+            acc += tl.dot(a, b) * scale
+    store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_mx_weight(weight: torch.Tensor, scale: torch.Tensor, fn: str) -> tuple[int, int]:
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
+        raise GemmInputError(
+            f"{fn}: the weight must be 2-D [N, K] float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}"
+        )
+    n, k = weight.shape
+    if k % MX_BLOCK_SIZE:
+        raise GemmInputError(f"{fn}: MXFP8 needs K % 32 == 0, got K={k}")
+    if scale.shape != (n, k // MX_BLOCK_SIZE) or scale.element_size() != 1:
+        raise GemmInputError(
+            f"{fn}: weight scales must be uint8 E8M0 [{n}, {k // MX_BLOCK_SIZE}], got "
+            f"{scale.dtype} {tuple(scale.shape)}"
+        )
+    return n, k
+
+
+def _dequant_candidates(m: int, n: int) -> list[GemmConfig]:
+    if m <= 64:
+        bm = small_m_block(m)
+        return [
+            GemmConfig(bm, 32 if n <= 8192 else 64, 256, 1, 4, 4),
+            GemmConfig(bm, 64, 128, 1, 4, 4),
+            GemmConfig(bm, 32, 128, 1, 4, 6),
+        ]
+    if m <= 256:
+        return [GemmConfig(64, 128, 64, 8, 4, 4), GemmConfig(128, 128, 64, 8, 8, 3)]
+    return [
+        GemmConfig(128, 256, 64, 8, 8, 3),
+        GemmConfig(128, 128, 64, 8, 8, 4),
+        GemmConfig(128, 128, 128, 8, 8, 3),
+    ]
+
+
+def _fp8_candidates(m: int) -> list[GemmConfig]:
+    if m <= 256:
+        return [GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 64, 128, 8, 4, 4)]
+    return [
+        GemmConfig(128, 128, 128, 8, 8, 3),
+        GemmConfig(128, 256, 64, 8, 8, 3),
+        GemmConfig(128, 128, 64, 8, 8, 4),
+    ]
+
+
+def mxfp8_dequant_gemm_triton(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    a_scale_e8m0: torch.Tensor | None = None,
+    activation_rule: MxScaleRule | str | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """Dequant-MMA launcher. ``a`` is bf16/fp16 (weight-only, or ``activation_rule`` set: quantize-dequantize
+    to MXFP8 in registers) or E4M3 with ``a_scale_e8m0`` (pre-quantized MXFP8; give ``out_dtype``)."""
+    fn = "mxfp8_dequant_gemm_triton"
+    n, k = _check_mx_weight(weight, weight_scale_e8m0, fn)
+    if a.dim() != 2 or a.shape[1] != k:
+        raise GemmInputError(f"{fn}: A must be [M, K={k}], got {tuple(a.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
+    m = a.shape[0]
+    if a_scale_e8m0 is not None:
+        if a.dtype != torch.float8_e4m3fn or a_scale_e8m0.shape != (m, k // MX_BLOCK_SIZE):
+            raise GemmInputError(f"{fn}: pre-quantized A must be float8_e4m3fn with E8M0 scales [M, K/32]")
+        a_mode, scale_arg, stride_asm = 2, a_scale_e8m0.view(torch.uint8), a_scale_e8m0.stride(0)
+        out_dtype = out_dtype or torch.bfloat16
+    else:
+        if a.dtype not in (torch.bfloat16, torch.float16):
+            raise GemmInputError(f"{fn}: activations must be bfloat16 or float16, got {a.dtype}")
+        a_mode = 0 if activation_rule is None else 1
+        scale_arg, stride_asm = weight_scale_e8m0.view(torch.uint8), 0
+        out_dtype = a.dtype
+    round_up = activation_rule is None or MxScaleRule(activation_rule) is MxScaleRule.ROUND_UP
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    soft_cast = resolve_cast("auto")
+    w_scale = weight_scale_e8m0.view(torch.uint8)
+
+    def launch(cfg: GemmConfig) -> None:
+        _mxfp8_dequant_gemm_kernel[(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)](
+            a,
+            scale_arg,
+            weight,
+            w_scale,
+            bias if bias is not None else w_scale,
+            c,
+            m,
+            n,
+            k,
+            a.stride(0),
+            a.stride(1),
+            stride_asm,
+            weight.stride(0),
+            weight.stride(1),
+            w_scale.stride(0),
+            c.stride(0),
+            c.stride(1),
+            A_MODE=a_mode,
+            A_ROUND_UP=round_up,
+            SOFT_CAST=soft_cast,
+            HAS_BIAS=bias is not None,
+            DOT_FP32=triton_interpreting(),
+            EVEN_K=k % cfg.block_k == 0,
+            **cfg.launch_kwargs(),
+        )
+
+    if config is None:
+        key = ("mxfp8_dequant", a_mode, m_bucket(m), n, k, a.dtype, out_dtype)
+        config = pick_config(key, _dequant_candidates(m, n), launch, a.is_cuda)
+    launch(config)
+    return c
+
+
+def mxfp8_fp8_gemm_triton(
+    a_data: torch.Tensor,
+    a_scale_e8m0: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """FP8-MMA launcher: both operands MXFP8 (E4M3 + E8M0 ``[rows, K/32]``)."""
+    fn = "mxfp8_fp8_gemm_triton"
+    n, k = _check_mx_weight(weight, weight_scale_e8m0, fn)
+    m = a_data.shape[0]
+    if a_data.dtype != torch.float8_e4m3fn or a_data.shape != (m, k) or a_scale_e8m0.shape != (m, k // 32):
+        raise GemmInputError(f"{fn}: A must be float8_e4m3fn [M, {k}] with E8M0 scales [M, {k // 32}]")
+    if bias is not None and bias.shape != (n,):
+        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
+    c = torch.empty((m, n), dtype=out_dtype, device=a_data.device)
+    if m == 0 or n == 0:
+        return c
+    a_scale = a_scale_e8m0.view(torch.uint8)
+    w_scale = weight_scale_e8m0.view(torch.uint8)
+
+    def launch(cfg: GemmConfig) -> None:
+        _mxfp8_fp8_gemm_kernel[(triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)](
+            a_data,
+            a_scale,
+            weight,
+            w_scale,
+            bias if bias is not None else w_scale,
+            c,
+            m,
+            n,
+            k,
+            a_data.stride(0),
+            a_data.stride(1),
+            a_scale.stride(0),
+            weight.stride(0),
+            weight.stride(1),
+            w_scale.stride(0),
+            c.stride(0),
+            c.stride(1),
+            HAS_BIAS=bias is not None,
+            EVEN_K=k % cfg.block_k == 0,
+            **cfg.launch_kwargs(),
+        )
+
+    if config is None:
+        key = ("mxfp8_fp8", m_bucket(m), n, k, out_dtype)
+        config = pick_config(key, _fp8_candidates(m), launch, a_data.is_cuda)
+    launch(config)
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatcher (what a quantized Linear calls)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mxfp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_rule: MxScaleRule | str | None,
+    backend: Backend | str = Backend.AUTO,
+    *,
+    large_m_kernel: str | None = None,
+) -> torch.Tensor:
+    """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
+
+    Triton on CUDA, the torch reference elsewhere. W8A8 picks its kernel by M (``MX_W8A8_MIN_M``,
+    ``LARGE_M_KERNEL``; ``large_m_kernel`` overrides the latter, for the benchmark)."""
+    if resolve_backend(backend, x) is not Backend.TRITON:
+        return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
+    if activation_rule is None or x.shape[0] <= MX_W8A8_MIN_M:
+        return mxfp8_dequant_gemm_triton(x, weight, weight_scale_e8m0, bias, activation_rule=activation_rule)
+    quantized = quantize_mxfp8(x, activation_rule, Backend.TRITON)
+    if (large_m_kernel or LARGE_M_KERNEL) == "fp8":
+        return mxfp8_fp8_gemm_triton(
+            quantized.data, quantized.scale_e8m0, weight, weight_scale_e8m0, bias, x.dtype
+        )
+    return mxfp8_dequant_gemm_triton(
+        quantized.data, weight, weight_scale_e8m0, bias, a_scale_e8m0=quantized.scale_e8m0, out_dtype=x.dtype
+    )
+
+
+__all__ = [
+    "LARGE_M_KERNEL",
+    "MX_W8A8_MIN_M",
+    "mxfp8_dequant_gemm_triton",
+    "mxfp8_fp8_gemm_triton",
+    "mxfp8_gemm_reference",
+    "mxfp8_linear",
+    "mxfp8_linear_reference",
+]

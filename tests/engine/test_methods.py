@@ -1,0 +1,277 @@
+"""Quantized Linear methods on CPU (the torch reference path): error against the exact Linear for every preset,
+on random and on heavy-tailed data, with bounds derived below; a broken scale must break them.
+
+Error bounds (derivation). Let ``u = 2^-4``, half an E4M3 ulp relative to the value (3 mantissa bits: the
+spacing of values in [2^e, 2^(e+1)) is 2^(e-3), half of it is 2^(e-4) <= 2^-4 |v|). An element ``v`` of a
+group with scale ``s`` (fp32 ``amax / 448`` for FP8; a power of two with ``amax / s <= 448`` for MXFP8
+round-up) is stored as ``s * RNE(v / s)`` with ``|v / s| <= 448`` (no clipping), so
+
+    |v_hat - v| <= d(v) := u |v| + 2^-10 s        (the second term covers E4M3 subnormals, spaced 2^-9 s).
+
+For ``y = sum_k w_k x_k`` and its quantized ``y_hat = sum_k w_hat_k x_hat_k`` (weight-only: ``x_hat = x``),
+
+    |y_hat - y| <= sum_k d(w_k) |x_k| + |w_k| d(x_k) + d(w_k) d(x_k)                                 (B)
+
+exactly, plus the fp32 summation error (<= K 2^-24 sum |w_hat x_hat|, bounded with 2^-16 sum|w||x| here
+since K <= 256 and the hats are within 13% of the originals) and the final rounding to bf16 / fp16
+(<= 2^-8 |y_hat| and 2^-11 |y_hat|). The bias is added in fp32 to both sides, so it cancels. ``B`` is
+a worst case: it must hold for every output element, on any data. The scales in ``B`` are recomputed here
+from the data with the scale rules (not read back from the layer), so a method that stores a wrong scale fails.
+
+``B`` is loose for random data (it adds |w||x| over K while y grows like sqrt(K)), so a second, statistical
+bound checks the typical error: rounding errors are zero-mean with ``E[e^2] <= u^2 / 3`` relative to each
+element (uniform within +-half an ulp, at most u relative), independent across elements, so for W8A8
+``E||y_hat - y||^2 <= (2 u^2 / 3) sum_{m,n} sum_k w^2 x^2`` (weight-only: ``u^2 / 3``); we assert the
+relative Frobenius error is at most 1.3x that (finite-sample slack) plus the output rounding 2^-8. With a scale
+off by 1.5x (a wrong rule, a transposed scale), the error is about 0.5 ||y||, far above both bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from mxrun.engine.methods import (
+    METHODS,
+    QuantizedLinear,
+    UnsupportedSchemeError,
+    method_for,
+)
+from mxrun.engine.schemes import (
+    PRESETS,
+    ActivationGranularity,
+    SchemeFamily,
+    WeightGranularity,
+    build_scheme,
+    preset_scheme,
+)
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
+from mxrun.kernels.scaled_gemm import fp8_linear_reference
+
+U = 2.0**-4
+PRESET_NAMES = sorted(PRESETS)
+K, N = 256, 160  # N = 160: a partial 128-row weight block; K a multiple of 128 (1x128 groups need it)
+
+
+def _group_scale(t: torch.Tensor, rows: int | None, cols: int | None, mx: bool) -> torch.Tensor:
+    """Per-element scale of ``t`` [R, C] for groups of rows x cols (None = all), recomputed from the rules."""
+    r, c = t.shape
+    rows, cols = rows or r, cols or c
+    pad = torch.zeros(math.ceil(r / rows) * rows, math.ceil(c / cols) * cols)
+    pad[:r, :c] = t.float().abs()
+    tiles = pad.reshape(pad.shape[0] // rows, rows, pad.shape[1] // cols, cols)
+    amax = tiles.amax(dim=(1, 3))
+    if mx:  # smallest power of two with amax / s <= 448 (round_up); 2^-127 for all-zero blocks
+        scale = torch.exp2(torch.ceil(torch.log2(amax / 448.0))).clamp(min=2.0**-127)
+    else:
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+    return scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)[:r, :c]
+
+
+def _error_allowance(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return U * t.float().abs() + 2.0**-10 * scale
+
+
+def _weight_scale(scheme, w: torch.Tensor) -> torch.Tensor:
+    g = scheme.weights.granularity
+    if g is WeightGranularity.TENSOR:
+        return _group_scale(w, None, None, False)
+    if g is WeightGranularity.CHANNEL:
+        return _group_scale(w, 1, None, False)
+    if g is WeightGranularity.BLOCK:
+        return _group_scale(w, 128, 128, False)
+    return _group_scale(w, 1, 32, True)
+
+
+def _activation_scale(scheme, x: torch.Tensor) -> torch.Tensor | None:
+    acts = scheme.activations
+    if acts is None:
+        return None
+    g = acts.granularity
+    if g is ActivationGranularity.TENSOR:
+        return _group_scale(x, None, None, False)
+    if g is ActivationGranularity.TOKEN:
+        return _group_scale(x, 1, None, False)
+    if g is ActivationGranularity.GROUP:
+        return _group_scale(x, 1, acts.group_size, False)
+    return _group_scale(x, 1, 32, True)
+
+
+def _bounds(scheme, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(elementwise worst-case bound B + summation slack, statistical relative Frobenius bound)."""
+    xa, wa = x.float().abs(), w.float().abs()
+    dw = _error_allowance(w, _weight_scale(scheme, w))
+    x_scale = _activation_scale(scheme, x)
+    dx = torch.zeros_like(xa) if x_scale is None else _error_allowance(x, x_scale)
+    worst = xa @ dw.T + dx @ wa.T + dx @ dw.T
+    worst = worst + 2.0**-16 * (xa @ wa.T)
+    operands = 1 if scheme.weight_only else 2
+    statistical = 1.3 * math.sqrt(operands * U**2 / 3)
+    return worst, statistical
+
+
+def _data(kind: str, m: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, nn.Linear]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, K, generator=g)
+    if kind == "outliers":  # a few input channels 100x larger, as LLM activations have
+        channels = torch.randperm(K, generator=g)[:4]
+        x[:, channels] *= 100.0
+    linear = nn.Linear(K, N, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+        linear.bias.copy_(torch.randn(N, generator=g))
+    return x.to(dtype), linear.to(dtype)
+
+
+def _quantized(scheme_name: str, linear: nn.Linear) -> QuantizedLinear:
+    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="test.proj")
+    layer.load_weight(linear.weight.data)
+    return layer
+
+
+def _check_bounds(scheme, x, linear, out) -> tuple[bool, bool]:
+    exact = x.float() @ linear.weight.float().T
+    worst, statistical = _bounds(scheme, x, linear.weight)
+    err = (out.float() - linear.bias.float() - exact).abs()
+    out_rounding = (2.0**-8 if out.dtype == torch.bfloat16 else 2.0**-11) * out.float().abs()
+    within_worst = bool((err <= worst * (1 + 2.0**-8) + out_rounding + 1e-6).all())
+    relative = (err.norm() / exact.norm()).item()
+    within_statistical = relative <= statistical + 2.0**-8
+    return within_worst, within_statistical
+
+
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+@pytest.mark.parametrize("scheme_name", PRESET_NAMES)
+def test_error_within_derived_bounds(scheme_name: str, kind: str) -> None:
+    x, linear = _data(kind, 24, torch.bfloat16, seed=PRESET_NAMES.index(scheme_name))
+    layer = _quantized(scheme_name, linear)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (24, N)
+    within_worst, within_statistical = _check_bounds(preset_scheme(scheme_name), x, linear, out)
+    assert within_worst, "an output element exceeds the worst-case bound B"
+    assert within_statistical, "the relative error exceeds the statistical bound"
+
+
+@pytest.mark.parametrize("scheme_name", PRESET_NAMES)
+def test_broken_scale_breaks_the_bounds(scheme_name: str) -> None:
+    x, linear = _data("random", 24, torch.bfloat16, seed=7)
+    layer = _quantized(scheme_name, linear)
+    with torch.no_grad():
+        if hasattr(layer, "weight_scale_e8m0"):
+            layer.weight_scale_e8m0 += 1  # every scale doubled
+        else:
+            layer.weight_scale.mul_(1.5)
+    within_worst, within_statistical = _check_bounds(preset_scheme(scheme_name), x, linear, layer(x))
+    assert not within_statistical
+    assert not within_worst
+
+
+@pytest.mark.parametrize("scheme_name", ["fp8-channel", "mxfp8", "fp8-block-weight-only", "fp8-tensor"])
+def test_fp16_and_leading_dims(scheme_name: str) -> None:
+    x, linear = _data("random", 10, torch.float16, seed=3)
+    layer = _quantized(scheme_name, linear)
+    out = layer(x.reshape(2, 5, K))
+    assert out.dtype == torch.float16 and out.shape == (2, 5, N)
+    within_worst, within_statistical = _check_bounds(preset_scheme(scheme_name), x, linear, out.reshape(10, N))
+    assert within_worst and within_statistical
+
+
+def test_cpu_forward_is_the_kernel_reference() -> None:
+    """The CPU path is exactly the references the Triton kernels are tested against."""
+    x, linear = _data("outliers", 5, torch.bfloat16, seed=11)
+    channel = _quantized("fp8-channel", linear)
+    expected = fp8_linear_reference(x, channel.weight, channel.weight_scale, linear.bias, "token")
+    assert torch.equal(channel(x), expected)
+    mx = _quantized("mxfp8", linear)
+    expected = mxfp8_linear_reference(x, mx.weight, mx.weight_scale_e8m0, linear.bias, "round_up")
+    assert torch.equal(mx(x), expected)
+    mx_w = _quantized("mxfp8-weight-only", linear)
+    expected = mxfp8_linear_reference(x, mx_w.weight, mx_w.weight_scale_e8m0, linear.bias, None)
+    assert torch.equal(mx_w(x), expected)
+
+
+def test_w8a8_quantizes_activations_and_weight_only_does_not() -> None:
+    """Weight-only and W8A8 share the weight bytes but differ exactly by the activation rounding."""
+    x, linear = _data("random", 6, torch.bfloat16, seed=5)
+    w8a8 = _quantized("fp8-channel", linear)
+    w8a16 = _quantized("fp8-channel-weight-only", linear)
+    assert torch.equal(w8a8.weight.view(torch.uint8), w8a16.weight.view(torch.uint8))
+    assert not torch.equal(w8a8(x), w8a16(x))
+    dequantized_w = w8a16.weight.float() * w8a16.weight_scale
+    expected = (x.float() @ dequantized_w.T + linear.bias.float()).to(torch.bfloat16)
+    assert torch.equal(w8a16(x), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registry and life cycle
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_registry_covers_every_family_and_weight_only() -> None:
+    assert set(METHODS) == {(f, wo) for f in SchemeFamily for wo in (False, True)}
+    for name in PRESET_NAMES:
+        scheme = preset_scheme(name)
+        method = method_for(scheme)
+        assert method.family is scheme.family and method.weight_only == scheme.weight_only
+
+
+@pytest.mark.parametrize(
+    ("scheme_name", "buffers"),
+    [
+        ("fp8-tensor", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((), torch.float32)}),
+        ("fp8-channel", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((N, 1), torch.float32)}),
+        ("fp8-block", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((2, 2), torch.float32)}),
+        ("mxfp8", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale_e8m0": ((N, K // 32), torch.uint8)}),
+    ],
+)
+def test_create_weights_layout(scheme_name: str, buffers: dict) -> None:
+    layer = QuantizedLinear(K, N, method_for(preset_scheme(scheme_name)), bias=False, dtype=torch.bfloat16)
+    got = {name: (tuple(b.shape), b.dtype) for name, b in layer.named_buffers()}
+    assert got == buffers
+    assert set(layer.state_dict()) == set(buffers)
+    assert not layer.weight_loaded
+
+
+def test_process_weight_keeps_no_reference_to_the_original() -> None:
+    _, linear = _data("random", 1, torch.bfloat16, seed=1)
+    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme("mxfp8")), "x")
+    weight = linear.weight.data.clone()
+    alive = weakref.ref(weight)
+    layer.load_weight(weight)
+    del weight
+    assert alive() is None
+    assert layer.weight_loaded
+
+
+def test_module_casts_keep_quantized_buffers() -> None:
+    _, linear = _data("random", 1, torch.bfloat16, seed=2)
+    layer = _quantized("fp8-channel", linear)
+    layer.half()
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+    assert layer.bias.dtype == torch.float16 and layer.dtype == torch.float16
+    out = layer(torch.randn(3, K, dtype=torch.float16))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_unsupported_shapes_and_schemes_are_refused_with_the_layer_name() -> None:
+    with pytest.raises(UnsupportedSchemeError, match=r"blk\.proj.*in_features % 32"):
+        QuantizedLinear(48, 8, method_for(preset_scheme("mxfp8")), bias=False, dtype=torch.bfloat16,
+                        layer_name="blk.proj")
+    scheme, problems = build_scheme("b64", {"preset": "fp8-block", "weights": {"block_size": [64, 64]},
+                                            "activations": {"group_size": 64}})
+    assert scheme is not None, problems
+    with pytest.raises(UnsupportedSchemeError, match="64x64"):
+        QuantizedLinear(128, 128, method_for(scheme), bias=False, dtype=torch.bfloat16, layer_name="l")
+    with pytest.raises(UnsupportedSchemeError, match="float32"):
+        QuantizedLinear(128, 128, method_for(preset_scheme("fp8-channel")), bias=False, dtype=torch.float32)
+
+
+def test_weight_of_the_wrong_shape_is_refused() -> None:
+    layer = QuantizedLinear(K, N, method_for(preset_scheme("fp8-tensor")), bias=False, dtype=torch.bfloat16,
+                            layer_name="model.x")
+    with pytest.raises(ValueError, match=r"model\.x.*does not fit"):
+        layer.load_weight(torch.randn(K, N, dtype=torch.bfloat16))

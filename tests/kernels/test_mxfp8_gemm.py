@@ -1,0 +1,84 @@
+"""MXFP8 GEMMs on Hopper: the dequant-MMA kernel (W8A16, W8A8 with the activation quantization fused, W8A8 with
+pre-quantized activations) and the FP8-MMA kernel (one scaled FP8 dot per 32-wide K block), against the torch
+references, with ragged M/N/K tails and M = 1.
+
+Tolerance (same argument as test_scaled_gemm): decoded MXFP8 values and their products are exact in fp32, so
+kernel and reference add the same products in a different order and may differ by one output ulp after the
+final rounding: |out - ref| <= 2^-7 |ref| (bf16; 2^-10 fp16) + 2^-12 rms(ref). The in-register activation
+quantization is bit-identical to quantize_mxfp8, which this checks indirectly: a single flipped E4M3 code or a
+scale off by one binade moves an output by far more than an ulp.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrun.kernels.mxfp8_gemm import (
+    mxfp8_dequant_gemm_triton,
+    mxfp8_fp8_gemm_triton,
+    mxfp8_gemm_reference,
+    mxfp8_linear,
+    mxfp8_linear_reference,
+)
+from mxrun.kernels.mxfp8_quantize import quantize_mxfp8_reference
+from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError
+
+from .device_cases import HAS_CUDA, KERNEL_DEVICE
+from .test_scaled_gemm import _dev, _inputs, assert_one_ulp
+
+SMALL_SHAPES = [(1, 40, 96), (19, 72, 160), (33, 96, 256)]
+SHAPES = SMALL_SHAPES + ([(300, 1000, 4128), (4, 4096, 4096)] if HAS_CUDA else [])
+SMALL_CONFIG = GemmConfig(16, 32, 64, 2, 4, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rule", [None, "round_up", "floor"])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_dequant_kernel_fused(m, n, k, rule, dtype) -> None:
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=5)
+    qw = quantize_mxfp8_reference(w, "round_up")
+    ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, bias, rule)
+    out = mxfp8_dequant_gemm_triton(*_dev(x, qw.data, qw.scale_e8m0, bias), activation_rule=rule)
+    assert_one_ulp(out, ref)
+    assert_one_ulp(mxfp8_linear(*_dev(x, qw.data, qw.scale_e8m0, bias), rule, backend="triton"), ref)
+
+
+@pytest.mark.parametrize("kernel", ["dequant", "fp8"])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_prequantized_activations(m, n, k, kernel) -> None:
+    x, w, bias = _inputs(m, n, k, seed=6)
+    qw = quantize_mxfp8_reference(w)
+    qa = quantize_mxfp8_reference(x)
+    ref = mxfp8_gemm_reference(qa.data, qa.scale_e8m0, qw.data, qw.scale_e8m0, bias, torch.bfloat16)
+    config = None if HAS_CUDA and m > 64 else SMALL_CONFIG
+    if kernel == "fp8":
+        out = mxfp8_fp8_gemm_triton(*_dev(qa.data, qa.scale_e8m0, qw.data, qw.scale_e8m0, bias), config=config)
+    else:
+        a, wq, ws, b, a_s = _dev(qa.data, qw.data, qw.scale_e8m0, bias, qa.scale_e8m0)
+        out = mxfp8_dequant_gemm_triton(a, wq, ws, b, a_scale_e8m0=a_s, out_dtype=torch.bfloat16, config=config)
+    assert_one_ulp(out, ref)
+    # the W8A8 dispatcher's large-M path, whichever kernel it picks, gives the same numerics
+    if HAS_CUDA and m > 64:
+        for large in ("fp8", "dequant"):
+            out = mxfp8_linear(*_dev(x, qw.data, qw.scale_e8m0, bias), "round_up", large_m_kernel=large)
+            assert_one_ulp(out, mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, bias, "round_up"))
+
+
+def test_activation_quantization_is_applied() -> None:
+    x, w, bias = _inputs(8, 40, 128, seed=7)
+    qw = quantize_mxfp8_reference(w)
+    args = _dev(x, qw.data, qw.scale_e8m0, bias)
+    w8a8 = mxfp8_dequant_gemm_triton(*args, activation_rule="round_up").float().cpu()
+    w8a16 = mxfp8_dequant_gemm_triton(*args).float().cpu()
+    assert (w8a8 - w8a16).abs().max() > 2.0**-6 * w8a16.abs().max()
+
+
+def test_bad_inputs() -> None:
+    x, w, _ = _inputs(4, 32, 64)
+    qw = quantize_mxfp8_reference(w)
+    with pytest.raises(GemmInputError, match="uint8 E8M0"):
+        mxfp8_dequant_gemm_triton(*_dev(x, qw.data, qw.scale_e8m0[:, :1]))
+    with pytest.raises(GemmInputError, match="K=64"):
+        mxfp8_dequant_gemm_triton(*_dev(x[:, :32], qw.data, qw.scale_e8m0))
+    assert KERNEL_DEVICE in ("cpu", "cuda")
