@@ -134,3 +134,9 @@ def test_missing_model_is_one_line_error(runner: CliRunner, tmp_path: Path) -> N
     result = runner.invoke(main, ["plan", "--recipe", "mxfp8", "--model", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert result.output.count("\n") == 1 and "mxrun: error:" in result.output
+
+
+def test_directory_instead_of_recipe(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["validate", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"{tmp_path}: error: is a directory, not a recipe file" in result.output

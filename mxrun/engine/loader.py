@@ -417,6 +417,10 @@ def load_recipe(reference: str | os.PathLike[str]) -> LoadResult:
     out = DiagnosticList()
     text = os.fspath(reference)
     path = resolve_reference(text)
+    if path is None and Path(text).is_dir():
+        out.error("not-a-file", "is a directory, not a recipe file", Position(text),
+                  "pass the recipe files, e.g. recipes/*.yaml")
+        return LoadResult(None, out.sorted())
     if path is None:
         names = ", ".join(resources.builtin_recipe_names())
         out.error("recipe-not-found", "no such recipe file or built-in recipe", Position(text),
