@@ -6,7 +6,7 @@ line of which file decided a layer.
 
 The fingerprint is the sha256 of :meth:`Recipe.canonical`, a JSON form holding everything that can change a
 plan or the numerics (resolved schemes, rule patterns/kinds/schemes in order, skip patterns/kinds, the
-policy, the format version) and nothing that cannot (names and descriptions, comments, formatting, key order,
+policy, the format version) and nothing that cannot (recipe and rule names, descriptions, schemes no rule uses, comments, formatting, key order,
 which file of an ``extends`` chain a rule came from).
 """
 
