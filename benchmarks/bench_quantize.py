@@ -284,12 +284,15 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tiles on large shapes")
     parser.add_argument("--kinds", default="activation,weight,moe", help="comma-separated case kinds to run")
+    parser.add_argument("--formats", help="comma-separated formats to run (default: all), e.g. fp8_per_token")
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
     kinds = set(args.kinds.split(","))
     cases = quick_cases() if args.quick else [c for c in full_cases() if c.kind in kinds]
+    if args.formats:
+        cases = [c for c in cases if c.fmt in set(args.formats.split(","))]
     report: dict = {"device": device_name, "torch": torch.__version__, "rows": [], "sweep": [], "launch": {}}
 
     def save(rows: list[Row]) -> None:

@@ -53,6 +53,14 @@ from mxrun.kernels.row_layout import (
 )
 
 FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
+# Launcher defaults, measured with benchmarks/sweep_fp8_quantize.py (H200 run in
+# benchmarks/results/sweep-fp8-quantize-h200.json): whole rows in registers as power-of-two pieces beat two
+# passes by 10-20% at M=16384, K in {7168, 14336}; 16 warps per 128x128 block is what the one-block-at-a-time
+# strip needs to match the earlier single-tile kernel (8 warps lost 12%).
+_MAX_ROW_IN_REGISTERS = 16384  # longest per-row row (padded to a power of two) held whole in registers
+_ROW_MAX_WARPS = 8
+_BLOCK_STRIP_K = 128  # columns of 128x128 blocks one program does in turn
+_BLOCK_WARPS = 16
 
 
 class Fp8Granularity(enum.Enum):
@@ -172,8 +180,8 @@ def _fp8_row_group_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Groups of GROUP_K consecutive elements of a row share a scale: 1x128 groups (GROUP_K = 128), or whole
-    rows (GROUP_K = BLOCK_K >= K, one program column). A BLOCK_R x BLOCK_K tile holds BLOCK_K // GROUP_K."""
+    """Groups of GROUP_K consecutive elements of a row share a scale (the launcher's 1x128 groups: GROUP_K =
+    128). A BLOCK_R x BLOCK_K tile holds BLOCK_K // GROUP_K groups per row."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP_K
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -198,6 +206,76 @@ def _fp8_row_group_kernel(
     scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
     scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
     tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+
+
+@triton.jit
+def _fp8_row_pieces_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [B, R] fp32, contiguous
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PIECE_0: tl.constexpr,
+    PIECE_1: tl.constexpr,
+    PIECE_2: tl.constexpr,
+    LOAD_POLICY: tl.constexpr = "",
+):
+    """Per-row scales with whole rows in registers, each row held as up to three power-of-two pieces side by
+    side (PIECE_1, PIECE_2 = 0: absent), e.g. 7168 = 4096 + 2048 + 1024: one read of the input, and no idle
+    lanes where K is a sum of three powers of two (see :func:`fp8_row_pieces`). Every piece's load is issued
+    before the first reduction, so a program has its whole row in flight at once."""
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+    q_rows = q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K
+
+    cols_0 = tl.arange(0, PIECE_0)
+    mask_0 = row_mask[:, None] & (cols_0 < K)[None, :]
+    x_0 = tl.load(
+        x_rows + cols_0.to(tl.int64)[None, :] * stride_xk, mask=mask_0, other=0.0, eviction_policy=LOAD_POLICY
+    )
+    if PIECE_1 > 0:
+        cols_1 = PIECE_0 + tl.arange(0, PIECE_1)
+        mask_1 = row_mask[:, None] & (cols_1 < K)[None, :]
+        x_1 = tl.load(
+            x_rows + cols_1.to(tl.int64)[None, :] * stride_xk,
+            mask=mask_1,
+            other=0.0,
+            eviction_policy=LOAD_POLICY,
+        )
+    if PIECE_2 > 0:
+        cols_2 = PIECE_0 + PIECE_1 + tl.arange(0, PIECE_2)
+        mask_2 = row_mask[:, None] & (cols_2 < K)[None, :]
+        x_2 = tl.load(
+            x_rows + cols_2.to(tl.int64)[None, :] * stride_xk,
+            mask=mask_2,
+            other=0.0,
+            eviction_policy=LOAD_POLICY,
+        )
+
+    amax_bits = tl.max(magnitude_bits(x_0), axis=1)
+    if PIECE_1 > 0:
+        amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_1), axis=1))
+    if PIECE_2 > 0:
+        amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_2), axis=1))
+    scale = _scale_from_amax_bits(amax_bits)
+    tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+
+    q_0 = e4m3_code(tl.div_rn(widen_to_fp32(x_0), scale[:, None]), SOFT_CAST)
+    tl.store(q_rows + cols_0[None, :], q_0, mask=mask_0)
+    if PIECE_1 > 0:
+        q_1 = e4m3_code(tl.div_rn(widen_to_fp32(x_1), scale[:, None]), SOFT_CAST)
+        tl.store(q_rows + cols_1[None, :], q_1, mask=mask_1)
+    if PIECE_2 > 0:
+        q_2 = e4m3_code(tl.div_rn(widen_to_fp32(x_2), scale[:, None]), SOFT_CAST)
+        tl.store(q_rows + cols_2[None, :], q_2, mask=mask_2)
 
 
 @triton.jit
@@ -254,31 +332,47 @@ def _fp8_block_kernel(
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LOAD_POLICY: tl.constexpr = "",
 ):
-    """One program per 128-row strip of BLOCK_K // 128 weight blocks of 128 x 128, each with its own scale.
-    Several blocks side by side give each row of the tile a longer contiguous run (better DRAM efficiency)."""
+    """One program per strip of 128 rows by BLOCK_K columns: BLOCK_K // 128 weight blocks of 128 x 128, each
+    with its own scale, done one after the other, the next block's load issued before the current block is
+    reduced and stored (more bytes in flight per program). The grid's first axis runs along K, so the programs
+    that run at the same time read long contiguous runs of the same rows (DRAM pages opened once)."""
     BLOCKS_K: tl.constexpr = BLOCK_K // 128
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_k = tl.program_id(0)
+    pid_r = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < R)[:, None] & (cols < K)[None, :]
-
-    x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
-    x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
-    x_raw = tl.reshape(x_raw, [BLOCK_R, BLOCKS_K, 128])
-    block_amax = tl.max(tl.max(magnitude_bits(x_raw), axis=2), axis=0)
-    scale = _scale_from_amax_bits(block_amax)
-    q = e4m3_code(tl.div_rn(widen_to_fp32(x_raw), scale[None, :, None]), SOFT_CAST)
-    q = tl.reshape(q, [BLOCK_R, BLOCK_K])
-
-    q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
-    tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
+    row_mask = rows < R
+    x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+    q_rows = q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K
     n_col_blocks = tl.cdiv(K, 128)
-    block_cols = pid_k * BLOCKS_K + tl.arange(0, BLOCKS_K)
-    scale_row = pid_b * tl.num_programs(0) + pid_r
-    tl.store(scale_ptr + scale_row * n_col_blocks + block_cols, scale, mask=block_cols < n_col_blocks)
+    scale_row = scale_ptr + (pid_b * tl.num_programs(1) + pid_r) * n_col_blocks
+
+    cols = pid_k * BLOCK_K + tl.arange(0, 128)
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    x_next = tl.load(
+        x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0, eviction_policy=LOAD_POLICY
+    )
+    for i in tl.static_range(BLOCKS_K):
+        x_raw = x_next
+        block_cols = cols
+        block_mask = mask
+        if i + 1 < BLOCKS_K:
+            cols = block_cols + 128
+            mask = row_mask[:, None] & (cols < K)[None, :]
+            x_next = tl.load(
+                x_rows + cols.to(tl.int64)[None, :] * stride_xk,
+                mask=mask,
+                other=0.0,
+                eviction_policy=LOAD_POLICY,
+            )
+        block_amax = tl.max(tl.max(magnitude_bits(x_raw), axis=1), axis=0)
+        scale = _scale_from_amax_bits(block_amax)
+        q = e4m3_code(tl.div_rn(widen_to_fp32(x_raw), scale), SOFT_CAST)
+        tl.store(q_rows + block_cols[None, :], q, mask=block_mask)
+        block_col = pid_k * BLOCKS_K + i
+        tl.store(scale_row + block_col, scale, mask=block_col < n_col_blocks)
 
 
 @triton.jit
@@ -338,19 +432,44 @@ def _fp8_tensor_quantize_kernel(
         tl.store(scale_ptr, scale)
 
 
+def fp8_row_pieces(cols: int, max_pieces: int = 3, min_piece: int = 512) -> tuple[int, int, int]:
+    """Power-of-two lengths, largest first, that together cover a row of ``cols`` (0: no piece): the binary
+    digits of ``cols`` from the top, the last piece (the ``max_pieces``-th, or one of at most ``min_piece``)
+    rounded up to cover the rest. 7168 -> (4096, 2048, 1024), 14336 -> (8192, 4096, 2048), 4096 -> (4096, 0,
+    0), 7200 -> (4096, 2048, 2048), 200 -> (256, 0, 0)."""
+    if not 1 <= max_pieces <= 3:
+        raise ValueError(f"fp8_row_pieces: the row kernel holds 1 to 3 pieces, got max_pieces={max_pieces}")
+    pieces = []
+    remaining = cols
+    while remaining > 0:
+        if len(pieces) == max_pieces - 1 or remaining <= min_piece:
+            piece = next_power_of_2(remaining)
+        else:
+            piece = 1 << (remaining.bit_length() - 1)
+        pieces.append(piece)
+        remaining -= piece
+    pieces += [0] * (3 - len(pieces))
+    return pieces[0], pieces[1], pieces[2]
+
+
 @functools.lru_cache(maxsize=1024)
 def fp8_tile_config(granularity: Fp8Granularity, rows: int, cols: int) -> TileConfig:
-    """The launcher's tile for a ``rows`` x ``cols`` problem of ``granularity``."""
+    """The launcher's tile for a ``rows`` x ``cols`` problem of ``granularity``.
+
+    Per-row: ``block_k >= cols`` means whole rows in registers (as up to three power-of-two pieces, see
+    :func:`fp8_row_pieces`), else two passes over ``block_k``-wide chunks. 128x128 blocks: ``block_k`` is the
+    strip of blocks one program does in turn."""
     granularity = Fp8Granularity(granularity)
     if granularity is Fp8Granularity.BLOCK_128X128:
-        return TileConfig(FP8_BLOCK, FP8_BLOCK, 16)
+        return TileConfig(FP8_BLOCK, _BLOCK_STRIP_K, _BLOCK_WARPS)
     if granularity is Fp8Granularity.PER_ROW:
         whole_row = next_power_of_2(cols)
-        # One pass from registers when the row is short, or an exact power of two (no idle lanes); measured
-        # on H100, longer rows with idle lanes (K = 7168, 14336) ran faster as two passes over chunks.
-        if whole_row <= 2048 or (whole_row == cols and whole_row <= 8192):
+        if whole_row <= _MAX_ROW_IN_REGISTERS:
             block_r = max(1, min(next_power_of_2(rows), 4096 // whole_row))
-            return TileConfig(block_r, whole_row, max(1, min(8, block_r * whole_row // 1024)))
+            # Rows held as several pieces (K not a power of two) ran best with half the warps (sweep).
+            elements_per_warp = 1024 if whole_row == cols else 2048
+            num_warps = max(1, min(_ROW_MAX_WARPS, block_r * whole_row // elements_per_warp))
+            return TileConfig(block_r, whole_row, num_warps)
         return TileConfig(1, 4096, 8)
     return streaming_tile(
         rows,
@@ -360,11 +479,14 @@ def fp8_tile_config(granularity: Fp8Granularity, rows: int, cols: int) -> TileCo
     )
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second (and third) axis
+
+
 class _LaunchPlan(NamedTuple):
     """Everything about a launch that depends only on shape, strides, dtype and options (cached: host time
     per call is what bounds small shapes)."""
 
-    kernel_name: str  # "tensor" (two launches), "block", "row_group" or "long_row"
+    kernel_name: str  # "tensor" (two launches), "block", "row_group", "row_pieces" or "long_row"
     scale_shape: tuple[int, ...]
     grid: tuple[int, int, int] | None  # None: empty input, nothing to launch
     int_args: tuple[int, ...]
@@ -395,7 +517,12 @@ def _fp8_launch_plan(
             raise ValueError(
                 f"128x128 blocks need a tile of {FP8_BLOCK} rows by a multiple of 128, got {tile}"
             )
-        kernel_name = "block"
+        kernel_name, grid = "block", (grid[1], grid[0], grid[2])  # K first: see _fp8_block_kernel
+        if grid[1] > _MAX_GRID_Y:
+            raise ValueError(
+                f"quantize_fp8_triton: {view.rows} rows make {grid[1]} strips of {FP8_BLOCK}, more than the "
+                f"{_MAX_GRID_Y} a launch grid's second axis holds; quantize the weight in slices of rows"
+            )
         scale_shape = (*shape[:-2], ceil_div(shape[-2], FP8_BLOCK), ceil_div(shape[-1], FP8_BLOCK))
     elif granularity is Fp8Granularity.GROUP_1X128:
         if tile.block_k % FP8_BLOCK != 0:
@@ -405,8 +532,10 @@ def _fp8_launch_plan(
     else:
         scale_shape = (*shape[:-1], 1)
         if tile.block_k >= view.cols:
-            kernel_name = "row_group"
-            constexprs["GROUP_K"] = tile.block_k
+            kernel_name = "row_pieces"
+            del constexprs["BLOCK_K"]
+            pieces = fp8_row_pieces(view.cols)
+            constexprs.update(PIECE_0=pieces[0], PIECE_1=pieces[1], PIECE_2=pieces[2])
         else:
             kernel_name, grid = "long_row", (grid[0], 1, grid[2])
     empty = view.rows == 0 or view.cols == 0 or view.batches == 0
@@ -444,7 +573,12 @@ def quantize_fp8_triton(
     return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
 
 
-_KERNELS = {"block": _fp8_block_kernel, "row_group": _fp8_row_group_kernel, "long_row": _fp8_long_row_kernel}
+_KERNELS = {
+    "block": _fp8_block_kernel,
+    "row_group": _fp8_row_group_kernel,
+    "row_pieces": _fp8_row_pieces_kernel,
+    "long_row": _fp8_long_row_kernel,
+}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from mxrun.kernels.fp8_quantize import (
     Fp8Granularity,
     dequantize_fp8,
     expand_fp8_scale,
+    fp8_row_pieces,
+    fp8_tile_config,
     quantize_fp8,
     quantize_fp8_block128,
     quantize_fp8_group128,
@@ -108,6 +110,36 @@ def test_long_row_two_pass_kernel(cols: int) -> None:
     """Rows longer than the tile take the two-pass kernel; forced here with a narrow tile."""
     x = make_input((9, cols), torch.bfloat16, seed=6)
     _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software", TileConfig(2, 128, 4))
+
+
+@pytest.mark.parametrize(
+    ("cols", "pieces"),
+    [
+        (7168, (4096, 2048, 1024)),
+        (14336, (8192, 4096, 2048)),
+        (4096, (4096, 0, 0)),
+        (7200, (4096, 2048, 2048)),
+        (200, (256, 0, 0)),
+        (1664, (1024, 512, 128)),
+        (1152, (1024, 128, 0)),
+        (1, (1, 0, 0)),
+    ],
+)
+def test_row_pieces_cover_the_row_with_at_most_three_powers_of_two(
+    cols: int, pieces: tuple[int, ...]
+) -> None:
+    assert fp8_row_pieces(cols) == pieces
+    assert sum(pieces) >= cols and all(p == 0 or p & (p - 1) == 0 for p in pieces)
+
+
+@pytest.mark.parametrize("cols", [1664, 1152])
+def test_whole_row_kernel_with_several_pieces(cols: int) -> None:
+    """K that is not a power of two is held as up to three pieces in registers (the last one masked)."""
+    tile = fp8_tile_config(Fp8Granularity.PER_ROW, 5, cols)
+    assert tile.block_k >= cols, "the launcher should hold these rows whole"
+    x = make_input((5, cols), torch.bfloat16, seed=8)
+    x[3, cols - 1] = 1000.0  # the row's amax sits in the last, partly masked piece
+    _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software")
 
 
 @gpu_only
