@@ -458,10 +458,17 @@ def mxfp8_linear(
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
 
-    Triton on CUDA, the torch reference elsewhere. W8A8 picks its kernel by M (``MX_W8A8_MIN_M``,
+    Triton on CUDA, the torch reference elsewhere. Up to 16 rows both take the split-K kernel
+    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-quantized in registers). W8A8 picks its kernel by M (``MX_W8A8_MIN_M``,
     ``LARGE_M_KERNEL``; ``large_m_kernel`` overrides the latter, for the benchmark)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
+    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
+
+    if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+        return small_m_gemm_triton(
+            x, weight, weight_scale_e8m0=weight_scale_e8m0, activation_mx_rule=activation_rule, bias=bias
+        )
     if activation_rule is None or x.shape[0] <= MX_W8A8_MIN_M:
         return mxfp8_dequant_gemm_triton(x, weight, weight_scale_e8m0, bias, activation_rule=activation_rule)
     quantized = quantize_mxfp8(x, activation_rule, Backend.TRITON)

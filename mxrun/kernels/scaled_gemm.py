@@ -69,10 +69,14 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    max_imprecise_acc: int | None = 32
-    """FP8 MMAs on Hopper accumulate in a reduced-precision accumulator; Triton promotes it to fp32 every this
-    many K elements (32: after every wgmma). ``None`` never promotes: faster, but measured up to 8 bf16 ulps
-    off on K = 4224 with outlier channels (the tests' tolerance is one ulp)."""
+    max_imprecise_acc: int | None = 128
+    """FP8 MMAs on Hopper (wgmma) accumulate in a reduced-precision accumulator; Triton promotes it to fp32
+    every this many K elements. 128 is what cuBLASLt's ``_scaled_mm`` (fast accumulation off) and DeepSeek-V3
+    do, and measured the same accuracy as ``_scaled_mm`` (benchmarks/sweep_fp8_gemm.py: 1.4-1.5% of outputs
+    more than one bf16 ulp from the fp32 reference with outlier channels, for both) at 0.76-0.87 of its
+    speed; 32 (after every wgmma) halves that error but also the speed; ``None`` never promotes: as fast as
+    ``_scaled_mm`` but 6-9x the error. The block-scaled kernel adds each 128-wide K step's dot into its fp32
+    accumulator itself, so it needs no promotion inside the dot (``None``)."""
 
     def launch_kwargs(self) -> dict[str, int]:
         return {
@@ -82,7 +86,10 @@ class GemmConfig:
             "GROUP_M": self.group_m,
             "num_warps": self.num_warps,
             "num_stages": self.num_stages,
-            "MAX_IMPRECISE_ACC": self.max_imprecise_acc,
+            # A dot cannot promote less often than once per dot: cap at the K step.
+            "MAX_IMPRECISE_ACC": None
+            if self.max_imprecise_acc is None
+            else min(self.max_imprecise_acc, self.block_k),
         }
 
 
@@ -150,24 +157,30 @@ def _w8a8_candidates(m: int, n: int, k: int, fused: bool) -> list[GemmConfig]:
             GemmConfig(64, 64, 256, 8, 4, 4),
             GemmConfig(128, 128, 128, 8, 8, 4),
         ]
+    # Measured on H200 with promotion every 128 K (benchmarks/sweep_fp8_gemm.py): 256x128 tiles with 8 warps
+    # 0.76-0.87 of _scaled_mm, 128x128 0.70-0.73, 128x256 0.35-0.38 (register spills).
     return [
-        GemmConfig(128, 256, 128, 8, 8, 3),
-        GemmConfig(128, 128, 128, 8, 8, 4),
-        GemmConfig(128, 256, 64, 8, 8, 4),
         GemmConfig(256, 128, 128, 8, 8, 3),
+        GemmConfig(128, 128, 128, 8, 8, 4),
+        GemmConfig(128, 256, 128, 8, 8, 3),
     ]
 
 
 def _block_candidates(m: int, n: int, fused: bool) -> list[GemmConfig]:
     if fused:
         bm = small_m_block(m)
-        return [GemmConfig(bm, 32 if n <= 8192 else 64, 128, 1, 4, 5, None), GemmConfig(bm, 64, 128, 1, 4, 4, None)]
+        return [
+            GemmConfig(bm, 32 if n <= 8192 else 64, 128, 1, 4, 5, None),
+            GemmConfig(bm, 64, 128, 1, 4, 4, None),
+        ]
+    # No promotion inside the dot (None): each 128-wide step's dot is added to the fp32 accumulator with its
+    # scales, which is the promotion. Promoting every 32 as well cost 3.8x (sweep_fp8_gemm.py on H200).
     if m <= 256:
-        return [GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 64, 128, 8, 4, 4)]
+        return [GemmConfig(64, 128, 128, 8, 4, 4, None), GemmConfig(64, 64, 128, 8, 4, 4, None)]
     return [
-        GemmConfig(128, 128, 128, 8, 8, 4),
-        GemmConfig(128, 256, 128, 8, 8, 3),
-        GemmConfig(64, 256, 128, 8, 8, 3),
+        GemmConfig(128, 128, 128, 8, 8, 4, None),
+        GemmConfig(128, 256, 128, 8, 8, 3, None),
+        GemmConfig(64, 256, 128, 8, 8, 3, None),
     ]
 
 
@@ -798,11 +811,25 @@ def fp8_linear(
 ) -> torch.Tensor:
     """W8A8 Linear with a per-tensor (0-dim scale) or per-channel (``[N, 1]``) FP8 weight and dynamic
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
-    its dtype. Triton on CUDA (activation quantization fused for small M), the torch reference elsewhere."""
+    its dtype. Triton on CUDA, the torch reference elsewhere. Up to 16 rows: activation quantization, then the
+    split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; up to ``FUSED_QUANT_MAX_M`` the tile kernel with the
+    activation quantization fused; beyond, quantize once and run the tile kernel."""
     if activation not in _ACT_GRANULARITY:
         raise GemmInputError(f"fp8_linear: activation must be 'tensor' or 'token', got {activation!r}")
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
+    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
+
+    if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+        quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
+        return small_m_gemm_triton(
+            quantized.data,
+            weight,
+            a_scale=quantized.scale,
+            weight_scale=weight_scale,
+            bias=bias,
+            out_dtype=x.dtype,
+        )
     if x.shape[0] <= FUSED_QUANT_MAX_M:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
@@ -833,9 +860,15 @@ def fp8_weight_only_linear(
     bias: torch.Tensor | None,
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
-    """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations."""
+    """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations. Up to 16
+    rows, per-tensor / per-channel weights take the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_weight_only_reference(x, weight, weight_scale, granularity, bias)
+    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
+
+    per_block = Fp8Granularity(granularity) is Fp8Granularity.BLOCK_128X128
+    if x.shape[0] <= SMALL_M_MAX and not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
+        return small_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
     return fp8_weight_only_triton(x, weight, weight_scale, granularity, bias)
 
 

@@ -53,10 +53,14 @@ def test_prequantized_activations(m, n, k, kernel) -> None:
     ref = mxfp8_gemm_reference(qa.data, qa.scale_e8m0, qw.data, qw.scale_e8m0, bias, torch.bfloat16)
     config = None if HAS_CUDA and m > 64 else SMALL_CONFIG
     if kernel == "fp8":
-        out = mxfp8_fp8_gemm_triton(*_dev(qa.data, qa.scale_e8m0, qw.data, qw.scale_e8m0, bias), config=config)
+        out = mxfp8_fp8_gemm_triton(
+            *_dev(qa.data, qa.scale_e8m0, qw.data, qw.scale_e8m0, bias), config=config
+        )
     else:
         a, wq, ws, b, a_s = _dev(qa.data, qw.data, qw.scale_e8m0, bias, qa.scale_e8m0)
-        out = mxfp8_dequant_gemm_triton(a, wq, ws, b, a_scale_e8m0=a_s, out_dtype=torch.bfloat16, config=config)
+        out = mxfp8_dequant_gemm_triton(
+            a, wq, ws, b, a_scale_e8m0=a_s, out_dtype=torch.bfloat16, config=config
+        )
     assert_one_ulp(out, ref)
     # the W8A8 dispatcher's large-M path, whichever kernel it picks, gives the same numerics
     if HAS_CUDA and m > 64:

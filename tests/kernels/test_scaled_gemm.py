@@ -7,6 +7,14 @@ at most ~K 2^-24 sum|a b| (fp32 reordering, < 2^-14 relative here), which can mo
 output ulp: 2^-7 relative for bf16 (7 stored mantissa bits), 2^-10 for fp16. So we assert
 |out - ref| <= 2^-7 max(|out|, |ref|) (2^-10 for fp16; one ulp of the larger) + 2^-12 * rms(ref). A wrong scale, a wrong K tail or a missed
 activation quantization is off by far more than one ulp (tested: weight-only vs W8A8 outputs differ).
+
+On the GPU, W8A8 kernels run wgmma, whose FP8 accumulator keeps only ~14 mantissa bits (DeepSeek-V3 technical
+report, section 3.3.2) until Triton promotes it to fp32 every 128 K elements (as cuBLASLt's _scaled_mm does).
+Within one 128-wide step a product passes through at most 4 accumulator roundings (one per k=32 wgmma), each
+off by < 2^-13 (truncation) of a running sum bounded by sum|a b| over the step, so the whole sum is off by at
+most 2^-11 sum_k |a_k b_k|; we allow 2^-10 (|x| @ |W|^T), computed from the unquantized operands (E4M3
+rounding moves each product by < 2^-3 relative). `test_scaled_mm_meets_the_same_bound` shows cuBLAS needs it
+too. A wrong scale or K tail still fails: those are off by a fixed share of the output itself.
 On CPU the kernels run under TRITON_INTERPRET=1 with small shapes (< 60 s); on a GPU, larger ones too.
 """
 
@@ -53,14 +61,25 @@ def _dev(*tensors):
     return [t.to(KERNEL_DEVICE) if t is not None else None for t in tensors]
 
 
-def assert_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
+def fp8_mma_slack(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """The wgmma accumulator's allowance (module docstring) for ``x @ w^T`` on the GPU; None on CPU, where the
+    interpreter accumulates in fp32."""
+    if not HAS_CUDA:
+        return None
+    return 2.0**-10 * (x.float().abs() @ w.float().abs().T)
+
+
+def assert_one_ulp(out: torch.Tensor, ref: torch.Tensor, slack: torch.Tensor | None = None) -> None:
     assert out.dtype == ref.dtype
     ulp = 2.0**-7 if ref.dtype == torch.bfloat16 else 2.0**-10
     out, ref = out.float().cpu(), ref.float().cpu()
     assert out.shape == ref.shape
     assert torch.isfinite(out).all()
     rms = ref.pow(2).mean().sqrt()
-    bad = (out - ref).abs() > ulp * torch.maximum(out.abs(), ref.abs()) + 2.0**-12 * rms
+    allowed = ulp * torch.maximum(out.abs(), ref.abs()) + 2.0**-12 * rms
+    if slack is not None:
+        allowed = allowed + slack.cpu()
+    bad = (out - ref).abs() > allowed
     assert not bad.any(), (
         f"{bad.sum().item()} elements off by more than one ulp; max {(out - ref).abs().max()}"
     )
@@ -71,9 +90,13 @@ def assert_one_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 def test_w8a8_fused_activation_quantization(m, n, k, weight_granularity, activation, request) -> None:
     if HAS_CUDA and (m, n, k) == (33, 96, 256):
-        request.applymarker(pytest.mark.xfail(
-            reason="known on H100 (issue 5 open): the fused in-kernel activation quantization at M=33 "
-            "differs from the reference by more than one output ulp", strict=False))
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="known on H100 (issue 5 open): the fused in-kernel activation quantization at M=33 "
+                "differs from the reference by more than one output ulp",
+                strict=False,
+            )
+        )
     x, w, bias = _inputs(m, n, k)
     q = quantize_fp8_reference(w, weight_granularity)
     ref = fp8_linear_reference(x, q.data, q.scale, bias, activation)
@@ -81,7 +104,7 @@ def test_w8a8_fused_activation_quantization(m, n, k, weight_granularity, activat
         out = fp8_gemm_triton(*_dev(x, None, q.data, q.scale, bias), fused_activation=activation)
         assert_one_ulp(out, ref)
     out = fp8_linear(*_dev(x, q.data, q.scale, bias), activation, backend="triton")
-    assert_one_ulp(out, ref)
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w) if m > 64 else None)  # small M: mma.sync, exact fp32
 
 
 @pytest.mark.parametrize("even_k", [True, False])
@@ -103,10 +126,7 @@ def test_w8a8_prequantized_small_tiles(m, n, k, even_k) -> None:
 
 
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_block_scaled(m, n, k, request) -> None:
-    if HAS_CUDA and (m, n, k) == (300, 1000, 4224):
-        request.applymarker(pytest.mark.xfail(
-            reason="known on H100 (issue 5 open): one element of 300x1000 is off by 0.25 at K=4224", strict=False))
+def test_block_scaled(m, n, k) -> None:
     x, w, bias = _inputs(m, n, k, seed=2)
     qw = quantize_fp8_reference(w, G.BLOCK_128X128)
     qa = quantize_fp8_reference(x, G.GROUP_1X128)
@@ -118,8 +138,25 @@ def test_block_scaled(m, n, k, request) -> None:
     out = fp8_block_gemm_triton(
         *_dev(qa.data, qa.scale, qw.data, qw.scale, bias), torch.bfloat16, config=config
     )
-    assert_one_ulp(out, ref)
-    assert_one_ulp(fp8_block_linear(*_dev(x, qw.data, qw.scale, bias), backend="triton"), ref)
+    slack = fp8_mma_slack(x, w) if m > 64 else None
+    assert_one_ulp(out, ref, slack)
+    assert_one_ulp(fp8_block_linear(*_dev(x, qw.data, qw.scale, bias), backend="triton"), ref, slack)
+
+
+@gpu_only
+def test_scaled_mm_meets_the_same_bound() -> None:
+    """cuBLASLt's FP8 GEMM (fast accumulation off) is within the wgmma allowance and beyond one ulp without
+    it: the allowance is the hardware's, not a loosening for our kernels."""
+    m, n, k = 300, 1024, 4224  # cuBLASLt wants N % 16 == 0
+    x, w, _ = _inputs(m, n, k, seed=5)
+    qa = quantize_fp8_reference(x, G.PER_ROW)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, None, torch.bfloat16)
+    a, sa, b, sb = _dev(qa.data, qa.scale, qw.data, qw.scale)
+    out = torch._scaled_mm(a, b.t(), sa, sb.t(), out_dtype=torch.bfloat16)
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    with pytest.raises(AssertionError):
+        assert_one_ulp(out, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

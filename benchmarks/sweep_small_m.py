@@ -1,0 +1,98 @@
+"""Sweep the split-K small-M GEMM's tile and split policy (:class:`SplitKConfig`) on decode shapes, beside bf16
+``torch.matmul`` in the same run, for FP8 per-channel weight-only and MXFP8 weight-only (the two weight
+decodes), timed as CUDA-graph replays (what a serving engine runs).
+
+    PYTHONPATH=. python benchmarks/sweep_small_m.py --json sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from collections.abc import Callable
+
+import torch
+
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
+from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
+from mxrun.kernels.small_m_gemm import SplitKConfig, small_m_gemm_triton
+
+SHAPES = [(14336, 4096), (4096, 4096), (8192, 10240), (4096, 28672)]  # K, N
+MS = [1, 16]
+TILES = list(itertools.product([32, 64, 128], [256, 512], [4], [3, 5]))  # block_n, block_k, warps, stages
+TARGETS = [264, 528, 1056]
+
+
+def graph_us(fn: Callable[[], object], replays: int = 50) -> float:
+    """Median-free mean time of one call, replayed from a CUDA graph (L2 holds what fits: small here)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000.0 * start.elapsed_time(end) / (replays * 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rows = []
+    for k, n in SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+        channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
+        mx = quantize_mxfp8(w)
+        for m in MS:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = graph_us(lambda x=x, w=w: torch.matmul(x, w.t()))
+            best: dict[str, tuple[float, str]] = {}
+            for tile, target in itertools.product(TILES, TARGETS):
+                cfg = SplitKConfig(*tile, target_programs=target)
+                runs = {
+                    "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel: small_m_gemm_triton(
+                        x, q.data, weight_scale=q.scale, config=cfg
+                    ),
+                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx: small_m_gemm_triton(
+                        x, q.data, weight_scale_e8m0=q.scale_e8m0, config=cfg
+                    ),
+                }
+                for name, fn in runs.items():
+                    try:
+                        us = graph_us(fn)
+                    except Exception as error:  # a tile that does not fit is reported, not fatal
+                        print(f"{k}->{n} M={m} {name} {cfg}: {type(error).__name__}: {str(error)[:100]}")
+                        continue
+                    rows.append({"k": k, "n": n, "m": m, "scheme": name, "config": cfg._asdict(), "us": us,
+                                 "bf16_us": bf16, "x_bf16": bf16 / us})  # fmt: skip
+                    if name not in best or us < best[name][0]:
+                        best[name] = (us, str(cfg))
+            for name, (us, cfg) in best.items():
+                print(
+                    f"{k}->{n} M={m} bf16 {bf16:.1f} us | best {name} {us:.1f} us x{bf16 / us:.2f} {cfg}",
+                    flush=True,
+                )
+            default = [r for r in rows if r["k"] == k and r["n"] == n and r["m"] == m
+                       and r["config"] == SplitKConfig()._asdict()]  # fmt: skip
+            for r in default:
+                print(f"    default {r['scheme']} {r['us']:.1f} us x{r['x_bf16']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

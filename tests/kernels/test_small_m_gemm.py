@@ -1,0 +1,119 @@
+"""The split-K small-M GEMM against the plain-torch references of every scheme it serves (FP8 W8A8 per-token /
+per-tensor, FP8 weight-only per-tensor / per-channel, MXFP8 W8A16 and W8A8 with both scale rules), with ragged
+N, K not a multiple of the K step, several splits and M = 1, and through the Linear dispatchers.
+
+Tolerance: one output ulp, as in test_scaled_gemm.py. Every product the kernel forms is exact in fp32 (E4M3
+codes, bf16/fp16 activations and power-of-two MX scales), the splits are added in fp32 and the scales that
+factor out of K are applied once, so only the fp32 summation order differs from the references; at M <= 16 the
+MMA is mma.sync with fp32 accumulation (no wgmma accumulator), so no extra allowance is needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear, mxfp8_linear_reference
+from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8_reference
+from mxrun.kernels.scaled_gemm import (
+    GemmInputError,
+    fp8_gemm_reference,
+    fp8_linear,
+    fp8_linear_reference,
+    fp8_weight_only_linear,
+    fp8_weight_only_reference,
+)
+from mxrun.kernels.small_m_gemm import small_m_gemm_triton, split_k_for
+
+from .device_cases import HAS_CUDA, KERNEL_DEVICE
+from .test_scaled_gemm import _dev, _inputs, assert_one_ulp
+
+G = Fp8Granularity
+SHAPES = [(1, 72, 544), (5, 130, 800), (16, 64, 512)] + (
+    [(7, 4096, 14336), (16, 10240, 8192)] if HAS_CUDA else []
+)
+
+
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES[:3])
+def test_w8a8_prequantized_any_split(m, n, k, split_k) -> None:
+    x, w, bias = _inputs(m, n, k, seed=11)
+    qa = quantize_fp8_reference(x, G.PER_ROW)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    a, sa, b, sb, bias_d = _dev(qa.data, qa.scale, qw.data, qw.scale, bias)
+    out = small_m_gemm_triton(
+        a, b, a_scale=sa, weight_scale=sb, bias=bias_d, out_dtype=torch.bfloat16, split_k=split_k
+    )
+    assert_one_ulp(out, ref)
+
+
+@pytest.mark.parametrize("activation", ["token", "tensor"])
+@pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_fp8_linear_small_m(m, n, k, weight_granularity, activation) -> None:
+    x, w, bias = _inputs(m, n, k, seed=12)
+    q = quantize_fp8_reference(w, weight_granularity)
+    ref = fp8_linear_reference(x, q.data, q.scale, bias, activation)
+    assert_one_ulp(fp8_linear(*_dev(x, q.data, q.scale, bias), activation, backend="triton"), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity", [G.PER_ROW, G.PER_TENSOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_weight_only_small_m(m, n, k, granularity, dtype) -> None:
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=13)
+    q = quantize_fp8_reference(w, granularity)
+    ref = fp8_weight_only_reference(x, q.data, q.scale, granularity, bias)
+    out = fp8_weight_only_linear(*_dev(x, q.data, q.scale), granularity, _dev(bias)[0], backend="triton")
+    assert_one_ulp(out, ref)
+
+
+@pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_mxfp8_linear_small_m(m, n, k, rule) -> None:
+    x, w, bias = _inputs(m, n, k, seed=14)
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
+    assert_one_ulp(mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton"), ref)
+
+
+def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
+    """Different split counts add the same exact products in another order: within an ulp of each other, and
+    the same split count gives the same bits twice."""
+    x, w, _ = _inputs(3, 96, 1024, seed=15)
+    q = quantize_mxfp8_reference(w)
+    a, b, s = _dev(x, q.data, q.scale_e8m0)
+    one = small_m_gemm_triton(a, b, weight_scale_e8m0=s, split_k=1)
+    four = small_m_gemm_triton(a, b, weight_scale_e8m0=s, split_k=4)
+    assert_one_ulp(four, one)
+    assert torch.equal(four, small_m_gemm_triton(a, b, weight_scale_e8m0=s, split_k=4))
+
+
+def test_split_choice() -> None:
+    assert split_k_for(4096, 14336) == 8  # 128 column blocks x 8 splits = 1024 programs
+    assert split_k_for(57344, 8192) == 1  # already 1792 column blocks
+    assert split_k_for(64, 256) == 1  # one K step: no split
+    assert split_k_for(64, 1 << 20) == 32  # capped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight_scale": None}, "exactly one of"),
+        ({"rows": 17}, "at most 16 rows"),
+        ({"a_fp8_without_scale": True}, "need a_scale"),
+        ({"scale_shape": (3, 1)}, "1 or 64 elements"),
+    ],
+)
+def test_bad_inputs(kwargs, message) -> None:
+    rows = kwargs.get("rows", 2)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    w = torch.randn(64, 128, device=KERNEL_DEVICE).to(torch.float8_e4m3fn)
+    scale = torch.ones(kwargs.get("scale_shape", (64, 1)), device=KERNEL_DEVICE)
+    if "weight_scale" in kwargs:
+        scale = None
+    if kwargs.get("a_fp8_without_scale"):
+        x = x.to(torch.float8_e4m3fn)
+    with pytest.raises(GemmInputError, match=message):
+        small_m_gemm_triton(x, w, weight_scale=scale)
