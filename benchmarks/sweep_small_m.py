@@ -16,12 +16,18 @@ import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
+from mxrun.kernels.scaled_gemm import fp8_linear
 from mxrun.kernels.small_m_gemm import SplitKConfig, small_m_gemm_triton
 
-SHAPES = [(14336, 4096), (4096, 4096), (8192, 10240), (4096, 28672)]  # K, N
-MS = [1, 16]
-TILES = list(itertools.product([32, 64, 128], [256, 512], [4], [3, 5]))  # block_n, block_k, warps, stages
-TARGETS = [264, 528, 1056]
+SHAPES = [(14336, 4096), (8192, 10240)]  # K, N
+MS = [1, 16, 64]
+TILES = [
+    (32, 256, 4, 3),
+    (64, 256, 4, 4),
+    (32, 128, 4, 4),
+    (64, 128, 4, 3),
+]  # block_n, block_k, warps, stages
+TARGETS = [528, 1056]
 
 
 def graph_us(fn: Callable[[], object], replays: int = 50) -> float:
@@ -59,10 +65,26 @@ def main() -> None:
         for m in MS:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = graph_us(lambda x=x, w=w: torch.matmul(x, w.t()))
+            xq = quantize_fp8(x, Fp8Granularity.PER_ROW)
+            quant_us = graph_us(lambda x=x: quantize_fp8(x, Fp8Granularity.PER_ROW))
+            linear_us = graph_us(lambda x=x, q=channel: fp8_linear(x, q.data, q.scale, None, "token"))
+            print(f"{k}->{n} M={m} bf16 {bf16:.1f} us; per-token quantize alone {quant_us:.1f} us; "
+                  f"fp8_linear (quantize + split-K) {linear_us:.1f} us x{bf16 / linear_us:.2f}")  # fmt: skip
             best: dict[str, tuple[float, str]] = {}
             for tile, target in itertools.product(TILES, TARGETS):
                 cfg = SplitKConfig(*tile, target_programs=target)
                 runs = {
+                    "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
+                        q.data,
+                        wq.data,
+                        a_scale=q.scale,
+                        weight_scale=wq.scale,
+                        out_dtype=torch.bfloat16,
+                        config=cfg,
+                    ),
+                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx: small_m_gemm_triton(
+                        x, q.data, weight_scale_e8m0=q.scale_e8m0, activation_mx_rule="round_up", config=cfg
+                    ),
                     "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel: small_m_gemm_triton(
                         x, q.data, weight_scale=q.scale, config=cfg
                     ),

@@ -458,7 +458,7 @@ def mxfp8_linear(
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
 
-    Triton on CUDA, the torch reference elsewhere. Up to 16 rows both take the split-K kernel
+    Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
     (:mod:`mxrun.kernels.small_m_gemm`, activations MX-quantized in registers). W8A8 picks its kernel by M (``MX_W8A8_MIN_M``,
     ``LARGE_M_KERNEL``; ``large_m_kernel`` overrides the latter, for the benchmark)."""
     if resolve_backend(backend, x) is not Backend.TRITON:

@@ -33,21 +33,26 @@ from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, resolve_cast
 from mxrun.kernels.scaled_gemm import GemmInputError
 
-SMALL_M_MAX = 16
-"""Up to this many rows the Linear dispatchers use the split-K kernel (the MMA needs 16 rows anyway)."""
-_BLOCK_M = 16
+SMALL_M_MAX = 64
+"""Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
+the MMA needs at least 16), so a new M compiles at most three variants."""
+
+
+def block_m_for(m: int) -> int:
+    """Rows one program holds: the next power of two of ``m``, at least 16."""
+    return max(16, 1 << max(0, (m - 1).bit_length()))
 
 
 class SplitKConfig(NamedTuple):
     """Tile and split policy: ``target_programs`` is how many (column block x K split) programs to aim for."""
 
-    # Defaults: the best FP8 weight-only tile of benchmarks/sweep_small_m.py on H200 for 3 of 4 decode shapes
-    # (results/sweep-small-m-h200.json): 1.25-1.35x bf16 cuBLAS at M = 1 and 16 on the large shapes.
-    block_n: int = 32
-    block_k: int = 256
+    # Defaults: the best tile over all four operand kinds of benchmarks/sweep_small_m.py on H200
+    # (results/sweep-small-m-h200.json, geometric mean over decode shapes at M = 1 and 16).
+    block_n: int = 64
+    block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
-    target_programs: int = 8 * 132  # about eight programs per SM of an H100/H200
+    target_programs: int = 4 * 132  # about four programs per SM of an H100/H200
 
 
 DEFAULT_CONFIG = SplitKConfig()
@@ -55,7 +60,7 @@ DEFAULT_CONFIG = SplitKConfig()
 
 @triton.jit
 def _split_k_partial_kernel(
-    a_ptr,  # [M, K] bf16/fp16 (A_MODE 0, 1) or float8e4nv codes (A_MODE 2); (m, k) at m*stride_am + k
+    a_ptr,  # [M, K] bf16/fp16 (E4M3 codes are widened to bf16 by the launcher); (m, k) at m*stride_am + k
     b_ptr,  # [N, K] float8e4nv weight, K contiguous, (n, k) at n*stride_bn + k
     bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
     p_ptr,  # fp32 partials [SPLIT_K, M, N], contiguous
@@ -66,7 +71,7 @@ def _split_k_partial_kernel(
     stride_am,
     stride_bn,
     stride_bsn,
-    A_MODE: tl.constexpr,  # 0: A as is; 1: A quantize-dequantized to MXFP8 here (A_ROUND_UP rule); 2: E4M3 codes
+    A_MODE: tl.constexpr,  # 0: A as is; 1: A quantize-dequantized to MXFP8 here (A_ROUND_UP rule)
     A_ROUND_UP: tl.constexpr,
     SOFT_CAST: tl.constexpr,
     B_MX: tl.constexpr,
@@ -191,7 +196,7 @@ def small_m_gemm_triton(
     split_k: int | None = None,
     config: SplitKConfig = DEFAULT_CONFIG,
 ) -> torch.Tensor:
-    """``y = (a s_a) (W s_w)^T + bias`` for ``M <= 16`` rows, split along K (see the module docstring).
+    """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
     ``a_scale`` (0-dim/``[1]`` or ``[M, 1]``; give ``out_dtype``). ``weight``: E4M3 ``[N, K]`` with exactly one of
@@ -216,7 +221,9 @@ def small_m_gemm_triton(
     if a.dtype == torch.float8_e4m3fn:
         if a_scale is None or activation_mx_rule is not None:
             raise GemmInputError(f"{fn}: E4M3 activations need a_scale (and no activation_mx_rule)")
-        a_mode, out_dtype = 2, out_dtype or torch.bfloat16
+        # Widened here (exact: every E4M3 value is a bf16), the tiny [M, K] copy is cheaper than converting
+        # in the kernel: measured 0.74-0.82x of bf16 with in-kernel conversion, against 1.2-1.4x without.
+        a, a_mode, out_dtype = a.to(torch.bfloat16), 0, out_dtype or torch.bfloat16
     elif a.dtype in (torch.bfloat16, torch.float16):
         a_mode, out_dtype = (0 if activation_mx_rule is None else 1), a.dtype
         if a_mode == 1 and k % MX_BLOCK_SIZE:
@@ -234,8 +241,7 @@ def small_m_gemm_triton(
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
     b_mx = weight_scale_e8m0 is not None
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
-    # E4M3 codes are exact in bf16 whatever the output dtype; bf16/fp16 activations keep their own dtype.
-    dot_bf16 = a_mode == 2 or a.dtype == torch.bfloat16
+    dot_bf16 = a.dtype == torch.bfloat16  # bf16/fp16 activations keep their own dtype
     round_up = activation_mx_rule is None or MxScaleRule(activation_mx_rule) is MxScaleRule.ROUND_UP
     _split_k_partial_kernel[(triton.cdiv(n, config.block_n), splits)](
         a,
@@ -255,7 +261,7 @@ def small_m_gemm_triton(
         B_MX=b_mx,
         DOT_FP32=triton_interpreting(),
         DOT_BF16=dot_bf16,
-        BLOCK_M=_BLOCK_M,
+        BLOCK_M=block_m_for(m),
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
