@@ -1,4 +1,5 @@
-"""Apply a plan to a model: swap each planned ``nn.Linear`` for its :class:`QuantizedLinear`, in place.
+"""Apply a plan to a model: swap each planned ``nn.Linear`` for its :class:`QuantizedLinear` and each planned
+MoE experts module for a :class:`~mxrun.engine.moe.QuantizedExperts`, in place.
 
 Two ways in, one life cycle (:mod:`mxrun.engine.methods`):
 
@@ -11,8 +12,15 @@ Two ways in, one life cycle (:mod:`mxrun.engine.methods`):
   tells the loader which tensors it consumed. The bf16 checkpoint weight of a quantized layer is never held
   by the model.
 
-Only dense Linear layers are handled here: MoE expert weights (``kind: moe_experts``) are reported as not yet
-supported and left untouched, never a crash.
+MoE experts (``kind: moe_experts``). A transformers-5 experts module (``...mlp.experts`` holding the fused
+``gate_up_proj`` / ``down_proj`` the plan lists as two layers) is replaced as a whole by a
+:class:`~mxrun.engine.moe.QuantizedExperts` when the plan quantizes both of its layers with one scheme; the
+model's router stays. Online, it takes the fused tensors under their layer names, or the per-expert
+checkpoint tensors that ``Layer.tensors`` lists (for a plan made from a module, which lists none, the usual
+``<experts>.<e>.gate_proj.weight`` / ``w1`` names, stored or renamed). Experts held as a ModuleList of
+``nn.Linear`` (the inventory lists them as per-expert ``moe_experts`` layers, ``...experts.<e>.w1``) go through
+the Linear path, one :class:`QuantizedLinear` each. Experts the kernels cannot serve (transposed, with biases,
+another activation) are reported in ``not_supported`` and left untouched, never a crash.
 """
 
 from __future__ import annotations
@@ -25,9 +33,18 @@ from torch import nn
 
 from mxrun.engine.layers import LayerKind
 from mxrun.engine.methods import QuantizedLinear, UnsupportedSchemeError, method_for
+from mxrun.engine.moe import (
+    FUSED_PARAMS,
+    QuantizedExperts,
+    expert_tensor_names,
+    layer_tensor_roles,
+)
 from mxrun.engine.plan import Decision, Plan, PlanEntry
 
-MOE_NOT_SUPPORTED = "moe_experts layers are not quantized yet (MoE kernels are a later issue); left unquantized"
+MOE_PARTLY_PLANNED = (
+    "the experts of one MoE block are quantized together; the plan quantizes only some of its expert "
+    "layers (or with different schemes), so none is quantized"
+)
 
 
 class ApplyError(RuntimeError):
@@ -40,20 +57,26 @@ class ApplyReport:
     """What :func:`apply_plan` / :func:`prepare_online` did, layer by layer."""
 
     replaced: tuple[str, ...]
-    """Layers now served by a :class:`QuantizedLinear`, in plan order."""
+    """Layers now served by a :class:`QuantizedLinear` or a :class:`QuantizedExperts` (both fused expert
+    layers of one), in plan order."""
     not_supported: tuple[tuple[str, str], ...]
-    """``(layer, reason)`` for planned layers left unquantized (MoE experts, schemes the kernels lack)."""
+    """``(layer, reason)`` for planned layers left unquantized (experts the MoE kernels cannot serve, schemes
+    the kernels lack)."""
     untouched: int
     """Plan entries that were not to be quantized (skipped, unmatched, unsupported by the plan)."""
     by_scheme: dict[str, int] = field(default_factory=dict)
     bytes_before: int = 0
-    """Bytes of the replaced layers' original weights."""
+    """Bytes of the replaced layers' original weights (expert stacks included)."""
     bytes_after: int = 0
-    """Bytes of their quantized weights and scales."""
+    """Bytes of their quantized weights and scales (expert stacks included)."""
+    experts_modules: tuple[str, ...] = ()
+    """Experts modules now served by a :class:`QuantizedExperts` (``...mlp.experts``), in plan order."""
 
     def summary(self) -> str:
         parts = [f"{n} x {s}" for s, n in sorted(self.by_scheme.items())]
-        line = f"quantized {len(self.replaced)} Linear layer(s) ({', '.join(parts) or 'none'})"
+        line = f"quantized {len(self.replaced)} layer(s) ({', '.join(parts) or 'none'})"
+        if self.experts_modules:
+            line += f", {len(self.experts_modules)} of them MoE experts module(s)"
         if self.not_supported:
             line += f"; {len(self.not_supported)} planned layer(s) left unquantized"
         return line
@@ -81,26 +104,111 @@ def _linear_at(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Linear]:
     return parent, attr, module
 
 
-def _buffer_bytes(layer: QuantizedLinear) -> int:
+def _buffer_bytes(layer: nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in layer.buffers(recurse=False))
 
 
-def _swap(model: nn.Module, plan: Plan, quantize_now: bool) -> tuple[ApplyReport, dict[str, QuantizedLinear]]:
-    replaced: dict[str, QuantizedLinear] = {}
+def _is_per_expert_linear(model: nn.Module, entry: PlanEntry) -> bool:
+    """A ``moe_experts`` entry naming one expert's ``nn.Linear`` (experts held as a ModuleList)."""
+    if len(entry.layer.shape) != 2:
+        return False
+    try:
+        return isinstance(model.get_submodule(entry.layer.name), nn.Linear)
+    except AttributeError:
+        return False
+
+
+@dataclass
+class _Swapped:
+    """What :func:`_swap` put in the model, for the online quantizer."""
+
+    linears: dict[str, QuantizedLinear] = field(default_factory=dict)
+    experts: dict[str, QuantizedExperts] = field(default_factory=dict)
+    """Experts module name (``...mlp.experts``) -> its quantized replacement."""
+    expert_tensors: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    """Checkpoint tensor name -> ``(experts module, role, expert)``; role ``gate_up_proj`` / ``down_proj``
+    with expert -1 for a fused stack, else ``gate`` / ``up`` / ``down`` of one expert."""
+
+
+def _experts_groups(model: nn.Module, plan: Plan) -> dict[str, list[PlanEntry]]:
+    """Planned fused-expert entries by experts module name, in plan order (per-expert Linears excluded)."""
+    groups: dict[str, list[PlanEntry]] = {}
+    for entry in plan.entries:
+        if entry.decision is not Decision.QUANTIZE or entry.scheme is None:
+            continue
+        if entry.layer.kind is LayerKind.MOE_EXPERTS and not _is_per_expert_linear(model, entry):
+            container = entry.layer.name.rpartition(".")[0]
+            groups.setdefault(container, []).append(entry)
+    return groups
+
+
+def _experts_problem(model: nn.Module, container: str, entries: list[PlanEntry]) -> str | None:
+    """Why the planned experts of ``container`` cannot be swapped (``None``: they can). Raises
+    :class:`ApplyError` where the plan does not fit the model at all."""
+    if any(len(entry.layer.shape) != 3 for entry in entries):
+        return (
+            "per-expert layers are quantized one by one only where each is an nn.Linear; these experts are "
+            "not (hint: the checkpoint's per-expert tensors could not be fused into gate_up_proj/down_proj)"
+        )
+    try:
+        module = model.get_submodule(container)
+    except AttributeError:
+        raise ApplyError(
+            f"{entries[0].layer.name}: the plan names experts this model does not have"
+        ) from None
+    if isinstance(module, QuantizedExperts):
+        raise ApplyError(f"{container}: the experts are quantized already (was the plan applied twice?)")
+    params = {entry.layer.name.rpartition(".")[2] for entry in entries}
+    if not params <= set(FUSED_PARAMS) or any(not hasattr(module, p) for p in params):
+        missing = sorted(p for p in params if not hasattr(module, p))
+        if missing:
+            raise ApplyError(f"{container}.{missing[0]}: the plan names experts this model does not have")
+        return f"expert layers {sorted(params)} are not the fused gate_up_proj/down_proj the MoE kernels take"
+    if params != set(FUSED_PARAMS) or len({entry.scheme for entry in entries}) != 1:
+        return MOE_PARTLY_PLANNED
+    return None
+
+
+def _swap(model: nn.Module, plan: Plan, quantize_now: bool) -> tuple[ApplyReport, _Swapped]:
+    swapped = _Swapped()
     not_supported: list[tuple[str, str]] = []
     untouched = 0
     by_scheme: Counter[str] = Counter()
     bytes_before = bytes_after = 0
-    for entry in plan.entries:  # check the whole plan against the model before changing anything
+    experts_groups = _experts_groups(model, plan)
+    # check the whole plan against the model before changing anything
+    problems = {
+        container: _experts_problem(model, container, entries)
+        for container, entries in experts_groups.items()
+    }
+    for entry in plan.entries:
         if entry.decision is Decision.QUANTIZE and entry.layer.kind is LayerKind.LINEAR:
             _linear_at(model, entry.layer.name)
+    done_experts: set[str] = set()
     for entry in plan.entries:
         if entry.decision is not Decision.QUANTIZE or entry.scheme is None:
             untouched += 1
             continue
         name = entry.layer.name
-        if entry.layer.kind is LayerKind.MOE_EXPERTS:
-            not_supported.append((name, MOE_NOT_SUPPORTED))
+        if entry.layer.kind is LayerKind.MOE_EXPERTS and not _is_per_expert_linear(model, entry):
+            container = name.rpartition(".")[0]
+            if container in done_experts:
+                continue
+            done_experts.add(container)
+            entries = experts_groups[container]
+            problem = problems[container]
+            if problem is None:
+                try:
+                    quantized = _swap_experts(model, container, entries, quantize_now, swapped)
+                except UnsupportedSchemeError as error:
+                    problem = str(error)
+            if problem is not None:
+                not_supported.extend((e.layer.name, problem) for e in entries)
+                continue
+            before, after = quantized
+            bytes_before += before
+            bytes_after += after
+            by_scheme[entry.scheme.name] += len(entries)
             continue
         parent, attr, linear = _linear_at(model, name)
         try:
@@ -113,18 +221,50 @@ def _swap(model: nn.Module, plan: Plan, quantize_now: bool) -> tuple[ApplyReport
             layer.load_weight(linear.weight.data)
         setattr(parent, attr, layer)  # the original Linear (and its weight) is now unreferenced by the model
         del linear
-        replaced[name] = layer
+        swapped.linears[name] = layer
         by_scheme[entry.scheme.name] += 1
         bytes_after += _buffer_bytes(layer)
+    replaced_names = set(swapped.linears) | {
+        e.layer.name for container in swapped.experts for e in experts_groups[container]
+    }
+    replaced = tuple(e.layer.name for e in plan.entries if e.layer.name in replaced_names)
     report = ApplyReport(
-        tuple(replaced), tuple(not_supported), untouched, dict(by_scheme), bytes_before, bytes_after
-    )
-    return report, replaced
+        replaced, tuple(not_supported), untouched, dict(by_scheme), bytes_before, bytes_after,
+        tuple(swapped.experts),
+    )  # fmt: skip
+    return report, swapped
+
+
+def _swap_experts(
+    model: nn.Module, container: str, entries: list[PlanEntry], quantize_now: bool, swapped: _Swapped
+) -> tuple[int, int]:
+    """Replace the experts module ``container`` by a :class:`QuantizedExperts`; ``(bytes before, after)``."""
+    parent, attr = _parent_and_attr(model, container)
+    module = getattr(parent, attr)
+    layer = QuantizedExperts.from_module(module, entries[0].scheme, layer_name=container)
+    before = sum(getattr(module, p).numel() * getattr(module, p).element_size() for p in FUSED_PARAMS)
+    if quantize_now:
+        for param in FUSED_PARAMS:
+            layer.load_fused(param, getattr(module, param).data)
+    setattr(parent, attr, layer)  # the bf16 experts module is now unreferenced by the model
+    del module
+    swapped.experts[container] = layer
+    for entry in entries:
+        param = entry.layer.name.rpartition(".")[2]
+        names = {entry.layer.name: (param, -1), f"{entry.layer.name}.weight": (param, -1)}
+        if entry.layer.tensors:
+            names.update(layer_tensor_roles(param, entry.layer.tensors, layer.num_experts))
+        else:
+            names.update(expert_tensor_names(entry.layer.name, layer.num_experts))
+        for tensor_name, (role, expert) in names.items():
+            swapped.expert_tensors[tensor_name] = (container, role, expert)
+    return before, _buffer_bytes(layer)
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> ApplyReport:
     """Quantize ``model`` in place: every ``QUANTIZE`` Linear of ``plan`` becomes a :class:`QuantizedLinear`
-    (bias, dtype and device kept; the weight quantized from the loaded one, which is then released)."""
+    (bias, dtype and device kept; the weight quantized from the loaded one, which is then released), every
+    planned experts module a :class:`QuantizedExperts` (quantized expert by expert, the bf16 module released)."""
     with torch.no_grad():
         report, _ = _swap(model, plan, quantize_now=True)
     return report
@@ -134,14 +274,24 @@ class OnlineQuantizer:
     """Feeds streamed checkpoint tensors to the quantized layers that :func:`prepare_online` created.
 
     ``quantize_on_load(name, tensor)`` accepts a checkpoint tensor name (``...q_proj.weight`` /
-    ``...q_proj.bias``) or a module name (meaning its weight); it returns True when it consumed the tensor
-    (quantized a planned layer's weight, or set its bias), False for tensors that are not ours, which the
-    loader then loads as usual. :meth:`finish` checks that every quantized layer got its weight.
+    ``...q_proj.bias``) or a module name (meaning its weight), a fused expert stack
+    (``...experts.gate_up_proj``, ``...experts.down_proj``) or one expert's projection
+    (``...experts.3.gate_proj.weight``, names as ``Layer.tensors`` lists them); it returns True when it
+    consumed the tensor (quantized it into a planned layer, or set its bias), False for tensors that are not
+    ours, which the loader then loads as usual. :meth:`finish` checks that every quantized layer got its weight.
     """
 
-    def __init__(self, layers: dict[str, QuantizedLinear], report: ApplyReport) -> None:
+    def __init__(
+        self,
+        layers: dict[str, QuantizedLinear],
+        report: ApplyReport,
+        experts: dict[str, QuantizedExperts] | None = None,
+        expert_tensors: dict[str, tuple[str, str, int]] | None = None,
+    ) -> None:
         self.layers = layers
         self.report = report
+        self.experts = experts or {}
+        self.expert_tensors = expert_tensors or {}
 
     def layer_for(self, name: str) -> tuple[QuantizedLinear, str] | None:
         """``(layer, "weight" | "bias")`` for a tensor or module name of a quantized layer, else None."""
@@ -155,7 +305,7 @@ class OnlineQuantizer:
     def quantize_on_load(self, name: str, tensor: torch.Tensor) -> bool:
         target = self.layer_for(name)
         if target is None:
-            return False
+            return self._expert_on_load(name, tensor)
         layer, leaf = target
         if leaf == "weight":
             layer.load_weight(tensor)
@@ -163,24 +313,45 @@ class OnlineQuantizer:
             layer.load_bias(tensor)
         return True
 
+    def _expert_on_load(self, name: str, tensor: torch.Tensor) -> bool:
+        target = self.expert_tensors.get(name)
+        if target is None:
+            return False
+        container, role, expert = target
+        if expert < 0:
+            self.experts[container].load_fused(role, tensor)
+        else:
+            self.experts[container].load_expert_part(role, expert, tensor)
+        return True
+
     def missing(self) -> list[str]:
-        return [name for name, layer in self.layers.items() if not layer.weight_loaded]
+        missing = [name for name, layer in self.layers.items() if not layer.weight_loaded]
+        for container, experts in self.experts.items():
+            parts = experts.missing()
+            if parts:
+                missing.append(
+                    f"{container} (experts {', '.join(parts[:4])}{' ...' if len(parts) > 4 else ''})"
+                )
+        return missing
 
     def finish(self) -> ApplyReport:
         """Raise :class:`ApplyError` naming every quantized layer whose weight never arrived."""
         missing = self.missing()
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ApplyError(f"the checkpoint did not provide the weight of {len(missing)} quantized layer(s): "
-                             f"{shown} (hint: tied weights, or a checkpoint of another model)")
+            raise ApplyError(
+                f"the checkpoint did not provide the weight of {len(missing)} quantized layer(s): "
+                f"{shown} (hint: tied weights, or a checkpoint of another model)"
+            )
         return self.report
 
 
 def prepare_online(model: nn.Module, plan: Plan) -> OnlineQuantizer:
     """Swap every planned Linear for an empty :class:`QuantizedLinear` (same shape, bias, dtype, device) and
-    return the :class:`OnlineQuantizer` that a streaming loader calls per tensor."""
-    report, layers = _swap(model, plan, quantize_now=False)
-    return OnlineQuantizer(layers, report)
+    every planned experts module for an empty :class:`QuantizedExperts`, and return the
+    :class:`OnlineQuantizer` that a streaming loader calls per tensor."""
+    report, swapped = _swap(model, plan, quantize_now=False)
+    return OnlineQuantizer(swapped.linears, report, swapped.experts, swapped.expert_tensors)
 
 
 def planned_entries(plan: Plan) -> list[PlanEntry]:

@@ -1,5 +1,5 @@
 """Applying a plan to tiny transformers models on CPU: every planned Linear replaced in place (bias, dtype,
-device kept), skipped and unplanned layers untouched, MoE experts reported, logits close to the bf16 model,
+device kept), skipped and unplanned layers untouched, MoE experts swapped, logits close to the bf16 model,
 and online quantization from a checkpoint streamed tensor by tensor giving the same model.
 
 Logit tolerance: each quantized Linear adds a relative error of at most ~0.05 (W8A8: sqrt(2/3) 2^-4, see
@@ -33,7 +33,8 @@ TOKENS = torch.randint(0, model_zoo.VOCAB, (2, 11), generator=torch.Generator().
 
 def _recipe(tmp_path: Path, scheme: str):
     path = tmp_path / f"{scheme}.yaml"
-    path.write_text(dedent(f"""\
+    path.write_text(
+        dedent(f"""\
         version: 1
         name: t-{scheme}
         description: every Linear but lm_head
@@ -42,7 +43,8 @@ def _recipe(tmp_path: Path, scheme: str):
             kind: linear
             scheme: {scheme}
         skip: [lm_head]
-        """))
+        """)
+    )
     return load_recipe_or_raise(path)
 
 
@@ -50,9 +52,16 @@ def _llama(hidden: int = model_zoo.HIDDEN, bias: bool = False, seed: int = 0) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=model_zoo.VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         attention_bias=bias, mlp_bias=bias)
+    config = LlamaConfig(
+        vocab_size=model_zoo.VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attention_bias=bias,
+        mlp_bias=bias,
+    )
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
@@ -77,7 +86,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
         ("fp8-block-weight-only", 64, 0.1),  # partial 128x128 blocks
     ],
 )
-def test_apply_plan_replaces_planned_linears(tmp_path: Path, scheme: str, hidden: int, tolerance: float) -> None:
+def test_apply_plan_replaces_planned_linears(
+    tmp_path: Path, scheme: str, hidden: int, tolerance: float
+) -> None:
     model = _llama(hidden, bias=True)
     reference = _logits(model)
     before = dict(model.named_modules())
@@ -120,16 +131,29 @@ def test_builtin_recipe_on_zoo_llama_skips_lm_head() -> None:
     assert 0 < _rel(_logits(model), reference) < 0.15
 
 
-def test_moe_experts_are_reported_not_quantized() -> None:
+def test_moe_experts_are_quantized_with_the_linears() -> None:
+    """The MoE details are in test_moe.py; here: a built-in recipe swaps the experts module of the zoo's
+    Qwen3-MoE (whose dense layer 0 stays a Linear MLP) and counts its bytes in the report."""
+    from mxrun.engine.moe import QuantizedExperts
+
     model = model_zoo.tiny_qwen3_moe()
-    experts = model.model.layers[1].mlp.experts
-    expert_weight = experts.gate_up_proj.detach().clone()
+    router = model.model.layers[1].mlp.gate
     plan = resolve(load_recipe_or_raise("fp8-channel"), model)
     report = apply_plan(model, plan)
-    reported = dict(report.not_supported)
-    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(reported)
-    assert all("not quantized yet" in reason for reason in reported.values())
-    assert torch.equal(experts.gate_up_proj, expert_weight)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts, QuantizedExperts) and model.model.layers[1].mlp.gate is router
+    assert report.experts_modules == ("model.layers.1.mlp.experts",) and report.not_supported == ()
+    assert {"model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"} <= set(
+        report.replaced
+    )
+    expert_bytes_bf16 = 2 * (4 * 96 * 64 + 4 * 64 * 48)  # gate_up [4, 96, 64] and down [4, 64, 48], bf16
+    linear_bytes_bf16 = sum(
+        2 * e.layer.numel
+        for e in plan.entries
+        if e.layer.name in report.replaced and "experts" not in e.layer.name
+    )
+    assert report.bytes_before == expert_bytes_bf16 + linear_bytes_bf16
+    assert report.bytes_after < 0.6 * report.bytes_before
     assert isinstance(model.model.layers[1].self_attn.q_proj, QuantizedLinear)
     assert torch.isfinite(_logits(model)).all()
 
@@ -180,7 +204,9 @@ def test_online_quantization_from_a_streamed_checkpoint(tmp_path: Path, scheme: 
 def test_online_quantization_names_missing_weights(tmp_path: Path) -> None:
     model = _llama()
     online = prepare_online(model, resolve(_recipe(tmp_path, "fp8-tensor"), model))
-    assert online.quantize_on_load("model.layers.0.self_attn.q_proj", torch.randn(64, 64, dtype=torch.bfloat16))
+    assert online.quantize_on_load(
+        "model.layers.0.self_attn.q_proj", torch.randn(64, 64, dtype=torch.bfloat16)
+    )
     assert "model.layers.0.self_attn.q_proj" not in online.missing()
     assert not online.quantize_on_load("model.embed_tokens.weight", torch.zeros(1))
     with pytest.raises(ApplyError, match=r"13 quantized layer\(s\): model\.layers\.0\.mlp\.down_proj"):

@@ -1,0 +1,690 @@
+"""Quantized MoE experts: a Triton grouped GEMM over expert-sorted tokens, its launcher, the torch reference.
+
+The experts of one MoE layer hold two weight stacks, K last (the transformers-5 layout):
+
+* ``gate_up`` ``[E, 2I, H]``: rows ``0..I-1`` of expert ``e`` are its gate projection, rows ``I..2I-1`` its up
+  projection;
+* ``down`` ``[E, H, I]``.
+
+For tokens ``x`` ``[T, H]`` routed to ``k`` experts each (``top_k_index`` / ``top_k_weights`` ``[T, k]``, from
+the model's own router), the layer computes, for each pair ``p = (t, j)`` with expert ``e``,
+
+    h_p = SiLU(x_t W_gate[e]^T) * (x_t W_up[e]^T)              (fp32, then rounded to x's dtype)
+    y_p = top_k_weights[t, j] * (h_p W_down[e]^T)              (fp32, then rounded to x's dtype)
+    out_t = sum_j y_(t, j)                                     (fp32 sum of the rounded y, rounded once)
+
+which is what the transformers-5 experts modules compute (they round the same intermediates to the model dtype).
+
+Weight formats (:class:`ExpertWeightFormat`), all E4M3 codes ``[E, N, K]``:
+
+* ``FP8_TENSOR``: fp32 scale ``[E, 1, 1]`` (one per expert), applied in the epilogue;
+* ``FP8_CHANNEL``: fp32 ``[E, N, 1]`` (one per output row), applied in the epilogue;
+* ``FP8_BLOCK``: fp32 ``[E, ceil(N/128), ceil(K/128)]``, applied to each 128-wide K step's partial product
+  (``BLOCK_K = 128``);
+* ``MXFP8``: uint8 E8M0 ``[E, N, K/32]``: decoded in registers, ``E4M3 * 2^(code-127)``, which is exact in
+  bf16/fp16, so the bf16 MMA sees exactly the reference's weight values.
+
+Activations (:class:`ExpertActivation`): ``NONE`` keeps them bf16/fp16 (W8A16, the weight-bound regime: the
+weight is widened in registers, E4M3 -> bf16 is exact); ``FP8_TOKEN`` / ``FP8_TENSOR`` / ``FP8_GROUP``
+quantize them dynamically to E4M3 (per row, per tensor, 1x128 groups) with the quantize kernels and run FP8 MMAs
+(W8A8); ``MX_*`` quantize-dequantize them to MXFP8 in registers (the MXFP8 W8A8 scheme's numerics on Hopper,
+which has no MX MMA) and run a bf16 MMA. The down projection's activations are ``h``, quantized the same way.
+
+The grouped GEMM (:func:`moe_grouped_gemm_triton`) reads the rows of its A operand through the expert-sorted,
+``BLOCK_M``-padded layout of :func:`~mxrun.kernels.moe_routing.group_tokens`: each program owns ``BLOCK_M``
+rows of one expert and ``BLOCK_N`` output columns; blocks past the routed pairs (the layout is sized by a host
+bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate rows ``n``, up rows ``I + n``)
+and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
+reduction is a torch sum over the ``k`` rows of each token. No host sync anywhere on this path: the pair
+count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
+
+Launch rules are those of :mod:`mxrun.kernels.scaled_gemm`: M (pairs) is a run-time argument; ``BLOCK_M`` and
+the tile come from a bucket of the mean pairs per expert; ragged N and K tails are masked; ``T = 1`` works.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.e4m3 import widen_to_fp32
+from mxrun.kernels.fp8_quantize import (
+    FP8_BLOCK,
+    Fp8Granularity,
+    dequantize_fp8,
+    quantize_fp8,
+    quantize_fp8_reference,
+)
+from mxrun.kernels.moe_routing import TokenGroups, group_tokens
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
+from mxrun.kernels.mxfp8_quantize import (
+    MX_BLOCK_SIZE,
+    MxScaleRule,
+    dequantize_mxfp8,
+    quantize_mxfp8,
+    quantize_mxfp8_reference,
+    resolve_cast,
+)
+from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError, m_bucket, tile_ids
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class ExpertWeightFormat(enum.Enum):
+    """How an expert stack is quantized (scale layouts in the module docstring)."""
+
+    FP8_TENSOR = "fp8_tensor"
+    FP8_CHANNEL = "fp8_channel"
+    FP8_BLOCK = "fp8_block"
+    MXFP8 = "mxfp8"
+
+
+class ExpertActivation(enum.Enum):
+    """What happens to the activations of both expert GEMMs (see the module docstring)."""
+
+    NONE = "none"
+    FP8_TENSOR = "fp8_tensor"
+    FP8_TOKEN = "fp8_token"
+    FP8_GROUP = "fp8_group"
+    MX_ROUND_UP = "mx_round_up"
+    MX_FLOOR = "mx_floor"
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (ExpertActivation.FP8_TENSOR, ExpertActivation.FP8_TOKEN, ExpertActivation.FP8_GROUP)
+
+    @property
+    def is_mx(self) -> bool:
+        return self in (ExpertActivation.MX_ROUND_UP, ExpertActivation.MX_FLOOR)
+
+
+class ExpertWeights(NamedTuple):
+    """One quantized projection stack: E4M3 ``data`` ``[E, N, K]`` and its ``scale`` (layout per ``format``)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    format: ExpertWeightFormat
+
+
+_FP8_GRANULARITY = {
+    ExpertWeightFormat.FP8_TENSOR: Fp8Granularity.PER_TENSOR,
+    ExpertWeightFormat.FP8_CHANNEL: Fp8Granularity.PER_ROW,
+    ExpertWeightFormat.FP8_BLOCK: Fp8Granularity.BLOCK_128X128,
+}
+FP8_ACTIVATION_GRANULARITY = {
+    ExpertActivation.FP8_TENSOR: Fp8Granularity.PER_TENSOR,
+    ExpertActivation.FP8_TOKEN: Fp8Granularity.PER_ROW,
+    ExpertActivation.FP8_GROUP: Fp8Granularity.GROUP_1X128,
+}
+_MX_RULE = {ExpertActivation.MX_ROUND_UP: MxScaleRule.ROUND_UP, ExpertActivation.MX_FLOOR: MxScaleRule.FLOOR}
+
+
+def expert_scale_shape(fmt: ExpertWeightFormat, experts: int, n: int, k: int) -> tuple[int, int, int]:
+    """Shape of the scale tensor of an ``[E, N, K]`` stack in ``fmt``."""
+    if fmt is ExpertWeightFormat.FP8_TENSOR:
+        return (experts, 1, 1)
+    if fmt is ExpertWeightFormat.FP8_CHANNEL:
+        return (experts, n, 1)
+    if fmt is ExpertWeightFormat.FP8_BLOCK:
+        return (experts, math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+    return (experts, n, k // MX_BLOCK_SIZE)
+
+
+def expert_scale_dtype(fmt: ExpertWeightFormat) -> torch.dtype:
+    return torch.uint8 if fmt is ExpertWeightFormat.MXFP8 else torch.float32
+
+
+def quantize_expert(
+    weight: torch.Tensor, fmt: ExpertWeightFormat, mx_rule: MxScaleRule = MxScaleRule.ROUND_UP
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize one expert's ``[N, K]`` projection: ``(E4M3 [N, K], scale)`` with the scale shaped as one
+    expert's slice of :func:`expert_scale_shape` (``FP8_TENSOR``: one scale for this expert alone). Triton on
+    CUDA, torch elsewhere (same bytes)."""
+    if weight.dim() != 2:
+        raise GemmInputError(
+            f"quantize_expert: one expert's [N, K] weight expected, got {tuple(weight.shape)}"
+        )
+    n, k = weight.shape
+    if fmt is ExpertWeightFormat.MXFP8:
+        quantized = quantize_mxfp8(weight, mx_rule)
+        return quantized.data, quantized.scale_e8m0.view(torch.uint8)
+    quantized = quantize_fp8(weight, _FP8_GRANULARITY[fmt])
+    return quantized.data, quantized.scale.reshape(expert_scale_shape(fmt, 1, n, k)[1:])
+
+
+def dequantize_experts(weights: ExpertWeights) -> torch.Tensor:
+    """fp32 ``[E, N, K]`` (or one expert's ``[N, K]`` when given 2-D slices) values of a quantized stack."""
+    data, scale, fmt = weights
+    if fmt is ExpertWeightFormat.MXFP8:
+        return dequantize_mxfp8(data, scale)
+    if fmt is ExpertWeightFormat.FP8_BLOCK:
+        return dequantize_fp8(data, scale, Fp8Granularity.BLOCK_128X128)
+    return data.float() * scale  # [.., N, 1] or [.., 1, 1] broadcast over K
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch reference (the CPU path)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_dequantize_activation(a: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
+    """fp32 values of ``a`` ``[rows, K]`` after the dynamic activation quantization of ``activation``, with
+    the quantize references (bit-identical to the kernels that quantize for the Triton path)."""
+    if activation is ExpertActivation.NONE:
+        return a.float()
+    if activation.is_mx:
+        quantized = quantize_mxfp8_reference(a, _MX_RULE[activation])
+        return dequantize_mxfp8(quantized.data, quantized.scale_e8m0)
+    granularity = FP8_ACTIVATION_GRANULARITY[activation]
+    quantized = quantize_fp8_reference(a, granularity)
+    return dequantize_fp8(quantized.data, quantized.scale, granularity)
+
+
+def moe_experts_reference(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    activation: ExpertActivation = ExpertActivation.NONE,
+) -> torch.Tensor:
+    """The experts forward in plain torch: a loop over the experts that received tokens, weights dequantized
+    to fp32 one expert at a time, fp32 matmuls, the intermediates rounded to x's dtype as in the module
+    docstring. Per-tensor activation scales are taken over all the layer's rows (x, or every pair's h), as
+    the Triton path does. Pairs routed to an expert outside ``[0, E)`` contribute nothing."""
+    _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
+    tokens, top_k = top_k_index.shape
+    experts, two_i, _ = gate_up.data.shape
+    inter = two_i // 2
+    expert_ids = top_k_index.reshape(-1)
+    routing = top_k_weights.reshape(-1).float()
+    token_of_pair = torch.arange(tokens * top_k, device=x.device) // top_k
+    per_tensor = activation is ExpertActivation.FP8_TENSOR
+    a_all = quantize_dequantize_activation(x, activation)  # row-wise schemes: the same as per expert rows
+    h = torch.zeros((tokens * top_k, inter), dtype=x.dtype, device=x.device)
+    pairs_of = {}
+    for e in expert_ids.unique().tolist():
+        if not 0 <= e < experts:
+            continue
+        pairs = (expert_ids == e).nonzero().squeeze(1)
+        pairs_of[e] = pairs
+        w13 = dequantize_experts(ExpertWeights(gate_up.data[e], gate_up.scale[e], gate_up.format))
+        gate_and_up = a_all[token_of_pair[pairs]] @ w13.T
+        h[pairs] = (F.silu(gate_and_up[:, :inter]) * gate_and_up[:, inter:]).to(x.dtype)
+    h_all = quantize_dequantize_activation(h, activation) if per_tensor else None
+    y = torch.zeros((tokens * top_k, down.data.shape[1]), dtype=x.dtype, device=x.device)
+    for e, pairs in pairs_of.items():
+        w2 = dequantize_experts(ExpertWeights(down.data[e], down.scale[e], down.format))
+        a = h_all[pairs] if per_tensor else quantize_dequantize_activation(h[pairs], activation)
+        y[pairs] = ((a @ w2.T) * routing[pairs, None]).to(x.dtype)
+    return y.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def _check_inputs(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+) -> None:
+    fn = "moe_experts"
+    if x.dim() != 2 or x.dtype not in ACTIVATION_DTYPES:
+        raise GemmInputError(
+            f"{fn}: hidden states must be 2-D [T, H] bf16/fp16, got {x.dtype} {tuple(x.shape)}"
+        )
+    if (
+        top_k_index.dim() != 2
+        or top_k_index.shape[0] != x.shape[0]
+        or top_k_weights.shape != top_k_index.shape
+    ):
+        raise GemmInputError(
+            f"{fn}: top_k_index and top_k_weights must both be [T={x.shape[0]}, k], got "
+            f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}"
+        )
+    experts, two_i, hidden = gate_up.data.shape
+    if two_i % 2 or hidden != x.shape[1]:
+        raise GemmInputError(
+            f"{fn}: gate_up must be [E, 2I, H={x.shape[1]}], got {tuple(gate_up.data.shape)}"
+        )
+    if tuple(down.data.shape) != (experts, hidden, two_i // 2):
+        raise GemmInputError(
+            f"{fn}: down must be [E={experts}, H={hidden}, I={two_i // 2}], got {tuple(down.data.shape)}"
+        )
+    for name, w in (("gate_up", gate_up), ("down", down)):
+        e, n, k = w.data.shape
+        if w.data.dtype != torch.float8_e4m3fn:
+            raise GemmInputError(f"{fn}: {name} must be float8_e4m3fn, got {w.data.dtype}")
+        if tuple(w.scale.shape) != expert_scale_shape(w.format, e, n, k):
+            raise GemmInputError(
+                f"{fn}: {name} scale for {w.format.value} must be {expert_scale_shape(w.format, e, n, k)}, "
+                f"got {tuple(w.scale.shape)}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weight_operand(
+    w_ptrs,  # [BLOCK_K, BLOCK_N] pointers into the E4M3 weight
+    ws_ptrs,  # W_MODE 2: [G, BLOCK_N] pointers into the E8M0 codes; else unused
+    k_ok,  # [BLOCK_K] K-tail mask (all true when EVEN_K)
+    g_ok,  # [G]
+    W_MODE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    A_FP8: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    MMA_DTYPE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The weight tile as the MMA takes it: E4M3 as is (FP8 MMA), widened to the MMA dtype (exact), or for
+    MXFP8 decoded with its power-of-two scales (exact); fp32 when the interpreter runs the dot."""
+    G: tl.constexpr = BLOCK_K // 32
+    if EVEN_K:  # noqa: SIM108 - constexpr branches, spelled as in the other kernels
+        w = tl.load(w_ptrs)
+    else:
+        w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+    # one return statement: Triton types a function by its returns, and these branches give different dtypes
+    if W_MODE == 2:
+        if EVEN_K:  # noqa: SIM108
+            codes = tl.load(ws_ptrs)
+        else:
+            codes = tl.load(ws_ptrs, mask=g_ok[:, None], other=127)
+        operand = tl.reshape(
+            tl.reshape(w.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
+            [BLOCK_K, BLOCK_N],
+        )
+        if not DOT_FP32:
+            operand = operand.to(MMA_DTYPE)
+    elif DOT_FP32:
+        operand = w.to(tl.float32)
+    elif A_FP8:
+        operand = w
+    else:
+        operand = w.to(MMA_DTYPE)
+    return operand
+
+
+@triton.jit
+def _moe_grouped_gemm_kernel(
+    a_ptr,  # A_GATHER: [T, K] (row of pair p is p // TOP_K), else [S, K] (row p); bf16/fp16, or float8e4nv
+    #         for A_MODE 1, 2; (r, k) at r*stride_ar + k*stride_ak, K contiguous in practice
+    a_scale_ptr,  # A_MODE 1: fp32 [rows] at r*stride_asr (stride 0: one per-tensor scale);
+    #               A_MODE 2: fp32 [rows, cdiv(K, 128)] at r*stride_asr + g; else unused
+    w_ptr,  # [E, N_W, K] float8e4nv; (e, n, k) at e*stride_we + n*stride_wn + k*stride_wk (K contiguous)
+    w_scale_ptr,  # W_MODE 0: fp32 [E, N_W] at e*stride_wse + n*stride_wsn (stride_wsn 0: per-expert scalar);
+    #               W_MODE 1: fp32 [E, cdiv(N_W, 128), cdiv(K, 128)] at e*stride_wse + i*stride_wsn + g;
+    #               W_MODE 2: uint8 E8M0 [E, N_W, K/32] at e*stride_wse + n*stride_wsn + g
+    routing_ptr,  # MUL_ROUTING: [S] fp32/bf16/fp16 routing weight of each pair, contiguous; else unused
+    c_ptr,  # [S, N] bf16/fp16 output, row = pair id; (p, n) at p*stride_cm + n*stride_cn
+    sorted_pairs_ptr,  # int32 [n_blocks * BLOCK_M]: pair id at each row of the layout, >= S on padding
+    block_expert_ptr,  # int32 [n_blocks]: expert of each BLOCK_M rows, -1 for unused blocks
+    num_pairs,  # S
+    n_rows_layout,  # n_blocks * BLOCK_M
+    N,  # output columns (I for the gated variant, whose weight has N_W = 2I rows)
+    K,
+    top_k,
+    stride_ar,
+    stride_ak,
+    stride_asr,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_wse,
+    stride_wsn,
+    stride_cm,
+    stride_cn,
+    A_GATHER: tl.constexpr,
+    A_MODE: tl.constexpr,  # 0 as is; 1 FP8 per-row/tensor scale; 2 FP8 1x128 groups; 3 MX qdq in registers
+    A_ROUND_UP: tl.constexpr,
+    W_MODE: tl.constexpr,  # 0 per-channel / per-expert (epilogue); 1 128x128 blocks (per K step); 2 MXFP8
+    GATED: tl.constexpr,  # gate rows n and up rows N + n, SiLU(gate) * up in the epilogue
+    MUL_ROUTING: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its bf16/fp16/fp8 dots are wrong, run exact values in fp32
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # 128 when W_MODE == 1 or A_MODE == 2; a multiple of 32 for W_MODE 2 / A_MODE 3
+    GROUP_M: tl.constexpr,
+    MAX_IMPRECISE_ACC: tl.constexpr,
+):
+    """One program: BLOCK_M layout rows (one expert) x BLOCK_N output columns, fp32 accumulation."""
+    G: tl.constexpr = BLOCK_K // 32
+    A_FP8: tl.constexpr = A_MODE == 1 or A_MODE == 2
+    STEP_SCALED: tl.constexpr = W_MODE == 1 or A_MODE == 2
+    MMA_DTYPE: tl.constexpr = c_ptr.dtype.element_ty
+    pid_m, pid_n = tile_ids(n_rows_layout, N, BLOCK_M, BLOCK_N, GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    expert = expert.to(tl.int64)
+
+    offs_layout = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_pairs_ptr + offs_layout)
+    row_ok = pairs < num_pairs
+    pairs = tl.where(row_ok, pairs, 0)
+    if A_GATHER:  # noqa: SIM108
+        a_rows = pairs // top_k
+    else:
+        a_rows = pairs
+    a_rows = a_rows.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate_rows = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_ar + offs_k[None, :] * stride_ak
+    w_base = w_ptr + expert * stride_we + offs_k[:, None] * stride_wk
+    wg_ptrs = w_base + gate_rows[None, :] * stride_wn
+    ws_base = w_scale_ptr + expert * stride_wse
+    if W_MODE == 1:
+        wsg_ptrs = ws_base + (gate_rows // 128) * stride_wsn  # [BLOCK_N], + K step
+    else:
+        wsg_ptrs = ws_base + gate_rows[None, :] * stride_wsn + offs_g[:, None]  # [G, BLOCK_N] (W_MODE 2)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if GATED:
+        up_rows = gate_rows + N
+        wu_ptrs = w_base + up_rows[None, :] * stride_wn
+        if W_MODE == 1:
+            wsu_ptrs = ws_base + (up_rows // 128) * stride_wsn
+        else:
+            wsu_ptrs = ws_base + up_rows[None, :] * stride_wsn + offs_g[:, None]
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + offs_k < K
+        g_ok = kb * G + offs_g < K // 32
+        if EVEN_K:  # noqa: SIM108
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        if A_MODE == 3:
+            a = mx_quantize_dequantize(widen_to_fp32(a), A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
+            if not DOT_FP32:
+                a = a.to(MMA_DTYPE)
+        elif DOT_FP32:
+            a = a.to(tl.float32)
+        if STEP_SCALED:
+            step = tl.full([BLOCK_M, 1], 1.0, tl.float32)
+            if A_MODE == 2:
+                step = tl.load(a_scale_ptr + a_rows * stride_asr + kb)[:, None]
+        w_g = _weight_operand(
+            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N
+        )
+        if STEP_SCALED:
+            part = tl.dot(a, w_g, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
+            if W_MODE == 1:
+                part = part * tl.load(wsg_ptrs + kb)[None, :]
+            acc_g += part
+        else:
+            acc_g = tl.dot(a, w_g, acc_g, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+        if GATED:
+            w_u = _weight_operand(
+                wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N
+            )
+            if STEP_SCALED:
+                part = tl.dot(a, w_u, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
+                if W_MODE == 1:
+                    part = part * tl.load(wsu_ptrs + kb)[None, :]
+                acc_u += part
+            else:
+                acc_u = tl.dot(a, w_u, acc_u, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
+            wu_ptrs += BLOCK_K * stride_wk
+            if W_MODE == 2:
+                wsu_ptrs += G
+        a_ptrs += BLOCK_K * stride_ak
+        wg_ptrs += BLOCK_K * stride_wk
+        if W_MODE == 2:
+            wsg_ptrs += G
+
+    if W_MODE == 0:
+        acc_g = acc_g * tl.load(ws_base + gate_rows * stride_wsn)[None, :]
+        if GATED:
+            acc_u = acc_u * tl.load(ws_base + up_rows * stride_wsn)[None, :]
+    if A_MODE == 1:
+        a_scale = tl.load(a_scale_ptr + a_rows * stride_asr)[:, None]
+        acc_g = acc_g * a_scale
+        if GATED:
+            acc_u = acc_u * a_scale
+    if GATED:  # noqa: SIM108
+        acc = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # SiLU(gate) * up, fp32
+    else:
+        acc = acc_g
+    if MUL_ROUTING:
+        acc = acc * tl.load(routing_ptr + pairs).to(tl.float32)[:, None]
+    mask = row_ok[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + pairs.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------------------
+
+_W_MODE = {
+    ExpertWeightFormat.FP8_TENSOR: 0,
+    ExpertWeightFormat.FP8_CHANNEL: 0,
+    ExpertWeightFormat.FP8_BLOCK: 1,
+    ExpertWeightFormat.MXFP8: 2,
+}
+
+
+def _a_mode(activation: ExpertActivation) -> int:
+    if activation in (ExpertActivation.FP8_TENSOR, ExpertActivation.FP8_TOKEN):
+        return 1
+    if activation is ExpertActivation.FP8_GROUP:
+        return 2
+    return 3 if activation.is_mx else 0
+
+
+def pairs_per_expert_bucket(num_pairs: int, num_experts: int) -> int:
+    """The bucket configs are chosen for: next power of two of the mean pairs per expert, capped."""
+    return m_bucket(-(-num_pairs // max(1, num_experts)))
+
+
+def moe_block_m(num_pairs: int, num_experts: int) -> int:
+    """``BLOCK_M`` for a layer: 16 (the MMA minimum) up to 128, from the mean pairs per expert with 1.5x
+    headroom (random routing puts more than the mean on half the experts; an expert that spills into a
+    second block reads its weights twice, which is what small M cannot afford). Both GEMMs of a layer share
+    it, since they share the token layout."""
+    return min(128, max(16, pairs_per_expert_bucket(-(-3 * num_pairs // 2), num_experts)))
+
+
+def moe_gemm_config(
+    block_m: int, n: int, k: int, w_format: ExpertWeightFormat, activation: ExpertActivation, gated: bool
+) -> GemmConfig:
+    """Heuristic tile for an H100. Small ``block_m`` (weight-bound): narrow N tiles and long K steps, so many
+    programs stream the weight; large: 128-row tiles, FP8 operands with 128-wide K steps. The gated variant
+    holds two accumulators, so its N tile is half as wide."""
+    needs_128 = w_format is ExpertWeightFormat.FP8_BLOCK or activation is ExpertActivation.FP8_GROUP
+    fp8_operands = activation.is_fp8
+    if block_m <= 32:
+        block_n = 32 if gated or n <= 4096 else 64
+        block_k = 128 if needs_128 else (256 if k >= 256 else 128)
+        return GemmConfig(block_m, block_n, block_k, 1, 4, 4, None)
+    if block_m <= 64:
+        block_k = 128 if (needs_128 or fp8_operands) else 64
+        return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 4, 4, None)
+    block_k = 128 if (needs_128 or fp8_operands) else 64
+    return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 8, 3, None if not fp8_operands else 32)
+
+
+def moe_grouped_gemm_triton(
+    a: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    weights: ExpertWeights,
+    groups: TokenGroups,
+    out: torch.Tensor,
+    *,
+    gated: bool,
+    gather_top_k: int | None,
+    routing_weights: torch.Tensor | None = None,
+    activation: ExpertActivation = ExpertActivation.NONE,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
+    expert received are left as they are).
+
+    ``a`` is ``[T, K]`` read at row ``p // gather_top_k`` (the gate/up GEMM reads each token once per slot) or
+    ``[S, K]`` read at row ``p`` (``gather_top_k=None``, the down GEMM). For FP8 activations ``a`` is E4M3
+    with ``a_scale`` fp32 ``[rows, 1]`` (token), 0-dim (tensor) or ``[rows, K/128]`` (1x128 groups)."""
+    fn = "moe_grouped_gemm_triton"
+    _, n_w, k = weights.data.shape
+    n = n_w // 2 if gated else n_w
+    if a.shape[1] != k:
+        raise GemmInputError(f"{fn}: A has K={a.shape[1]}, the weights K={k}")
+    if weights.format is ExpertWeightFormat.MXFP8 and activation.is_fp8:
+        raise GemmInputError(f"{fn}: MXFP8 weights take bf16/fp16 or MX activations, not {activation.value}")
+    if groups.num_pairs == 0 or n == 0:
+        return out
+    block_m = groups.block_m
+    cfg = config or moe_gemm_config(block_m, n, k, weights.format, activation, gated)
+    if cfg.block_m != block_m:
+        raise GemmInputError(f"{fn}: config block_m {cfg.block_m} differs from the layout's {block_m}")
+    a_mode = _a_mode(activation)
+    w_mode = _W_MODE[weights.format]
+    scale = weights.scale
+    if w_mode == 0:
+        stride_wse, stride_wsn = scale.stride(0), (scale.stride(1) if scale.shape[1] > 1 else 0)
+    else:
+        stride_wse, stride_wsn = scale.stride(0), scale.stride(1)
+    if a_mode in (1, 2):
+        if a_scale is None:
+            raise GemmInputError(f"{fn}: FP8 activations need their scales")
+        stride_asr = a_scale.stride(0) if a_scale.dim() > 0 and a_scale.numel() > 1 else 0
+    else:
+        a_scale = scale
+        stride_asr = 0
+    n_rows_layout = groups.sorted_pair_ids.numel()
+    grid = (triton.cdiv(n_rows_layout, block_m) * triton.cdiv(n, cfg.block_n),)
+    _moe_grouped_gemm_kernel[grid](
+        a,
+        a_scale,
+        weights.data,
+        scale.view(torch.uint8) if w_mode == 2 else scale,
+        routing_weights if routing_weights is not None else scale,
+        out,
+        groups.sorted_pair_ids,
+        groups.block_expert,
+        groups.num_pairs,
+        n_rows_layout,
+        n,
+        k,
+        gather_top_k or 1,
+        a.stride(0),
+        a.stride(1),
+        stride_asr,
+        weights.data.stride(0),
+        weights.data.stride(1),
+        weights.data.stride(2),
+        stride_wse,
+        stride_wsn,
+        out.stride(0),
+        out.stride(1),
+        A_GATHER=gather_top_k is not None,
+        A_MODE=a_mode,
+        A_ROUND_UP=activation is not ExpertActivation.MX_FLOOR,
+        W_MODE=w_mode,
+        GATED=gated,
+        MUL_ROUTING=routing_weights is not None,
+        SOFT_CAST=resolve_cast("auto"),
+        DOT_FP32=triton_interpreting(),
+        EVEN_K=k % cfg.block_k == 0,
+        **cfg.launch_kwargs(),
+    )
+    return out
+
+
+def _quantize_activation(
+    a: torch.Tensor, activation: ExpertActivation
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the grouped GEMM reads for ``activation``: E4M3 and scales (FP8), or for MX the activations
+    rounded to their MXFP8 values once, in ``a``'s dtype (exact: E4M3 times a power of two is a bf16 value, and
+    an fp16 one in fp16's normal range). Rounding once here rather than per tile in the kernel (``A_MODE 3``)
+    gives the same values without redoing it for every N tile (measured 1.3-2x slower on H200)."""
+    if activation.is_mx:
+        quantized = quantize_mxfp8(a, _MX_RULE[activation], Backend.TRITON)
+        return dequantize_mxfp8(quantized.data, quantized.scale_e8m0, a.dtype), None
+    if not activation.is_fp8:
+        return a, None
+    quantized = quantize_fp8(a, FP8_ACTIVATION_GRANULARITY[activation], Backend.TRITON)
+    return quantized.data, quantized.scale
+
+
+def moe_experts_triton(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    activation: ExpertActivation = ExpertActivation.NONE,
+    *,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """The experts forward on Triton: group, gate/up GEMM (SiLU fused), down GEMM (routing weight fused), sum
+    over the top k. No host synchronisation (safe in CUDA-graph capture when ``x`` has a fixed shape)."""
+    _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
+    tokens, top_k = top_k_index.shape
+    experts, two_i, hidden = gate_up.data.shape
+    inter = two_i // 2
+    num_pairs = tokens * top_k
+    block_m = block_m or moe_block_m(num_pairs, experts)
+    groups = group_tokens(top_k_index, experts, block_m)
+    per_tensor = activation is ExpertActivation.FP8_TENSOR
+    # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
+    h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
+    gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
+    a, a_scale = _quantize_activation(x, activation)
+    moe_grouped_gemm_triton(
+        a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation
+    )
+    a, a_scale = _quantize_activation(h, activation)
+    y = torch.zeros((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    moe_grouped_gemm_triton(
+        a, a_scale, down, groups, y, gated=False, gather_top_k=None,
+        routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation,
+    )  # fmt: skip
+    return y.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+
+
+def moe_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    activation: ExpertActivation = ExpertActivation.NONE,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """Quantized experts forward: Triton on CUDA, :func:`moe_experts_reference` elsewhere."""
+    if resolve_backend(backend, x) is Backend.TRITON:
+        return moe_experts_triton(x, top_k_index, top_k_weights, gate_up, down, activation)
+    return moe_experts_reference(x, top_k_index, top_k_weights, gate_up, down, activation)
+
+
+__all__ = [
+    "FP8_ACTIVATION_GRANULARITY",
+    "ExpertActivation",
+    "ExpertWeightFormat",
+    "ExpertWeights",
+    "dequantize_experts",
+    "expert_scale_dtype",
+    "expert_scale_shape",
+    "moe_block_m",
+    "moe_experts",
+    "moe_experts_reference",
+    "moe_experts_triton",
+    "moe_gemm_config",
+    "moe_grouped_gemm_triton",
+    "quantize_dequantize_activation",
+    "quantize_expert",
+]

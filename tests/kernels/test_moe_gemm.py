@@ -1,0 +1,285 @@
+"""MoE token grouping and the Triton grouped GEMM against the plain-torch reference.
+
+On CPU the kernel runs under ``TRITON_INTERPRET=1`` on tiny shapes (the interpreter's dots run in fp32, see
+``DOT_FP32``); the larger cases, the recompile check and the no-host-sync check need CUDA.
+
+Error bounds, derived:
+
+* **One grouped GEMM** with the same inputs as the reference. Every operand value the MMA sees is exact
+  (E4M3 -> bf16 widening is exact; MXFP8 weights ``E4M3 * 2^e`` are exact in bf16; FP8 activations come from
+  the same quantizer as the reference's, bit for bit), so kernel and reference add the same exact products in
+  fp32 and differ only by summation order and by where the fp32 scales are applied (a few fp32 ulps of
+  ``sum |a_k w_k|``, relative ~1e-6 at these K). The kernel rounds the result once to bf16 (the reference
+  stays fp32): on a GPU that is round-to-nearest, within half an ulp; the interpreter's fp32 -> bf16 cast
+  truncates, within one ulp. One bf16 ulp is at most ``2^-7 |ref|`` (8 significant bits). We allow
+  ``2^-7 |ref| + 1e-5 max|ref|`` per element (the absolute term covers fp32 order effects on elements that
+  cancel to near zero); the SiLU in the gated epilogue (``x / (1 + exp(-x))`` against torch's ``silu``) adds
+  an fp32 ulp or two, far below that. A wrong expert, scale, tail mask or routing weight is off by 10% or
+  more.
+* **The whole experts forward, bf16 activations** (both sides round ``h``, ``y`` and the output to bf16).
+  ``h`` may differ by 1 bf16 ulp per element (above); that moves each pair's down output by at most
+  ``2^-7 sum_i |w_i h_i|`` ~ 1 ulp of ``|y|``, plus its own rounding ulp; ``k`` pairs are summed in fp32 and
+  rounded once more. Per element: ``(2k + 1) 2^-7 max|ref|``.
+* **The whole forward with quantized activations** (FP8 / MX): a 1-ulp flip of an ``h`` element can move its
+  E4M3 code by one step (``2^-3`` relative, for that element only); such flips are rare (one per few hundred
+  elements) and independent, so the relative Frobenius error stays well below ``2^-5``, which we assert.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mxrun.kernels.fp8_quantize import quantize_fp8_reference
+from mxrun.kernels.moe_gemm import (
+    FP8_ACTIVATION_GRANULARITY,
+    ExpertActivation,
+    ExpertWeightFormat,
+    ExpertWeights,
+    dequantize_experts,
+    moe_experts_reference,
+    moe_experts_triton,
+    moe_grouped_gemm_triton,
+    quantize_dequantize_activation,
+    quantize_expert,
+)
+from mxrun.kernels.moe_routing import group_tokens, padded_capacity, route_topk
+from mxrun.kernels.scaled_gemm import GemmConfig
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+ULP = 2.0**-7
+"""One bf16 ulp, relative to the value, at most."""
+F = ExpertWeightFormat
+A = ExpertActivation
+COMBOS = [
+    (F.FP8_CHANNEL, A.NONE),
+    (F.FP8_TENSOR, A.NONE),
+    (F.FP8_BLOCK, A.NONE),
+    (F.MXFP8, A.NONE),
+    (F.FP8_CHANNEL, A.FP8_TOKEN),
+    (F.FP8_TENSOR, A.FP8_TENSOR),
+    (F.FP8_BLOCK, A.FP8_GROUP),
+    (F.MXFP8, A.MX_ROUND_UP),
+    (F.MXFP8, A.MX_FLOOR),
+]
+
+
+def _stack(fmt: ExpertWeightFormat, experts: int, n: int, k: int, seed: int) -> ExpertWeights:
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(experts, n, k, generator=generator) * 0.1).to(torch.bfloat16).to(DEVICE)
+    parts = [quantize_expert(weight[e], fmt) for e in range(experts)]
+    return ExpertWeights(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]), fmt)
+
+
+def _routing(tokens: int, experts: int, top_k: int, seed: int, only: list[int] | None = None):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=generator)
+    if only is not None:  # route every token to these experts only: the others receive nothing
+        mask = torch.full((experts,), float("-inf"))
+        mask[only] = 0.0
+        logits = logits + mask
+    weights, index = route_topk(logits, top_k)
+    return weights.to(DEVICE), index.to(DEVICE)
+
+
+def _x(tokens: int, hidden: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, hidden, generator=generator).to(torch.bfloat16).to(DEVICE)
+
+
+# ---------------------------------------------------------------------------------------------- grouping
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.integers(0, 40),
+    experts=st.integers(1, 9),
+    top_k=st.integers(1, 3),
+    block_m=st.sampled_from([1, 2, 4, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_group_tokens_layout(tokens: int, experts: int, top_k: int, block_m: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(-1, experts + 1, (tokens, top_k), generator=generator)  # -1 and E: dropped
+    groups = group_tokens(index, experts, block_m)
+    flat = index.reshape(-1)
+    num_pairs = flat.numel()
+    capacity = padded_capacity(num_pairs, experts, block_m)
+    assert groups.sorted_pair_ids.shape == (capacity,) and groups.block_expert.shape == (capacity // block_m,)
+    valid = ((flat >= 0) & (flat < experts)).nonzero().squeeze(1)
+    laid_out = groups.sorted_pair_ids[groups.sorted_pair_ids < num_pairs].long()
+    assert sorted(laid_out.tolist()) == valid.tolist()  # every routed pair exactly once, dropped ones never
+    for block, expert in enumerate(groups.block_expert.tolist()):
+        rows = groups.sorted_pair_ids[block * block_m : (block + 1) * block_m].long()
+        rows = rows[rows < num_pairs]
+        if expert < 0:
+            assert rows.numel() == 0
+        else:
+            assert rows.numel() > 0 and (flat[rows] == expert).all()
+            assert (rows.diff() > 0).all()  # stable: pair order kept within an expert
+    expected_counts = (
+        torch.bincount(flat[valid], minlength=experts) if valid.numel() else torch.zeros(experts)
+    )
+    assert groups.expert_counts.tolist() == expected_counts.tolist()
+
+
+# ------------------------------------------------------------------------------------------ one GEMM
+
+
+def _gemm_reference(a_values, weights, index, gated, gather, routing):
+    """fp32 per pair: ``a_values`` already holds the activation values the kernel sees."""
+    flat = index.reshape(-1).long()
+    rows = torch.arange(flat.numel(), device=flat.device)
+    a = a_values[rows // index.shape[1]] if gather else a_values
+    w = dequantize_experts(weights)[flat.clamp(0, weights.data.shape[0] - 1)]
+    out = torch.einsum("pk,pnk->pn", a.float(), w)
+    if gated:
+        inter = out.shape[1] // 2
+        out = torch.nn.functional.silu(out[:, :inter]) * out[:, inter:]
+    if routing is not None:
+        out = out * routing.reshape(-1, 1).float()
+    return out
+
+
+def _assert_one_ulp(actual: torch.Tensor, reference: torch.Tensor) -> None:
+    bound = ULP * reference.abs() + 1e-5 * reference.abs().max()
+    excess = (actual.float() - reference).abs() - bound
+    assert excess.max() <= 0, f"max excess {excess.max().item():.3e} over the 1-ulp bound"
+
+
+@pytest.mark.parametrize(("fmt", "activation"), COMBOS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_grouped_gemm_matches_reference(fmt, activation, gated) -> None:
+    # K = 160: one full 128-wide K step and a 32-wide tail (EVEN_K False). N = 80 (gated: 2 x 80 rows) with
+    # BLOCK_N = 32: a ragged N tail. 6 experts, expert 4 and 5 receive nothing.
+    experts, n, k, tokens, top_k = 6, 80, 160, 7, 2
+    weights = _stack(fmt, experts, 2 * n if gated else n, k, seed=1)
+    routing, index = _routing(tokens, experts, top_k, seed=2, only=[0, 1, 2, 3])
+    x = _x(tokens if gated else tokens * top_k, k, seed=3)
+    a, a_scale = x, None
+    if activation.is_fp8:
+        quantized = quantize_fp8_reference(x, FP8_ACTIVATION_GRANULARITY[activation])
+        a, a_scale = quantized.data, quantized.scale
+    groups = group_tokens(index, experts, 16)
+    out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device=DEVICE)
+    config = GemmConfig(16, 32, 128, 1, 4, 2)
+    moe_grouped_gemm_triton(
+        a, a_scale, weights, groups, out, gated=gated, gather_top_k=top_k if gated else None,
+        routing_weights=None if gated else routing.reshape(-1), activation=activation, config=config,
+    )  # fmt: skip
+    reference = _gemm_reference(
+        quantize_dequantize_activation(x, activation),
+        weights,
+        index,
+        gated,
+        gated,
+        None if gated else routing,
+    )
+    _assert_one_ulp(out, reference)
+
+
+# --------------------------------------------------------------------------------------- whole forward
+
+
+@pytest.mark.parametrize(("fmt", "activation"), COMBOS)
+@pytest.mark.parametrize(("tokens", "only"), [(1, None), (9, [1, 5])])
+def test_experts_forward_matches_reference(fmt, activation, tokens, only) -> None:
+    experts, hidden, inter, top_k = 8, 64, 96, 2
+    gate_up = _stack(fmt, experts, 2 * inter, hidden, seed=4)
+    down = _stack(fmt, experts, hidden, inter, seed=5)
+    routing, index = _routing(tokens, experts, top_k, seed=6, only=only)
+    x = _x(tokens, hidden, seed=7)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, activation).float()
+    out = moe_experts_triton(x, index, routing, gate_up, down, activation).float()
+    assert out.shape == (tokens, hidden) and out.dtype == torch.float32
+    if activation is A.NONE:
+        assert (out - reference).abs().max() <= (2 * top_k + 1) * ULP * reference.abs().max()
+    else:
+        assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+
+
+def test_dropped_pairs_and_empty_input() -> None:
+    experts, hidden, inter = 4, 64, 64
+    gate_up = _stack(F.FP8_CHANNEL, experts, 2 * inter, hidden, seed=8)
+    down = _stack(F.FP8_CHANNEL, experts, hidden, inter, seed=9)
+    routing, index = _routing(5, experts, 2, seed=10)
+    index[1, 0] = experts  # an expert-parallel sentinel: this pair contributes nothing
+    x = _x(5, hidden, seed=11)
+    reference = moe_experts_reference(x, index, routing, gate_up, down)
+    out = moe_experts_triton(x, index, routing, gate_up, down)
+    assert (out.float() - reference.float()).abs().max() <= 5 * ULP * reference.float().abs().max()
+    kept = index.clone()
+    kept[1, 0] = index[1, 1]
+    only_second = routing.clone()
+    only_second[1, 0] = 0.0  # the same token with the dropped slot's weight zeroed
+    assert torch.equal(out[1], moe_experts_triton(x, kept, only_second, gate_up, down)[1])
+    empty = moe_experts_triton(x[:0], index[:0], routing[:0], gate_up, down)
+    assert empty.shape == (0, hidden)
+
+
+def test_wrong_shapes_are_refused() -> None:
+    gate_up = _stack(F.FP8_CHANNEL, 2, 64, 32, seed=0)
+    down = _stack(F.FP8_CHANNEL, 2, 32, 16, seed=0)
+    routing, index = _routing(3, 2, 1, seed=0)
+    with pytest.raises(ValueError, match=r"down must be \[E=2, H=32, I=32\]"):
+        moe_experts_reference(_x(3, 32, 0), index, routing, gate_up, down)
+    with pytest.raises(ValueError, match=r"gate_up must be \[E, 2I, H=48\]"):
+        moe_experts_reference(_x(3, 48, 0), index, routing, gate_up, down)
+
+
+# ---------------------------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("fmt", "activation"), COMBOS)
+@pytest.mark.parametrize("tokens", [1, 300])
+def test_gpu_larger_layer(fmt, activation, tokens) -> None:
+    experts, hidden, inter, top_k = 16, 1024, 768, 4
+    gate_up = _stack(fmt, experts, 2 * inter, hidden, seed=12)
+    down = _stack(fmt, experts, hidden, inter, seed=13)
+    routing, index = _routing(tokens, experts, top_k, seed=14)
+    x = _x(tokens, hidden, seed=15)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, activation).float()
+    out = moe_experts_triton(x, index, routing, gate_up, down, activation).float()
+    if activation is A.NONE:
+        assert (out - reference).abs().max() <= (2 * top_k + 1) * ULP * reference.abs().max()
+    else:
+        assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
+    from mxrun.kernels.moe_gemm import _moe_grouped_gemm_kernel
+
+    experts, hidden, inter, top_k = 8, 256, 128, 2
+    gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=16)
+    down = _stack(F.MXFP8, experts, hidden, inter, seed=17)
+
+    def run(tokens: int) -> None:
+        routing, index = _routing(tokens, experts, top_k, seed=tokens)
+        x = _x(tokens, hidden, seed=tokens)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            moe_experts_triton(x, index, routing, gate_up, down)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+    run(17)  # compiles
+    caches = getattr(_moe_grouped_gemm_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its kernel cache elsewhere")
+
+    def compiled() -> int:
+        return sum(len(cache[0]) for cache in caches.values())
+
+    before = compiled()
+    for tokens in (23, 29, 37):  # the same bucket; pair counts not multiples of 16 (Triton's specialisation)
+        run(tokens)
+    assert compiled() == before
