@@ -3,8 +3,10 @@
 Exit codes, for every command: 0 success, 1 the input is invalid (recipe errors, or warnings under
 ``--strict``), 2 usage errors (unknown option, missing argument; click's convention).
 
-``mxrun --recipe R [--model M]`` is the main job. Until online quantization lands, it validates the recipe,
-resolves it against the model (the bundled example when ``--model`` is omitted) and prints the plan.
+``mxrun --recipe R [--model M]`` is the main job: it validates the recipe, resolves it against the model (the
+bundled example when ``--model`` is omitted) and prints the plan, then loads the checkpoint with the planned
+layers quantized as they stream in, evaluates it against the unquantized model and writes a run folder
+(:mod:`mxrun.job`). Bad input there is one line on stderr and exit 1, with nothing written.
 """
 
 from __future__ import annotations
@@ -71,15 +73,58 @@ def _plan_or_exit(recipe: Recipe, model: str | None, strict: bool) -> tuple[str,
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--recipe", "recipe_ref", metavar="RECIPE", help="Recipe file or built-in name (see `mxrun recipes`).")
-@click.option("--model", metavar="DIR", help="Checkpoint folder (Hugging Face layout). Default: the bundled example.")
+@click.option(
+    "--recipe", "recipe_ref", metavar="RECIPE", help="Recipe file or built-in name (see `mxrun recipes`)."
+)
+@click.option(
+    "--model", metavar="DIR", help="Checkpoint folder (Hugging Face layout). Default: the bundled example."
+)
+@click.option(
+    "--text",
+    "text_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Text to measure perplexity on. Default: the held-out sample that ships with mxrun.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to load and evaluate: auto picks CUDA when available.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder to write (must not exist, or be empty). Default: runs/<timestamp>-<recipe>/.",
+)
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(min=2),
+    default=None,
+    metavar="N",
+    help="Tokens of text to evaluate on (default 8192).",
+)
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.version_option(__version__, prog_name="mxrun")
 @click.pass_context
-def main(ctx: click.Context, recipe_ref: str | None, model: str | None, strict: bool) -> None:
+def main(
+    ctx: click.Context,
+    recipe_ref: str | None,
+    model: str | None,
+    text_file: Path | None,
+    device: str,
+    out_dir: Path | None,
+    max_tokens: int | None,
+    strict: bool,
+) -> None:
     """mxrun: declarative FP8 / MXFP8 quantization recipes for PyTorch models.
 
-    Run the main job with `mxrun --recipe mxfp8`, or use a command below.
+    Run the main job with `mxrun --recipe mxfp8 [--model DIR]`: plan, quantize the model online while it loads,
+    compare it with the unquantized model (perplexity, top-1 agreement, greedy continuation, per-layer error,
+    memory, tokens/s) and write a run folder (report.json, report.md, plots). Or use a command below.
     """
     if ctx.invoked_subcommand is not None:
         if recipe_ref or model:
@@ -94,6 +139,21 @@ def main(ctx: click.Context, recipe_ref: str | None, model: str | None, strict: 
     from mxrun.report import print_plan
 
     print_plan(plan, label)
+    from mxrun.job import JobError, JobOptions, run_job
+    from mxrun.job.evaluate import DEFAULT_MAX_TOKENS
+
+    options = JobOptions(
+        model_dir=Path(model) if model else resources.example_model_dir(),
+        model_label=label,
+        text_file=text_file,
+        device=device,
+        out_dir=out_dir,
+        max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+    )
+    try:
+        run_job(plan, options)
+    except JobError as exc:
+        _fail(str(exc))
 
 
 @main.command()
@@ -161,8 +221,15 @@ def recipes(fmt: str) -> None:
         if recipe is None:  # a broken built-in is a bug; say so instead of hiding it
             _print_diagnostics(result.diagnostics)
             _fail(f"built-in recipe {name} is invalid")
-        rows.append({"name": name, "description": recipe.description, "tags": list(recipe.tags),
-                     "fingerprint": recipe.fingerprint, "path": str(resources.builtin_recipe_path(name))})
+        rows.append(
+            {
+                "name": name,
+                "description": recipe.description,
+                "tags": list(recipe.tags),
+                "fingerprint": recipe.fingerprint,
+                "path": str(resources.builtin_recipe_path(name)),
+            }
+        )
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2))
         return
@@ -190,9 +257,16 @@ def plan(recipe_ref: str, model: str | None, as_json: bool, strict: bool) -> Non
 
 @main.command()
 @click.option("--recipe", "recipe_ref", required=True, metavar="RECIPE")
-@click.option("--model", metavar="DIR", help="Explain every layer of this checkpoint whose name matches LAYER.")
-@click.option("--kind", type=click.Choice(["linear", "moe_experts"]), default="linear", show_default=True,
-              help="Layer kind to assume when no --model is given.")
+@click.option(
+    "--model", metavar="DIR", help="Explain every layer of this checkpoint whose name matches LAYER."
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["linear", "moe_experts"]),
+    default="linear",
+    show_default=True,
+    help="Layer kind to assume when no --model is given.",
+)
 @click.argument("layer")
 def explain(recipe_ref: str, model: str | None, kind: str, layer: str) -> None:
     """Explain, for LAYER, which rules and skips matched and why the winner won."""
@@ -211,3 +285,7 @@ def explain(recipe_ref: str, model: str | None, kind: str, layer: str) -> None:
     for name, layer_kind in targets:
         click.echo("\n".join(matcher.explain(name, layer_kind).lines()))
 
+
+from mxrun.export.cli import export_command  # noqa: E402 - registered after the group is defined
+
+main.add_command(export_command)

@@ -57,5 +57,6 @@ def load_schema(version: int) -> dict[str, Any]:
 
 
 def example_model_dir() -> Path:
-    """The small checkpoint that ships with mxrun, used when no ``--model`` is given."""
-    return _PACKAGE_DIR / "examples" / "tiny-moe"
+    """The small trained checkpoint that ships with mxrun (a 5M-parameter Qwen3-MoE with its tokenizer, see
+    ``mxrun/examples/default-moe/README.md``), used when no ``--model`` is given."""
+    return _PACKAGE_DIR / "examples" / "default-moe"

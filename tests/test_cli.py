@@ -24,11 +24,14 @@ def test_validate_valid_builtin_prints_fingerprint(runner: CliRunner) -> None:
 
 
 def test_validate_reports_all_files_and_exits_1(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["validate", str(BAD / "unknown_key.yaml"), "fp8-block",
-                                  str(BAD / "bad_regex.yaml")])
+    result = runner.invoke(
+        main, ["validate", str(BAD / "unknown_key.yaml"), "fp8-block", str(BAD / "bad_regex.yaml")]
+    )
     assert result.exit_code == 1
-    assert f"{BAD / 'unknown_key.yaml'}:4:1: error: unknown key 'rulez' in the recipe (did you mean 'rules'?)" \
+    assert (
+        f"{BAD / 'unknown_key.yaml'}:4:1: error: unknown key 'rulez' in the recipe (did you mean 'rules'?)"
         in result.output
+    )
     assert "fp8-block: valid" in result.output
     assert f"{BAD / 'bad_regex.yaml'}:5:28: error: invalid regex" in result.output
 
@@ -43,7 +46,9 @@ def test_warnings_pass_unless_strict(runner: CliRunner) -> None:
 
 
 def test_validate_json(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["validate", "--format", "json", "mixed-moe", str(BAD / "future_version.yaml")])
+    result = runner.invoke(
+        main, ["validate", "--format", "json", "mixed-moe", str(BAD / "future_version.yaml")]
+    )
     assert result.exit_code == 1
     report = json.loads(result.output)
     assert report["valid"] is False
@@ -77,8 +82,10 @@ def test_recipes_lists_the_library(runner: CliRunner) -> None:
 
 
 def test_explain_without_model(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["explain", "--recipe", "mixed-moe", "--kind", "moe_experts",
-                                  "model.layers.3.mlp.experts.down_proj"])
+    result = runner.invoke(
+        main,
+        ["explain", "--recipe", "mixed-moe", "--kind", "moe_experts", "model.layers.3.mlp.experts.down_proj"],
+    )
     assert result.exit_code == 0
     assert "rule     'experts'" in result.output and "matches first -> scheme 'experts'" in result.output
     router = runner.invoke(main, ["explain", "--recipe", "mixed-moe", "model.layers.3.mlp.gate"])
@@ -87,18 +94,44 @@ def test_explain_without_model(runner: CliRunner) -> None:
 
 def test_hostile_recipe_file_through_the_cli(runner: CliRunner, tmp_path: Path) -> None:
     bomb = tmp_path / "bomb.yaml"
-    bomb.write_text("a: &a [" + "x, " * 9 + "x]\n" + "".join(
-        f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]\n" for i in range(1, 9)))
+    bomb.write_text(
+        "a: &a ["
+        + "x, " * 9
+        + "x]\n"
+        + "".join(
+            f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]\n" for i in range(1, 9)
+        )
+    )
     result = runner.invoke(main, ["validate", str(bomb)])
     assert result.exit_code == 1
     assert "aliases expand to more than" in result.output
 
 
-def test_main_job_plans_the_bundled_example(runner: CliRunner) -> None:
-    result = runner.invoke(main, ["--recipe", "mixed-moe"])
+def test_main_job_on_the_bundled_example(runner: CliRunner, tmp_path: Path) -> None:
+    """The default run: plan first, then the job (tests/job covers it in depth), writing only --out."""
+    from mxrun import resources
+
+    out = tmp_path / "run"
+    result = runner.invoke(main, ["--recipe", "mixed-moe", "--out", str(out), "--max-tokens", "256"])
     assert result.exit_code == 0, result.output
-    assert "plan: recipe mixed-moe on the bundled example (tiny-moe)" in result.output
-    assert "12/15 layers quantized (attention: 8, experts: 4, skipped: 3)" in result.output
+    assert "plan: recipe mixed-moe on the bundled example (default-moe)" in result.stdout
+    assert "24/29 layers quantized (attention: 16, experts: 8, skipped: 5)" in result.stdout
+    summary = result.stdout.index("mxrun: recipe mixed-moe on the bundled example (default-moe) (")
+    assert result.stdout.index("24/29 layers quantized") < summary < result.stdout.index(f"run folder: {out}")
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["path"] == str(resources.example_model_dir())
+    assert report["quantized_layers"]["count"] == 24 and report["plan"]["quantized"] == 24
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_main_job_help_lists_its_options(runner: CliRunner) -> None:
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for option in ("--recipe", "--model", "--text", "--device [auto|cpu|cuda]", "--out", "--max-tokens"):
+        assert option in result.output
+    from mxrun.job.evaluate import DEFAULT_MAX_TOKENS
+
+    assert f"(default {DEFAULT_MAX_TOKENS})" in result.output
 
 
 def test_plan_json_is_complete_and_stable(runner: CliRunner) -> None:
@@ -109,7 +142,7 @@ def test_plan_json_is_complete_and_stable(runner: CliRunner) -> None:
     names = [entry["layer"] for entry in plan["layers"]]
     assert names[0] == "lm_head" and "model.layers.1.mlp.experts.gate_up_proj" in names
     experts = next(e for e in plan["layers"] if e["layer"] == "model.layers.0.mlp.experts.gate_up_proj")
-    assert experts["shape"] == [4, 256, 128] and experts["family"] == "mxfp8"
+    assert experts["shape"] == [8, 256, 256] and experts["family"] == "mxfp8"
     assert experts["source"].endswith("mxfp8.yaml:18:5")
     assert plan["fingerprint"].startswith("sha256:")
 
