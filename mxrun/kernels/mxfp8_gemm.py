@@ -49,10 +49,18 @@ from mxrun.kernels.scaled_gemm import (
 )
 
 MX_W8A8_MIN_M = 128
-"""Above this M the MXFP8 W8A8 Linear quantizes activations once and runs ``LARGE_M_KERNEL``; at or below it,
-the dequant-MMA kernel with the activation quantization fused (one launch, weight bytes dominate)."""
-LARGE_M_KERNEL = "dequant"
-"""``"dequant"`` (bf16 MMA on decoded MXFP8 operands) or ``"fp8"`` (FP8 MMA per 32-wide K block)."""
+"""For ``large_m_kernel="dequant"``: above this M the W8A8 Linear quantizes activations once; at or below it, the
+dequant-MMA kernel quantizes them in registers."""
+LARGE_M_KERNEL = "cublas"
+"""Above the split-K range (M > 64): ``"cublas"`` decodes the MXFP8 weight to the activation's dtype with a
+bandwidth-bound Triton kernel (exact: an E4M3 value times a power of two is a bf16 value) and runs cuBLAS, the
+activations MX-quantize-dequantized first for W8A8 (also exact); ``"dequant"`` decodes both operands in the
+registers of a Triton bf16 MMA; ``"fp8"`` runs FP8 MMAs per 32-wide K block with the scales applied after each.
+Measured on H200 (benchmarks/bench_linear.py): the in-register kernels reach 0.28-0.38x of bf16 cuBLAS at
+M >= 1024 (each weight tile is decoded again by every row-tile program; the FP8 MMA chain breaks every 32 K),
+the cuBLAS path pays one decode of the weight per call. On sm_100 the native MX MMA replaces all three."""
+MAX_DECODED_CHUNK_BYTES = 256 << 20
+"""The ``"cublas"`` path decodes the weight in slices of output rows of at most this many bytes."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,6 +273,94 @@ def _mxfp8_fp8_gemm_kernel(
     store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
+@triton.jit
+def _mxfp8_decode_kernel(
+    q_ptr,  # [R, K] float8e4nv codes, K contiguous, row r at r*stride_qr
+    s_ptr,  # [R, K/32] uint8 E8M0, row r at r*stride_sr
+    out_ptr,  # [R, K] bf16/fp16, contiguous
+    R,
+    K,
+    stride_qr,
+    stride_sr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # multiple of 32
+):
+    """out = code * 2^(scale - 127), rounded once to the output dtype (exact when representable)."""
+    G: tl.constexpr = BLOCK_K // 32
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    groups = tl.program_id(1) * G + tl.arange(0, G)
+    row_ok = rows < R
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    codes = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=mask, other=0.0)
+    scales = tl.load(
+        s_ptr + rows.to(tl.int64)[:, None] * stride_sr + groups[None, :],
+        mask=row_ok[:, None] & (groups < K // 32)[None, :],
+        other=127,
+    )
+    values = tl.reshape(codes.to(tl.float32), [BLOCK_R, G, 32]) * e8m0_to_fp32(scales)[:, :, None]
+    values = tl.reshape(values, [BLOCK_R, BLOCK_K])
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+        values.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
+
+
+def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Decode a 2-D MXFP8 tensor (``[R, K]`` E4M3 codes, K contiguous, ``[R, K/32]`` E8M0) to ``out_dtype``; the
+    same values as :func:`~mxrun.kernels.mxfp8_quantize.dequantize_mxfp8` cast to ``out_dtype``."""
+    rows, k = data.shape
+    out = torch.empty((rows, k), dtype=out_dtype, device=data.device)
+    if rows == 0 or k == 0:
+        return out
+    codes = scale_e8m0.view(torch.uint8)
+    block_r, block_k = 16, 256
+    _mxfp8_decode_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+        data,
+        codes,
+        out,
+        rows,
+        k,
+        data.stride(0),
+        codes.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=4,
+    )
+    return out
+
+
+def mxfp8_decode_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_rule: MxScaleRule | str | None,
+) -> torch.Tensor:
+    """The ``"cublas"`` large-M path (see :data:`LARGE_M_KERNEL`): decode, then ``torch.nn.functional.linear``
+    (cuBLAS, fp32 accumulation), the weight in slices of :data:`MAX_DECODED_CHUNK_BYTES`."""
+    fn = "mxfp8_decode_matmul"
+    n, k = _check_mx_weight(weight, weight_scale_e8m0, fn)
+    if x.dim() != 2 or x.shape[1] != k or x.dtype not in (torch.bfloat16, torch.float16):
+        raise GemmInputError(f"{fn}: x must be bfloat16/float16 [M, K={k}], got {x.dtype} {tuple(x.shape)}")
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    a = x
+    if activation_rule is not None:
+        quantized = quantize_mxfp8(x, activation_rule, Backend.TRITON)
+        a = mxfp8_decode_triton(quantized.data, quantized.scale_e8m0, x.dtype)
+    rows = max(128, MAX_DECODED_CHUNK_BYTES // (2 * max(k, 1)) // 128 * 128)
+    if rows >= n:
+        return torch.nn.functional.linear(a, mxfp8_decode_triton(weight, weight_scale_e8m0, x.dtype), bias)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        w = mxfp8_decode_triton(weight[n0:n1], weight_scale_e8m0[n0:n1], x.dtype)
+        out[:, n0:n1] = torch.nn.functional.linear(a, w, None if bias is None else bias[n0:n1])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -459,8 +555,8 @@ def mxfp8_linear(
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
 
     Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
-    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-quantized in registers). W8A8 picks its kernel by M (``MX_W8A8_MIN_M``,
-    ``LARGE_M_KERNEL``; ``large_m_kernel`` overrides the latter, for the benchmark)."""
+    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-quantized in registers); above, ``LARGE_M_KERNEL``
+    (``large_m_kernel`` overrides it, for the benchmark: ``"cublas"``, ``"dequant"`` or ``"fp8"``)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
@@ -469,10 +565,13 @@ def mxfp8_linear(
         return small_m_gemm_triton(
             x, weight, weight_scale_e8m0=weight_scale_e8m0, activation_mx_rule=activation_rule, bias=bias
         )
+    kernel = large_m_kernel or LARGE_M_KERNEL
+    if kernel == "cublas":
+        return mxfp8_decode_matmul(x, weight, weight_scale_e8m0, bias, activation_rule)
     if activation_rule is None or x.shape[0] <= MX_W8A8_MIN_M:
         return mxfp8_dequant_gemm_triton(x, weight, weight_scale_e8m0, bias, activation_rule=activation_rule)
     quantized = quantize_mxfp8(x, activation_rule, Backend.TRITON)
-    if (large_m_kernel or LARGE_M_KERNEL) == "fp8":
+    if kernel == "fp8":
         return mxfp8_fp8_gemm_triton(
             quantized.data, quantized.scale_e8m0, weight, weight_scale_e8m0, bias, x.dtype
         )
@@ -483,7 +582,10 @@ def mxfp8_linear(
 
 __all__ = [
     "LARGE_M_KERNEL",
+    "MAX_DECODED_CHUNK_BYTES",
     "MX_W8A8_MIN_M",
+    "mxfp8_decode_matmul",
+    "mxfp8_decode_triton",
     "mxfp8_dequant_gemm_triton",
     "mxfp8_fp8_gemm_triton",
     "mxfp8_gemm_reference",

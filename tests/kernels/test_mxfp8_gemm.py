@@ -14,14 +14,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mxrun.kernels import mxfp8_gemm
 from mxrun.kernels.mxfp8_gemm import (
+    mxfp8_decode_triton,
     mxfp8_dequant_gemm_triton,
     mxfp8_fp8_gemm_triton,
     mxfp8_gemm_reference,
     mxfp8_linear,
     mxfp8_linear_reference,
 )
-from mxrun.kernels.mxfp8_quantize import quantize_mxfp8_reference
+from mxrun.kernels.mxfp8_quantize import MxScaleRule, dequantize_mxfp8, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError
 
 from .device_cases import HAS_CUDA, KERNEL_DEVICE
@@ -86,3 +88,32 @@ def test_bad_inputs() -> None:
     with pytest.raises(GemmInputError, match="K=64"):
         mxfp8_dequant_gemm_triton(*_dev(x[:, :32], qw.data, qw.scale_e8m0))
     assert KERNEL_DEVICE in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_kernel_is_the_reference_dequantization(dtype) -> None:
+    """Every code times every scale the layout holds: the Triton decode equals dequantize_mxfp8 bit for bit."""
+    g = torch.Generator().manual_seed(21)
+    codes = torch.randint(0, 256, (37, 320), generator=g, dtype=torch.uint8)
+    codes[codes == 0x7F] = 0x7E  # no NaN codes (0x7F / 0xFF): their bits are not comparable
+    codes[codes == 0xFF] = 0xFE
+    scales = torch.randint(100, 140, (37, 10), generator=g, dtype=torch.uint8)  # within bf16/fp16 range
+    data = codes.view(torch.float8_e4m3fn)
+    expected = dequantize_mxfp8(data, scales, dtype)
+    out = mxfp8_decode_triton(*_dev(data, scales), dtype)
+    assert torch.equal(out.cpu().view(torch.int16), expected.view(torch.int16))
+
+
+@pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
+@pytest.mark.parametrize("chunk_bytes", [None, 64 * 256 * 2])  # one slice, or slices of 128 weight rows
+def test_large_m_decode_then_cublas(rule, chunk_bytes, monkeypatch) -> None:
+    """M above the split-K range: decode + cuBLAS (the default large-M path) within one ulp of the reference,
+    sliced or not."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(mxfp8_gemm, "MAX_DECODED_CHUNK_BYTES", chunk_bytes)
+    m, n, k = 70, 300, 256
+    x, w, bias = _inputs(m, n, k, seed=22)
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
+    out = mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton")
+    assert_one_ulp(out, ref)
