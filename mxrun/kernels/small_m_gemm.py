@@ -15,8 +15,9 @@ references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`
 * weights: E4M3 ``[N, K]`` with an fp32 per-tensor / per-channel scale (applied in the reduce kernel), or with
   MXFP8 E8M0 scales ``[N, K/32]`` (a power of two, applied to the decoded weight: exact);
 * activations: bf16/fp16 as they are (weight-only), E4M3 codes with per-token / per-tensor fp32 scales
-  (W8A8 FP8, quantized beforehand by the quantize kernel: the per-token amax needs the whole row), or bf16/fp16
-  quantize-dequantized to MXFP8 in registers (W8A8 MXFP8: a 1x32 group is local to the tile).
+  (W8A8 FP8, quantized beforehand by the quantize kernel: the per-token amax needs the whole row; the launcher
+  widens the codes to bf16, exactly), or bf16/fp16 quantize-dequantized to MXFP8 (W8A8 MXFP8: a 1x32 group is
+  local to the tile, so up to 16 rows it is done in registers; beyond, once before the launch).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
