@@ -43,7 +43,8 @@ def recipe_with_rules(folder: Path, n_rules: int) -> Path:
     rules.append("  - {name: rest, match: '.*', scheme: fp8-channel}")
     path = folder / f"recipe-{n_rules}.yaml"
     path.write_text(
-        "version: 1\nname: bench\ndescription: benchmark recipe\nrules:\n" + "\n".join(rules[:n_rules])
+        "version: 1\nname: bench\ndescription: benchmark recipe\nrules:\n"
+        + "\n".join(rules[:n_rules])
         + "\nskip:\n  - lm_head\n  - '.*\\.mlp\\.gate'\n"
     )
     return path
@@ -51,8 +52,15 @@ def recipe_with_rules(folder: Path, n_rules: int) -> Path:
 
 def synthetic_layers(n_layers: int) -> list[Layer]:
     """``n_layers`` Linear layers named like a deep dense model (7 per block)."""
-    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    names = (
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    )
     return [
         Layer(f"model.layers.{i // 7}.{names[i % 7]}", LayerKind.LINEAR, (4096, 4096), "bfloat16")
         for i in range(n_layers)
@@ -82,16 +90,28 @@ def main() -> None:
             ("671B-class, 160 shards", {}, 1.0),
             ("100k-layer dense", dict(n_layers=14286, n_moe_layers=0, hidden=1024, dense_inter=4096), 2.0),
         ]
-        print(f"{'checkpoint':<24} {'tensors':>8} {'layers':>8} {'rules':>5} {'headers+plan s':>15} {'target s':>9}")
+        print(
+            f"{'checkpoint':<24} {'tensors':>8} {'layers':>8} {'rules':>5} {'headers+plan s':>15} {'target s':>9}"
+        )
         for label, sizes, target in cases:
             checkpoint = write_synthetic_checkpoint(folder / label.split()[0], **sizes)
-            n_tensors = len(json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"])
+            n_tensors = len(
+                json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+            )
             n_layers = len(layers_from_checkpoint(checkpoint))
-            seconds = best_of(args.runs, lambda c=checkpoint: resolve_layers(recipe, layers_from_checkpoint(c)))
+            seconds = best_of(
+                args.runs, lambda c=checkpoint: resolve_layers(recipe, layers_from_checkpoint(c))
+            )
             print(f"{label:<24} {n_tensors:>8} {n_layers:>8} {40:>5} {seconds:>15.3f} {target:>9.1f}")
             results["end_to_end"].append(
-                {"case": label, "tensors": n_tensors, "layers": n_layers, "rules": 40, "seconds": seconds,
-                 "target_seconds": target}
+                {
+                    "case": label,
+                    "tensors": n_tensors,
+                    "layers": n_layers,
+                    "rules": 40,
+                    "seconds": seconds,
+                    "target_seconds": target,
+                }
             )
 
         print(f"\n{'layers':>8} {'rules':>5} {'plan s':>8} {'ns per layer':>13} {'ns per layer x rule':>20}")
@@ -101,7 +121,9 @@ def main() -> None:
                 grid_recipe = load_recipe_or_raise(recipe_with_rules(folder, n_rules))
                 seconds = best_of(args.runs, lambda r=grid_recipe, ls=layers: resolve_layers(r, ls))
                 per_layer = seconds / n_layers * 1e9
-                print(f"{n_layers:>8} {n_rules:>5} {seconds:>8.3f} {per_layer:>13.0f} {per_layer / n_rules:>20.1f}")
+                print(
+                    f"{n_layers:>8} {n_rules:>5} {seconds:>8.3f} {per_layer:>13.0f} {per_layer / n_rules:>20.1f}"
+                )
                 results["grid"].append({"layers": n_layers, "rules": n_rules, "seconds": seconds})
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

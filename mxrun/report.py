@@ -30,8 +30,12 @@ def print_plan(plan: Plan, model_label: str, console: Console | None = None) -> 
     table.add_column("layer", no_wrap=True)
     for column in ("kind", "shape", "decision", "scheme", "decided by"):
         table.add_column(column, overflow="fold")
-    style = {Decision.QUANTIZE: "green", Decision.SKIPPED: "yellow", Decision.UNMATCHED: "dim",
-             Decision.UNSUPPORTED: "red"}
+    style = {
+        Decision.QUANTIZE: "green",
+        Decision.SKIPPED: "yellow",
+        Decision.UNMATCHED: "dim",
+        Decision.UNSUPPORTED: "red",
+    }
     for entry in plan.entries:
         table.add_row(
             entry.layer.name,

@@ -38,8 +38,12 @@ def test_installed_wheel_finds_its_data_outside_the_repository(wheel: Path, tmp_
         "r = load_recipe('mxfp8'); print(resources.recipes_dir()); print(r.recipe.fingerprint)"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": ""},
-        capture_output=True, text=True, check=True,
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     recipes_dir, fingerprint = done.stdout.split()
     assert Path(recipes_dir) == site / "mxrun" / "_data" / "recipes"

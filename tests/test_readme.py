@@ -17,8 +17,11 @@ def _bash_blocks() -> list[str]:
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
     test_command = _bash_blocks()[1].strip()
-    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-                if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    ci_lines = [
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd ", "export "))
+    ]
     assert ci_lines == [test_command]
 
 

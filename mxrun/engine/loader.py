@@ -204,11 +204,15 @@ def _read_skips(data: dict[str, Any], smap: SourceMap, file: FileRecipe, out: Di
         except ValueError:
             continue
         file.skips.append(
-            SkipRule(pattern, kinds, reason, origin=smap.value(("skip", index)), pattern_origin=smap.value(path))
+            SkipRule(
+                pattern, kinds, reason, origin=smap.value(("skip", index)), pattern_origin=smap.value(path)
+            )
         )
 
 
-FORMAT_READERS: Mapping[int, Callable[[YamlDocument, Path | None, DiagnosticList], FileRecipe]] = {1: _read_v1}
+FORMAT_READERS: Mapping[int, Callable[[YamlDocument, Path | None, DiagnosticList], FileRecipe]] = {
+    1: _read_v1
+}
 """Recipe format versions this mxrun reads, and the reader for each."""
 
 
@@ -305,8 +309,11 @@ def _resolve_chain(
         if sum(d.severity is Severity.ERROR for d in out.items) > errors_before and not any(
             d.code == "extends-cycle" for d in out.items
         ):
-            out.error("extends-invalid", f"the recipe it extends, {file.extends!r}, has errors (above)",
-                      file.extends_position)
+            out.error(
+                "extends-invalid",
+                f"the recipe it extends, {file.extends!r}, has errors (above)",
+                file.extends_position,
+            )
         return None
     return [file, *ancestors]
 
@@ -418,13 +425,21 @@ def load_recipe(reference: str | os.PathLike[str]) -> LoadResult:
     text = os.fspath(reference)
     path = resolve_reference(text)
     if path is None and Path(text).is_dir():
-        out.error("not-a-file", "is a directory, not a recipe file", Position(text),
-                  "pass the recipe files, e.g. recipes/*.yaml")
+        out.error(
+            "not-a-file",
+            "is a directory, not a recipe file",
+            Position(text),
+            "pass the recipe files, e.g. recipes/*.yaml",
+        )
         return LoadResult(None, out.sorted())
     if path is None:
         names = ", ".join(resources.builtin_recipe_names())
-        out.error("recipe-not-found", "no such recipe file or built-in recipe", Position(text),
-                  f"built-in recipes: {names}")
+        out.error(
+            "recipe-not-found",
+            "no such recipe file or built-in recipe",
+            Position(text),
+            f"built-in recipes: {names}",
+        )
         return LoadResult(None, out.sorted())
     label = text if Path(text).is_file() else _display(path)
     files = _resolve_chain(path, label, out, ())

@@ -69,7 +69,9 @@ class Matcher:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         # One set for rules and skips: index < len(rules) is a rule, the rest are skips.
-        self._patterns = PatternSet([rule.pattern for rule in recipe.rules] + [s.pattern for s in recipe.skips])
+        self._patterns = PatternSet(
+            [rule.pattern for rule in recipe.rules] + [s.pattern for s in recipe.skips]
+        )
         self._n_rules = len(recipe.rules)
 
     def explain(self, name: str, kind: LayerKind) -> Explanation:

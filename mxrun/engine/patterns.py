@@ -90,7 +90,9 @@ class PatternSet:
             try:
                 self._set.Compile()
             except re2.error:
-                raise PatternError("the recipe's patterns together exceed the matcher's memory budget") from None
+                raise PatternError(
+                    "the recipe's patterns together exceed the matcher's memory budget"
+                ) from None
 
     def match(self, name: str) -> list[int]:
         """Indices (ascending) of the patterns that full-match ``name``."""

@@ -86,7 +86,9 @@ class PlanEntry:
             "group": self.layer.group,
             "decision": self.decision.value,
             "scheme": self.scheme.name if self.scheme else None,
-            "family": self.scheme.family.value if self.scheme and self.decision is Decision.QUANTIZE else None,
+            "family": self.scheme.family.value
+            if self.scheme and self.decision is Decision.QUANTIZE
+            else None,
             "rule": self.rule.name if self.rule else None,
             "skip": self.skip.pattern if self.skip else None,
             "source": self.source,
@@ -120,7 +122,11 @@ class Plan:
     def summary(self) -> dict[str, Any]:
         per_scheme: dict[str, int] = defaultdict(int)
         for entry in self.entries:
-            key = entry.scheme.name if entry.decision is Decision.QUANTIZE and entry.scheme else entry.decision.value
+            key = (
+                entry.scheme.name
+                if entry.decision is Decision.QUANTIZE and entry.scheme
+                else entry.decision.value
+            )
             per_scheme[key] += 1
         return {
             "layers": len(self.entries),
@@ -305,8 +311,10 @@ def _check_groups(entries: list[PlanEntry], out: DiagnosticList) -> None:
             deciders.append(f"{e.layer.name} -> {what}{by}")
         anchor = next((e for e in members if e.rule is not None or e.skip is not None), members[0])
         position = (
-            anchor.rule.pattern_origin if anchor.rule is not None
-            else anchor.skip.pattern_origin if anchor.skip is not None
+            anchor.rule.pattern_origin
+            if anchor.rule is not None
+            else anchor.skip.pattern_origin
+            if anchor.skip is not None
             else Position(anchor.layer.name)
         )
         out.error(

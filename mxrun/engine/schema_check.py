@@ -59,7 +59,9 @@ def _where(path: Iterable[str | int]) -> str:
     return text or "the recipe"
 
 
-def check_against_schema(data: Any, schema: dict[str, Any], source_map: SourceMap, out: DiagnosticList) -> None:
+def check_against_schema(
+    data: Any, schema: dict[str, Any], source_map: SourceMap, out: DiagnosticList
+) -> None:
     """Append one diagnostic per schema violation in ``data`` to ``out``."""
     validator = Draft202012Validator(schema)
     for error in validator.iter_errors(data):
@@ -118,13 +120,20 @@ def _report(error: ValidationError, source_map: SourceMap, out: DiagnosticList) 
     elif kind == "const":
         out.error("bad-value", f"{where} must be {error.validator_value!r}, not {error.instance!r}", position)
     elif kind == "pattern":
-        out.error("bad-value", f"{where} {error.instance!r} does not match {error.validator_value!r}", position)
+        out.error(
+            "bad-value", f"{where} {error.instance!r} does not match {error.validator_value!r}", position
+        )
     elif kind in ("minLength", "minItems") and error.validator_value == 1:
         out.error("empty-value", f"{where} must not be empty", position)
     elif kind in ("minLength", "maxLength", "minItems", "maxItems", "minimum", "maximum"):
-        bound = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
-                 "minItems": "at least {} items", "maxItems": "at most {} items",
-                 "minimum": "at least {}", "maximum": "at most {}"}[kind].format(error.validator_value)
+        bound = {
+            "minLength": "at least {} characters",
+            "maxLength": "at most {} characters",
+            "minItems": "at least {} items",
+            "maxItems": "at most {} items",
+            "minimum": "at least {}",
+            "maximum": "at most {}",
+        }[kind].format(error.validator_value)
         out.error("out-of-range", f"{where} must be {bound}", position)
     elif kind == "uniqueItems":
         out.error("duplicate-item", f"{where} lists an item twice", position)

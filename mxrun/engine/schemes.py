@@ -208,7 +208,12 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "mxfp8": {
         "description": "MXFP8 (OCP MX v1.0): E4M3 elements, one E8M0 scale per 32 along K, weights and activations",
         "weights": _W_MX,
-        "activations": {"format": "fp8_e4m3", "granularity": "mx", "group_size": 32, "scale_rule": "round_up"},
+        "activations": {
+            "format": "fp8_e4m3",
+            "granularity": "mx",
+            "group_size": 32,
+            "scale_rule": "round_up",
+        },
     },
     "fp8-tensor-weight-only": {
         "description": "FP8 E4M3 per-tensor weights; activations stay in bf16/fp16",
@@ -234,7 +239,9 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
 """Built-in schemes by name. A rule may name a preset directly; a recipe scheme may start from one."""
 
 
-def build_scheme(name: str, spec: Mapping[str, Any]) -> tuple[Scheme | None, list[tuple[tuple[str, ...], str]]]:
+def build_scheme(
+    name: str, spec: Mapping[str, Any]
+) -> tuple[Scheme | None, list[tuple[tuple[str, ...], str]]]:
     """Resolve a (schema-valid) scheme mapping into a :class:`Scheme`.
 
     ``spec`` may name a ``preset``; its ``weights``/``activations`` mappings then override the preset's field
@@ -250,13 +257,19 @@ def build_scheme(name: str, spec: Mapping[str, Any]) -> tuple[Scheme | None, lis
             return None, problems
         base = PRESETS[preset_name]
     weights = {**(base.get("weights") or {}), **(spec.get("weights") or {})}
-    if ("activations" in spec and spec["activations"] is None) or (base and base.get("activations") is None and "activations" not in spec):
+    if ("activations" in spec and spec["activations"] is None) or (
+        base and base.get("activations") is None and "activations" not in spec
+    ):
         activations = None
     else:
         activations = {**(base.get("activations") or {}), **(spec.get("activations") or {})}
     if not weights.get("granularity"):
-        problems.append((("weights",), "the scheme sets no weight granularity; name a `preset` or set "
-                         "`weights.granularity`"))
+        problems.append(
+            (
+                ("weights",),
+                "the scheme sets no weight granularity; name a `preset` or set `weights.granularity`",
+            )
+        )
         return None, problems
 
     w_gran = WeightGranularity(weights["granularity"])
@@ -264,8 +277,11 @@ def build_scheme(name: str, spec: Mapping[str, Any]) -> tuple[Scheme | None, lis
         "format": ElementFormat(weights.get("format", "fp8_e4m3")),
         "granularity": w_gran,
     }
-    for key, allowed in (("block_size", WeightGranularity.BLOCK), ("partial_blocks", WeightGranularity.BLOCK),
-                         ("scale_rule", WeightGranularity.MX)):
+    for key, allowed in (
+        ("block_size", WeightGranularity.BLOCK),
+        ("partial_blocks", WeightGranularity.BLOCK),
+        ("scale_rule", WeightGranularity.MX),
+    ):
         if key in (spec.get("weights") or {}) and w_gran is not allowed:
             problems.append((("weights", key), f"`{key}` applies only to `{allowed.value}` weights"))
     if w_gran is WeightGranularity.BLOCK:
@@ -279,35 +295,56 @@ def build_scheme(name: str, spec: Mapping[str, Any]) -> tuple[Scheme | None, lis
     act_quant = None
     if activations is not None:
         if not activations.get("granularity"):
-            problems.append((("activations",), "activations need a `granularity` (or `activations: null` "
-                             "for weight-only)"))
+            problems.append(
+                (
+                    ("activations",),
+                    "activations need a `granularity` (or `activations: null` for weight-only)",
+                )
+            )
             return None, problems
         a_gran = ActivationGranularity(activations["granularity"])
         group_size = activations.get("group_size")
         scale_rule = None
         if a_gran is ActivationGranularity.GROUP:
             group_size = group_size or 128
-            if w_gran is WeightGranularity.BLOCK and weight_quant.block_size and \
-                    group_size != weight_quant.block_size[1]:
-                problems.append((("activations", "group_size"),
-                                 f"activation group {group_size} must equal the weight block's K size "
-                                 f"{weight_quant.block_size[1]} (scales are applied per K block)"))
+            if (
+                w_gran is WeightGranularity.BLOCK
+                and weight_quant.block_size
+                and group_size != weight_quant.block_size[1]
+            ):
+                problems.append(
+                    (
+                        ("activations", "group_size"),
+                        f"activation group {group_size} must equal the weight block's K size "
+                        f"{weight_quant.block_size[1]} (scales are applied per K block)",
+                    )
+                )
         elif a_gran is ActivationGranularity.MX:
             if group_size not in (None, MX_BLOCK):
-                problems.append((("activations", "group_size"), f"MX activation groups are always {MX_BLOCK}"))
+                problems.append(
+                    (("activations", "group_size"), f"MX activation groups are always {MX_BLOCK}")
+                )
             group_size = MX_BLOCK
             scale_rule = ScaleRule(activations.get("scale_rule", "round_up"))
         else:
             if "group_size" in (spec.get("activations") or {}):
-                problems.append((("activations", "group_size"),
-                                 "`group_size` applies only to `group` and `mx` activations"))
+                problems.append(
+                    (
+                        ("activations", "group_size"),
+                        "`group_size` applies only to `group` and `mx` activations",
+                    )
+                )
             group_size = None
         if "scale_rule" in (spec.get("activations") or {}) and a_gran is not ActivationGranularity.MX:
             problems.append((("activations", "scale_rule"), "`scale_rule` applies only to `mx` activations"))
         if (a_gran is ActivationGranularity.MX) != (w_gran is WeightGranularity.MX):
-            problems.append((("activations", "granularity"),
-                             "MX activations go with MX weights only (the GEMM applies both 1x32 scales "
-                             "per K chunk); use `activations: null` for MXFP8 weight-only"))
+            problems.append(
+                (
+                    ("activations", "granularity"),
+                    "MX activations go with MX weights only (the GEMM applies both 1x32 scales "
+                    "per K chunk); use `activations: null` for MXFP8 weight-only",
+                )
+            )
         act_quant = ActivationQuant(
             format=ElementFormat(activations.get("format", "fp8_e4m3")),
             granularity=a_gran,

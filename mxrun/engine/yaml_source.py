@@ -36,9 +36,7 @@ MAX_EXPANDED_NODES = 100_000
 
 JsonPath = tuple[str | int, ...]
 
-_SAFE_TAGS = {
-    f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "map", "seq")
-}
+_SAFE_TAGS = {f"tag:yaml.org,2002:{name}" for name in ("str", "int", "float", "bool", "null", "map", "seq")}
 
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -292,7 +290,9 @@ class _Builder:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
                 shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a collection"
                 self.diagnostics.error(
-                    "non-string-key", f"mapping key {shown!r} must be a string", key_position,
+                    "non-string-key",
+                    f"mapping key {shown!r} must be a string",
+                    key_position,
                     "quote it",
                 )
                 continue
@@ -310,4 +310,3 @@ class _Builder:
             self.source_map.keys[(*path, key)] = key_position
             result[key] = self.build(value_node, (*path, key))
         return result
-

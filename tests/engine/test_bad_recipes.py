@@ -30,7 +30,22 @@ def test_corpus_covers_the_failure_classes() -> None:
     codes = set()
     for path in CORPUS:
         codes |= {d.code for d in load_recipe(path).diagnostics}
-    for code in ("unknown-key", "missing-version", "unsupported-version", "bad-regex", "unknown-scheme",
-                 "shadowed-rule", "duplicate-rule", "bad-scheme", "yaml-syntax", "duplicate-key", "yaml-tag",
-                 "empty-file", "wrong-type", "extends-not-found", "extends-cycle", "not-a-mapping"):
+    for code in (
+        "unknown-key",
+        "missing-version",
+        "unsupported-version",
+        "bad-regex",
+        "unknown-scheme",
+        "shadowed-rule",
+        "duplicate-rule",
+        "bad-scheme",
+        "yaml-syntax",
+        "duplicate-key",
+        "yaml-tag",
+        "empty-file",
+        "wrong-type",
+        "extends-not-found",
+        "extends-cycle",
+        "not-a-mapping",
+    ):
         assert code in codes, code

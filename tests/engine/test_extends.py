@@ -91,13 +91,17 @@ def test_extends_builtin_by_name(tmp_path: Path) -> None:
 
 
 def test_three_level_chain_and_diagnostics_point_at_the_parent(tmp_path: Path) -> None:
-    _write(tmp_path, "a.yaml", "version: 1\nname: a\ndescription: a\nrules:\n  - {match: 'x(', scheme: mxfp8}\n")
+    _write(
+        tmp_path, "a.yaml", "version: 1\nname: a\ndescription: a\nrules:\n  - {match: 'x(', scheme: mxfp8}\n"
+    )
     _write(tmp_path, "b.yaml", "version: 1\nname: b\ndescription: b\nextends: a.yaml\n")
     c = _write(tmp_path, "c.yaml", "version: 1\nname: c\ndescription: c\nextends: b.yaml\n")
     result = load_recipe(c)
     assert result.recipe is None
     lines = [d.format() for d in result.diagnostics]
-    assert len(lines) == 1 and lines[0].endswith("a.yaml:5:15: error: invalid regex: missing ), unterminated subpattern")
+    assert len(lines) == 1 and lines[0].endswith(
+        "a.yaml:5:15: error: invalid regex: missing ), unterminated subpattern"
+    )
 
 
 def test_self_cycle(tmp_path: Path) -> None:
@@ -110,7 +114,9 @@ def test_self_cycle(tmp_path: Path) -> None:
 
 def test_three_file_cycle_prints_the_chain(tmp_path: Path) -> None:
     for this, parent in (("x", "y"), ("y", "z"), ("z", "x")):
-        _write(tmp_path, f"{this}.yaml", f"version: 1\nname: {this}\ndescription: d\nextends: {parent}.yaml\n")
+        _write(
+            tmp_path, f"{this}.yaml", f"version: 1\nname: {this}\ndescription: d\nextends: {parent}.yaml\n"
+        )
     result = load_recipe(tmp_path / "x.yaml")
     (cycle,) = [d for d in result.diagnostics if d.code == "extends-cycle"]
     names = [Path(part.strip()).name for part in cycle.message.split(": ", 1)[1].split("->")]
@@ -148,9 +154,14 @@ def test_fingerprint_ignores_presentation_but_not_meaning(tmp_path: Path) -> Non
         on_unsupported: error
         """,
     )
-    reordered = _write(tmp_path, "c.yaml", PARENT.replace("p-experts", "X").replace(
-        "- {name: X, match: '.*experts.*', scheme: experts}\n      - {name: p-all, match: '.*', scheme: attn}",
-        "- {name: p-all, match: '.*', scheme: attn}\n      - {name: X, match: '.*experts.*', scheme: experts}"))
+    reordered = _write(
+        tmp_path,
+        "c.yaml",
+        PARENT.replace("p-experts", "X").replace(
+            "- {name: X, match: '.*experts.*', scheme: experts}\n      - {name: p-all, match: '.*', scheme: attn}",
+            "- {name: p-all, match: '.*', scheme: attn}\n      - {name: X, match: '.*experts.*', scheme: experts}",
+        ),
+    )
     fa, fb, fc = (load_recipe(p).recipe.fingerprint for p in (a, reformatted, reordered))
     assert fa == fb
     assert fa != fc  # rule order changes which rule wins
@@ -165,15 +176,22 @@ def _yaml_rules(rules: list[tuple[str, str]]) -> str:
     return "".join(f"  - {{match: '{p}', scheme: {s}}}\n" for p, s in rules)
 
 
-_RULES = st.lists(st.tuples(st.sampled_from(_PATTERNS), st.sampled_from(["mxfp8", "fp8-channel"])), max_size=4)
+_RULES = st.lists(
+    st.tuples(st.sampled_from(_PATTERNS), st.sampled_from(["mxfp8", "fp8-channel"])), max_size=4
+)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(parent_rules=_RULES, child_rules=_RULES, parent_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2),
-       child_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2))
+@given(
+    parent_rules=_RULES,
+    child_rules=_RULES,
+    parent_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2),
+    child_skips=st.lists(st.sampled_from(_PATTERNS), max_size=2),
+)
 def test_merge_property(tmp_path: Path, parent_rules, child_rules, parent_skips, child_skips) -> None:
     """For any parent and child: the merged recipe decides each name as 'skip if any skip of either matches,
     else the child's first match, else the parent's first match'."""
+
     def body(name: str, rules, skips, extra: str = "") -> str:
         text = f"version: 1\nname: {name}\ndescription: d\n{extra}"
         if rules:

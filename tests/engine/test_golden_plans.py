@@ -44,8 +44,14 @@ def _compact(plan: Plan) -> dict[str, Any]:
             file, line, _column = entry.source.rsplit(":", 2)
             source = f"{Path(file).name}:{line}"
         rows.append(
-            [entry.layer.name, entry.layer.kind.value, "x".join(map(str, entry.layer.shape)),
-             entry.decision.value, entry.scheme.name if entry.scheme else None, source]
+            [
+                entry.layer.name,
+                entry.layer.kind.value,
+                "x".join(map(str, entry.layer.shape)),
+                entry.decision.value,
+                entry.scheme.name if entry.scheme else None,
+                source,
+            ]
         )
     return {
         "fingerprint": plan.fingerprint,

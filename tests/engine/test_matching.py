@@ -86,7 +86,9 @@ _ATOMS = ["a", "b", ".", r"\.", r"\d", "[ab]", "(a|b)", "(a.b)", "x"]
 @st.composite
 def _patterns(draw: st.DrawFn) -> str:
     parts = draw(st.lists(st.sampled_from(_ATOMS), min_size=1, max_size=5))
-    quant = draw(st.lists(st.sampled_from(["", "*", "+", "?", "{2}"]), min_size=len(parts), max_size=len(parts)))
+    quant = draw(
+        st.lists(st.sampled_from(["", "*", "+", "?", "{2}"]), min_size=len(parts), max_size=len(parts))
+    )
     return "".join(p + q for p, q in zip(parts, quant, strict=True))
 
 
@@ -117,7 +119,5 @@ def test_winner_is_first_admitting_full_match_unless_skipped(rules, skips, name,
     if any(re.fullmatch(p, name) for p in skips):
         assert why.winner is None and why.skips
         return
-    expected = next(
-        (r for r in recipe_rules if re.fullmatch(r.pattern, name) and r.admits(kind)), None
-    )
+    expected = next((r for r in recipe_rules if re.fullmatch(r.pattern, name) and r.admits(kind)), None)
     assert why.winner == expected

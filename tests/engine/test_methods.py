@@ -128,7 +128,9 @@ def _data(kind: str, m: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tenso
 
 
 def _quantized(scheme_name: str, linear: nn.Linear) -> QuantizedLinear:
-    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="test.proj")
+    layer = QuantizedLinear.from_linear(
+        linear, method_for(preset_scheme(scheme_name)), layer_name="test.proj"
+    )
     layer.load_weight(linear.weight.data)
     return layer
 
@@ -176,7 +178,9 @@ def test_fp16_and_leading_dims(scheme_name: str) -> None:
     layer = _quantized(scheme_name, linear)
     out = layer(x.reshape(2, 5, K))
     assert out.dtype == torch.float16 and out.shape == (2, 5, N)
-    within_worst, within_statistical = _check_bounds(preset_scheme(scheme_name), x, linear, out.reshape(10, N))
+    within_worst, within_statistical = _check_bounds(
+        preset_scheme(scheme_name), x, linear, out.reshape(10, N)
+    )
     assert within_worst and within_statistical
 
 
@@ -225,7 +229,10 @@ def test_registry_covers_every_family_and_weight_only() -> None:
         ("fp8-tensor", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((), torch.float32)}),
         ("fp8-channel", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((N, 1), torch.float32)}),
         ("fp8-block", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale": ((2, 2), torch.float32)}),
-        ("mxfp8", {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale_e8m0": ((N, K // 32), torch.uint8)}),
+        (
+            "mxfp8",
+            {"weight": ((N, K), torch.float8_e4m3fn), "weight_scale_e8m0": ((N, K // 32), torch.uint8)},
+        ),
     ],
 )
 def test_create_weights_layout(scheme_name: str, buffers: dict) -> None:
@@ -259,10 +266,12 @@ def test_module_casts_keep_quantized_buffers() -> None:
 
 def test_unsupported_shapes_and_schemes_are_refused_with_the_layer_name() -> None:
     with pytest.raises(UnsupportedSchemeError, match=r"blk\.proj.*in_features % 32"):
-        QuantizedLinear(48, 8, method_for(preset_scheme("mxfp8")), bias=False, dtype=torch.bfloat16,
-                        layer_name="blk.proj")
-    scheme, problems = build_scheme("b64", {"preset": "fp8-block", "weights": {"block_size": [64, 64]},
-                                            "activations": {"group_size": 64}})
+        QuantizedLinear(
+            48, 8, method_for(preset_scheme("mxfp8")), bias=False, dtype=torch.bfloat16, layer_name="blk.proj"
+        )
+    scheme, problems = build_scheme(
+        "b64", {"preset": "fp8-block", "weights": {"block_size": [64, 64]}, "activations": {"group_size": 64}}
+    )
     assert scheme is not None, problems
     with pytest.raises(UnsupportedSchemeError, match="64x64"):
         QuantizedLinear(128, 128, method_for(scheme), bias=False, dtype=torch.bfloat16, layer_name="l")
@@ -271,7 +280,8 @@ def test_unsupported_shapes_and_schemes_are_refused_with_the_layer_name() -> Non
 
 
 def test_weight_of_the_wrong_shape_is_refused() -> None:
-    layer = QuantizedLinear(K, N, method_for(preset_scheme("fp8-tensor")), bias=False, dtype=torch.bfloat16,
-                            layer_name="model.x")
+    layer = QuantizedLinear(
+        K, N, method_for(preset_scheme("fp8-tensor")), bias=False, dtype=torch.bfloat16, layer_name="model.x"
+    )
     with pytest.raises(ValueError, match=r"model\.x.*does not fit"):
         layer.load_weight(torch.randn(K, N, dtype=torch.bfloat16))

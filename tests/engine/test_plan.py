@@ -15,13 +15,23 @@ def _moe_layers(hidden: int = 64, inter: int = 32, experts: int = 4) -> list[Lay
     for i in range(2):
         p = f"model.layers.{i}"
         for proj, n in (("q", hidden), ("k", hidden // 2), ("v", hidden // 2)):
-            layers.append(Layer(f"{p}.self_attn.{proj}_proj", L, (n, hidden), "bfloat16", f"{p}.self_attn.qkv"))
+            layers.append(
+                Layer(f"{p}.self_attn.{proj}_proj", L, (n, hidden), "bfloat16", f"{p}.self_attn.qkv")
+            )
         layers.append(Layer(f"{p}.self_attn.o_proj", L, (hidden, hidden), "bfloat16"))
         layers.append(Layer(f"{p}.mlp.gate", L, (experts, hidden), "bfloat16"))
-        layers.append(Layer(f"{p}.mlp.experts.gate_up_proj", E, (experts, 2 * inter, hidden), "bfloat16",
-                            f"{p}.mlp.experts"))
-        layers.append(Layer(f"{p}.mlp.experts.down_proj", E, (experts, hidden, inter), "bfloat16",
-                            f"{p}.mlp.experts"))
+        layers.append(
+            Layer(
+                f"{p}.mlp.experts.gate_up_proj",
+                E,
+                (experts, 2 * inter, hidden),
+                "bfloat16",
+                f"{p}.mlp.experts",
+            )
+        )
+        layers.append(
+            Layer(f"{p}.mlp.experts.down_proj", E, (experts, hidden, inter), "bfloat16", f"{p}.mlp.experts")
+        )
     layers.append(Layer("lm_head", L, (1000, hidden), "bfloat16"))
     return layers
 
@@ -48,14 +58,17 @@ def test_builtin_mixed_recipe_decides_every_layer() -> None:
 
 
 def test_rule_and_skip_that_match_nothing_warn_at_their_position(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, """\
+    recipe = _recipe(
+        tmp_path,
+        """\
         rules:
           - {name: typo, match: 'model\\.layer\\.\\d+\\..*', scheme: mxfp8}
           - {name: all, match: '.*', scheme: fp8-channel}
         skip:
           - 'lm_head'
           - 'output_layer'
-        """)
+        """,
+    )
     plan = resolve_layers(recipe, _moe_layers())
     lines = [d.format() for d in plan.diagnostics]
     assert lines == [
@@ -67,12 +80,15 @@ def test_rule_and_skip_that_match_nothing_warn_at_their_position(tmp_path: Path)
 
 
 def test_rule_whose_matches_are_all_taken_is_shadowed(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, """\
+    recipe = _recipe(
+        tmp_path,
+        """\
         rules:
           - {name: attn, match: '.*self_attn.*', scheme: fp8-channel}
           - {name: q-only, match: '.*q_proj', scheme: mxfp8}
           - {name: rest, match: '.*', scheme: mxfp8}
-        """)
+        """,
+    )
     plan = resolve_layers(recipe, _moe_layers())
     (diag,) = plan.diagnostics
     assert diag.code == "rule-shadowed" and "'q-only' matches 2 layer(s)" in diag.message
@@ -80,11 +96,14 @@ def test_rule_whose_matches_are_all_taken_is_shadowed(tmp_path: Path) -> None:
 
 
 def test_split_fused_group_is_an_error_naming_group_and_rules(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, """\
+    recipe = _recipe(
+        tmp_path,
+        """\
         rules:
           - {name: q, match: '.*q_proj', scheme: mxfp8}
           - {name: all, match: '.*', scheme: fp8-channel}
-        """)
+        """,
+    )
     plan = resolve_layers(recipe, _moe_layers())
     errors = [d for d in plan.diagnostics if d.code == "split-group"]
     assert len(errors) == 2  # one per attention block
@@ -94,12 +113,15 @@ def test_split_fused_group_is_an_error_naming_group_and_rules(tmp_path: Path) ->
 
 
 def test_experts_split_by_skip_is_an_error(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, """\
+    recipe = _recipe(
+        tmp_path,
+        """\
         rules:
           - {match: '.*', scheme: mxfp8}
         skip:
           - '.*experts\\.down_proj'
-        """)
+        """,
+    )
     codes = [d.code for d in resolve_layers(recipe, _moe_layers()).diagnostics]
     assert codes.count("split-group") == 2
 
@@ -109,7 +131,10 @@ def test_unsupported_layers_follow_policy(tmp_path: Path) -> None:
     skip_plan = resolve_layers(_recipe(tmp_path, "rules:\n  - {match: '.*', scheme: mxfp8}\n"), odd)
     assert [e.decision for e in skip_plan.entries] == [Decision.UNSUPPORTED, Decision.QUANTIZE]
     (warning,) = skip_plan.diagnostics
-    assert warning.code == "unsupported-layers" and "cannot serve 1 layer(s), left unquantized: a" in warning.message
+    assert (
+        warning.code == "unsupported-layers"
+        and "cannot serve 1 layer(s), left unquantized: a" in warning.message
+    )
     assert skip_plan.entries[0].bytes_after == skip_plan.entries[0].bytes_before
 
     error_plan = resolve_layers(

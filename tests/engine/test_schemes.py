@@ -35,7 +35,9 @@ def test_preset_families_and_fields() -> None:
     assert channel.activations.granularity is ActivationGranularity.TOKEN
     block = preset_scheme("fp8-block")
     assert block.weights.block_size == (128, 128)
-    assert block.activations.granularity is ActivationGranularity.GROUP and block.activations.group_size == 128
+    assert (
+        block.activations.granularity is ActivationGranularity.GROUP and block.activations.group_size == 128
+    )
     mx = preset_scheme("mxfp8")
     assert mx.weights.scale_rule is ScaleRule.ROUND_UP
     assert mx.activations.group_size == 32 and mx.activations.scale_rule is ScaleRule.ROUND_UP
@@ -56,8 +58,11 @@ def test_activations_null_makes_weight_only() -> None:
 
 def test_spelled_out_scheme_without_preset() -> None:
     scheme, problems = build_scheme(
-        "x", {"weights": {"granularity": "block", "block_size": [64, 128]},
-              "activations": {"granularity": "group", "group_size": 128}}
+        "x",
+        {
+            "weights": {"granularity": "block", "block_size": [64, 128]},
+            "activations": {"granularity": "group", "group_size": 128},
+        },
     )
     assert problems == [] and scheme.weights.block_size == (64, 128)
 
@@ -70,10 +75,16 @@ def test_spelled_out_scheme_without_preset() -> None:
         ({"preset": "fp8-channel", "weights": {"scale_rule": "floor"}}, "`scale_rule` applies only to `mx`"),
         ({"preset": "fp8-block", "activations": {"group_size": 64}}, "must equal the weight block's K"),
         ({"preset": "mxfp8", "activations": {"granularity": "token"}}, "MX activations go with MX weights"),
-        ({"preset": "fp8-channel", "activations": {"granularity": "mx"}}, "MX activations go with MX weights"),
+        (
+            {"preset": "fp8-channel", "activations": {"granularity": "mx"}},
+            "MX activations go with MX weights",
+        ),
         ({"preset": "mxfp8", "activations": {"group_size": 16}}, "always 32"),
         ({"preset": "fp8-channel", "activations": {"group_size": 16}}, "`group_size` applies only"),
-        ({"preset": "fp8-channel", "activations": {"scale_rule": "floor"}}, "`scale_rule` applies only to `mx` act"),
+        (
+            {"preset": "fp8-channel", "activations": {"scale_rule": "floor"}},
+            "`scale_rule` applies only to `mx` act",
+        ),
     ],
 )
 def test_invalid_combinations(spec: dict, message: str) -> None:
@@ -89,7 +100,9 @@ def test_cannot_serve() -> None:
     # block weights allow partial tiles by default, but 1x128 activation groups need K % 128 == 0
     assert preset_scheme("fp8-block-weight-only").cannot_serve(_layer(100, 200)) is None
     assert "activation group 128" in preset_scheme("fp8-block").cannot_serve(_layer(128, 200))
-    strict, _ = build_scheme("s", {"preset": "fp8-block-weight-only", "weights": {"partial_blocks": "unsupported"}})
+    strict, _ = build_scheme(
+        "s", {"preset": "fp8-block-weight-only", "weights": {"partial_blocks": "unsupported"}}
+    )
     assert strict.weights.partial_blocks is PartialBlocks.UNSUPPORTED
     assert "not a multiple of the 128x128 block" in strict.cannot_serve(_layer(100, 256))
     assert preset_scheme("fp8-channel").cannot_serve(_layer(7, 9)) is None
