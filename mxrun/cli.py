@@ -72,6 +72,31 @@ def _plan_or_exit(recipe: Recipe, model: str | None, strict: bool) -> tuple[str,
     return label, plan
 
 
+def _exported(model: str | None) -> Any:
+    """The exported checkpoint at ``model`` (written by `mxrun export`), or None for any other folder."""
+    if model is None:
+        return None
+    from mxrun.job.exported import open_exported
+
+    return open_exported(model)
+
+
+def _exported_plan_or_exit(exported: Any, recipe: Recipe | None, strict: bool) -> tuple[str, Plan]:
+    """The plan of an exported checkpoint: its recorded recipe (``--recipe`` must have its fingerprint)."""
+    from mxrun.job import JobError
+    from mxrun.job.exported import exported_plan
+
+    try:
+        plan = exported_plan(exported, recipe)
+    except JobError as exc:
+        _fail(str(exc))
+    diagnostics = _apply_strict(list(plan.diagnostics), strict)
+    _print_diagnostics(diagnostics)
+    if any(d.severity is Severity.ERROR for d in diagnostics):
+        sys.exit(EXIT_INVALID)
+    return f"{exported.folder} (exported)", plan
+
+
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--recipe", "recipe_ref", metavar="RECIPE", help="Recipe file or built-in name (see `mxrun recipes`)."
@@ -107,6 +132,14 @@ def _plan_or_exit(recipe: Recipe, model: str | None, strict: bool) -> tuple[str,
     metavar="N",
     help="Tokens of text to evaluate on (default 8192).",
 )
+@click.option(
+    "--reference",
+    "reference_dir",
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="For an exported --model: the unquantized checkpoint to compare with. Default: the source the "
+    "export records, when it is still there.",
+)
 @click.option("--strict", is_flag=True, help="Treat warnings as errors.")
 @click.version_option(__version__, prog_name="mxrun")
 @click.pass_context
@@ -118,6 +151,7 @@ def main(
     device: str,
     out_dir: Path | None,
     max_tokens: int | None,
+    reference_dir: Path | None,
     strict: bool,
 ) -> None:
     """mxrun: declarative FP8 / MXFP8 quantization recipes for PyTorch models.
@@ -130,12 +164,19 @@ def main(
         if recipe_ref or model:
             raise click.UsageError("--recipe/--model go after the command name, e.g. `mxrun plan --recipe R`")
         return
-    if recipe_ref is None:
+    exported = _exported(model)
+    if recipe_ref is None and exported is None:
         click.echo(ctx.get_help())
         ctx.exit(EXIT_USAGE)
-    recipe = _load_or_exit(recipe_ref, strict)
-    click.echo(f"recipe {recipe.name} ({recipe.fingerprint})")
-    label, plan = _plan_or_exit(recipe, model, strict)
+    if reference_dir is not None and exported is None:
+        raise click.UsageError("--reference is for an exported --model (written by `mxrun export`)")
+    recipe = _load_or_exit(recipe_ref, strict) if recipe_ref is not None else None
+    if exported is not None:
+        label, plan = _exported_plan_or_exit(exported, recipe, strict)
+    else:
+        assert recipe is not None  # checked above
+        label, plan = _plan_or_exit(recipe, model, strict)
+    click.echo(f"recipe {plan.recipe.name} ({plan.recipe.fingerprint})")
     from mxrun.report import print_plan
 
     print_plan(plan, label)
@@ -149,6 +190,7 @@ def main(
         device=device,
         out_dir=out_dir,
         max_tokens=max_tokens or DEFAULT_MAX_TOKENS,
+        reference_dir=reference_dir,
     )
     try:
         run_job(plan, options)

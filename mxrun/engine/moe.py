@@ -38,8 +38,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mxrun.engine.methods import ORIGINAL_DTYPES, UnsupportedSchemeError, method_for
+from mxrun.engine.methods import (
+    ORIGINAL_DTYPES,
+    UnsupportedSchemeError,
+    method_for,
+    quantize_fp8_into,
+    quantize_mxfp8_into,
+)
 from mxrun.engine.schemes import ActivationGranularity, ScaleRule, Scheme, SchemeFamily
+from mxrun.kernels.fp8_quantize import Fp8Granularity
 from mxrun.kernels.moe_gemm import (
     ExpertActivation,
     ExpertWeightFormat,
@@ -47,7 +54,6 @@ from mxrun.kernels.moe_gemm import (
     expert_scale_dtype,
     expert_scale_shape,
     moe_experts,
-    quantize_expert,
 )
 from mxrun.kernels.mxfp8_quantize import MxScaleRule
 
@@ -60,6 +66,11 @@ _FORMAT = {
     SchemeFamily.FP8_CHANNEL: ExpertWeightFormat.FP8_CHANNEL,
     SchemeFamily.FP8_BLOCK: ExpertWeightFormat.FP8_BLOCK,
     SchemeFamily.MXFP8: ExpertWeightFormat.MXFP8,
+}
+_FP8_WEIGHT_GRANULARITY = {
+    ExpertWeightFormat.FP8_TENSOR: Fp8Granularity.PER_TENSOR,
+    ExpertWeightFormat.FP8_CHANNEL: Fp8Granularity.PER_ROW,
+    ExpertWeightFormat.FP8_BLOCK: Fp8Granularity.BLOCK_128X128,
 }
 _FP8_ACTIVATION = {
     ActivationGranularity.TENSOR: ExpertActivation.FP8_TENSOR,
@@ -203,13 +214,16 @@ class QuantizedExperts(nn.Module):
         )
 
     def _store(self, param: str, expert: int, weight: torch.Tensor) -> None:
-        data, scale = quantize_expert(
-            weight.detach().to(self.device), self.weight_format, self.weight_rule
-        )  # the device copy of one expert is the only high-precision tensor alive here
-        getattr(self, param)[expert].copy_(data)
-        getattr(self, self._scale_names[param])[expert].copy_(
-            scale.view(getattr(self, self._scale_names[param]).dtype)
-        )
+        """Quantize one expert's ``[N, K]`` projection straight into its slice of the stacks: the bytes of
+        :func:`~mxrun.kernels.moe_gemm.quantize_expert`, with the CPU quantizer's scratch bounded (see
+        :func:`~mxrun.engine.methods.quantize_fp8_into`)."""
+        weight = weight.detach().to(self.device)  # the only high-precision tensor alive here
+        data = getattr(self, param)[expert]
+        scale = getattr(self, self._scale_names[param])[expert]
+        if self.weight_format is ExpertWeightFormat.MXFP8:
+            quantize_mxfp8_into(weight, self.weight_rule, data, scale)
+        else:
+            quantize_fp8_into(weight, _FP8_WEIGHT_GRANULARITY[self.weight_format], data, scale)
 
     def _check_expert(self, expert: int) -> None:
         if not 0 <= expert < self.num_experts:

@@ -27,8 +27,9 @@ each argument set). Activations are always dynamic (no ``input_scale`` is stored
 What compressed-tensors cannot say, mxrun records under the extra key :data:`MXRUN_KEY` of the
 ``quantization_config`` (compressed-tensors' ``QuantizationConfig`` ignores unknown keys, and vLLM reads only
 the keys it knows): the MX scale rule of the dynamic activations (round-up or the spec's floor), the scheme
-names and definitions, the resolved recipe with its fingerprint, and the mxrun version. Reloading in mxrun
-uses that record when present, and falls back to :func:`scheme_from_ct` otherwise.
+names and definitions, the resolved recipe with its fingerprint, the mxrun version, and the absolute path
+of the source checkpoint (``source``: ``mxrun --model <export>`` compares with it while it is there).
+Reloading in mxrun uses that record when present, and falls back to :func:`scheme_from_ct` otherwise.
 
 This module writes plain dicts and never imports compressed-tensors (a test checks the files with it).
 """

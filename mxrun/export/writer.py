@@ -101,9 +101,14 @@ class ExportResult:
         )
 
 
-def recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """What mxrun records about the recipe in an exported config (under ``quantization_config.mxrun``)."""
-    return {"mxrun_version": __version__, "fingerprint": recipe.fingerprint, "recipe": recipe.to_json()}
+def recipe_record(recipe: Recipe, source_dir: Path | None = None) -> dict[str, Any]:
+    """What mxrun records about the recipe in an exported config (under ``quantization_config.mxrun``), and
+    the absolute path of the source checkpoint (``source``), which ``mxrun --model <export>`` compares with
+    when it is still there."""
+    record = {"mxrun_version": __version__, "fingerprint": recipe.fingerprint, "recipe": recipe.to_json()}
+    if source_dir is not None:
+        record["source"] = str(Path(source_dir).resolve())
+    return record
 
 
 # ------------------------------------------------------------------------------------------ source files
@@ -499,7 +504,7 @@ def export_checkpoint(
     _source_copies(layout, names, model, stored)
     try:
         quantization_config = build_quantization_config(
-            list(layout.groups.items()), layout.ignore, recipe_record(recipe)
+            list(layout.groups.items()), layout.ignore, recipe_record(recipe, source)
         )
     except CtSchemeError as exc:
         raise ExportError(str(exc)) from exc

@@ -287,34 +287,38 @@ def prefill_tokens_per_second(
 @dataclass(frozen=True)
 class Continuation:
     prompt: str
-    reference: str
+    reference: str | None
+    """None when there is no reference model (an exported checkpoint without its source)."""
     quantized: str
-    same_tokens: int
-    """How many of the generated tokens agree before the first difference."""
+    same_tokens: int | None
+    """How many of the generated tokens agree before the first difference (None: no reference)."""
     tokens: int
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """Both models' numbers; every reference field (and those comparing with it) is None when the quantized
+    model was evaluated alone (:func:`evaluate_alone`)."""
+
     text_source: str
     synthetic_text: bool
     tokens: int
     context: int
     windows: int
-    perplexity_reference: float
+    perplexity_reference: float | None
     perplexity_quantized: float
-    top1_agreement: float
-    mean_kl: float
+    top1_agreement: float | None
+    mean_kl: float | None
     continuation: Continuation
     layer_errors: list[tuple[str, float]]
-    """Every probed layer's relative output error, largest first."""
+    """Every probed layer's relative output error, largest first (empty without a reference)."""
     layer_error_tokens: int
-    weight_bytes_reference: int
+    weight_bytes_reference: int | None
     weight_bytes_quantized: int
     prefill_tokens: int
-    prefill_tps_reference: float
+    prefill_tps_reference: float | None
     prefill_tps_quantized: float
-    decode_tps_reference: float
+    decode_tps_reference: float | None
     decode_tps_quantized: float
     notes: list[str] = field(default_factory=list)
 
@@ -330,13 +334,16 @@ class Evaluation:
                 "context": self.context,
                 "windows": self.windows,
             },
+            "reference_available": self.perplexity_reference is not None,
             "perplexity": {
-                "reference": round(self.perplexity_reference, 4),
+                "reference": _rounded(self.perplexity_reference, 4),
                 "quantized": round(self.perplexity_quantized, 4),
-                "relative_change": round(self.perplexity_quantized / self.perplexity_reference - 1, 6),
+                "relative_change": None
+                if self.perplexity_reference is None
+                else round(self.perplexity_quantized / self.perplexity_reference - 1, 6),
             },
-            "top1_agreement": round(self.top1_agreement, 6),
-            "mean_kl_nats": round(self.mean_kl, 8),
+            "top1_agreement": _rounded(self.top1_agreement, 6),
+            "mean_kl_nats": _rounded(self.mean_kl, 8),
             "continuation": {
                 "prompt": self.continuation.prompt,
                 "reference": self.continuation.reference,
@@ -354,21 +361,27 @@ class Evaluation:
             "weight_bytes": {
                 "reference": self.weight_bytes_reference,
                 "quantized": self.weight_bytes_quantized,
-                "ratio": round(self.weight_bytes_quantized / self.weight_bytes_reference, 4),
+                "ratio": None
+                if self.weight_bytes_reference is None
+                else round(self.weight_bytes_quantized / self.weight_bytes_reference, 4),
             },
             "speed": {
                 "prefill_tokens": self.prefill_tokens,
                 "prefill_tokens_per_s": {
-                    "reference": round(self.prefill_tps_reference, 1),
+                    "reference": _rounded(self.prefill_tps_reference, 1),
                     "quantized": round(self.prefill_tps_quantized, 1),
                 },
                 "decode_tokens_per_s": {
-                    "reference": round(self.decode_tps_reference, 1),
+                    "reference": _rounded(self.decode_tps_reference, 1),
                     "quantized": round(self.decode_tps_quantized, 1),
                 },
             },
             "notes": list(self.notes),
         }
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def context_length(config: Any, max_tokens: int) -> int:
@@ -451,6 +464,56 @@ def evaluate(
         prefill_tps_reference=prefill_tokens_per_second(reference, prefill_ids, device),
         prefill_tps_quantized=prefill_tokens_per_second(quantized, prefill_ids, device),
         decode_tps_reference=decode_ref,
+        decode_tps_quantized=decode_q,
+        notes=notes,
+    )
+
+
+def evaluate_alone(quantized: nn.Module, text: EvalText, device: torch.device) -> Evaluation:
+    """The quantized model's own numbers when there is nothing to compare it with (an exported checkpoint
+    whose source is gone): perplexity, a greedy continuation, weight memory, tokens/s; every reference field
+    is None. The perplexity is computed window by window exactly as :func:`evaluate` computes it, so the two
+    agree bit for bit on the same model and text."""
+    context = context_length(quantized.config, text.ids.numel())
+    pieces = windows(text.ids, context)
+    nll_q, scored = 0.0, 0
+    for window in pieces:
+        window = window.to(device)
+        nll_q += float(sequence_nll(_logits(quantized, window), window))
+        scored += window.numel() - 1
+    prompt = text.ids[: min(PROMPT_TOKENS, context // 2, text.ids.numel())]
+    new_tokens = max(2, min(CONTINUATION_TOKENS, context - prompt.numel()))
+    greedy(quantized, prompt, 3, device)
+    ids_q, decode_q = greedy(quantized, prompt, new_tokens, device)
+    continuation = Continuation(text.decode(prompt.tolist()), None, text.decode(ids_q), None, new_tokens)
+    prefill_ids = text.ids[: min(PREFILL_TOKENS, context)]
+    notes = []
+    if text.synthetic:
+        notes.append("random token ids (no tokenizer): the perplexity is near the vocabulary size")
+    if device.type == "cpu":
+        notes.append(
+            "CPU: quantized layers run the plain-torch reference path (dequantize + matmul); the speed "
+            "goals are for CUDA, where the Triton kernels run"
+        )
+    return Evaluation(
+        text_source=text.source,
+        synthetic_text=text.synthetic,
+        tokens=text.ids.numel(),
+        context=context,
+        windows=len(pieces),
+        perplexity_reference=None,
+        perplexity_quantized=math.exp(nll_q / scored),
+        top1_agreement=None,
+        mean_kl=None,
+        continuation=continuation,
+        layer_errors=[],
+        layer_error_tokens=0,
+        weight_bytes_reference=None,
+        weight_bytes_quantized=model_bytes(quantized),
+        prefill_tokens=prefill_ids.numel(),
+        prefill_tps_reference=None,
+        prefill_tps_quantized=prefill_tokens_per_second(quantized, prefill_ids, device),
+        decode_tps_reference=None,
         decode_tps_quantized=decode_q,
         notes=notes,
     )

@@ -28,10 +28,10 @@ The steps, for a Hugging Face causal-LM folder (``config.json`` + ``model.safete
 So the peak memory is the final quantized model, plus one tensor in flight (one fused expert stack for MoE
 layers whose experts are not quantized), plus the quantizer's scratch for it. On CUDA that scratch is the
 Triton kernel's output. On CPU the plain-torch reference quantizer makes fp32/int32 temporaries of about
-30 bytes per element of the weight it quantizes (measured: 69-90 MB for one 2816x1024 bf16 weight of 5.8
-MB), so there the peak is about ``1 + 30 * largest_planned_weight_elements / final_bytes``: 1.2-1.35x for
-Llamas of 24 and 226 MiB quantized; the CPU path reaches the 1.15x goal only where the largest weight is
-under about 0.5% of the model's elements.
+30 bytes per element of what it quantizes, so the online methods feed it slices of the weight
+(:data:`~mxrun.engine.methods.SLICE_ELEMENTS`, whole rows or 128x128 blocks) and write the codes straight
+into the layer: the scratch stays near 120 KB whatever the weight (it was 1.28-1.63x the final model for
+the bundled default unsliced, 1.07-1.13x sliced).
 
 :class:`~mxrun.job.memory.PeakMemory` measures steps 3-5. The skeleton of step 2 is built before, and each
 planned scheme quantizes one 128x128 weight before (:func:`_warm_up`): the first construction of a model and

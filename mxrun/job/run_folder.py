@@ -126,21 +126,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({', '.join(f'{k}: {v}' for k, v in report['plan']['by_scheme'].items())})",
         f"- text: {ev['text']['source']}; {ev['text']['tokens']} tokens in {ev['text']['windows']} window(s) "
         f"of {ev['text']['context']}",
+        f"- loaded: {_load_path(report)}",
         "",
         "## Quality",
         "",
         "| metric | reference | quantized |",
         "| --- | ---: | ---: |",
-        f"| perplexity | {ppl['reference']:.4f} | {ppl['quantized']:.4f} ({ppl['relative_change']:+.2%}) |",
-        f"| top-1 agreement with the reference | | {ev['top1_agreement']:.2%} |",
-        f"| mean KL(reference \\|\\| quantized), nats | | {ev['mean_kl_nats']:.3g} |",
+        f"| perplexity | {_num(ppl['reference'], '.4f')} | {_perplexity(ppl)} |",
+        f"| top-1 agreement with the reference | | {_num(ev['top1_agreement'], '.2%')} |",
+        f"| mean KL(reference \\|\\| quantized), nats | | {_num(ev['mean_kl_nats'], '.3g')} |",
         "",
-        f"Greedy continuation ({cont['tokens']} tokens; the first {cont['same_tokens']} agree):",
+        f"Greedy continuation ({cont['tokens']} tokens; {_agree(cont)}):",
         "",
         "| | text |",
         "| --- | --- |",
         f"| prompt | {_cell(cont['prompt'])} |",
-        f"| reference | {_cell(cont['reference'])} |",
+        f"| reference | {_cell(cont['reference'] if cont['reference'] is not None else NA)} |",
         f"| quantized | {_cell(cont['quantized'])} |",
         "",
         f"## Layers with the largest output error (on {ev['layer_errors']['tokens']} tokens)",
@@ -157,13 +158,15 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "| | reference | quantized |",
         "| --- | ---: | ---: |",
-        f"| weights | {_mib(weights['reference'])} | {_mib(weights['quantized'])} ({weights['ratio']:.2f}x) |",
-        f"| prefill tokens/s ({speed['prefill_tokens']} tokens) | {speed['prefill_tokens_per_s']['reference']:,.1f}"
-        f" | {speed['prefill_tokens_per_s']['quantized']:,.1f} |",
-        f"| decode tokens/s | {speed['decode_tokens_per_s']['reference']:,.1f} | "
+        f"| weights | {_mib(weights['reference'])} | {_mib(weights['quantized'])}{_weight_ratio(weights)} |",
+        f"| prefill tokens/s ({speed['prefill_tokens']} tokens) | "
+        f"{_num(speed['prefill_tokens_per_s']['reference'], ',.1f')} | "
+        f"{speed['prefill_tokens_per_s']['quantized']:,.1f} |",
+        f"| decode tokens/s | {_num(speed['decode_tokens_per_s']['reference'], ',.1f')} | "
         f"{speed['decode_tokens_per_s']['quantized']:,.1f} |",
         "",
-        f"Online load: {load['tensors']} tensors, {_mib(load['checkpoint_bytes'])} from {load['shards']} shard(s) "
+        f"{_load_title(load)}: {load['tensors']} tensors, {_mib(load['checkpoint_bytes'])} from "
+        f"{load['shards']} shard(s) "
         f"in {load['seconds']:.2f} s. Peak memory of the load: {_peak(load)}.",
         "",
     ]
@@ -177,13 +180,60 @@ def _peak(load: dict[str, Any], short: bool = False) -> str:
     then holds one tensor in flight and the CUDA runtime, which are shown in MiB), else the host's."""
     on_device = load["device_peak_ratio"] is not None
     ratio = load["device_peak_ratio"] if on_device else load["host_peak_ratio"]
-    text = f"{'device' if on_device else 'host'} {_ratio(ratio)} (goal < {load['goal_ratio']}x)"
+    goal = (
+        "reload; the goal is for the online load"
+        if load.get("path") == "exported"
+        else f"goal < {load['goal_ratio']}x"
+    )
+    text = f"{'device' if on_device else 'host'} {_ratio(ratio)} ({goal})"
     if not short:
         peak = load["device_peak_bytes"] if on_device else load["host_peak_bytes"]
         text += f": {_mib(peak)} for a final model of {_mib(load['model_bytes'])}"
     if on_device:
         text += f"; host +{_mib(load['host_peak_bytes'])}"
     return text
+
+
+NA = "n/a"
+"""What a reference column shows when there is no reference model."""
+
+
+def _num(value: float | None, spec: str) -> str:
+    return NA if value is None else format(value, spec)
+
+
+def _perplexity(ppl: dict[str, Any]) -> str:
+    if ppl["relative_change"] is None:
+        return f"{ppl['quantized']:.4f}"
+    return f"{ppl['quantized']:.4f} ({ppl['relative_change']:+.2%})"
+
+
+def _agree(cont: dict[str, Any]) -> str:
+    if cont["same_tokens"] is None:
+        return "no reference to compare with"
+    return f"the first {cont['same_tokens']} agree"
+
+
+def _weight_ratio(weights: dict[str, Any]) -> str:
+    return "" if weights["ratio"] is None else f" ({weights['ratio']:.2f}x)"
+
+
+def _load_title(load: dict[str, Any]) -> str:
+    return "Exported checkpoint reloaded" if load.get("path") == "exported" else "Online load"
+
+
+def _load_path(report: dict[str, Any]) -> str:
+    """Which way the quantized model was loaded, and what it was compared with."""
+    model = report["model"]
+    if report["load"].get("path") != "exported":
+        return "online (the bf16 checkpoint streamed and quantized while loading)"
+    exported = model.get("exported") or {}
+    reference = model.get("reference")
+    against = f"compared with {reference}" if reference else "no reference (reference columns n/a)"
+    return (
+        f"exported checkpoint ({exported.get('format')}, recipe {exported.get('fingerprint')}), stored codes "
+        f"and scales reloaded without requantizing; {against}"
+    )
 
 
 def _cell(text: str) -> str:
@@ -205,31 +255,31 @@ def print_summary(report: dict[str, Any], folder: Path, console: Console) -> Non
     table.add_column("metric", no_wrap=True)
     table.add_column("reference", justify="right")
     table.add_column("quantized", justify="right")
-    table.add_row(
-        "perplexity", f"{ppl['reference']:.4f}", f"{ppl['quantized']:.4f} ({ppl['relative_change']:+.2%})"
-    )
-    table.add_row("top-1 agreement", "", f"{ev['top1_agreement']:.2%}")
-    table.add_row("mean KL (nats)", "", f"{ev['mean_kl_nats']:.3g}")
+    table.add_row("perplexity", _num(ppl["reference"], ".4f"), _perplexity(ppl))
+    table.add_row("top-1 agreement", "", _num(ev["top1_agreement"], ".2%"))
+    table.add_row("mean KL (nats)", "", _num(ev["mean_kl_nats"], ".3g"))
     cont = ev["continuation"]
-    table.add_row("greedy continuation agrees", "", f"{cont['same_tokens']}/{cont['tokens']} tokens")
+    agrees = NA if cont["same_tokens"] is None else f"{cont['same_tokens']}/{cont['tokens']} tokens"
+    table.add_row("greedy continuation agrees", "", agrees)
     table.add_row(
-        "weights", _mib(weights["reference"]), f"{_mib(weights['quantized'])} ({weights['ratio']:.2f}x)"
+        "weights", _mib(weights["reference"]), f"{_mib(weights['quantized'])}{_weight_ratio(weights)}"
     )
     table.add_row(
         f"prefill tokens/s ({speed['prefill_tokens']})",
-        f"{speed['prefill_tokens_per_s']['reference']:,.1f}",
+        _num(speed["prefill_tokens_per_s"]["reference"], ",.1f"),
         f"{speed['prefill_tokens_per_s']['quantized']:,.1f}",
     )
     table.add_row(
         "decode tokens/s",
-        f"{speed['decode_tokens_per_s']['reference']:,.1f}",
+        _num(speed["decode_tokens_per_s"]["reference"], ",.1f"),
         f"{speed['decode_tokens_per_s']['quantized']:,.1f}",
     )
     peak = _peak(load, short=True)
     table.add_row("load peak / final model", "", peak)
     console.print(table)
     console.print(f"prompt:    {cont['prompt']!r}", soft_wrap=True, markup=False)
-    console.print(f"reference: {cont['reference']!r}", soft_wrap=True, markup=False)
+    reference_text = NA if cont["reference"] is None else repr(cont["reference"])
+    console.print(f"reference: {reference_text}", soft_wrap=True, markup=False)
     console.print(f"quantized: {cont['quantized']!r}", soft_wrap=True, markup=False)
     worst = ev["layer_errors"]["top"][:3]
     if worst:
@@ -240,4 +290,5 @@ def print_summary(report: dict[str, Any], folder: Path, console: Console) -> Non
         )
     for note in report.get("notes", []):
         console.print(f"note: {note}", soft_wrap=True, markup=False)
+    console.print(f"loaded: {_load_path(report)}", soft_wrap=True, markup=False)
     console.print(f"run folder: {folder}", soft_wrap=True, markup=False)

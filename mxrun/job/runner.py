@@ -24,7 +24,16 @@ from rich.console import Console
 from mxrun import __version__
 from mxrun.engine.plan import Plan
 from mxrun.job.errors import JobError
-from mxrun.job.evaluate import DEFAULT_MAX_TOKENS, Evaluation, eval_text, evaluate
+from mxrun.job.evaluate import DEFAULT_MAX_TOKENS, Evaluation, eval_text, evaluate, evaluate_alone
+from mxrun.job.exported import (
+    LOAD_PATH_EXPORTED,
+    LOAD_PATH_ONLINE,
+    ExportedCheckpoint,
+    exported_recipe,
+    load_exported_model,
+    open_exported,
+    reference_folder,
+)
 from mxrun.job.loading import (
     MEMORY_HEADROOM,
     QuantizedModel,
@@ -52,6 +61,9 @@ class JobOptions:
     max_tokens: int = DEFAULT_MAX_TOKENS
     progress: bool = True
     """A progress bar over bytes while loading, on stderr when that is a terminal."""
+    reference_dir: Path | None = None
+    """For an exported checkpoint: the unquantized checkpoint to compare with (default: the source the
+    export records, when it is still there)."""
 
 
 @dataclass(frozen=True)
@@ -105,12 +117,18 @@ def device_info(device: torch.device) -> dict[str, Any]:
 
 
 def run_job(plan: Plan, options: JobOptions, console: Console | None = None) -> JobResult:
-    """Run the main job for ``plan`` (resolved against ``options.model_dir``) and write its run folder."""
+    """Run the main job for ``plan`` (resolved against ``options.model_dir``) and write its run folder.
+
+    A folder that ``mxrun export`` wrote is reloaded as stored instead of streamed and quantized
+    (:mod:`mxrun.job.exported`); ``report["load"]["path"]`` says which way the model was loaded."""
     console = console or _stdout_console()
     started = time.perf_counter()
     device = resolve_device(options.device)
     out = options.out_dir or default_run_dir(plan.recipe.name)
     check_target(out)
+    exported = open_exported(options.model_dir)
+    if exported is not None:
+        return _run_exported(plan, options, exported, device, out, console, started)
     checkpoint = open_checkpoint(options.model_dir)
     dtype = model_dtype(plan)
     reference_bytes, quantized_bytes = estimated_model_bytes(checkpoint, plan, dtype)
@@ -130,6 +148,70 @@ def run_job(plan: Plan, options: JobOptions, console: Console | None = None) -> 
     del reference
 
     report = build_report(plan, options, device, quantized, evaluation)
+    report["load"]["path"] = LOAD_PATH_ONLINE
+    return _finish(report, evaluation, out, console, started, quantized, loaded_at, evaluated_at)
+
+
+def _run_exported(
+    plan: Plan,
+    options: JobOptions,
+    exported: ExportedCheckpoint,
+    device: torch.device,
+    out: Path,
+    console: Console,
+    started: float,
+) -> JobResult:
+    """The job on an exported checkpoint: reload it as stored, compare with its source (or the given
+    reference) when there is one, else report the quantized model alone."""
+    if exported.fingerprint is not None and plan.recipe.fingerprint != exported.fingerprint:
+        exported_recipe(exported, plan.recipe)  # raises the one-line fingerprint error
+    checkpoint = open_checkpoint(exported.folder)
+    reference_dir, reference_note = reference_folder(exported, options.reference_dir)
+    reference_checkpoint = open_checkpoint(reference_dir) if reference_dir is not None else None
+    reference_bytes = 0
+    if reference_checkpoint is not None:
+        reference_bytes, _ = estimated_model_bytes(reference_checkpoint, plan, model_dtype(plan))
+    check_memory(
+        int(checkpoint.total_bytes * MEMORY_HEADROOM) + reference_bytes,
+        device,
+        "the exported model and the reference it is compared with",
+    )
+    vocab = _vocab_size(checkpoint.config)
+    text = eval_text(checkpoint.folder, vocab, options.text_file, options.max_tokens)
+
+    quantized = load_exported_model(exported, checkpoint, plan, device)
+    loaded_at = time.perf_counter()
+    if reference_checkpoint is not None:
+        reference = load_reference(reference_checkpoint, quantized.dtype, device)
+        evaluation = evaluate(reference, quantized.model, plan, quantized.report, text, device)
+        del reference
+    else:
+        evaluation = evaluate_alone(quantized.model, text, device)
+    evaluated_at = time.perf_counter()
+
+    report = build_report(plan, options, device, quantized, evaluation)
+    report["load"]["path"] = LOAD_PATH_EXPORTED
+    report["model"]["exported"] = {
+        "format": exported.quantization_config.get("format"),
+        "fingerprint": exported.fingerprint,
+        "source": str(exported.source) if exported.source is not None else None,
+    }
+    report["model"]["reference"] = str(reference_dir) if reference_dir is not None else None
+    if reference_note:
+        report["notes"].append(reference_note)
+    return _finish(report, evaluation, out, console, started, quantized, loaded_at, evaluated_at)
+
+
+def _finish(
+    report: dict[str, Any],
+    evaluation: Evaluation,
+    out: Path,
+    console: Console,
+    started: float,
+    quantized: QuantizedModel,
+    loaded_at: float,
+    evaluated_at: float,
+) -> JobResult:
     report["timings"] = {
         "load_s": round(quantized.stats.seconds, 3),
         "evaluate_s": round(evaluated_at - loaded_at, 3),
