@@ -7,7 +7,11 @@ Numerics. Every MXFP8 element times its power-of-two scale is exact in fp32, in 
 range, i.e. ``2^-14 <= |v| <= 65504`` for normal values) in fp16: E4M3 has 3 mantissa bits, the scale only
 moves the exponent. So "dequantize, then multiply in bf16 with fp32 accumulation" computes the same sums as
 "FP8 MMA per 32-wide block, scaled": both add exact products in fp32, only the summation order differs. That
-gives two kernels with identical numerics, chosen by speed:
+gives three paths with identical numerics, chosen by speed:
+
+* **decode + cuBLAS** (:func:`mxfp8_decode_matmul`, the default above 64 rows): the weight is decoded to the
+  activation's dtype by a bandwidth-bound Triton kernel (and the activations, for W8A8, MX-rounded the same
+  way) and cuBLAS multiplies: one decode per call instead of one per row-tile program.
 
 * **dequant-MMA** (:func:`mxfp8_dequant_gemm_triton`, W8A16): weights are decoded in registers (E4M3 ->
   fp32 -> times ``2^(code-127)`` -> bf16/fp16) and fed to a bf16/fp16 MMA. Activations are either left as
@@ -18,9 +22,10 @@ gives two kernels with identical numerics, chosen by speed:
   one ``tl.dot`` per 32-wide K block whose fp32 result is scaled by ``2^(ea_m + ew_n)`` before it is added to
   the accumulator (the scales change every 32 elements of K, so they cannot be pulled out of the sum).
 
-:func:`mxfp8_linear` picks by M: ``M <= MX_W8A8_MIN_M`` runs dequant-MMA with the activation quantization
-fused; larger M quantizes the activations once (the quantize kernel) and runs ``LARGE_M_KERNEL``. Both
-constants come from ``benchmarks/bench_linear.py`` on the H100 (see that script's output for the numbers).
+:func:`mxfp8_linear` picks by M: up to 64 rows the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`,
+above ``LARGE_M_KERNEL`` (decode + cuBLAS; the two in-register kernels stay selectable, measured at
+0.28-0.38x of bf16 cuBLAS at M >= 1024 on H200 by ``benchmarks/bench_linear.py``, and are where a native-MX
+sm_100 kernel would plug in).
 Kernels share the launch rules of :mod:`mxrun.kernels.scaled_gemm` (M buckets, no host sync, ragged tails).
 """
 
