@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mxrun.engine.empty_init import materialize_meta_parameters, parameters_on_meta, placeholder
 from mxrun.engine.inventory import CHECKPOINT_RENAMES, CONFIG_FILE, EXPERT_ROLES
 from mxrun.engine.methods import ORIGINAL_DTYPES, QuantizedLinear, UnsupportedSchemeError, method_for
 from mxrun.engine.moe import FUSED_PARAMS, QuantizedExperts
@@ -135,6 +136,9 @@ def _load_linear(
             f"{stored_prefix}: stored as a quantized Linear, but the model has "
             f"{type(linear).__name__ if linear is not None else 'nothing'} at {module_name}"
         )
+    for leaf in ("weight", "bias"):
+        if linear._parameters.get(leaf) is not None and linear._parameters[leaf].device.type == "meta":
+            linear._parameters[leaf] = placeholder(linear._parameters[leaf], "cpu")
     try:
         layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name=module_name)
     except UnsupportedSchemeError as exc:
@@ -164,6 +168,9 @@ def _load_experts(
     parent_name, _, attr = container.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     module = getattr(parent, attr)
+    for leaf in FUSED_PARAMS:
+        if module._parameters.get(leaf) is not None and module._parameters[leaf].device.type == "meta":
+            module._parameters[leaf] = placeholder(module._parameters[leaf], "cpu")
     try:
         layer = QuantizedExperts.from_module(module, scheme, layer_name=container)
     except UnsupportedSchemeError as exc:
@@ -227,7 +234,8 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> nn.Module:
     config = transformers.AutoConfig.from_pretrained(str(folder))
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # mxrun's layers replace transformers' compressed-tensors path
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with parameters_on_meta():  # no bf16 weights: quantized layers get stand-ins, the rest is filled below
+        return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def load_exported(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> nn.Module:
@@ -283,7 +291,9 @@ def load_exported(path: str | os.PathLike[str], device: str | torch.device = "cp
     for container, projections in experts.items():
         _load_experts(model, container, projections, expert_schemes[container], reader)
 
-    # everything else: parameters and buffers as stored
+    # everything else: parameters and buffers as stored, into storage allocated only now (the quantized
+    # layers are in place, so the model never holds more than its final size plus the tensor being read)
+    materialize_meta_parameters(model, "cpu")
     targets = model.state_dict(keep_vars=True)
     filled: set[str] = set()
     for name in reader.headers:

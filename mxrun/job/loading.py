@@ -54,6 +54,8 @@ import torch
 from torch import nn
 
 from mxrun.engine.apply import ApplyError, ApplyReport, prepare_online
+from mxrun.engine.empty_init import parameters_on_meta as _parameters_on_meta
+from mxrun.engine.empty_init import placeholder as _placeholder
 from mxrun.engine.inventory import (
     CHECKPOINT_RENAMES,
     CONFIG_FILE,
@@ -176,25 +178,6 @@ def check_memory(needed_bytes: int, device: torch.device, what: str) -> None:
 # ------------------------------------------------------------------------------------------- skeleton
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Every parameter registered inside moves to ``meta`` at once (its CPU storage, never written, is freed);
-    buffers stay real. The same idea as accelerate's ``init_empty_weights(include_buffers=False)``."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            stored = module._parameters[name]
-            module._parameters[name] = type(stored)(stored.to("meta"), requires_grad=stored.requires_grad)
-
-    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
 def _quiet_transformers() -> contextlib.AbstractContextManager[None]:
     """transformers' own progress bars and load reports would interleave with ours."""
     from transformers.utils import logging as hf_logging
@@ -242,13 +225,6 @@ def _skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
 
     with _quiet_transformers(), _parameters_on_meta():
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
-
-
-def _placeholder(like: torch.Tensor, device: torch.device) -> nn.Parameter:
-    """A parameter that has ``like``'s shape and dtype on ``device`` and holds one element."""
-    return nn.Parameter(
-        torch.zeros((), dtype=like.dtype, device=device).expand(like.shape), requires_grad=False
-    )
 
 
 def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
