@@ -61,7 +61,7 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8_reference,
 )
 from mxrun.kernels.moe_routing import TokenGroups, group_tokens
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
@@ -612,8 +612,7 @@ def _quantize_activation(
     an fp16 one in fp16's normal range). Rounding once here rather than per tile in the kernel (``A_MODE 3``)
     gives the same values without redoing it for every N tile (measured 1.3-2x slower on H200)."""
     if activation.is_mx:
-        quantized = quantize_mxfp8(a, _MX_RULE[activation], Backend.TRITON)
-        return dequantize_mxfp8(quantized.data, quantized.scale_e8m0, a.dtype), None
+        return mx_round_triton(a, _MX_RULE[activation]), None
     if not activation.is_fp8:
         return a, None
     quantized = quantize_fp8(a, FP8_ACTIVATION_GRANULARITY[activation], Backend.TRITON)

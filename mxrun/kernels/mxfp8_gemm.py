@@ -315,7 +315,17 @@ def _mxfp8_decode_kernel(
 def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """Decode a 2-D MXFP8 tensor (``[R, K]`` E4M3 codes, K contiguous, ``[R, K/32]`` E8M0) to ``out_dtype``; the
     same values as :func:`~mxrun.kernels.mxfp8_quantize.dequantize_mxfp8` cast to ``out_dtype``."""
+    fn = "mxfp8_decode_triton"
+    if data.dim() != 2 or data.dtype != torch.float8_e4m3fn or (data.numel() and data.stride(1) != 1):
+        raise GemmInputError(f"{fn}: data must be a K-contiguous float8_e4m3fn [R, K] tensor")
     rows, k = data.shape
+    if k % MX_BLOCK_SIZE or scale_e8m0.shape != (rows, k // MX_BLOCK_SIZE) or scale_e8m0.stride(-1) != 1:
+        raise GemmInputError(
+            f"{fn}: data {tuple(data.shape)} needs K % 32 == 0 and contiguous E8M0 scales [R, K/32], got "
+            f"{tuple(scale_e8m0.shape)}"
+        )
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise GemmInputError(f"{fn}: out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     out = torch.empty((rows, k), dtype=out_dtype, device=data.device)
     if rows == 0 or k == 0:
         return out
@@ -336,6 +346,14 @@ def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype:
     return out
 
 
+def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:
+    """``x`` ``[M, K]`` (bf16/fp16) rounded to its MXFP8 values with ``rule``, in ``x``'s dtype: the quantize
+    kernel, then :func:`mxfp8_decode_triton` (exact, see the module docstring). What every path that rounds MX
+    activations once, before a bf16/fp16 MMA, uses."""
+    quantized = quantize_mxfp8(x, rule, Backend.TRITON)
+    return mxfp8_decode_triton(quantized.data, quantized.scale_e8m0, x.dtype)
+
+
 def mxfp8_decode_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -351,10 +369,7 @@ def mxfp8_decode_matmul(
         raise GemmInputError(f"{fn}: x must be bfloat16/float16 [M, K={k}], got {x.dtype} {tuple(x.shape)}")
     if weight.stride(1) != 1:
         weight = weight.contiguous()
-    a = x
-    if activation_rule is not None:
-        quantized = quantize_mxfp8(x, activation_rule, Backend.TRITON)
-        a = mxfp8_decode_triton(quantized.data, quantized.scale_e8m0, x.dtype)
+    a = x if activation_rule is None else mx_round_triton(x, activation_rule)
     rows = max(128, MAX_DECODED_CHUNK_BYTES // (2 * max(k, 1)) // 128 * 128)
     if rows >= n:
         return torch.nn.functional.linear(a, mxfp8_decode_triton(weight, weight_scale_e8m0, x.dtype), bias)
@@ -589,6 +604,7 @@ __all__ = [
     "LARGE_M_KERNEL",
     "MAX_DECODED_CHUNK_BYTES",
     "MX_W8A8_MIN_M",
+    "mx_round_triton",
     "mxfp8_decode_matmul",
     "mxfp8_decode_triton",
     "mxfp8_dequant_gemm_triton",

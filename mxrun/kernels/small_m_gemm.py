@@ -28,10 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
+from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import widen_to_fp32
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mxfp8_decode_triton
-from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, quantize_mxfp8, resolve_cast
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, resolve_cast
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 SMALL_M_MAX = 64
@@ -233,8 +233,7 @@ def small_m_gemm_triton(
             # Beyond 16 rows the in-register MX rounding of a [BLOCK_M, BLOCK_K] tile costs more than two tiny
             # launches (H200: 0.28-0.36x of bf16 at M = 64, against 0.66-0.74x for bf16 activations): round
             # once here to the same exact values, then run as weight-only.
-            quantized = quantize_mxfp8(a, activation_mx_rule, Backend.TRITON)
-            a, a_mode = mxfp8_decode_triton(quantized.data, quantized.scale_e8m0, a.dtype), 0
+            a, a_mode = mx_round_triton(a, activation_mx_rule), 0
     else:
         raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
     a_scale_mode = _scale_mode(a_scale, m, "activation", fn)

@@ -117,3 +117,14 @@ def test_large_m_decode_then_cublas(rule, chunk_bytes, monkeypatch) -> None:
     ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
     out = mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton")
     assert_one_ulp(out, ref)
+
+
+def test_decode_kernel_bad_inputs_are_clear_errors() -> None:
+    data = torch.zeros(4, 64, device=KERNEL_DEVICE).to(torch.float8_e4m3fn)
+    scales = torch.full((4, 2), 127, dtype=torch.uint8, device=KERNEL_DEVICE)
+    with pytest.raises(GemmInputError, match="K-contiguous"):
+        mxfp8_decode_triton(data.t(), scales, torch.bfloat16)
+    with pytest.raises(GemmInputError, match=r"scales \[R, K/32\]"):
+        mxfp8_decode_triton(data, scales[:, :1], torch.bfloat16)
+    with pytest.raises(GemmInputError, match="out_dtype"):
+        mxfp8_decode_triton(data, scales, torch.int8)
