@@ -199,3 +199,24 @@ ZOO: dict[str, Callable[[], nn.Module]] = {
     "gpt_oss": tiny_gpt_oss,
     "bert": tiny_bert,
 }
+
+
+def stream_checkpoint(path, model, online, rename: dict[str, str] | None = None) -> list[str]:
+    """A minimal shard loader for the online-quantization tests: one tensor at a time, those the
+    ``OnlineQuantizer`` takes go to it, the rest into the model (under ``rename`` if given). Returns the names
+    the quantizer consumed."""
+    import torch
+    from safetensors import safe_open
+
+    consumed = []
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open objects are not iterable
+            tensor = f.get_tensor(name)
+            if online.quantize_on_load(name, tensor):
+                consumed.append(name)
+            else:
+                with torch.no_grad():
+                    params[(rename or {}).get(name, name)].copy_(tensor)
+            del tensor
+    return consumed

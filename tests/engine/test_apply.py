@@ -17,7 +17,6 @@ from textwrap import dedent
 import model_zoo
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -166,22 +165,6 @@ def test_plan_for_another_model_is_refused(tmp_path: Path) -> None:
         apply_plan(model, plan)  # applied twice
 
 
-def _stream(path: Path, model: nn.Module, online) -> list[str]:
-    """A minimal shard loader: one tensor at a time; ours go to the quantizer, the rest into the model."""
-    consumed = []
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open objects are not iterable
-            tensor = f.get_tensor(name)
-            if online.quantize_on_load(name, tensor):
-                consumed.append(name)
-            else:
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-            del tensor
-    return consumed
-
-
 @pytest.mark.parametrize("scheme", ["mxfp8", "fp8-channel"])
 def test_online_quantization_from_a_streamed_checkpoint(tmp_path: Path, scheme: str) -> None:
     source = _llama(bias=True, seed=0)
@@ -195,7 +178,7 @@ def test_online_quantization_from_a_streamed_checkpoint(tmp_path: Path, scheme: 
     fresh = _llama(bias=True, seed=123)  # different random weights: everything must come from the checkpoint
     online = prepare_online(fresh, resolve(recipe, fresh))
     assert len(online.missing()) == 14
-    consumed = _stream(path, fresh, online)
+    consumed = model_zoo.stream_checkpoint(path, fresh, online)
     report = online.finish()
     assert len(report.replaced) == 14 and len(consumed) == 28  # weight + bias of each
     assert torch.equal(_logits(fresh), _logits(offline))

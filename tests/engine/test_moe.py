@@ -30,7 +30,6 @@ from textwrap import dedent
 import model_zoo
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -177,22 +176,6 @@ def test_quantized_experts_logits(tmp_path: Path, arch: str, scheme: str, tolera
 # ---------------------------------------------------------------------------------------- online loading
 
 
-def _stream(path: Path, model: nn.Module, online, rename: dict[str, str] | None = None) -> list[str]:
-    """One tensor at a time, as a shard loader would: ours to the quantizer, the rest into the model."""
-    consumed = []
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
-    with safe_open(str(path), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open objects are not iterable
-            tensor = f.get_tensor(name)
-            if online.quantize_on_load(name, tensor):
-                consumed.append(name)
-            else:
-                with torch.no_grad():
-                    params[(rename or {}).get(name, name)].copy_(tensor)
-            del tensor
-    return consumed
-
-
 def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: b for name, b in model.named_buffers() if "experts" in name}
 
@@ -216,7 +199,7 @@ def test_online_per_expert_checkpoint_equals_apply_plan(tmp_path: Path, scheme: 
     fresh = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     online = prepare_online(fresh, resolve(recipe, EXAMPLE))  # planned from the checkpoint: Layer.tensors
     assert len(online.missing()) == 2
-    consumed = _stream(EXAMPLE / "model.safetensors", fresh, online)
+    consumed = model_zoo.stream_checkpoint(EXAMPLE / "model.safetensors", fresh, online)
     online.finish()
     assert len(consumed) == 2 * 4 * 3  # 2 layers x 4 experts x gate/up/down
     assert all(not m._pending for m in _experts(fresh).values())  # no bf16 half left waiting
@@ -260,7 +243,7 @@ def test_online_fused_and_per_expert_names_from_a_module_plan(tmp_path: Path, ar
     for path in (fused, per_expert):
         fresh = _model(arch, seed=123)
         online = prepare_online(fresh, resolve(recipe, fresh))
-        consumed = _stream(path, fresh, online, rename)
+        consumed = model_zoo.stream_checkpoint(path, fresh, online, rename)
         online.finish()
         assert len(consumed) == (4 if path is fused else 2 * 4 * 3)
         _assert_same_quantized(fresh, offline)
