@@ -13,7 +13,9 @@ shape, contiguous.
 
 Scale rule, the same for every granularity: ``scale = amax / 448`` in fp32 (correctly rounded division), so the
 largest element maps onto E4M3's largest finite value; elements are ``E4M3(x / scale)`` with a correctly
-rounded fp32 division (Triton's ``div_rn``, not its approximate ``/``), saturating, RNE, and ``x ~= data * scale``.
+rounded fp32 division, saturating, RNE, and ``x ~= data * scale``. The kernels divide with multiplies and an
+FMA correction that gives the same quotient (:mod:`mxrun.kernels.scale_division`; Triton's approximate ``/``
+would not, and its ``div_rn`` costs too many instructions per element).
 Guards and special values:
 
 * ``scale == 0`` (an all-zero block, or amax so small that amax/448 underflows fp32) -> ``scale = 1``: the
@@ -51,6 +53,7 @@ from mxrun.kernels.row_layout import (
     row_batches_of,
     streaming_tile,
 )
+from mxrun.kernels.scale_division import divide_by_scale, scale_division_setup
 
 FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
 # Launcher defaults, measured with benchmarks/sweep_fp8_quantize.py (H200 run in
@@ -195,7 +198,10 @@ def _fp8_row_group_kernel(
     x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP_K])
     amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
     scale = _scale_from_amax_bits(amax_bits)
-    scaled = tl.div_rn(widen_to_fp32(x_raw), scale[:, :, None])
+    pre, divisor, reciprocal = scale_division_setup(scale)
+    scaled = divide_by_scale(
+        widen_to_fp32(x_raw), pre[:, :, None], divisor[:, :, None], reciprocal[:, :, None]
+    )
     q = tl.reshape(e4m3_code(scaled, SOFT_CAST), [BLOCK_R, BLOCK_K])
 
     q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
@@ -267,14 +273,16 @@ def _fp8_row_pieces_kernel(
         amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_2), axis=1))
     scale = _scale_from_amax_bits(amax_bits)
     tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+    pre, divisor, reciprocal = scale_division_setup(scale)
+    pre, divisor, reciprocal = pre[:, None], divisor[:, None], reciprocal[:, None]
 
-    q_0 = e4m3_code(tl.div_rn(widen_to_fp32(x_0), scale[:, None]), SOFT_CAST)
+    q_0 = e4m3_code(divide_by_scale(widen_to_fp32(x_0), pre, divisor, reciprocal), SOFT_CAST)
     tl.store(q_rows + cols_0[None, :], q_0, mask=mask_0)
     if PIECE_1 > 0:
-        q_1 = e4m3_code(tl.div_rn(widen_to_fp32(x_1), scale[:, None]), SOFT_CAST)
+        q_1 = e4m3_code(divide_by_scale(widen_to_fp32(x_1), pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + cols_1[None, :], q_1, mask=mask_1)
     if PIECE_2 > 0:
-        q_2 = e4m3_code(tl.div_rn(widen_to_fp32(x_2), scale[:, None]), SOFT_CAST)
+        q_2 = e4m3_code(divide_by_scale(widen_to_fp32(x_2), pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + cols_2[None, :], q_2, mask=mask_2)
 
 
@@ -309,13 +317,15 @@ def _fp8_long_row_kernel(
         amax_bits = tl.maximum(amax_bits, chunk_amax_bits)
     scale = _scale_from_amax_bits(amax_bits)
     tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+    pre, divisor, reciprocal = scale_division_setup(scale)
+    pre, divisor, reciprocal = pre[:, None], divisor[:, None], reciprocal[:, None]
 
     q_rows = q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         mask = row_mask[:, None] & (cols < K)[None, :]
         x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
-        q = e4m3_code(tl.div_rn(x, scale[:, None]), SOFT_CAST)
+        q = e4m3_code(divide_by_scale(x, pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + cols[None, :], q, mask=mask)
 
 
@@ -369,7 +379,8 @@ def _fp8_block_kernel(
             )
         block_amax = tl.max(tl.max(magnitude_bits(x_raw), axis=1), axis=0)
         scale = _scale_from_amax_bits(block_amax)
-        q = e4m3_code(tl.div_rn(widen_to_fp32(x_raw), scale), SOFT_CAST)
+        pre, divisor, reciprocal = scale_division_setup(scale)
+        q = e4m3_code(divide_by_scale(widen_to_fp32(x_raw), pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + block_cols[None, :], q, mask=block_mask)
         block_col = pid_k * BLOCKS_K + i
         tl.store(scale_row + block_col, scale, mask=block_col < n_col_blocks)
@@ -425,7 +436,8 @@ def _fp8_tensor_quantize_kernel(
     mask = (rows < R)[:, None] & (cols < K)[None, :]
     x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
     x = widen_to_fp32(tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0))
-    q = e4m3_code(tl.div_rn(x, scale), SOFT_CAST)
+    pre, divisor, reciprocal = scale_division_setup(scale)
+    q = e4m3_code(divide_by_scale(x, pre, divisor, reciprocal), SOFT_CAST)
     q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
     tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
     if (pid_r == 0) & (pid_k == 0) & (pid_b == 0):

@@ -48,6 +48,7 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8_reference,
 )
 from mxrun.kernels.mxfp8_quantize import resolve_cast
+from mxrun.kernels.scale_division import divide_by_scale, scale_division_setup
 
 FUSED_QUANT_MAX_M = 64
 """Up to this many rows, W8A8 per-token / per-tensor activation quantization runs inside the GEMM."""
@@ -388,7 +389,7 @@ def _fp8_gemm_kernel(
     """C = (A s_a) (B s_b)^T + bias. Both scales factor out of the K sum, so the FP8 MMAs accumulate into one
     fp32 accumulator and the scales, bias and cast cost one epilogue. With FUSED_QUANT the program first
     takes the amax of its rows (per tensor: of all M rows, so the grid has one row-tile), then quantizes each
-    A tile in registers exactly as the quantize kernel would (div_rn, saturating RNE)."""
+    A tile in registers exactly as the quantize kernel would (same division, saturating RNE)."""
     pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -408,6 +409,8 @@ def _fp8_gemm_kernel(
             amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(amax, axis=0)
         a_scale = tl.div_rn(amax, 448.0)
         a_scale = tl.where(a_scale == 0.0, 1.0, a_scale)
+        a_pre, a_divisor, a_reciprocal = scale_division_setup(a_scale)
+        a_pre, a_divisor, a_reciprocal = a_pre[:, None], a_divisor[:, None], a_reciprocal[:, None]
     elif A_PER_ROW:
         a_scale = tl.load(a_scale_ptr + offs_am)
     else:
@@ -422,9 +425,8 @@ def _fp8_gemm_kernel(
             a = tl.load(a_ptrs, mask=(k0 + offs_k < K)[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=(k0 + offs_k < K)[:, None], other=0.0)
         if FUSED_QUANT != 0:
-            a = e4m3_code(tl.div_rn(widen_to_fp32(a), a_scale[:, None]), SOFT_CAST).to(
-                tl.float8e4nv, bitcast=True
-            )
+            a = divide_by_scale(widen_to_fp32(a), a_pre, a_divisor, a_reciprocal)
+            a = e4m3_code(a, SOFT_CAST).to(tl.float8e4nv, bitcast=True)
         acc = tl.dot(a, b, acc, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -492,7 +494,9 @@ def _fp8_block_gemm_kernel(
             x = widen_to_fp32(a)
             a_scale = tl.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
             a_scale = tl.where(a_scale == 0.0, 1.0, a_scale)
-            a = e4m3_code(tl.div_rn(x, a_scale[:, None]), SOFT_CAST).to(tl.float8e4nv, bitcast=True)
+            pre, divisor, reciprocal = scale_division_setup(a_scale)
+            x = divide_by_scale(x, pre[:, None], divisor[:, None], reciprocal[:, None])
+            a = e4m3_code(x, SOFT_CAST).to(tl.float8e4nv, bitcast=True)
         else:
             a_scale = tl.load(a_scale_ptrs + kb)
         b_scale = tl.load(b_scale_ptrs + kb)
