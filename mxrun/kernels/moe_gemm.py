@@ -60,7 +60,8 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8,
     quantize_fp8_reference,
 )
-from mxrun.kernels.moe_routing import TokenGroups, group_tokens
+from mxrun.kernels.moe_grouping import group_tokens_fast
+from mxrun.kernels.moe_routing import TokenGroups
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
@@ -637,7 +638,7 @@ def moe_experts_triton(
     inter = two_i // 2
     num_pairs = tokens * top_k
     block_m = block_m or moe_block_m(num_pairs, experts)
-    groups = group_tokens(top_k_index, experts, block_m)
+    groups = group_tokens_fast(top_k_index, experts, block_m)
     per_tensor = activation is ExpertActivation.FP8_TENSOR
     # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
     h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
