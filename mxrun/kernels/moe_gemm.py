@@ -31,11 +31,14 @@ quantize them dynamically to E4M3 (per row, per tensor, 1x128 groups) with the q
 which has no MX MMA) and run a bf16 MMA. The down projection's activations are ``h``, quantized the same way.
 
 The grouped GEMM (:func:`moe_grouped_gemm_triton`) reads the rows of its A operand through the expert-sorted,
-``BLOCK_M``-padded layout of :func:`~mxrun.kernels.moe_routing.group_tokens`: each program owns ``BLOCK_M``
+``BLOCK_M``-padded layout of :func:`~mxrun.kernels.moe_routing.group_tokens` (built in one launch by
+:mod:`mxrun.kernels.moe_grouping` for up to 4096 pairs): each program owns ``BLOCK_M``
 rows of one expert and ``BLOCK_N`` output columns; blocks past the routed pairs (the layout is sized by a host
 bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate rows ``n``, up rows ``I + n``)
 and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
-reduction is a torch sum over the ``k`` rows of each token. No host sync anywhere on this path: the pair
+reduction is a torch sum over the ``k`` rows of each token. Where the weight is decoded in registers for a
+bf16 MMA and the blocks are large, a variant with the operands swapped runs instead
+(:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere on this path: the pair
 count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
 
 Launch rules are those of :mod:`mxrun.kernels.scaled_gemm`: M (pairs) is a run-time argument; ``BLOCK_M`` and
@@ -62,6 +65,7 @@ from mxrun.kernels.fp8_quantize import (
 )
 from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
+from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
@@ -369,15 +373,7 @@ def _moe_grouped_gemm_kernel(
         return
     expert = expert.to(tl.int64)
 
-    offs_layout = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pairs = tl.load(sorted_pairs_ptr + offs_layout)
-    row_ok = pairs < num_pairs
-    pairs = tl.where(row_ok, pairs, 0)
-    if A_GATHER:  # noqa: SIM108
-        a_rows = pairs // top_k
-    else:
-        a_rows = pairs
-    a_rows = a_rows.to(tl.int64)
+    pairs, row_ok, a_rows = layout_rows(sorted_pairs_ptr, pid_m, num_pairs, top_k, A_GATHER, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     gate_rows = (offs_n % N).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -493,30 +489,71 @@ def pairs_per_expert_bucket(num_pairs: int, num_experts: int) -> int:
 
 
 def moe_block_m(num_pairs: int, num_experts: int) -> int:
-    """``BLOCK_M`` for a layer: 16 (the MMA minimum) up to 128, from the mean pairs per expert with 1.5x
-    headroom (random routing puts more than the mean on half the experts; an expert that spills into a
-    second block reads its weights twice, which is what small M cannot afford). Both GEMMs of a layer share
-    it, since they share the token layout."""
-    return min(128, max(16, pairs_per_expert_bucket(-(-3 * num_pairs // 2), num_experts)))
+    """``BLOCK_M`` for a layer: 16 (the MMA minimum) up to 128, the mean pairs per expert rounded up to a power
+    of two. Both GEMMs of a layer share it, since they share the token layout. Measured on an H100
+    (``benchmarks/sweep_moe_gemm.py``, Mixtral-8x7B at 128 tokens, 32 pairs per expert on average): 32-row
+    blocks beat 64-row ones by 1.2-1.7x per GEMM although the busier experts spill into a second block and
+    read their weights twice; the padding of 64-row blocks costs more MMA work than the re-read costs bytes."""
+    return min(128, max(16, pairs_per_expert_bucket(num_pairs, num_experts)))
 
 
 def moe_gemm_config(
     block_m: int, n: int, k: int, w_format: ExpertWeightFormat, activation: ExpertActivation, gated: bool
 ) -> GemmConfig:
-    """Heuristic tile for an H100. Small ``block_m`` (weight-bound): narrow N tiles and long K steps, so many
-    programs stream the weight; large: 128-row tiles, FP8 operands with 128-wide K steps. The gated variant
-    holds two accumulators, so its N tile is half as wide."""
+    """Tile for a grouped GEMM, measured on an H100 with ``benchmarks/sweep_moe_gemm.py`` (results in
+    ``benchmarks/results/sweep-moe-gemm-h100-*.json``).
+
+    Few rows per expert (``block_m <= 32``, weight-bound): 64-wide N tiles with 256-wide K steps (128 where
+    scales come per 128 K), or 128 x 128 for a short K in the down GEMM. Many rows (``block_m`` 128): 128 x 128
+    tiles, except the gated block-scaled GEMM (64 wide: it holds two accumulators and per-step partials).
+    FP8 MMAs with per-row/tensor scales promote their accumulator every 128 K (cuBLASLt's accuracy, 0-15%
+    slower than never promoting); block / 1x128 scaling adds each 128-K step's dot into fp32 itself, so it
+    needs no promotion inside the dot."""
     needs_128 = w_format is ExpertWeightFormat.FP8_BLOCK or activation is ExpertActivation.FP8_GROUP
     fp8_operands = activation.is_fp8
+    promote = 128 if fp8_operands and not needs_128 else None
     if block_m <= 32:
-        block_n = 32 if gated or n <= 4096 else 64
-        block_k = 128 if needs_128 else (256 if k >= 256 else 128)
-        return GemmConfig(block_m, block_n, block_k, 1, 4, 4, None)
+        wide_k = 128 if needs_128 else 256
+        stages = 4 if needs_128 else 3
+        if gated or k >= 4096:
+            return GemmConfig(block_m, 64, wide_k, 1, 4, stages, promote)
+        return GemmConfig(block_m, 128, 128, 1, 4, 3, promote)
     if block_m <= 64:
         block_k = 128 if (needs_128 or fp8_operands) else 64
-        return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 4, 4, None)
-    block_k = 128 if (needs_128 or fp8_operands) else 64
-    return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 8, 3, None if not fp8_operands else 32)
+        return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 4, 4, promote)
+    if gated:
+        return GemmConfig(block_m, 64 if needs_128 else 128, 128, 8, 8, 3, promote)
+    return GemmConfig(block_m, 128, 128, 8, 8 if needs_128 else 4, 3, promote)
+
+
+def moe_swap_ab(
+    block_m: int, activation: ExpertActivation, w_format: ExpertWeightFormat, gated: bool
+) -> bool:
+    """Whether the weight-rows (swapped-operand) kernel of ``moe_weight_rows_gemm.py`` runs a GEMM. It takes
+    only bf16/fp16 activations (weight-only, or MX values rounded beforehand). Measured on an H100
+    (``benchmarks/sweep_moe_gemm.py --kernels swapped``, ``benchmarks/results/sweep-moe-gemm-h100-swap.json``):
+    with 128-row blocks it is 1.07-1.33x faster for FP8 per-channel weights (both GEMMs) and 1.01-1.10x for
+    MXFP8 gate/up, slower for MXFP8 down; with 16-64-row blocks the regular kernel (32-row blocks) wins."""
+    if _a_mode(activation) != 0 or block_m < 128:
+        return False
+    if w_format in (ExpertWeightFormat.FP8_CHANNEL, ExpertWeightFormat.FP8_TENSOR):
+        return True
+    return w_format is ExpertWeightFormat.MXFP8 and gated
+
+
+def moe_weight_rows_config(
+    block_m: int, n: int, k: int, w_format: ExpertWeightFormat, gated: bool
+) -> GemmConfig:
+    """Tile of the swapped kernel (same sweep): ``block_n`` weight rows are the MMA's M, the ``block_m``
+    tokens its N."""
+    group_m = 8 if block_m >= 64 else 1
+    if w_format is ExpertWeightFormat.MXFP8 and gated:
+        return GemmConfig(block_m, 128, 128, group_m, 8, 3, None)
+    if w_format in (ExpertWeightFormat.FP8_CHANNEL, ExpertWeightFormat.FP8_TENSOR):
+        if gated:
+            return GemmConfig(block_m, 64, 64, group_m, 4, 4, None)
+        return GemmConfig(block_m, 128, 128, group_m, 8, 3, None)
+    return GemmConfig(block_m, 64, 128, group_m, 4, 3, None)
 
 
 def moe_grouped_gemm_triton(
@@ -531,9 +568,11 @@ def moe_grouped_gemm_triton(
     routing_weights: torch.Tensor | None = None,
     activation: ExpertActivation = ExpertActivation.NONE,
     config: GemmConfig | None = None,
+    swap_ab: bool | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
-    expert received are left as they are).
+    expert received are left as they are). ``swap_ab`` runs the weight-rows kernel (bf16/fp16 activations
+    only; default: :func:`moe_swap_ab`).
 
     ``a`` is ``[T, K]`` read at row ``p // gather_top_k`` (the gate/up GEMM reads each token once per slot) or
     ``[S, K]`` read at row ``p`` (``gather_top_k=None``, the down GEMM). For FP8 activations ``a`` is E4M3
@@ -548,11 +587,25 @@ def moe_grouped_gemm_triton(
     if groups.num_pairs == 0 or n == 0:
         return out
     block_m = groups.block_m
-    cfg = config or moe_gemm_config(block_m, n, k, weights.format, activation, gated)
-    if cfg.block_m != block_m:
-        raise GemmInputError(f"{fn}: config block_m {cfg.block_m} differs from the layout's {block_m}")
     a_mode = _a_mode(activation)
     w_mode = _W_MODE[weights.format]
+    swap = moe_swap_ab(block_m, activation, weights.format, gated) if swap_ab is None else swap_ab
+    if swap and a_mode != 0:
+        raise GemmInputError(
+            f"{fn}: the weight-rows kernel takes bf16/fp16 activations, not {activation.value}"
+        )
+    if config is not None:
+        cfg = config
+    elif swap:
+        cfg = moe_weight_rows_config(block_m, n, k, weights.format, gated)
+    else:
+        cfg = moe_gemm_config(block_m, n, k, weights.format, activation, gated)
+    if cfg.block_m != block_m:
+        raise GemmInputError(f"{fn}: config block_m {cfg.block_m} differs from the layout's {block_m}")
+    if (w_mode == 1 or a_mode == 2) and cfg.block_k != 128:
+        raise GemmInputError(
+            f"{fn}: 128x128 weight blocks and 1x128 activation groups need block_k 128, got {cfg}"
+        )
     scale = weights.scale
     if w_mode == 0:
         stride_wse, stride_wsn = scale.stride(0), (scale.stride(1) if scale.shape[1] > 1 else 0)
@@ -567,6 +620,21 @@ def moe_grouped_gemm_triton(
         stride_asr = 0
     n_rows_layout = groups.sorted_pair_ids.numel()
     grid = (triton.cdiv(n_rows_layout, block_m) * triton.cdiv(n, cfg.block_n),)
+    if swap:
+        launch = cfg.launch_kwargs()
+        del launch["MAX_IMPRECISE_ACC"]
+        moe_weight_rows_gemm_kernel[grid](
+            a, weights.data, scale.view(torch.uint8) if w_mode == 2 else scale,
+            routing_weights if routing_weights is not None else scale, out,
+            groups.sorted_pair_ids, groups.block_expert, groups.num_pairs, n_rows_layout, n, k,
+            gather_top_k or 1, a.stride(0), a.stride(1),
+            weights.data.stride(0), weights.data.stride(1), weights.data.stride(2), stride_wse, stride_wsn,
+            out.stride(0), out.stride(1),
+            A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated,
+            MUL_ROUTING=routing_weights is not None, DOT_FP32=triton_interpreting(),
+            EVEN_K=k % cfg.block_k == 0, **launch,
+        )  # fmt: skip
+        return out
     _moe_grouped_gemm_kernel[grid](
         a,
         a_scale,
@@ -685,6 +753,8 @@ __all__ = [
     "moe_experts_triton",
     "moe_gemm_config",
     "moe_grouped_gemm_triton",
+    "moe_swap_ab",
+    "moe_weight_rows_config",
     "quantize_dequantize_activation",
     "quantize_expert",
 ]

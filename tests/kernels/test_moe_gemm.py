@@ -42,11 +42,12 @@ from mxrun.kernels.moe_gemm import (
     moe_experts_reference,
     moe_experts_triton,
     moe_grouped_gemm_triton,
+    moe_swap_ab,
     quantize_dequantize_activation,
     quantize_expert,
 )
 from mxrun.kernels.moe_routing import group_tokens, padded_capacity, route_topk
-from mxrun.kernels.scaled_gemm import GemmConfig
+from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -181,6 +182,58 @@ def test_grouped_gemm_matches_reference(fmt, activation, gated) -> None:
     _assert_one_ulp(out, reference)
 
 
+@pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_TENSOR, F.FP8_BLOCK, F.MXFP8])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("block_n", [32, 64])
+def test_weight_rows_kernel_matches_reference(fmt, gated, block_n) -> None:
+    """The swapped-operand kernel (weights as the MMA's left operand) under the same bound: ragged N tail
+    (80 rows, tiles of 32 or 64), a K tail (160 = 128 + 32), padding rows, experts with nothing."""
+    experts, n, k, tokens, top_k = 6, 80, 160, 7, 2
+    weights = _stack(fmt, experts, 2 * n if gated else n, k, seed=21)
+    routing, index = _routing(tokens, experts, top_k, seed=22, only=[0, 2, 3, 5])
+    x = _x(tokens if gated else tokens * top_k, k, seed=23)
+    groups = group_tokens(index, experts, 16)
+    out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device=DEVICE)
+    moe_grouped_gemm_triton(
+        x, None, weights, groups, out, gated=gated, gather_top_k=top_k if gated else None,
+        routing_weights=None if gated else routing.reshape(-1), config=GemmConfig(16, block_n, 128, 1, 4, 2),
+        swap_ab=True,
+    )  # fmt: skip
+    reference = _gemm_reference(x, weights, index, gated, gated, None if gated else routing)
+    _assert_one_ulp(out, reference)
+
+
+def test_weight_rows_kernel_refuses_fp8_activations() -> None:
+    weights = _stack(F.FP8_CHANNEL, 2, 64, 128, seed=0)
+    _, index = _routing(3, 2, 1, seed=0)
+    quantized = quantize_fp8_reference(_x(3, 128, seed=0), FP8_ACTIVATION_GRANULARITY[A.FP8_TOKEN])
+    out = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(GemmInputError, match="weight-rows kernel takes bf16/fp16"):
+        moe_grouped_gemm_triton(
+            quantized.data, quantized.scale, weights, group_tokens(index, 2, 16), out, gated=False,
+            gather_top_k=None, activation=A.FP8_TOKEN, swap_ab=True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(("fmt", "activation"), [(F.FP8_CHANNEL, A.NONE), (F.MXFP8, A.MX_ROUND_UP)])
+def test_experts_forward_through_the_weight_rows_kernel(fmt, activation) -> None:
+    """The whole forward where the launcher picks the swapped kernel (it does for 128-row blocks), under the
+    whole-forward bounds."""
+    # MX activations are rounded before the GEMMs, which then see bf16 values (activation NONE)
+    assert moe_swap_ab(128, A.NONE, fmt, gated=True)
+    experts, hidden, inter, top_k, tokens = 8, 64, 96, 2, 9
+    gate_up = _stack(fmt, experts, 2 * inter, hidden, seed=24)
+    down = _stack(fmt, experts, hidden, inter, seed=25)
+    routing, index = _routing(tokens, experts, top_k, seed=26)
+    x = _x(tokens, hidden, seed=27)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, activation).float()
+    out = moe_experts_triton(x, index, routing, gate_up, down, activation, block_m=128).float()
+    if activation is A.NONE:
+        assert (out - reference).abs().max() <= (2 * top_k + 1) * ULP * reference.abs().max()
+    else:
+        assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+
+
 # --------------------------------------------------------------------------------------- whole forward
 
 
@@ -218,6 +271,25 @@ def test_dropped_pairs_and_empty_input() -> None:
     assert torch.equal(out[1], moe_experts_triton(x, kept, only_second, gate_up, down)[1])
     empty = moe_experts_triton(x[:0], index[:0], routing[:0], gate_up, down)
     assert empty.shape == (0, hidden)
+
+
+@pytest.mark.parametrize(("fmt", "activation"), [(F.FP8_BLOCK, A.NONE), (F.FP8_CHANNEL, A.FP8_GROUP)])
+def test_per_128_scales_need_128_wide_k_steps(fmt, activation) -> None:
+    """The kernel reads one weight-block / activation-group scale per K step: a wider step would silently use
+    the wrong scales, so the launcher refuses it."""
+    weights = _stack(fmt, 2, 64, 256, seed=0)
+    _, index = _routing(3, 2, 1, seed=0)
+    x = _x(3, 256, seed=0)
+    a, a_scale = x, None
+    if activation.is_fp8:
+        quantized = quantize_fp8_reference(x, FP8_ACTIVATION_GRANULARITY[activation])
+        a, a_scale = quantized.data, quantized.scale
+    out = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(GemmInputError, match="need block_k 128"):
+        moe_grouped_gemm_triton(
+            a, a_scale, weights, group_tokens(index, 2, 16), out, gated=False, gather_top_k=None,
+            activation=activation, config=GemmConfig(16, 32, 256, 1, 4, 2),
+        )  # fmt: skip
 
 
 def test_wrong_shapes_are_refused() -> None:
