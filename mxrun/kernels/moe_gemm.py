@@ -38,8 +38,8 @@ bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate
 and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
 reduction is a torch sum over the ``k`` rows of each token. Where the weight is decoded in registers for a
 bf16 MMA and the blocks are large, a variant with the operands swapped runs instead
-(:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere on this path: the pair
-count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
+(:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere on this
+path: the pair count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
 
 Launch rules are those of :mod:`mxrun.kernels.scaled_gemm`: M (pairs) is a run-time argument; ``BLOCK_M`` and
 the tile come from a bucket of the mean pairs per expert; ragged N and K tails are masked; ``T = 1`` works.

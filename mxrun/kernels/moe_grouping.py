@@ -20,9 +20,8 @@ from mxrun.kernels.moe_routing import TokenGroups, group_tokens, padded_capacity
 from mxrun.kernels.row_layout import next_power_of_2
 
 MAX_PAIRS = 4096  # pairs one program sorts in registers (S = tokens x top_k)
-_FILL = tl.constexpr(
-    1024
-)  # layout rows written per step of the padding fill, blocks per step of the expert search
+# layout rows written per step of the padding fill, and blocks per step of the expert search
+_FILL = tl.constexpr(1024)
 
 
 @triton.jit
