@@ -42,8 +42,8 @@ def _group_tokens_kernel(
 ):
     pair = tl.arange(0, S_POW2)
     in_range = pair < S
-    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1).to(tl.int32)
-    keyed = tl.where((ids >= 0) & (ids < E), ids, E)
+    ids = tl.load(ids_ptr + pair, mask=in_range, other=-1)  # compared in its own width: no wrap-around
+    keyed = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
     keyed = tl.where(in_range, keyed, E + 1)
 
     bins = tl.arange(0, BINS)

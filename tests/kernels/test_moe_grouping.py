@@ -49,6 +49,14 @@ def test_model_shapes(tokens: int, experts: int, top_k: int, block_m: int) -> No
     _assert_same_layout(index, experts, block_m)
 
 
+def test_out_of_range_ids_are_dropped_whatever_their_width() -> None:
+    """Ids past int32 (2^32 + 1 would wrap to expert 1) and negative ones are dropped, as the torch version does."""
+    index = torch.tensor([[0, 2**32 + 1], [1, -(2**33)], [2**31, 1]], dtype=torch.int64)
+    _assert_same_layout(index, 3, 2)
+    groups = group_tokens_triton(index.to(KERNEL_DEVICE), 3, 2)
+    assert groups.expert_counts.tolist() == [1, 2, 0]
+
+
 def test_too_many_pairs_is_a_clear_error() -> None:
     index = torch.zeros(MAX_PAIRS + 1, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
