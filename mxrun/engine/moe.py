@@ -46,8 +46,8 @@ from mxrun.engine.methods import (
     quantize_mxfp8_into,
 )
 from mxrun.engine.schemes import ActivationGranularity, ScaleRule, Scheme, SchemeFamily
-from mxrun.kernels.fp8_quantize import Fp8Granularity
 from mxrun.kernels.moe_gemm import (
+    FP8_WEIGHT_GRANULARITY,
     ExpertActivation,
     ExpertWeightFormat,
     ExpertWeights,
@@ -66,11 +66,6 @@ _FORMAT = {
     SchemeFamily.FP8_CHANNEL: ExpertWeightFormat.FP8_CHANNEL,
     SchemeFamily.FP8_BLOCK: ExpertWeightFormat.FP8_BLOCK,
     SchemeFamily.MXFP8: ExpertWeightFormat.MXFP8,
-}
-_FP8_WEIGHT_GRANULARITY = {
-    ExpertWeightFormat.FP8_TENSOR: Fp8Granularity.PER_TENSOR,
-    ExpertWeightFormat.FP8_CHANNEL: Fp8Granularity.PER_ROW,
-    ExpertWeightFormat.FP8_BLOCK: Fp8Granularity.BLOCK_128X128,
 }
 _FP8_ACTIVATION = {
     ActivationGranularity.TENSOR: ExpertActivation.FP8_TENSOR,
@@ -223,7 +218,7 @@ class QuantizedExperts(nn.Module):
         if self.weight_format is ExpertWeightFormat.MXFP8:
             quantize_mxfp8_into(weight, self.weight_rule, data, scale)
         else:
-            quantize_fp8_into(weight, _FP8_WEIGHT_GRANULARITY[self.weight_format], data, scale)
+            quantize_fp8_into(weight, FP8_WEIGHT_GRANULARITY[self.weight_format], data, scale)
 
     def _check_expert(self, expert: int) -> None:
         if not 0 <= expert < self.num_experts:

@@ -390,6 +390,18 @@ def context_length(config: Any, max_tokens: int) -> int:
     return max(2, min(int(context), max_tokens))
 
 
+_CPU_NOTE = (
+    "CPU: quantized layers run the plain-torch reference path (dequantize + matmul), slower than bf16; the "
+    "speed goals are for CUDA, where the Triton kernels run"
+)
+
+
+def _prompt_and_length(text: EvalText, context: int) -> tuple[torch.Tensor, int]:
+    """The greedy-continuation prompt and how many tokens to generate, staying inside the context."""
+    prompt = text.ids[: min(PROMPT_TOKENS, context // 2, text.ids.numel())]
+    return prompt, max(2, min(CONTINUATION_TOKENS, context - prompt.numel()))
+
+
 def evaluate(
     reference: nn.Module,
     quantized: nn.Module,
@@ -421,8 +433,7 @@ def evaluate(
         positions += window.numel()
         scored += window.numel() - 1
 
-    prompt = text.ids[: min(PROMPT_TOKENS, context // 2, text.ids.numel())]
-    new_tokens = max(2, min(CONTINUATION_TOKENS, context - prompt.numel()))  # stay inside the context
+    prompt, new_tokens = _prompt_and_length(text, context)
     for model in (reference, quantized):  # kernels compile (CUDA) and caches warm on a short run first
         greedy(model, prompt, 3, device)
     ids_ref, decode_ref = greedy(reference, prompt, new_tokens, device)
@@ -440,10 +451,7 @@ def evaluate(
             "nothing about language; only the reference-vs-quantized gap is meaningful"
         )
     if device.type == "cpu":
-        notes.append(
-            "CPU: quantized layers run the plain-torch reference path (dequantize + matmul), slower "
-            "than bf16; the speed goals are for CUDA, where the Triton kernels run"
-        )
+        notes.append(_CPU_NOTE)
     ranked = sorted(((name, error.relative) for name, error in errors.items()), key=lambda item: -item[1])
     return Evaluation(
         text_source=text.source,
@@ -481,8 +489,7 @@ def evaluate_alone(quantized: nn.Module, text: EvalText, device: torch.device) -
         window = window.to(device)
         nll_q += float(sequence_nll(_logits(quantized, window), window))
         scored += window.numel() - 1
-    prompt = text.ids[: min(PROMPT_TOKENS, context // 2, text.ids.numel())]
-    new_tokens = max(2, min(CONTINUATION_TOKENS, context - prompt.numel()))
+    prompt, new_tokens = _prompt_and_length(text, context)
     greedy(quantized, prompt, 3, device)
     ids_q, decode_q = greedy(quantized, prompt, new_tokens, device)
     continuation = Continuation(text.decode(prompt.tolist()), None, text.decode(ids_q), None, new_tokens)
@@ -491,10 +498,7 @@ def evaluate_alone(quantized: nn.Module, text: EvalText, device: torch.device) -
     if text.synthetic:
         notes.append("random token ids (no tokenizer): the perplexity is near the vocabulary size")
     if device.type == "cpu":
-        notes.append(
-            "CPU: quantized layers run the plain-torch reference path (dequantize + matmul); the speed "
-            "goals are for CUDA, where the Triton kernels run"
-        )
+        notes.append(_CPU_NOTE)
     return Evaluation(
         text_source=text.source,
         synthetic_text=text.synthetic,

@@ -116,7 +116,7 @@ class ExpertWeights(NamedTuple):
     format: ExpertWeightFormat
 
 
-_FP8_GRANULARITY = {
+FP8_WEIGHT_GRANULARITY = {
     ExpertWeightFormat.FP8_TENSOR: Fp8Granularity.PER_TENSOR,
     ExpertWeightFormat.FP8_CHANNEL: Fp8Granularity.PER_ROW,
     ExpertWeightFormat.FP8_BLOCK: Fp8Granularity.BLOCK_128X128,
@@ -158,7 +158,7 @@ def quantize_expert(
     if fmt is ExpertWeightFormat.MXFP8:
         quantized = quantize_mxfp8(weight, mx_rule)
         return quantized.data, quantized.scale_e8m0.view(torch.uint8)
-    quantized = quantize_fp8(weight, _FP8_GRANULARITY[fmt])
+    quantized = quantize_fp8(weight, FP8_WEIGHT_GRANULARITY[fmt])
     return quantized.data, quantized.scale.reshape(expert_scale_shape(fmt, 1, n, k)[1:])
 
 
@@ -741,6 +741,7 @@ def moe_experts(
 
 __all__ = [
     "FP8_ACTIVATION_GRANULARITY",
+    "FP8_WEIGHT_GRANULARITY",
     "ExpertActivation",
     "ExpertWeightFormat",
     "ExpertWeights",
