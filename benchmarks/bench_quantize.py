@@ -32,12 +32,16 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8_reference,
     quantize_fp8_triton,
 )
-from mxrun.kernels.mxfp8_quantize import quantize_mxfp8_reference, quantize_mxfp8_triton
+from mxrun.kernels.mxfp8_gemm import mxfp8_decode_triton
+from mxrun.kernels.mxfp8_quantize import dequantize_mxfp8, quantize_mxfp8_reference, quantize_mxfp8_triton
 from mxrun.kernels.row_layout import TileConfig
+from mxrun.kernels.scaled_gemm import widen_e4m3
 
 ACTIVATION_FORMATS = ["mxfp8", "fp8_per_token", "fp8_group_1x128"]
 WEIGHT_FORMATS = ["mxfp8", "fp8_block_128x128", "fp8_per_channel", "fp8_per_tensor"]
 MOE_FORMATS = ["mxfp8", "fp8_block_128x128"]
+DECODE_FORMATS = ["mxfp8_decode", "fp8_widen"]
+"""The large-M Linear paths' weight decoders (``decode`` rows): E4M3 codes (+ E8M0 scales) in, bf16 out."""
 _FP8_GRANULARITY = {
     "fp8_per_token": Fp8Granularity.PER_ROW,
     "fp8_per_channel": Fp8Granularity.PER_ROW,
@@ -85,6 +89,9 @@ def full_cases() -> list[Case]:
         for k in (4096, 7168, 14336):
             for fmt in ACTIVATION_FORMATS:
                 cases.append(Case("activation", (m, k), fmt, m >= 2048))
+    for shape in ((6144, 4096), (28672, 4096), (8192, 28672)):
+        for fmt in DECODE_FORMATS:
+            cases.append(Case("decode", shape, fmt, True))
     return cases
 
 
@@ -138,11 +145,32 @@ def host_us_per_call(fn: Callable[[], object], calls: int = 50) -> float:
     return 1e6 * (time.perf_counter() - start) / calls
 
 
+def decode_fns(fmt: str, weight: torch.Tensor) -> tuple[Callable, Callable, int]:
+    """(Triton decoder, torch reference, bytes moved) for a quantized copy of ``weight``; the two must agree
+    bit for bit before anything is timed. Each takes a dummy argument, like the quantize functions."""
+    if fmt == "mxfp8_decode":
+        q = quantize_mxfp8_triton(weight, "round_up")
+        ours = lambda _: mxfp8_decode_triton(q.data, q.scale_e8m0, torch.bfloat16)  # noqa: E731
+        reference = lambda _: dequantize_mxfp8(q.data, q.scale_e8m0, torch.bfloat16)  # noqa: E731
+        read = q.data.numel() + q.scale_e8m0.numel()
+    else:
+        q = quantize_fp8_triton(weight, Fp8Granularity.PER_ROW)
+        ours = lambda _: widen_e4m3(q.data, torch.bfloat16)  # noqa: E731
+        reference = lambda _: q.data.to(torch.bfloat16)  # noqa: E731
+        read = q.data.numel()
+    if not torch.equal(ours(None).view(torch.int16), reference(None).view(torch.int16)):
+        raise AssertionError(f"{fmt}: the decoder disagrees with its reference")
+    return ours, reference, read + 2 * weight.numel()
+
+
 def run_case(case: Case, device: str, with_compile: bool) -> Row:
     x = torch.randn(case.shape, device=device, dtype=torch.bfloat16)
-    ours, reference = quantize_fns(case.fmt)
-    out = ours(x)
-    moved = bytes_moved(x, out)
+    if case.kind == "decode":
+        ours, reference, moved = decode_fns(case.fmt, x)
+        x = torch.empty_like(x)  # the copy anchor moves the bf16 output's bytes
+    else:
+        ours, reference = quantize_fns(case.fmt)
+        moved = bytes_moved(x, ours(x))
     ours_us = time_us(lambda: ours(x))
     eager_us = time_us(lambda: reference(x))
     compile_us = None
@@ -261,7 +289,8 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def markdown_table(rows: list[Row], device_name: str) -> str:
     lines = [
         f"Device: {device_name}; input bf16; GB/s = (input read + data and scales written) / time; "
-        "copy = dst.copy_(src) of the input's bytes in the same run.",
+        "copy = dst.copy_(src) of the input's bytes in the same run. `decode` rows run the other way (E4M3 "
+        "codes and scales in, bf16 out; copy of the bf16 output's bytes).",
         "",
         "| kind | shape | format | MB moved | ours us | ours GB/s | eager us | compile us | copy GB/s | "
         "ours/copy | x vs compile | x vs eager | host us/call |",
@@ -283,7 +312,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few tiny shapes (runs on CPU too)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the references")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tiles on large shapes")
-    parser.add_argument("--kinds", default="activation,weight,moe", help="comma-separated case kinds to run")
+    parser.add_argument(
+        "--kinds", default="activation,weight,moe,decode", help="comma-separated case kinds to run"
+    )
     parser.add_argument("--formats", help="comma-separated formats to run (default: all), e.g. fp8_per_token")
     args = parser.parse_args()
 

@@ -73,19 +73,26 @@ def emit(rows: list[dict], row: dict) -> None:
     )
 
 
-def sweep_shape(m: int, k: int, n: int, rows: list[dict]) -> None:
-    shape = f"{m}x{k}x{n}"
-    flops = 2.0 * m * n * k
+def rowwise_operands(m: int, k: int, n: int) -> tuple:
+    """(x, w, x per-token FP8, w per-channel FP8, fp32 reference of the FP8 product, bf16 us, _scaled_mm us)
+    for one shape: the operands and anchors every FP8 GEMM sweep starts from."""
     x = activations(m, k, seed=m + k + n)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     bf16_us = time_us(lambda: torch.matmul(x, w.t()))
     xq = quantize_fp8(x, Fp8Granularity.PER_ROW)
     wq = quantize_fp8(w, Fp8Granularity.PER_ROW)
     ref = fp8_gemm_reference(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16)
-    scaled = torch._scaled_mm(xq.data, wq.data.t(), xq.scale, wq.scale.t(), out_dtype=torch.bfloat16)
     smm_us = time_us(
         lambda: torch._scaled_mm(xq.data, wq.data.t(), xq.scale, wq.scale.t(), out_dtype=torch.bfloat16)
     )
+    return x, w, xq, wq, ref, bf16_us, smm_us
+
+
+def sweep_shape(m: int, k: int, n: int, rows: list[dict]) -> None:
+    shape = f"{m}x{k}x{n}"
+    flops = 2.0 * m * n * k
+    x, w, xq, wq, ref, bf16_us, smm_us = rowwise_operands(m, k, n)
+    scaled = torch._scaled_mm(xq.data, wq.data.t(), xq.scale, wq.scale.t(), out_dtype=torch.bfloat16)
 
     def row(kernel: str, us: float, out: torch.Tensor, expected: torch.Tensor, **extra) -> dict:
         max_ulp, share = ulp_error(out, expected)

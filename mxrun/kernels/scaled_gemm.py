@@ -800,6 +800,119 @@ def fp8_weight_only_triton(
     return c
 
 
+@triton.jit
+def _scale_bias_cast_kernel(
+    y_ptr,  # [M, N] fp32, contiguous
+    scale_ptr,  # fp32 [N] (PER_COLUMN) or [1]
+    bias_ptr,  # [N] or dummy
+    out_ptr,  # [M, N] bf16/fp16, (m, n) at m*stride_om + n
+    M,
+    N,
+    stride_om,
+    PER_COLUMN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = cast(y * s + bias): the epilogue of the decode + cuBLAS path, one pass over the fp32 product."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    y = tl.load(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    if PER_COLUMN:
+        y = y * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        y = y * tl.load(scale_ptr)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _widen_e4m3_kernel(
+    q_ptr,  # [R, K] float8e4nv, (r, k) at r*stride_qr + k
+    out_ptr,  # [R, K] bf16/fp16, contiguous
+    R,
+    K,
+    stride_qr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out = E4M3 code widened to bf16/fp16 (exact). torch's ``.to()`` from float8 ran at ~1 TB/s on H200."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows < R)[:, None] & (cols < K)[None, :]
+    codes = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=mask, other=0.0)
+    out = out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :]
+    # E4M3 has no Inf; 0x7F / 0xFF are NaN (Triton's interpreter widens them to 480: say it explicitly)
+    is_nan = (codes.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
+    values = tl.where(is_nan, float("nan"), codes.to(tl.float32))
+    tl.store(out, values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def widen_e4m3(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A K-contiguous ``[R, K]`` E4M3 tensor as bf16/fp16 values (exact), contiguous."""
+    rows, k = q.shape
+    out = torch.empty((rows, k), dtype=dtype, device=q.device)
+    if rows and k:
+        block_r, block_k = 16, 512
+        _widen_e4m3_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
+            q, out, rows, k, q.stride(0), BLOCK_R=block_r, BLOCK_K=block_k, num_warps=4
+        )
+    return out
+
+
+MAX_DECODE_CHUNK_BYTES = 256 << 20
+""":func:`fp8_decode_matmul` works in slices of output columns whose widened weight and fp32 product each
+stay under this many bytes."""
+
+
+def fp8_decode_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """W8A16 for per-tensor / per-channel FP8 weights at larger M: widen the E4M3 codes to x's dtype (exact),
+    let cuBLAS multiply with an fp32 result (``torch.mm(..., out_dtype=torch.float32)``), then scale, add the
+    bias and round once in :func:`_scale_bias_cast_kernel`. The same sums as the reference up to fp32
+    summation order, one rounding at the end (rounding cuBLAS's output to bf16 before the scale and bias
+    would round twice, and lose everything when the bias cancels the product). The in-register W8A16 kernel
+    re-decodes every weight tile once per row-tile program; this decodes once per call. CUDA only."""
+    fn = "fp8_decode_matmul"
+    _check_weight(weight, fn)
+    n, k = weight.shape
+    _check_activation(x, k, fn)
+    _check_bias(bias, n, fn)
+    per_column = _scale_is_per_row(weight_scale, n, "weight", fn)
+    m = x.shape[0]
+    out = _out(x.dtype, m, n, x.device)
+    if m == 0 or n == 0:
+        return out
+    columns = max(128, MAX_DECODE_CHUNK_BYTES // (4 * max(k, m, 1)) // 128 * 128)
+    block_m, block_n = 32, 128
+    for n0 in range(0, n, columns):
+        n1 = min(n, n0 + columns)
+        y = torch.mm(x, widen_e4m3(weight[n0:n1], x.dtype).t(), out_dtype=torch.float32)
+        _scale_bias_cast_kernel[(triton.cdiv(m, block_m), triton.cdiv(n1 - n0, block_n))](
+            y,
+            weight_scale[n0:n1] if per_column else weight_scale,
+            bias[n0:n1] if bias is not None else weight_scale,
+            out[:, n0:],
+            m,
+            n1 - n0,
+            out.stride(0),
+            PER_COLUMN=per_column,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=4,
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
 # dispatchers (what a quantized Linear calls)
 # ----------------------------------------------------------------------------------------------------------
@@ -823,6 +936,7 @@ def fp8_linear(
         raise GemmInputError(f"fp8_linear: activation must be 'tensor' or 'token', got {activation!r}")
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
+    from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
@@ -838,6 +952,10 @@ def fp8_linear(
     if x.shape[0] <= FUSED_QUANT_MAX_M:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
+    if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
+        return fp8_tma_gemm(
+            quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype, block_scaled=False
+        )
     return fp8_gemm_triton(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
 
 
@@ -851,8 +969,14 @@ def fp8_block_linear(
     """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
+    from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
+
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
     quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
+    if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
+        return fp8_tma_gemm(
+            quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype, block_scaled=True
+        )
     return fp8_block_gemm_triton(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
 
 
@@ -864,26 +988,33 @@ def fp8_weight_only_linear(
     bias: torch.Tensor | None,
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
-    """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations. Up to 64
-    rows, per-tensor / per-channel weights take the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`)."""
+    """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations. Per-tensor /
+    per-channel weights: up to 64 rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), above it
+    :func:`fp8_decode_matmul` on CUDA (measured 2-3x the in-register kernel at M >= 256,
+    benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the in-register kernel."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_weight_only_reference(x, weight, weight_scale, granularity, bias)
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     per_block = Fp8Granularity(granularity) is Fp8Granularity.BLOCK_128X128
-    if x.shape[0] <= SMALL_M_MAX and not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
-        return small_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
+    if not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
+        if x.shape[0] <= SMALL_M_MAX:
+            return small_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
+        if x.is_cuda and weight_scale.is_contiguous():
+            return fp8_decode_matmul(x, weight, weight_scale, bias)
     return fp8_weight_only_triton(x, weight, weight_scale, granularity, bias)
 
 
 __all__ = [
     "FUSED_QUANT_MAX_M",
+    "MAX_DECODE_CHUNK_BYTES",
     "GemmConfig",
     "GemmInputError",
     "fp8_block_gemm_reference",
     "fp8_block_gemm_triton",
     "fp8_block_linear",
     "fp8_block_linear_reference",
+    "fp8_decode_matmul",
     "fp8_gemm_reference",
     "fp8_gemm_triton",
     "fp8_linear",
@@ -893,4 +1024,5 @@ __all__ = [
     "fp8_weight_only_triton",
     "m_bucket",
     "pick_config",
+    "widen_e4m3",
 ]

@@ -23,7 +23,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
+from mxrun.kernels import scaled_gemm
+from mxrun.kernels.fp8_quantize import Fp8Granularity, dequantize_fp8, quantize_fp8_reference
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
     GemmInputError,
@@ -34,6 +35,7 @@ from mxrun.kernels.scaled_gemm import (
     fp8_gemm_triton,
     fp8_linear,
     fp8_linear_reference,
+    fp8_weight_only_linear,
     fp8_weight_only_reference,
     fp8_weight_only_triton,
     m_bucket,
@@ -164,6 +166,42 @@ def test_weight_only(m, n, k, granularity, dtype) -> None:
     out = fp8_weight_only_triton(*_dev(x, qw.data, qw.scale), granularity, *_dev(bias))
     assert out.dtype == dtype
     assert_one_ulp(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_widen_e4m3_every_code(dtype) -> None:
+    """The decode path's widening kernel: all 256 codes, a strided row slice, exact (NaN stays NaN)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).reshape(8, 32)
+    padded = torch.zeros(8, 48, dtype=torch.float8_e4m3fn)
+    padded[:, :32] = codes
+    source = padded[:, :32]  # rows 48 bytes apart
+    out = scaled_gemm.widen_e4m3(source.to(KERNEL_DEVICE), dtype).cpu()
+    expected = codes.float().to(dtype)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(torch.nan_to_num(out).view(torch.int16), torch.nan_to_num(expected).view(torch.int16))
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity", [G.PER_TENSOR, G.PER_ROW])
+def test_weight_only_decode_matmul(granularity, dtype, monkeypatch) -> None:
+    """The decode + cuBLAS path that the W8A16 Linear takes above 64 rows on CUDA: one rounding at the end.
+    The bias cancels most of each product, so rounding cuBLAS's output to 16 bits before the scale and bias
+    (the obvious shortcut) is off by many output ulps and fails here; slices of 128 columns cover the loop."""
+    m, n, k = 300, 1000, 1040
+    x, w, _ = _inputs(m, n, k, dtype=dtype, seed=6)
+    qw = quantize_fp8_reference(w, granularity)
+    exact = x.float() @ dequantize_fp8(qw.data, qw.scale, granularity).T
+    bias = (-exact[0]).to(dtype)  # row 0 cancels to ~0, the other rows partly
+    ref = fp8_weight_only_reference(x, qw.data, qw.scale, granularity, bias)
+    monkeypatch.setattr(scaled_gemm, "MAX_DECODE_CHUNK_BYTES", 128 * 4 * k)
+    x_d, w_d, s_d, bias_d = _dev(x, qw.data, qw.scale, bias)
+    out = fp8_weight_only_linear(x_d, w_d, s_d, granularity, bias_d, backend="triton")
+    assert_one_ulp(out, ref)
+    shortcut = (torch.nn.functional.linear(*_dev(x, qw.data.to(dtype))) * qw.scale.reshape(1, -1).to(
+        KERNEL_DEVICE) + bias.to(KERNEL_DEVICE)).to(dtype)  # fmt: skip
+    with pytest.raises(AssertionError):
+        assert_one_ulp(shortcut, ref)
 
 
 def test_weight_only_differs_from_w8a8() -> None:

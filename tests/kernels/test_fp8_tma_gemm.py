@@ -1,0 +1,114 @@
+"""TMA-fed persistent FP8 GEMMs against the same references and bounds as the pointer kernels
+(see test_scaled_gemm.py's docstring for the one-ulp rule and the wgmma allowance).
+
+TMA exists only on a real sm_90+ GPU, so these run there; on CPU only the refusal (`tma_usable`) is tested.
+Shapes are ragged on purpose: M and N not multiples of the tile and K not a multiple of 128 (TMA zero-fills
+out-of-range rows, columns and K), and the block case spreads the 1x128 group scales over 2^+-12 so that the
+rescaled accumulator's ratios are far from 1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
+from mxrun.kernels.fp8_tma_gemm import fp8_tma_gemm, tma_usable
+from mxrun.kernels.scaled_gemm import (
+    GemmConfig,
+    fp8_block_gemm_reference,
+    fp8_block_linear,
+    fp8_gemm_reference,
+    fp8_linear,
+    fp8_linear_reference,
+)
+
+from .device_cases import HAS_CUDA
+from .test_scaled_gemm import assert_one_ulp, fp8_mma_slack
+
+G = Fp8Granularity
+needs_tma = pytest.mark.skipif(
+    not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="TMA needs an sm_90+ GPU"
+)
+SHAPES = [(600, 1000, 1040), (1024, 4096, 4096), (777, 384, 2064)]
+CONFIGS = [
+    GemmConfig(128, 256, 128, 8, 8, 3),
+    GemmConfig(128, 128, 128, 8, 8, 4),
+    GemmConfig(64, 128, 128, 8, 4, 4),
+]
+
+
+def _inputs(m: int, n: int, k: int, seed: int, spread_groups: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    x[:, : max(1, k // 64)] *= 30.0
+    if spread_groups:  # each 1x128 group of a row at its own power of two in [2^-12, 2^12]
+        exps = torch.randint(-12, 13, (m, -(-k // 128)), generator=g).float()
+        x = x * exps.exp2().repeat_interleave(128, dim=1)[:, :k]
+        x[: m // 7, 128:256] = 0.0  # all-zero groups: scale 1, codes 0
+    w = torch.randn(n, k, generator=g) * 0.05
+    bias = torch.randn(n, generator=g)
+    return x.to(torch.bfloat16), w.to(torch.bfloat16), bias.to(torch.bfloat16)
+
+
+def test_tma_refused_off_hopper() -> None:
+    cpu = torch.zeros(4, 32)
+    assert not tma_usable(cpu)
+    if HAS_CUDA:
+        assert not tma_usable(torch.zeros(4, 24, device="cuda", dtype=torch.float8_e4m3fn))  # 24 B rows
+
+
+def _check(x, w, bias, block_scaled: bool, weight_granularity, config, persistent: bool) -> None:
+    """Quantize as the Linear would, run the TMA kernel, compare with the fp32 reference of the same bytes."""
+    qa = quantize_fp8_reference(x, G.GROUP_1X128 if block_scaled else G.PER_ROW)
+    qw = quantize_fp8_reference(w, weight_granularity)
+    reference = fp8_block_gemm_reference if block_scaled else fp8_gemm_reference
+    ref = reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    a, sa, b, sb, bias_d = (t.cuda() for t in (qa.data, qa.scale, qw.data, qw.scale, bias))
+    out = fp8_tma_gemm(a, sa, b, sb, bias_d, torch.bfloat16, block_scaled=block_scaled, config=config,
+                       persistent=persistent)  # fmt: skip
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@needs_tma
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+@pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
+def test_w8a8(m, n, k, config, persistent, weight_granularity) -> None:
+    _check(*_inputs(m, n, k, seed=m + n), False, weight_granularity, config, persistent)
+
+
+@needs_tma
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.block_n == 128], ids=str)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_block_scaled(m, n, k, config, persistent) -> None:
+    _check(*_inputs(m, n, k, seed=m + k, spread_groups=True), True, G.BLOCK_128X128, config, persistent)
+
+
+@needs_tma
+def test_block_scaled_tiny_group_stays_finite() -> None:
+    """A 1x128 group of activations near 1e-36 gives a combined scale near 2^-142: without SCALE_FLOOR the
+    accumulator's rescale ratio (~2^125) overflows fp32 and the row turns to Inf; with it the group's
+    contribution moves by < 2e-17 in absolute terms, inside the one-ulp test."""
+    x, w, bias = _inputs(256, 512, 1024, seed=9)
+    x[:4, 128:256] = (torch.randn(4, 128) * 1e-36).to(torch.bfloat16)
+    assert x[:4, 128:256].abs().max() > 0
+    _check(x, w, bias, True, G.BLOCK_128X128, CONFIGS[1], True)
+
+
+@needs_tma
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_linear_dispatch_at_large_m(m, n, k) -> None:
+    """The Linear dispatchers (which choose TMA at M >= TMA_MIN_M on Hopper) stay within the same bound."""
+    x, w, bias = _inputs(m, n, k, seed=3)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_linear_reference(x, qw.data, qw.scale, bias, "token")
+    out = fp8_linear(x.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), "token", backend="triton")
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    qb = quantize_fp8_reference(w, G.BLOCK_128X128)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qb.data, qb.scale, bias, torch.bfloat16)
+    out = fp8_block_linear(x.cuda(), qb.data.cuda(), qb.scale.cuda(), bias.cuda(), backend="triton")
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
