@@ -28,6 +28,8 @@ SHAPES = [  # M, K, N: Llama-3 8B / 70B projections at the bench_linear batch si
     (4096, 14336, 4096), (1024, 8192, 10240), (4096, 8192, 10240), (16384, 8192, 10240), (4096, 28672, 8192),
 ]  # fmt: skip
 CHANNEL_TILES = [  # block_m, block_n, block_k, group_m, warps, stages
+    (256, 128, 128, 8, 8, 4),
+    (256, 128, 128, 16, 8, 3),
     (128, 256, 128, 8, 8, 3),
     (256, 128, 128, 8, 8, 3),
     (128, 128, 128, 8, 8, 4),
@@ -111,17 +113,16 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
         ref_b, tile="default",
     )  # fmt: skip
     for tile in BLOCK_TILES[: 2 if quick else None]:
-        for acc in (128,):
-            cfg = GemmConfig(*tile, max_imprecise_acc=acc)
-            for persistent in (True, False) if not quick else (True,):
-                emit(
-                    "block-tma",
-                    lambda cfg=cfg, p=persistent: fp8_tma_gemm(
-                        xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True,
-                        config=cfg, persistent=p,
-                    ),
-                    ref_b, tile=str(tile), persistent=persistent, acc=acc,
-                )  # fmt: skip
+        cfg = GemmConfig(*tile)
+        for persistent in (True, False) if not quick else (True,):
+            emit(
+                "block-tma",
+                lambda cfg=cfg, p=persistent: fp8_tma_gemm(
+                    xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True, config=cfg,
+                    persistent=p,
+                ),
+                ref_b, tile=str(tile), persistent=persistent,
+            )  # fmt: skip
 
 
 def main() -> None:

@@ -7,15 +7,12 @@ address arithmetic took from the MMAs, and bounds-checks in hardware (out-of-ran
 read as zeros, so there is no masking and no modulo clamping). One program per SM walks the output tiles in
 grouped order, so the prologue of the next tile overlaps the epilogue of the last.
 
-Block scaling: the 1x128 activation and 128x128 weight scales change every 128-wide K step, which would need
-a fresh MMA accumulator per step (``acc += dot * s``: a second 128x128 fp32 register tile). Here the
-accumulator is instead kept in units of the current step's scale and *rescaled* before the next step's MMA,
-``acc = dot(a, b, acc * s_prev / s_cur)``, so the MMAs chain into one accumulator, with Triton's fp32
-promotion every 128 K (the same accuracy rule as the per-channel kernel). This equals the reference sum up to
-fp32 rounding of the ratios as long as every combined scale ``s_a s_w`` is at least ``SCALE_FLOOR`` = 2^-80;
-smaller ones (only a whole 1x128 group of activations below ~1e-22 makes one) are raised to it, which moves
-that group's contribution by at most 128 * 448^2 * 2^-80 ~ 2e-17 in absolute terms and keeps the ratios
-finite (the accumulator would overflow only once a partial output exceeds 3e38 * 2^-80 ~ 3e14).
+Block scaling: the 1x128 activation and 128x128 weight scales change every 128-wide K step, so each step's
+MMA starts from zero and its fp32 result is scaled into the accumulator (``acc += dot * s_a s_w``), the
+reference's own formulation. (Keeping one accumulator in units of the current step's scale and rescaling it
+before each MMA, ``acc = dot(a, b, acc * s_prev / s)``, saves that second register tile but measured 6-10%
+slower on an H100 at 3 of 4 shapes of ``benchmarks/sweep_fp8_tma.py`` (2% faster at the fourth) and needs a
+floor under tiny scales to keep its ratios finite; it was dropped.)
 
 Only for CUDA devices of compute capability 9.0 or newer with 16-byte aligned operands (K % 16 == 0); the
 dispatchers fall back to the pointer kernels otherwise, and the CPU (interpreter) path uses those too.
@@ -32,7 +29,6 @@ from mxrun.kernels.scaled_gemm import GemmConfig, m_bucket, pick_config, store_t
 
 TMA_MIN_M = 512
 """From this many rows, the W8A8 dispatchers use the TMA kernels on Hopper."""
-SCALE_FLOOR = tl.constexpr(2.0**-80)
 
 
 @cache
@@ -91,8 +87,8 @@ def _fp8_tma_gemm_kernel(
     MAX_IMPRECISE_ACC: tl.constexpr,
     FLATTEN: tl.constexpr,
 ):
-    """C = A B^T with per-tensor/per-row scales in the epilogue, or block scales folded into a rescaled
-    accumulator (see the module docstring); bias and output cast in the epilogue."""
+    """C = A B^T with per-tensor/per-row scales in the epilogue, or block scales applied to each K step's
+    product (see the module docstring); bias and output cast in the epilogue."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
@@ -106,15 +102,11 @@ def _fp8_tma_gemm_kernel(
             # One weight block per tile (BLOCK_N == 128): a scalar per K step; one activation scale per row.
             a_scale_ptrs = a_scale_ptr + (offs_m % M).to(tl.int64) * stride_asm
             b_scale_row = b_scale_ptr + pid_n * stride_bsn
-            s_prev = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
             for kb in range(k_steps):
                 a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
                 b = b_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])
                 s = tl.load(a_scale_ptrs + kb) * tl.load(b_scale_row + kb)
-                s = tl.maximum(s, SCALE_FLOOR)
-                acc = tl.dot(a, b.T, acc * (s_prev / s)[:, None], max_num_imprecise_acc=MAX_IMPRECISE_ACC)
-                s_prev = s
-            acc = acc * s_prev[:, None]
+                acc += tl.dot(a, b.T, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * s[:, None]
         else:
             for kb in range(k_steps):
                 a = a_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])
@@ -149,7 +141,7 @@ def tma_candidates(m: int, n: int, block_scaled: bool, sms: int) -> list[GemmCon
     benchmarks/results/sweep-fp8-tma-h200.json). Per-channel: 256x128 tiles with 8 warps are the fastest per
     tile, 128x128 ones ~13% slower per element, and which wins is decided by the last, partly filled wave
     (M = 512, N = 6144: 96 big tiles, one wave, beat 192 small ones; N = 10240: 160 big tiles, two waves, lost
-    to 320 small ones). Block scaling rescales the whole accumulator every step, so it keeps 128x128."""
+    to 320 small ones). Block scaling holds a second fp32 tile (each step's product), so it keeps 128x128."""
     if block_scaled:
         return [
             GemmConfig(128, 128, 128, 8, 8, 4),
@@ -219,4 +211,4 @@ def fp8_tma_gemm(
     return c
 
 
-__all__ = ["SCALE_FLOOR", "TMA_MIN_M", "fp8_tma_gemm", "tma_candidates", "tma_usable"]
+__all__ = ["TMA_MIN_M", "fp8_tma_gemm", "tma_candidates", "tma_usable"]

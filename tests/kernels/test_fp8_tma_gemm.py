@@ -3,8 +3,8 @@
 
 TMA exists only on a real sm_90+ GPU, so these run there; on CPU only the refusal (`tma_usable`) is tested.
 Shapes are ragged on purpose: M and N not multiples of the tile and K not a multiple of 128 (TMA zero-fills
-out-of-range rows, columns and K), and the block case spreads the 1x128 group scales over 2^+-12 so that the
-rescaled accumulator's ratios are far from 1.
+out-of-range rows, columns and K), and the block case spreads the 1x128 group scales over 2^+-12 (a wrong
+group scale is then far off).
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ def test_block_scaled(m, n, k, config, persistent) -> None:
 
 @needs_tma
 def test_block_scaled_tiny_group_stays_finite() -> None:
-    """A 1x128 group of activations near 1e-36 gives a combined scale near 2^-142: without SCALE_FLOOR the
-    accumulator's rescale ratio (~2^125) overflows fp32 and the row turns to Inf; with it the group's
-    contribution moves by < 2e-17 in absolute terms, inside the one-ulp test."""
+    """A 1x128 group of activations near 1e-36 has a subnormal scale (combined with the weight's, ~2^-142):
+    its contribution must neither blow up nor poison the row (any scheme that divides by the scale, e.g. an
+    accumulator rescaled step to step, overflows here)."""
     x, w, bias = _inputs(256, 512, 1024, seed=9)
     x[:4, 128:256] = (torch.randn(4, 128) * 1e-36).to(torch.bfloat16)
     assert x[:4, 128:256].abs().max() > 0
