@@ -103,11 +103,13 @@ def candidates(granularity: fq.Fp8Granularity, x: torch.Tensor, before) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write every timing here")
+    parser.add_argument("--only", choices=["per_row", "block"], help="sweep one layout only")
     args = parser.parse_args()
     before = before_module()
     results = []
-    cases = [(fq.Fp8Granularity.PER_ROW, s) for s in PER_ROW_SHAPES]
-    cases += [(fq.Fp8Granularity.BLOCK_128X128, s) for s in BLOCK_SHAPES]
+    cases = [] if args.only == "block" else [(fq.Fp8Granularity.PER_ROW, s) for s in PER_ROW_SHAPES]
+    if args.only != "per_row":
+        cases += [(fq.Fp8Granularity.BLOCK_128X128, s) for s in BLOCK_SHAPES]
     for granularity, shape in cases:
         x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         expected = fq.quantize_fp8_reference(x, granularity)
