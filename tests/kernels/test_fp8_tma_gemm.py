@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
-from mxrun.kernels.fp8_tma_gemm import fp8_tma_gemm, tma_usable
+from mxrun.kernels.fp8_tma_gemm import fp8_tma_gemm, tma_candidates, tma_usable
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
     fp8_block_gemm_reference,
@@ -68,6 +68,18 @@ def _check(x, w, bias, block_scaled: bool, weight_granularity, config, persisten
     out = fp8_tma_gemm(a, sa, b, sb, bias_d, torch.bfloat16, block_scaled=block_scaled, config=config,
                        persistent=persistent)  # fmt: skip
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "block_m"),
+    # the fastest per-channel tile in benchmarks/results/sweep-fp8-tma-h200.json (132 SMs on H100 and H200)
+    [(512, 6144, 256), (512, 10240, 128), (1024, 6144, 128), (1024, 10240, 128), (1024, 4096, 256),
+     (1024, 28672, 256), (4096, 6144, 256), (16384, 10240, 256)],
+)  # fmt: skip
+def test_tile_choice_follows_the_last_wave(m, n, block_m) -> None:
+    """Big tiles are faster per element, but not when they leave most of a wave's SMs idle."""
+    assert tma_candidates(m, n, block_scaled=False, sms=132)[0].block_m == block_m
+    assert all(c.block_n == 128 for c in tma_candidates(m, n, block_scaled=True, sms=132))
 
 
 @needs_tma
