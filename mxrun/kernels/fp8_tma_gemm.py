@@ -25,7 +25,7 @@ from functools import cache
 import torch
 
 from mxrun.kernels.backend import HAS_TRITON, tl, triton, triton_interpreting
-from mxrun.kernels.scaled_gemm import GemmConfig, m_bucket, pick_config, store_tile
+from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError, m_bucket, pick_config, store_tile
 
 TMA_MIN_M = 512
 """From this many rows, the W8A8 dispatchers use the TMA kernels on Hopper."""
@@ -85,7 +85,6 @@ def _fp8_tma_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     MAX_IMPRECISE_ACC: tl.constexpr,
-    FLATTEN: tl.constexpr,
 ):
     """C = A B^T with per-tensor/per-row scales in the epilogue, or block scales applied to each K step's
     product (see the module docstring); bias and output cast in the epilogue."""
@@ -93,7 +92,7 @@ def _fp8_tma_gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
     num_tiles = num_pid_m * num_pid_n
-    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
         pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,12 +164,25 @@ def fp8_tma_gemm(
     block_scaled: bool,
     config: GemmConfig | None = None,
     persistent: bool = True,
-    flatten: bool = False,
 ) -> torch.Tensor:
-    """Launch the TMA kernel. Callers check shapes and :func:`tma_usable` first (the dispatchers do); scales
-    as in :func:`~mxrun.kernels.scaled_gemm.fp8_gemm_triton` / ``fp8_block_gemm_triton``."""
+    """Launch the TMA kernel (one program per SM, or with ``persistent=False`` one per tile). Callers check
+    :func:`tma_usable` first (the dispatchers do); scales as in
+    :func:`~mxrun.kernels.scaled_gemm.fp8_gemm_triton` / ``fp8_block_gemm_triton``."""
+    fn = "fp8_tma_gemm"
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise GemmInputError(f"{fn}: need A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise GemmInputError(f"{fn}: A and B must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
     m, k = a.shape
     n = b.shape[0]
+    if block_scaled and (
+        a_scale.shape != (m, triton.cdiv(k, 128))
+        or b_scale.shape != (triton.cdiv(n, 128), triton.cdiv(k, 128))
+    ):
+        raise GemmInputError(
+            f"{fn}: block scales must be [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)], got "
+            f"{tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
+        )
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
@@ -200,7 +212,6 @@ def fp8_tma_gemm(
             A_PER_ROW=(not block_scaled) and a_scale.numel() > 1,
             B_PER_ROW=(not block_scaled) and b_scale.numel() > 1,
             HAS_BIAS=bias is not None,
-            FLATTEN=flatten,
             **cfg.launch_kwargs(),
         )
 

@@ -16,6 +16,7 @@ from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
 from mxrun.kernels.fp8_tma_gemm import fp8_tma_gemm, tma_candidates, tma_usable
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
+    GemmInputError,
     fp8_block_gemm_reference,
     fp8_block_linear,
     fp8_gemm_reference,
@@ -68,6 +69,18 @@ def _check(x, w, bias, block_scaled: bool, weight_granularity, config, persisten
     out = fp8_tma_gemm(a, sa, b, sb, bias_d, torch.bfloat16, block_scaled=block_scaled, config=config,
                        persistent=persistent)  # fmt: skip
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+def test_bad_operands_are_named() -> None:
+    e4m3 = torch.float8_e4m3fn
+    a, b = torch.zeros(8, 256, dtype=e4m3), torch.zeros(16, 256, dtype=e4m3)
+    one = torch.ones(())
+    with pytest.raises(GemmInputError, match=r"A \[M, K\] and B \[N, K\]"):
+        fp8_tma_gemm(a, one, b[:, :128], one, None, torch.bfloat16, block_scaled=False)
+    with pytest.raises(GemmInputError, match="float8_e4m3fn"):
+        fp8_tma_gemm(a.to(torch.bfloat16), one, b, one, None, torch.bfloat16, block_scaled=False)
+    with pytest.raises(GemmInputError, match="block scales"):
+        fp8_tma_gemm(a, torch.ones(8, 1), b, torch.ones(1, 2), None, torch.bfloat16, block_scaled=True)
 
 
 @pytest.mark.parametrize(
