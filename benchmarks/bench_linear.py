@@ -167,6 +167,39 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GOALS = [  # issue 5: (column, rows the goal is about, anchor column, at least this ratio)
+    ("fp8-channel", "M >= 1024", "scaled_mm", 0.95),
+    ("fp8-tensor", "M >= 1024", "scaled_mm", 0.95),
+    ("fp8-channel", "M <= 16", "bf16", 1.7),
+    ("fp8-tensor", "M <= 16", "bf16", 1.7),
+    ("fp8-block", "M >= 1024", "scaled_mm", 0.85),
+    ("mxfp8", "M >= 1024", "bf16", 1.0),
+    ("mxfp8", "M <= 16", "bf16", 1.7),
+]
+_ROWS = {"M >= 1024": lambda m: m >= 1024, "M <= 16": lambda m: m <= 16}
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """One line per issue-5 goal: how many (shape, M) cases meet it, and the worst case."""
+    lines = []
+    for column, where, anchor, goal in GOALS:
+        cases = [
+            (r["us"][anchor] / r["us"][column], r["shape"], r["M"])
+            for r in rows
+            if _ROWS[where](r["M"]) and r["us"].get(column) and r["us"].get(anchor)
+        ]
+        if not cases:
+            continue
+        met = sum(ratio >= goal for ratio, _, _ in cases)
+        worst = min(cases)
+        verdict = "met" if met == len(cases) else "MISSED"
+        lines.append(
+            f"{column} {where}: >= {goal}x {anchor}: {verdict} ({met}/{len(cases)} cases meet it; "
+            f"worst {worst[0]:.2f}x, {worst[1]} M={worst[2]})"
+        )
+    return lines
+
+
 def plot(rows: list[dict], path: str) -> bool:
     """TFLOP/s against M per scheme, one panel per shape; False when matplotlib is missing."""
     try:
@@ -232,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
     table = markdown(rows)
+    summary = goals(rows)
+    print("\n".join(["", "Goals (issue 5):", *summary]))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"{meta}\n\n{table}")
+            f.write(f"{meta}\n\n{table}\n## Goals (issue 5)\n\n" + "".join(f"- {line}\n" for line in summary))
     if args.plot and not plot(rows, args.plot):
         print("matplotlib is not installed: no plot written", file=sys.stderr)
     return 0
