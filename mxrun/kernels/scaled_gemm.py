@@ -976,7 +976,8 @@ def fp8_block_linear(
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
     """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then the
-    block kernel, or from 512 rows on Hopper and newer the TMA kernel (1.25-1.3x faster on an H100)."""
+    block kernel, or from 512 rows on Hopper and newer the TMA kernel (the Linear 1.3-1.45x faster on an H100
+    at M >= 1024, benchmarks/bench_linear.py)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
@@ -1000,7 +1001,7 @@ def fp8_weight_only_linear(
 ) -> torch.Tensor:
     """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations. Per-tensor /
     per-channel weights: up to 64 rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), above it
-    :func:`fp8_decode_matmul` on CUDA (measured 2-3x the in-register kernel at M >= 256,
+    :func:`fp8_decode_matmul` on CUDA (1.4-2.0x the in-register kernel at M >= 1024 on an H100,
     benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the in-register kernel."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_weight_only_reference(x, weight, weight_scale, granularity, bias)
