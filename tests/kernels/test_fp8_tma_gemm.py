@@ -137,3 +137,22 @@ def test_linear_dispatch_at_large_m(m, n, k) -> None:
     ref = fp8_block_gemm_reference(qa.data, qa.scale, qb.data, qb.scale, bias, torch.bfloat16)
     out = fp8_block_linear(x.cuda(), qb.data.cuda(), qb.scale.cuda(), bias.cuda(), backend="triton")
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@needs_tma
+def test_no_recompile_for_new_m() -> None:
+    """M reaches the TMA kernel as a run-time argument and inside the descriptors' shapes: new batch sizes in
+    one bucket reuse the compiled kernel."""
+    from mxrun.kernels import fp8_tma_gemm as module
+
+    from .test_scaled_gemm import compiled_variants
+
+    x, w, bias = _inputs(1000, 256, 512, seed=4)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    args = (qw.data.cuda(), qw.scale.cuda(), bias.cuda())
+    fp8_linear(x[:600].cuda(), *args, "token")
+    fp8_linear(x[:601].cuda(), *args, "token")
+    before = compiled_variants(module._fp8_tma_gemm_kernel)
+    for m in (613, 700, 777, 1000):
+        fp8_linear(x[:m].cuda(), *args, "token")
+    assert compiled_variants(module._fp8_tma_gemm_kernel) == before
