@@ -36,12 +36,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@cache
+def _major_capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def tma_usable(*tensors: torch.Tensor) -> bool:
     """TMA needs sm_90+, a real GPU launch (not the interpreter), K-contiguous rows and 16-byte alignment."""
     if not HAS_TRITON or triton_interpreting():
         return False
     first = tensors[0]
-    if not first.is_cuda or torch.cuda.get_device_capability(first.device)[0] < 9:
+    if not first.is_cuda:
+        return False
+    index = first.device.index if first.device.index is not None else torch.cuda.current_device()
+    if _major_capability(index) < 9:
         return False
     for t in tensors:
         if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
