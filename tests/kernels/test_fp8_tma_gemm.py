@@ -1,7 +1,8 @@
 """TMA-fed persistent FP8 GEMMs against the same references and bounds as the pointer kernels
 (see test_scaled_gemm.py's docstring for the one-ulp rule and the wgmma allowance).
 
-TMA exists only on a real sm_90+ GPU, so these run there; on CPU only the refusal (`tma_usable`) is tested.
+TMA exists only on a real sm_90+ GPU, so the kernel runs there; on CPU the refusal (`tma_usable`), the operand
+checks and the tile choice are tested.
 Shapes are ragged on purpose: M and N not multiples of the tile and K not a multiple of 128 (TMA zero-fills
 out-of-range rows, columns and K), and the block case spreads the 1x128 group scales over 2^+-12 (a wrong
 group scale is then far off).
