@@ -187,8 +187,8 @@ def test_weight_only_decode_matmul(granularity, dtype, monkeypatch) -> None:
     """The decode + cuBLAS path that the W8A16 Linear takes above 64 rows on CUDA: one rounding at the end.
     The bias cancels most of each product, so rounding the product to 16 bits before the scale and bias (the
     obvious shortcut; in fp16 the unscaled product may overflow too) is off by many output ulps and fails
-    here; slices of 128 columns cover the loop. On
-    CPU the kernels run in the interpreter (smaller shape) and the product is an fp32 matmul."""
+    here; slices of 128 columns cover the loop. On CPU the kernels run in the interpreter (smaller shape) and
+    the product is an fp32 matmul."""
     m, n, k = (300, 1000, 1040) if HAS_CUDA else (40, 300, 256)
     x, w, _ = _inputs(m, n, k, dtype=dtype, seed=6)
     qw = quantize_fp8_reference(w, granularity)
