@@ -25,7 +25,14 @@ from functools import cache
 import torch
 
 from mxrun.kernels.backend import HAS_TRITON, tl, triton, triton_interpreting
-from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError, m_bucket, pick_config, store_tile
+from mxrun.kernels.scaled_gemm import (
+    GemmConfig,
+    GemmInputError,
+    m_bucket,
+    pick_config,
+    store_tile,
+    unit_stride,
+)
 
 TMA_MIN_M = 512
 """From this many rows, the W8A8 dispatchers use the TMA kernels on Hopper."""
@@ -177,6 +184,7 @@ def fp8_tma_gemm(
     :func:`tma_usable` first (the dispatchers do); scales as in
     :func:`~mxrun.kernels.scaled_gemm.fp8_gemm_triton` / ``fp8_block_gemm_triton``."""
     fn = "fp8_tma_gemm"
+    a_scale, b_scale, bias = unit_stride(a_scale), unit_stride(b_scale), unit_stride(bias)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise GemmInputError(f"{fn}: need A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:

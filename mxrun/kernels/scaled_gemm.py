@@ -581,6 +581,12 @@ def _grid(m: int, n: int, config: GemmConfig) -> tuple[int]:
     return (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
 
 
+def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` laid out densely (a no-op when it already is): the kernels index scales and bias at unit stride
+    along their last dimension, so a strided view passed by a caller must not be read as if it were dense."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def _bias_arg(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return bias if bias is not None else like
 
@@ -600,6 +606,7 @@ def fp8_gemm_triton(
     ``fused_activation`` = ``"token"`` / ``"tensor"``, bf16/fp16 activations quantized inside the kernel
     (per-tensor needs ``M <= FUSED_QUANT_MAX_M``: the kernel then runs one row-tile)."""
     fn = "fp8_gemm_triton"
+    a_scale, b_scale, bias = unit_stride(a_scale), unit_stride(b_scale), unit_stride(bias)
     _check_weight(b_data, fn)
     n, k = b_data.shape
     m = a.shape[0]
@@ -678,6 +685,7 @@ def fp8_block_gemm_triton(
     """Launch the block-scaled kernel: ``a`` E4M3 with 1x128 group scales ``[M, ceil(K/128)]`` or, with
     ``fused_activation``, bf16/fp16 quantized to 1x128 groups inside the kernel."""
     fn = "fp8_block_gemm_triton"
+    a_scale, b_scale, bias = unit_stride(a_scale), unit_stride(b_scale), unit_stride(bias)
     _check_weight(b_data, fn)
     n, k = b_data.shape
     m = a.shape[0]
@@ -753,6 +761,7 @@ def fp8_weight_only_triton(
 ) -> torch.Tensor:
     """Launch the W8A16 kernel for a per-tensor, per-channel or 128x128-block FP8 weight."""
     fn = "fp8_weight_only_triton"
+    weight_scale, bias = unit_stride(weight_scale), unit_stride(bias)
     granularity = Fp8Granularity(granularity)
     if granularity not in _WEIGHT_ONLY_MODE:
         raise GemmInputError(
@@ -857,6 +866,13 @@ def _widen_e4m3_kernel(
 
 def widen_e4m3(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A K-contiguous ``[R, K]`` E4M3 tensor as bf16/fp16 values (exact), contiguous."""
+    if q.dim() != 2 or q.dtype != torch.float8_e4m3fn or (q.numel() and q.stride(1) != 1):
+        raise GemmInputError(
+            f"widen_e4m3: needs a K-contiguous 2-D float8_e4m3fn tensor, got {q.dtype} {tuple(q.shape)} with "
+            f"strides {q.stride()}"
+        )
+    if dtype not in ACTIVATION_DTYPES:
+        raise GemmInputError(f"widen_e4m3: widens to bfloat16 or float16, not {dtype}")
     rows, k = q.shape
     out = torch.empty((rows, k), dtype=dtype, device=q.device)
     if rows and k:
@@ -891,6 +907,7 @@ def fp8_decode_matmul(
     _check_activation(x, k, fn)
     _check_bias(bias, n, fn)
     per_column = _scale_is_per_row(weight_scale, n, "weight", fn)
+    weight_scale, bias = unit_stride(weight_scale), unit_stride(bias)
     m = x.shape[0]
     out = _out(x.dtype, m, n, x.device)
     if m == 0 or n == 0:
@@ -1035,5 +1052,6 @@ __all__ = [
     "fp8_weight_only_triton",
     "m_bucket",
     "pick_config",
+    "unit_stride",
     "widen_e4m3",
 ]

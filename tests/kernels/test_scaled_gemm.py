@@ -206,6 +206,36 @@ def test_weight_only_decode_matmul(granularity, dtype, monkeypatch) -> None:
         assert_one_ulp(shortcut, ref)
 
 
+def test_decode_path_bad_and_strided_inputs() -> None:
+    """Named errors for what the widening kernel cannot read; strided scales and bias (views of wider tensors)
+    give the same result as dense ones in the decode path, the W8A16 kernel and the W8A8 kernel."""
+    with pytest.raises(GemmInputError, match="K-contiguous 2-D float8_e4m3fn"):
+        scaled_gemm.widen_e4m3(torch.zeros(4, 32, dtype=torch.bfloat16, device=KERNEL_DEVICE), torch.bfloat16)
+    codes = torch.zeros(32, 4, dtype=torch.float8_e4m3fn, device=KERNEL_DEVICE)
+    with pytest.raises(GemmInputError, match="K-contiguous"):
+        scaled_gemm.widen_e4m3(codes.t(), torch.bfloat16)
+    with pytest.raises(GemmInputError, match="bfloat16 or float16"):
+        scaled_gemm.widen_e4m3(codes, torch.float32)
+    x, w, bias = _inputs(5, 96, 64, seed=7)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_weight_only_reference(x, qw.data, qw.scale, G.PER_ROW, bias)
+    strided_scale = torch.stack([qw.scale.reshape(-1), qw.scale.reshape(-1)], dim=1)[:, 0]  # stride 2
+    strided_bias = torch.stack([bias, bias], dim=1)[:, 0]
+    out = scaled_gemm.fp8_decode_matmul(*_dev(x, qw.data, strided_scale, strided_bias))
+    assert_one_ulp(out, ref)
+    out = fp8_weight_only_triton(*_dev(x, qw.data, strided_scale), G.PER_ROW, *_dev(strided_bias))
+    assert_one_ulp(out, ref)
+    qa = quantize_fp8_reference(x, G.PER_ROW)
+    strided_a_scale = torch.stack([qa.scale.reshape(-1)] * 2, dim=1)[:, 0]
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    out = fp8_gemm_triton(
+        *_dev(qa.data, strided_a_scale, qw.data, strided_scale, strided_bias),
+        torch.bfloat16,
+        config=SMALL_CONFIG,
+    )
+    assert_one_ulp(out, ref)
+
+
 def test_weight_only_differs_from_w8a8() -> None:
     """The activation quantization is really applied: W8A8 and W8A16 outputs differ by far more than an ulp."""
     x, w, bias = _inputs(8, 40, 128, seed=4)
