@@ -6,9 +6,10 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
 * ``scaled_mm``: FP8 ``torch._scaled_mm`` rowwise (cuBLASLt) with per-channel weight scales, *plus* the
   per-token activation quantization it needs (mxrun's Triton quantize kernel, the fastest one at hand);
 * each mxrun scheme through its dispatcher, activation quantization included: ``fp8-tensor``,
-  ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), the two MXFP8 W8A8
-  large-M kernels forced (``mxfp8:fp8mma``, ``mxfp8:dequant``, for the crossover), and the weight-only
-  ``fp8-channel-wo`` and ``mxfp8-wo``.
+  ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), the MXFP8 W8A8
+  large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
+  crossover), its small-M activation rounding forced (``mxfp8:registers``, ``mxfp8:round-first``; M <= 64),
+  and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -30,6 +31,7 @@ from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
+from mxrun.kernels.small_m_gemm import small_m_gemm_triton
 
 SHAPES = {  # name: (K, N)
     "8B qkv 4096->6144": (4096, 6144),
@@ -68,6 +70,22 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-channel": lambda: fp8_linear(x, channel.data, channel.scale, None, "token"),
         "fp8-block": lambda: fp8_block_linear(x, block.data, block.scale, None),
         "mxfp8": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8:aligned": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="aligned"
+        ),
+        "mxfp8:cublas": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="cublas"
+        ),
+        "mxfp8:registers": lambda: small_m_gemm_triton(
+            x,
+            mx.data,
+            weight_scale_e8m0=mx.scale_e8m0,
+            activation_mx_rule="round_up",
+            mx_rounding="registers",
+        ),
+        "mxfp8:round-first": lambda: small_m_gemm_triton(
+            x, mx.data, weight_scale_e8m0=mx.scale_e8m0, activation_mx_rule="round_up", mx_rounding="first"
+        ),
         "mxfp8:fp8mma": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="fp8"
         ),

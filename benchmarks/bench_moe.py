@@ -9,8 +9,10 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   gate/up and down with bf16 weights, SiLU * up and the routing weights in torch, the same top-k sum;
 * ``bf16-loop``: a per-expert loop of ``torch.matmul`` (one host sync to split the tokens; eager timing);
 * mxrun through :func:`~mxrun.kernels.moe_gemm.moe_experts_triton`: ``fp8-channel`` (W8A8, FP8 MMA),
-  ``fp8-block`` (W8A8, 1x128 groups), ``mxfp8`` (MXFP8 activations quantize-dequantized in registers, bf16 MMA)
-  and the weight-only ``-wo`` variants (W8A16: E4M3 widened in registers).
+  ``fp8-block`` (W8A8, 1x128 groups), ``mxfp8`` (W8A8: at many tokens per expert the aligned path, FP8 MMAs on
+  stacks regrouped per call to 128x128 power-of-two tiles; else MX activations rounded once, bf16 MMA on
+  weights decoded in registers) and the weight-only ``-wo`` variants (W8A16: E4M3 widened in registers);
+  ``mxfp8:aligned`` / ``mxfp8:decoded`` force either MXFP8 W8A8 path (not counted in the goals).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
@@ -57,6 +59,10 @@ SCHEMES = {  # column: (weight format, activations)
     "fp8-block-wo": (ExpertWeightFormat.FP8_BLOCK, ExpertActivation.NONE),
     "mxfp8": (ExpertWeightFormat.MXFP8, ExpertActivation.MX_ROUND_UP),
     "mxfp8-wo": (ExpertWeightFormat.MXFP8, ExpertActivation.NONE),
+}
+FORCED = {  # column: (scheme, aligned path on or off)
+    "mxfp8:aligned": ("mxfp8", True),
+    "mxfp8:decoded": ("mxfp8", False),
 }
 ANCHOR = "bf16-grouped"
 GOAL_SMALL = 1.6  # tokens <= 128: every scheme at least this much faster than the anchor
@@ -165,9 +171,10 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
                 loop, False, rep_ms, active, hidden, inter, "bf16-loop", tokens * top_k
             )
     for column in columns:
-        if column not in SCHEMES:
+        if column not in SCHEMES and column not in FORCED:
             continue
-        fmt, activation = SCHEMES[column]
+        scheme, aligned = FORCED.get(column, (column, None))
+        fmt, activation = SCHEMES[scheme]
         try:
             gate_up, down = _quantize_stack(w13, fmt), _quantize_stack(w2, fmt)
         except Exception as error:  # keep the run going: one column's failure is reported, not fatal
@@ -175,7 +182,9 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
                 results[tokens][column] = {"error": f"quantize: {error}"}
             continue
         for tokens, (x, index, weights, active) in inputs.items():
-            fn = functools.partial(moe_experts_triton, x, index, weights, gate_up, down, activation)
+            fn = functools.partial(
+                moe_experts_triton, x, index, weights, gate_up, down, activation, aligned=aligned
+            )
             entry = _measure(fn, True, rep_ms, active, hidden, inter, column, tokens * top_k)
             if "error" not in entry:
                 ref = anchors[tokens].float()

@@ -32,6 +32,7 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8_reference,
     quantize_fp8_triton,
 )
+from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mxfp8_decode_triton
 from mxrun.kernels.mxfp8_quantize import dequantize_mxfp8, quantize_mxfp8_reference, quantize_mxfp8_triton
 from mxrun.kernels.row_layout import TileConfig
@@ -40,8 +41,9 @@ from mxrun.kernels.scaled_gemm import widen_e4m3
 ACTIVATION_FORMATS = ["mxfp8", "fp8_per_token", "fp8_group_1x128"]
 WEIGHT_FORMATS = ["mxfp8", "fp8_block_128x128", "fp8_per_channel", "fp8_per_tensor"]
 MOE_FORMATS = ["mxfp8", "fp8_block_128x128"]
-DECODE_FORMATS = ["mxfp8_decode", "fp8_widen"]
-"""The large-M Linear paths' weight decoders (``decode`` rows): E4M3 codes (+ E8M0 scales) in, bf16 out."""
+DECODE_FORMATS = ["mxfp8_decode", "fp8_widen", "mx_regroup"]
+"""The large-M Linear paths' per-call weight passes (``decode`` rows): E4M3 codes (+ E8M0 scales) in, bf16
+out; ``mx_regroup``: MXFP8 in, E4M3 at one power-of-two scale per 128x128 tile out (the aligned MXFP8 path)."""
 _FP8_GRANULARITY = {
     "fp8_per_token": Fp8Granularity.PER_ROW,
     "fp8_per_channel": Fp8Granularity.PER_ROW,
@@ -153,6 +155,16 @@ def decode_fns(fmt: str, weight: torch.Tensor) -> tuple[Callable, Callable, int]
         ours = lambda _: mxfp8_decode_triton(q.data, q.scale_e8m0, torch.bfloat16)  # noqa: E731
         reference = lambda _: dequantize_mxfp8(q.data, q.scale_e8m0, torch.bfloat16)  # noqa: E731
         read = q.data.numel() + q.scale_e8m0.numel()
+    elif fmt == "mx_regroup":
+        q = quantize_mxfp8_triton(weight, "round_up")
+        ours = lambda _: regroup_mxfp8_triton(q.data, q.scale_e8m0)  # noqa: E731
+        reference = lambda _: regroup_mxfp8_reference(q.data, q.scale_e8m0)  # noqa: E731
+        a, b = ours(None), reference(None)
+        if not (
+            torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+        ):
+            raise AssertionError(f"{fmt}: the kernel disagrees with its reference")
+        return ours, reference, 2 * q.data.numel() + q.scale_e8m0.numel() + 4 * a.scale.numel()
     else:
         q = quantize_fp8_triton(weight, Fp8Granularity.PER_ROW)
         ours = lambda _: widen_e4m3(q.data, torch.bfloat16)  # noqa: E731

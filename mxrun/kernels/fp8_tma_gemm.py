@@ -75,7 +75,7 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "NUM_PROGRAMS"])
 def _fp8_tma_gemm_kernel(
     a_desc,  # [M, K] float8e4nv, tiles [BLOCK_M, BLOCK_K]
     b_desc,  # [N, K] float8e4nv weight, tiles [BLOCK_N, BLOCK_K]

@@ -66,11 +66,15 @@ from mxrun.kernels.fp8_quantize import (
 from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
+from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
     dequantize_mxfp8,
+    mx_round_triton,
+    quantize_mx_group128_reference,
+    quantize_mx_group128_triton,
     quantize_mxfp8,
     quantize_mxfp8_reference,
     resolve_cast,
@@ -78,6 +82,12 @@ from mxrun.kernels.mxfp8_quantize import (
 from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError, m_bucket, tile_ids
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+MOE_ALIGNED_MIN_PAIRS_PER_EXPERT = 256
+"""MXFP8 W8A8 experts with at least this many routed pairs per expert on average take the aligned path:
+both stacks regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`), activations
+MX-quantized over 1x128 groups, the block-scaled FP8 grouped GEMM."""
+MOE_ALIGNED_MAX_BYTES = 2 << 30
+"""...unless the two regrouped stacks (1 byte per weight, held for the call) would exceed this."""
 
 
 class ExpertWeightFormat(enum.Enum):
@@ -177,17 +187,45 @@ def dequantize_experts(weights: ExpertWeights) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def quantize_dequantize_activation(a: torch.Tensor, activation: ExpertActivation) -> torch.Tensor:
+def quantize_dequantize_activation(
+    a: torch.Tensor, activation: ExpertActivation, aligned: bool = False
+) -> torch.Tensor:
     """fp32 values of ``a`` ``[rows, K]`` after the dynamic activation quantization of ``activation``, with
-    the quantize references (bit-identical to the kernels that quantize for the Triton path)."""
+    the quantize references (bit-identical to the kernels that quantize for the Triton path). ``aligned``: MX
+    activations take the MX rule over 1x128 groups, as the aligned path does."""
     if activation is ExpertActivation.NONE:
         return a.float()
+    if activation.is_mx and aligned:
+        grouped = quantize_mx_group128_reference(a, _MX_RULE[activation])
+        return dequantize_fp8(grouped.data, grouped.scale, Fp8Granularity.GROUP_1X128)
     if activation.is_mx:
         quantized = quantize_mxfp8_reference(a, _MX_RULE[activation])
         return dequantize_mxfp8(quantized.data, quantized.scale_e8m0)
     granularity = FP8_ACTIVATION_GRANULARITY[activation]
     quantized = quantize_fp8_reference(a, granularity)
     return dequantize_fp8(quantized.data, quantized.scale, granularity)
+
+
+def moe_aligned(
+    num_pairs: int, gate_up: ExpertWeights, down: ExpertWeights, activation: ExpertActivation
+) -> bool:
+    """Whether the Triton forward takes the aligned path (:data:`MOE_ALIGNED_MIN_PAIRS_PER_EXPERT`)."""
+    if not (activation.is_mx and gate_up.format is down.format is ExpertWeightFormat.MXFP8):
+        return False
+    experts = gate_up.data.shape[0]
+    small_enough = gate_up.data.numel() + down.data.numel() <= MOE_ALIGNED_MAX_BYTES
+    return small_enough and num_pairs >= MOE_ALIGNED_MIN_PAIRS_PER_EXPERT * experts
+
+
+def regroup_experts(weights: ExpertWeights, backend: Backend | str = Backend.AUTO) -> ExpertWeights:
+    """An MXFP8 stack as ``FP8_BLOCK`` weights with power-of-two tile scales (:mod:`mxrun.kernels.mx_regroup`)."""
+    if weights.format is not ExpertWeightFormat.MXFP8:
+        raise GemmInputError(f"regroup_experts: needs an MXFP8 stack, got {weights.format.value}")
+    if resolve_backend(backend, weights.data) is Backend.TRITON:
+        regrouped = regroup_mxfp8_triton(weights.data, weights.scale)
+    else:
+        regrouped = regroup_mxfp8_reference(weights.data, weights.scale)
+    return ExpertWeights(regrouped.data, regrouped.scale, ExpertWeightFormat.FP8_BLOCK)
 
 
 def moe_experts_reference(
@@ -197,12 +235,19 @@ def moe_experts_reference(
     gate_up: ExpertWeights,
     down: ExpertWeights,
     activation: ExpertActivation = ExpertActivation.NONE,
+    *,
+    aligned: bool = False,
 ) -> torch.Tensor:
     """The experts forward in plain torch: a loop over the experts that received tokens, weights dequantized
     to fp32 one expert at a time, fp32 matmuls, the intermediates rounded to x's dtype as in the module
     docstring. Per-tensor activation scales are taken over all the layer's rows (x, or every pair's h), as
-    the Triton path does. Pairs routed to an expert outside ``[0, E)`` contribute nothing."""
+    the Triton path does. Pairs routed to an expert outside ``[0, E)`` contribute nothing. ``aligned``: what
+    the Triton path's aligned MXFP8 W8A8 computes (:func:`moe_aligned`), for tests."""
     _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
+    if aligned:
+        if not (activation.is_mx and gate_up.format is down.format is ExpertWeightFormat.MXFP8):
+            raise GemmInputError("moe_experts_reference: aligned needs MXFP8 stacks and MX activations")
+        gate_up, down = regroup_experts(gate_up, Backend.TORCH), regroup_experts(down, Backend.TORCH)
     tokens, top_k = top_k_index.shape
     experts, two_i, _ = gate_up.data.shape
     inter = two_i // 2
@@ -210,7 +255,7 @@ def moe_experts_reference(
     routing = top_k_weights.reshape(-1).float()
     token_of_pair = torch.arange(tokens * top_k, device=x.device) // top_k
     per_tensor = activation is ExpertActivation.FP8_TENSOR
-    a_all = quantize_dequantize_activation(x, activation)  # row-wise schemes: the same as per expert rows
+    a_all = quantize_dequantize_activation(x, activation, aligned)  # row-wise: the same as per expert rows
     h = torch.zeros((tokens * top_k, inter), dtype=x.dtype, device=x.device)
     pairs_of = {}
     for e in expert_ids.unique().tolist():
@@ -225,7 +270,7 @@ def moe_experts_reference(
     y = torch.zeros((tokens * top_k, down.data.shape[1]), dtype=x.dtype, device=x.device)
     for e, pairs in pairs_of.items():
         w2 = dequantize_experts(ExpertWeights(down.data[e], down.scale[e], down.format))
-        a = h_all[pairs] if per_tensor else quantize_dequantize_activation(h[pairs], activation)
+        a = h_all[pairs] if per_tensor else quantize_dequantize_activation(h[pairs], activation, aligned)
         y[pairs] = ((a @ w2.T) * routing[pairs, None]).to(x.dtype)
     return y.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
@@ -674,12 +719,16 @@ def moe_grouped_gemm_triton(
 
 
 def _quantize_activation(
-    a: torch.Tensor, activation: ExpertActivation
+    a: torch.Tensor, activation: ExpertActivation, aligned: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What the grouped GEMM reads for ``activation``: E4M3 and scales (FP8), or for MX the activations
     rounded to their MXFP8 values once, in ``a``'s dtype (exact: E4M3 times a power of two is a bf16 value, and
     an fp16 one in fp16's normal range). Rounding once here rather than per tile in the kernel (``A_MODE 3``)
-    gives the same values without redoing it for every N tile (measured 1.3-2x slower on H200)."""
+    gives the same values without redoing it for every N tile (measured 1.3-2x slower on H200). ``aligned``:
+    MX activations quantized over 1x128 groups instead, E4M3 with fp32 power-of-two scales."""
+    if activation.is_mx and aligned:
+        grouped = quantize_mx_group128_triton(a, _MX_RULE[activation])
+        return grouped.data, grouped.scale
     if activation.is_mx:
         return mx_round_triton(a, _MX_RULE[activation]), None
     if not activation.is_fp8:
@@ -697,25 +746,34 @@ def moe_experts_triton(
     activation: ExpertActivation = ExpertActivation.NONE,
     *,
     block_m: int | None = None,
+    aligned: bool | None = None,
 ) -> torch.Tensor:
     """The experts forward on Triton: group, gate/up GEMM (SiLU fused), down GEMM (routing weight fused), sum
-    over the top k. No host synchronisation (safe in CUDA-graph capture when ``x`` has a fixed shape)."""
+    over the top k. No host synchronisation (safe in CUDA-graph capture when ``x`` has a fixed shape).
+    ``aligned`` forces the aligned MXFP8 W8A8 path on or off (default: :func:`moe_aligned`)."""
     _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
     tokens, top_k = top_k_index.shape
     experts, two_i, hidden = gate_up.data.shape
     inter = two_i // 2
     num_pairs = tokens * top_k
+    if aligned is None:
+        aligned = moe_aligned(num_pairs, gate_up, down, activation)
+    if aligned:
+        gate_up, down = regroup_experts(gate_up, Backend.TRITON), regroup_experts(down, Backend.TRITON)
     block_m = block_m or moe_block_m(num_pairs, experts)
     groups = group_tokens_fast(top_k_index, experts, block_m)
     per_tensor = activation is ExpertActivation.FP8_TENSOR
     # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
     h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
-    gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
-    a, a_scale = _quantize_activation(x, activation)
+    if aligned:
+        gemm_activation = ExpertActivation.FP8_GROUP  # E4M3 with 1x128 scales, MX-rule powers of two
+    else:
+        gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
+    a, a_scale = _quantize_activation(x, activation, aligned)
     moe_grouped_gemm_triton(
         a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation
     )
-    a, a_scale = _quantize_activation(h, activation)
+    a, a_scale = _quantize_activation(h, activation, aligned)
     y = torch.zeros((num_pairs, hidden), dtype=x.dtype, device=x.device)
     moe_grouped_gemm_triton(
         a, a_scale, down, groups, y, gated=False, gather_top_k=None,
@@ -742,12 +800,15 @@ def moe_experts(
 __all__ = [
     "FP8_ACTIVATION_GRANULARITY",
     "FP8_WEIGHT_GRANULARITY",
+    "MOE_ALIGNED_MAX_BYTES",
+    "MOE_ALIGNED_MIN_PAIRS_PER_EXPERT",
     "ExpertActivation",
     "ExpertWeightFormat",
     "ExpertWeights",
     "dequantize_experts",
     "expert_scale_dtype",
     "expert_scale_shape",
+    "moe_aligned",
     "moe_block_m",
     "moe_experts",
     "moe_experts_reference",
@@ -758,4 +819,5 @@ __all__ = [
     "moe_weight_rows_config",
     "quantize_dequantize_activation",
     "quantize_expert",
+    "regroup_experts",
 ]

@@ -7,12 +7,11 @@ Numerics. Every MXFP8 element times its power-of-two scale is exact in fp32, in 
 range, i.e. ``2^-14 <= |v| <= 65504`` for normal values) in fp16: E4M3 has 3 mantissa bits, the scale only
 moves the exponent. So "dequantize, then multiply in bf16 with fp32 accumulation" computes the same sums as
 "FP8 MMA per 32-wide block, scaled": both add exact products in fp32, only the summation order differs. That
-gives three paths with identical numerics, chosen by speed:
+gives three paths with identical numerics:
 
-* **decode + cuBLAS** (:func:`mxfp8_decode_matmul`, the default above 64 rows): the weight is decoded to the
-  activation's dtype by a bandwidth-bound Triton kernel (and the activations, for W8A8, MX-rounded the same
-  way) and cuBLAS multiplies: one decode per call instead of one per row-tile program.
-
+* **decode + cuBLAS** (:func:`mxfp8_decode_matmul`): the weight is decoded to the activation's dtype by a
+  bandwidth-bound Triton kernel (and the activations, for W8A8, MX-rounded the same way) and cuBLAS multiplies:
+  one decode per call instead of one per row-tile program.
 * **dequant-MMA** (:func:`mxfp8_dequant_gemm_triton`, W8A16): weights are decoded in registers (E4M3 ->
   fp32 -> times ``2^(code-127)`` -> bf16/fp16) and fed to a bf16/fp16 MMA. Activations are either left as
   they are (weight-only scheme), or quantized to MXFP8 and decoded again in registers (``A_MODE = 1``, the W8A8
@@ -22,23 +21,31 @@ gives three paths with identical numerics, chosen by speed:
   one ``tl.dot`` per 32-wide K block whose fp32 result is scaled by ``2^(ea_m + ew_n)`` before it is added to
   the accumulator (the scales change every 32 elements of K, so they cannot be pulled out of the sum).
 
+A fourth, **aligned** (:func:`mxfp8_aligned_matmul`, W8A8 at large M), trades exactness for the FP8 rate: both
+operands re-expressed at one power-of-two scale per 128 K (:mod:`mxrun.kernels.mx_regroup` bounds the change),
+then the block-scaled FP8 GEMM.
+
 :func:`mxfp8_linear` picks by M: up to 64 rows the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`,
-above ``LARGE_M_KERNEL`` (decode + cuBLAS; the two in-register kernels stay selectable, measured at
-0.28-0.38x of bf16 cuBLAS at M >= 1024 on H200 by ``benchmarks/bench_linear.py``, and are where a native-MX
-sm_100 kernel would plug in).
+above it :func:`large_m_kernel_for` (see :data:`LARGE_M_KERNELS`).
 Kernels share the launch rules of :mod:`mxrun.kernels.scaled_gemm` (M buckets, no host sync, ragged tails).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_code, widen_to_fp32
+from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
     dequantize_mxfp8,
+    mx_round_triton,
+    quantize_mx_group128_reference,
+    quantize_mx_group128_triton,
     quantize_mxfp8,
     quantize_mxfp8_reference,
     resolve_cast,
@@ -46,6 +53,8 @@ from mxrun.kernels.mxfp8_quantize import (
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
     GemmInputError,
+    fp8_block_gemm,
+    fp8_block_gemm_reference,
     m_bucket,
     pick_config,
     small_m_block,
@@ -56,14 +65,27 @@ from mxrun.kernels.scaled_gemm import (
 MX_W8A8_MIN_M = 128
 """For ``large_m_kernel="dequant"``: above this M the W8A8 Linear quantizes activations once; at or below it, the
 dequant-MMA kernel quantizes them in registers."""
-LARGE_M_KERNEL = "cublas"
-"""Above the split-K range (M > 64): ``"cublas"`` decodes the MXFP8 weight to the activation's dtype with a
-bandwidth-bound Triton kernel (exact: an E4M3 value times a power of two is a bf16 value) and runs cuBLAS, the
-activations MX-quantize-dequantized first for W8A8 (also exact); ``"dequant"`` decodes both operands in the
-registers of a Triton bf16 MMA; ``"fp8"`` runs FP8 MMAs per 32-wide K block with the scales applied after each.
-Measured on H200 (benchmarks/bench_linear.py): the in-register kernels reach 0.28-0.38x of bf16 cuBLAS at
-M >= 1024 (each weight tile is decoded again by every row-tile program; the FP8 MMA chain breaks every 32 K),
-the cuBLAS path pays one decode of the weight per call. On sm_100 the native MX MMA replaces all three."""
+LARGE_M_KERNELS = ("aligned", "cublas", "dequant", "fp8")
+"""Kernels above the split-K range (M > 64), chosen by :func:`large_m_kernel_for` (``large_m_kernel`` of
+:func:`mxfp8_linear` forces one, for the benchmark):
+
+* ``"aligned"`` (W8A8 from :data:`ALIGNED_MIN_M` rows): FP8 MMAs at 128-K steps on MXFP8 values re-expressed at
+  one power-of-two scale per 128x128 weight tile and 1x128 activation group (:mod:`mxrun.kernels.mx_regroup`:
+  the weight is regrouped per call; elements below E4M3's normal range at the common scale round, by at most
+  2^-17.8 of the tile's largest magnitude);
+* ``"cublas"``: the MXFP8 weight decoded to the activation's dtype by a bandwidth-bound Triton kernel (exact: an
+  E4M3 value times a power of two is a bf16 value), the activations MX-quantize-dequantized for W8A8 (also
+  exact), cuBLAS bf16 (the W8A16 path, and W8A8 below :data:`ALIGNED_MIN_M`);
+* ``"dequant"``: both operands decoded in the registers of a Triton bf16 MMA; ``"fp8"``: FP8 MMAs per 32-wide
+  K block with the scales applied after each. Measured on H200 (benchmarks/bench_linear.py) at 0.28-0.38x of
+  bf16 cuBLAS at M >= 1024 (every row-tile program decodes the weight tile again; the FP8 MMA chain breaks
+  every 32 K); kept selectable. On sm_100 the native MX MMA replaces all of them."""
+ALIGNED_MIN_M = 65
+"""From this many rows (every M above the split-K range) the W8A8 Linear takes ``"aligned"``. Measured on an
+H100 (``benchmarks/bench_linear.py --columns mxfp8:aligned mxfp8:cublas``, results in
+``benchmarks/results/mx-aligned-h100.md`` and ``mx-aligned-h100-m128.log``): not slower than ``"cublas"`` at any
+shape and M tried, 1.0-1.35x at M = 128, 1.02-1.34x at M = 256-16384; its per-call weight pass moves 2 bytes
+per weight against the decode's 3, and its FP8 GEMM runs at up to twice the bf16 rate."""
 MAX_DECODED_CHUNK_BYTES = 256 << 20
 """The ``"cublas"`` path decodes the weight in slices of output rows of at most this many bytes."""
 
@@ -92,6 +114,20 @@ def mxfp8_linear_reference(
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(x.dtype)
+
+
+def mxfp8_aligned_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_rule: MxScaleRule | str,
+) -> torch.Tensor:
+    """What the ``"aligned"`` W8A8 path computes (see :mod:`mxrun.kernels.mx_regroup`): activations with the
+    MX rule over 1x128 groups, the weight regrouped to 128x128 power-of-two tiles, the block-scaled product."""
+    a = quantize_mx_group128_reference(x, activation_rule)
+    w = regroup_mxfp8_reference(weight, weight_scale_e8m0)
+    return fp8_block_gemm_reference(a.data, a.scale, w.data, w.scale, bias, x.dtype)
 
 
 def mxfp8_gemm_reference(
@@ -140,7 +176,7 @@ def mx_quantize_dequantize(
     return tl.reshape(values, [ROWS, COLS])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _mxfp8_dequant_gemm_kernel(
     a_ptr,  # [M, K]: bf16/fp16 (A_MODE 0, 1) or float8e4nv (A_MODE 2); (m, k) at m*stride_am + k*stride_ak
     as_ptr,  # A_MODE 2: uint8 E8M0 [M, K/32], (m, g) at m*stride_asm + g; else unused
@@ -221,7 +257,7 @@ def _mxfp8_dequant_gemm_kernel(
     store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _mxfp8_fp8_gemm_kernel(
     a_ptr,  # [M, K] float8e4nv, (m, k) at m*stride_am + k*stride_ak; K contiguous
     as_ptr,  # uint8 E8M0 [M, K/32], (m, g) at m*stride_asm + g
@@ -346,12 +382,33 @@ def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype:
     return out
 
 
-def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:
-    """``x`` ``[M, K]`` (bf16/fp16) rounded to its MXFP8 values with ``rule``, in ``x``'s dtype: the quantize
-    kernel, then :func:`mxfp8_decode_triton` (exact, see the module docstring). What every path that rounds MX
-    activations once, before a bf16/fp16 MMA, uses."""
-    quantized = quantize_mxfp8(x, rule, Backend.TRITON)
-    return mxfp8_decode_triton(quantized.data, quantized.scale_e8m0, x.dtype)
+def _k_contiguous_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fn: str) -> torch.Tensor:
+    """Checks shared by the per-call weight passes; the weight, made K-contiguous if it is not."""
+    _, k = _check_mx_weight(weight, scale, fn)
+    if x.dim() != 2 or x.shape[1] != k or x.dtype not in (torch.bfloat16, torch.float16):
+        raise GemmInputError(f"{fn}: x must be bfloat16/float16 [M, K={k}], got {x.dtype} {tuple(x.shape)}")
+    return weight if weight.stride(1) == 1 else weight.contiguous()
+
+
+def _over_weight_slices(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bytes_per_weight: int,
+    piece: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """``y`` from ``piece(weight rows, their scales, their bias)``, over slices of 128-row multiples whose
+    transient copy (``bytes_per_weight`` per element) stays under :data:`MAX_DECODED_CHUNK_BYTES`."""
+    n, k = weight.shape
+    rows = max(128, MAX_DECODED_CHUNK_BYTES // (bytes_per_weight * max(k, 1)) // 128 * 128)
+    if rows >= n:
+        return piece(weight, scale, bias)
+    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        out[:, n0:n1] = piece(weight[n0:n1], scale[n0:n1], None if bias is None else bias[n0:n1])
+    return out
 
 
 def mxfp8_decode_matmul(
@@ -361,24 +418,35 @@ def mxfp8_decode_matmul(
     bias: torch.Tensor | None,
     activation_rule: MxScaleRule | str | None,
 ) -> torch.Tensor:
-    """The ``"cublas"`` large-M path (see :data:`LARGE_M_KERNEL`): decode, then ``torch.nn.functional.linear``
+    """The ``"cublas"`` large-M path (see :data:`LARGE_M_KERNELS`): decode, then ``torch.nn.functional.linear``
     (cuBLAS, fp32 accumulation), the weight in slices of :data:`MAX_DECODED_CHUNK_BYTES`."""
-    fn = "mxfp8_decode_matmul"
-    n, k = _check_mx_weight(weight, weight_scale_e8m0, fn)
-    if x.dim() != 2 or x.shape[1] != k or x.dtype not in (torch.bfloat16, torch.float16):
-        raise GemmInputError(f"{fn}: x must be bfloat16/float16 [M, K={k}], got {x.dtype} {tuple(x.shape)}")
-    if weight.stride(1) != 1:
-        weight = weight.contiguous()
+    weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_decode_matmul")
     a = x if activation_rule is None else mx_round_triton(x, activation_rule)
-    rows = max(128, MAX_DECODED_CHUNK_BYTES // (2 * max(k, 1)) // 128 * 128)
-    if rows >= n:
-        return torch.nn.functional.linear(a, mxfp8_decode_triton(weight, weight_scale_e8m0, x.dtype), bias)
-    out = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
-    for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        w = mxfp8_decode_triton(weight[n0:n1], weight_scale_e8m0[n0:n1], x.dtype)
-        out[:, n0:n1] = torch.nn.functional.linear(a, w, None if bias is None else bias[n0:n1])
-    return out
+
+    def piece(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(a, mxfp8_decode_triton(w, s, x.dtype), b)
+
+    return _over_weight_slices(x, weight, weight_scale_e8m0, bias, 2, piece)
+
+
+def mxfp8_aligned_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation_rule: MxScaleRule | str,
+) -> torch.Tensor:
+    """The ``"aligned"`` W8A8 path (:data:`LARGE_M_KERNELS`): activations quantized with the MX rule over 1x128
+    groups, the weight regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`) in
+    slices of at most :data:`MAX_DECODED_CHUNK_BYTES`, then the block-scaled FP8 GEMM (TMA on Hopper)."""
+    weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
+    a = quantize_mx_group128_triton(x, activation_rule)
+
+    def piece(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        regrouped = regroup_mxfp8_triton(w, s.contiguous())
+        return fp8_block_gemm(a.data, a.scale, regrouped.data, regrouped.scale, b, x.dtype)
+
+    return _over_weight_slices(x, weight, weight_scale_e8m0, bias, 1, piece)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -562,6 +630,11 @@ def mxfp8_fp8_gemm_triton(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def large_m_kernel_for(m: int, activation_rule: MxScaleRule | str | None) -> str:
+    """The :data:`LARGE_M_KERNELS` entry the dispatcher takes for ``m`` rows (above the split-K range)."""
+    return "aligned" if activation_rule is not None and m >= ALIGNED_MIN_M else "cublas"
+
+
 def mxfp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -575,8 +648,8 @@ def mxfp8_linear(
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
 
     Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
-    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-quantized in registers); above, ``LARGE_M_KERNEL``
-    (``large_m_kernel`` overrides it, for the benchmark: ``"cublas"``, ``"dequant"`` or ``"fp8"``)."""
+    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-rounded once before it); above,
+    :func:`large_m_kernel_for` (``large_m_kernel`` overrides it: one of :data:`LARGE_M_KERNELS`)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
@@ -585,7 +658,13 @@ def mxfp8_linear(
         return small_m_gemm_triton(
             x, weight, weight_scale_e8m0=weight_scale_e8m0, activation_mx_rule=activation_rule, bias=bias
         )
-    kernel = large_m_kernel or LARGE_M_KERNEL
+    kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
+    if kernel not in LARGE_M_KERNELS:
+        raise GemmInputError(f"mxfp8_linear: large_m_kernel must be one of {LARGE_M_KERNELS}, got {kernel!r}")
+    if kernel == "aligned" and activation_rule is None:
+        raise GemmInputError("mxfp8_linear: the aligned kernel quantizes activations (W8A8 only)")
+    if kernel == "aligned":
+        return mxfp8_aligned_matmul(x, weight, weight_scale_e8m0, bias, activation_rule)
     if kernel == "cublas":
         return mxfp8_decode_matmul(x, weight, weight_scale_e8m0, bias, activation_rule)
     if activation_rule is None or x.shape[0] <= MX_W8A8_MIN_M:
@@ -601,10 +680,13 @@ def mxfp8_linear(
 
 
 __all__ = [
-    "LARGE_M_KERNEL",
+    "ALIGNED_MIN_M",
+    "LARGE_M_KERNELS",
     "MAX_DECODED_CHUNK_BYTES",
     "MX_W8A8_MIN_M",
-    "mx_round_triton",
+    "large_m_kernel_for",
+    "mxfp8_aligned_linear_reference",
+    "mxfp8_aligned_matmul",
     "mxfp8_decode_matmul",
     "mxfp8_decode_triton",
     "mxfp8_dequant_gemm_triton",

@@ -54,6 +54,7 @@ from mxrun.kernels.row_layout import (
 )
 
 MX_BLOCK_SIZE = 32
+MX_GROUP128 = 128  # group length of quantize_mx_group128 (the K step of the block-scaled FP8 GEMMs)
 E8M0_NAN_CODE = 0xFF
 E8M0_BIAS = 127
 
@@ -75,6 +76,14 @@ class E4m3Cast(enum.Enum):
     AUTO = "auto"
     HARDWARE = "hardware"
     SOFTWARE = "software"
+
+
+class Mx128Quantized(NamedTuple):
+    """``data`` (E4M3, input's shape) and ``scale`` (fp32 powers of two, ``[..., ceil(K/128)]``): the layout
+    of FP8 1x128 activation groups (:mod:`mxrun.kernels.fp8_quantize`), so the block-scaled GEMMs read it."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
 
 
 class Mxfp8Quantized(NamedTuple):
@@ -138,22 +147,45 @@ def e8m0_to_float32(scale_e8m0: torch.Tensor) -> torch.Tensor:
     return torch.where(codes == E8M0_NAN_CODE, torch.full_like(values, float("nan")), values)
 
 
-def quantize_mxfp8_reference(
-    x: torch.Tensor, rule: MxScaleRule | str = MxScaleRule.ROUND_UP, scale_dtype: torch.dtype = torch.uint8
-) -> Mxfp8Quantized:
-    """Plain-torch MXFP8 quantize (CPU or CUDA); the definition the Triton kernel is tested against."""
-    _check_mx_input(x, "quantize_mxfp8_reference")
-    _check_scale_dtype(scale_dtype)
+def _mx_groups_reference(
+    x: torch.Tensor, rule: MxScaleRule | str, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 codes (uint8, x's shape) and int32 E8M0 codes ``[..., ceil(K/group)]`` of the MX rule applied to
+    groups of ``group`` consecutive elements of the last dimension (a partial last group is padded with zeros,
+    which never change an amax)."""
     k = x.shape[-1]
-    groups = x.float().reshape(*x.shape[:-1], k // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+    values = x.float()
+    missing = -k % group
+    if missing:
+        values = torch.nn.functional.pad(values, (0, missing))
+    groups = values.reshape(*x.shape[:-1], (k + missing) // group, group)
     amax_bits = (groups.view(torch.int32) & 0x7FFFFFFF).amax(dim=-1)
     codes = mx_scale_codes_reference(amax_bits, rule)
     inverse_scale = ((254 - codes.clamp(max=254)) << 23).view(torch.float32)  # 2^-e, exact
     scaled = groups * inverse_scale.unsqueeze(-1)
     block_is_nan = (codes == E8M0_NAN_CODE).unsqueeze(-1)
     scaled = torch.where(block_is_nan, torch.full_like(scaled, float("nan")), scaled)
-    data = encode_e4m3_reference(scaled).reshape(x.shape)
+    data = encode_e4m3_reference(scaled).reshape(*x.shape[:-1], k + missing)[..., :k]
+    return data.contiguous(), codes
+
+
+def quantize_mxfp8_reference(
+    x: torch.Tensor, rule: MxScaleRule | str = MxScaleRule.ROUND_UP, scale_dtype: torch.dtype = torch.uint8
+) -> Mxfp8Quantized:
+    """Plain-torch MXFP8 quantize (CPU or CUDA); the definition the Triton kernel is tested against."""
+    _check_mx_input(x, "quantize_mxfp8_reference")
+    _check_scale_dtype(scale_dtype)
+    data, codes = _mx_groups_reference(x, rule, MX_BLOCK_SIZE)
     return Mxfp8Quantized(data, codes.to(torch.uint8).view(scale_dtype))
+
+
+def quantize_mx_group128_reference(
+    x: torch.Tensor, rule: MxScaleRule | str = MxScaleRule.ROUND_UP
+) -> Mx128Quantized:
+    """The MX scale rule over 1x128 groups (see :func:`quantize_mx_group128`), in plain torch."""
+    _check_mx_input(x, "quantize_mx_group128_reference")
+    data, codes = _mx_groups_reference(x, rule, MX_GROUP128)
+    return Mx128Quantized(data, e8m0_to_float32(codes.to(torch.uint8)))
 
 
 def dequantize_mxfp8(
@@ -184,7 +216,7 @@ def dequantize_mxfp8(
 def _mxfp8_quantize_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
-    scale_ptr,  # [B, R, K // 32] uint8 E8M0 codes, contiguous (K // 32 fastest)
+    scale_ptr,  # [B, R, cdiv(K, GROUP)] uint8 E8M0 codes, or fp32 2^(code - 127) (FP32_SCALE); contiguous
     R,
     K,
     stride_xb,
@@ -194,9 +226,15 @@ def _mxfp8_quantize_kernel(
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr = 32,
+    FP32_SCALE: tl.constexpr = False,
+    ROUND_ONLY: tl.constexpr = False,
 ):
-    """One program quantizes a BLOCK_R x BLOCK_K tile (BLOCK_K // 32 MX blocks per row); K % 32 == 0."""
-    GROUPS: tl.constexpr = BLOCK_K // 32
+    """One program quantizes a BLOCK_R x BLOCK_K tile (BLOCK_K // GROUP groups per row, each with the MX
+    rule: MXFP8 blocks with GROUP = 32, the 1x128 groups of quantize_mx_group128 with 128). ROUND_ONLY: q_ptr
+    is a [B, R, K] output of x's dtype (contiguous) that gets the quantized values (E4M3 times 2^e, NaN blocks
+    NaN), and no scales are stored."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -206,7 +244,7 @@ def _mxfp8_quantize_kernel(
 
     x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
     x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
-    x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, 32])
+    x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP])
     amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
     codes = (amax_bits >> 23) - 8
     if ROUND_UP:
@@ -218,22 +256,34 @@ def _mxfp8_quantize_kernel(
 
     scaled = widen_to_fp32(x_raw) * inverse_scale[:, :, None]
     scaled = tl.where(block_is_nan[:, :, None], float("nan"), scaled)
-    q = tl.reshape(e4m3_code(scaled, SOFT_CAST), [BLOCK_R, BLOCK_K])
-
+    q = e4m3_code(scaled, SOFT_CAST)
     q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
+    if ROUND_ONLY:
+        scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(block_is_nan, float("nan"), scale)
+        values = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
+        values = tl.reshape(values, [BLOCK_R, BLOCK_K]).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + pid_b * R * K + q_offsets, values, mask=mask)
+        return
+    q = tl.reshape(q, [BLOCK_R, BLOCK_K])
     tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
 
-    n_groups = K // 32
+    n_groups = tl.cdiv(K, GROUP)
     group_cols = pid_k * GROUPS + tl.arange(0, GROUPS)
     scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
     scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
-    tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, codes.to(tl.uint8), mask=scale_mask)
+    if FP32_SCALE:
+        scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
+        scale = tl.where(block_is_nan, float("nan"), scale)
+        tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+    else:
+        tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, codes.to(tl.uint8), mask=scale_mask)
 
 
 @functools.lru_cache(maxsize=1024)
-def mxfp8_tile_config(rows: int, cols: int) -> TileConfig:
+def mxfp8_tile_config(rows: int, cols: int, group: int = MX_BLOCK_SIZE) -> TileConfig:
     """The launcher's tile for ``rows`` x ``cols`` (see :func:`~mxrun.kernels.row_layout.streaming_tile`)."""
-    return streaming_tile(rows, cols, min_block_k=MX_BLOCK_SIZE, max_block_k=1024)
+    return streaming_tile(rows, cols, min_block_k=group, max_block_k=1024)
 
 
 class _LaunchPlan(NamedTuple):
@@ -254,6 +304,7 @@ def _mxfp8_launch_plan(
     rule: MxScaleRule | str,
     cast: E4m3Cast | str,
     config: TileConfig | None,
+    group: int = MX_BLOCK_SIZE,
 ) -> _LaunchPlan:
     check_quantize_shape(shape, dtype, "quantize_mxfp8_triton")
     if shape[-1] % MX_BLOCK_SIZE != 0:
@@ -262,9 +313,9 @@ def _mxfp8_launch_plan(
             f"got K={shape[-1]} (shape {shape}); pad K or quantize with an FP8 format instead"
         )
     view = row_batches_of(shape, strides)
-    tile = config or mxfp8_tile_config(view.rows, view.cols)
-    if tile.block_k % MX_BLOCK_SIZE != 0:
-        raise ValueError(f"block_k must be a multiple of {MX_BLOCK_SIZE}, got {tile.block_k}")
+    tile = config or mxfp8_tile_config(view.rows, view.cols, group)
+    if tile.block_k % group != 0:
+        raise ValueError(f"block_k must be a multiple of {group}, got {tile.block_k}")
     empty = view.rows == 0 or view.cols == 0 or view.batches == 0
     grid = (ceil_div(view.rows, tile.block_r), ceil_div(view.cols, tile.block_k), view.batches)
     constexprs = {
@@ -274,9 +325,11 @@ def _mxfp8_launch_plan(
         "BLOCK_K": tile.block_k,
         "num_warps": tile.num_warps,
     }
+    if group != MX_BLOCK_SIZE:
+        constexprs.update(GROUP=group, FP32_SCALE=True)
     int_args = (view.rows, view.cols, view.stride_b, view.stride_r, view.stride_k)
     return _LaunchPlan(
-        (*shape[:-1], shape[-1] // MX_BLOCK_SIZE), None if empty else grid, int_args, constexprs
+        (*shape[:-1], ceil_div(shape[-1], group)), None if empty else grid, int_args, constexprs
     )
 
 
@@ -298,9 +351,56 @@ def quantize_mxfp8_triton(
     return Mxfp8Quantized(data.view(torch.float8_e4m3fn), scale.view(scale_dtype))
 
 
+def quantize_mx_group128_triton(
+    x: torch.Tensor,
+    rule: MxScaleRule | str = MxScaleRule.ROUND_UP,
+    *,
+    cast: E4m3Cast | str = E4m3Cast.AUTO,
+    config: TileConfig | None = None,
+) -> Mx128Quantized:
+    """Triton :func:`quantize_mx_group128`: the reference's bytes and scales, one pass, no host sync."""
+    plan = _mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config, MX_GROUP128)
+    data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
+    if plan.grid is not None:
+        _mxfp8_quantize_kernel[plan.grid](x, data, scale, *plan.int_args, **plan.constexprs)
+    return Mx128Quantized(data.view(torch.float8_e4m3fn), scale)
+
+
+def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:
+    """``x`` rounded to its MXFP8 values with ``rule``, in ``x``'s dtype (bf16/fp16), in one pass: what
+    :func:`quantize_mxfp8` then :func:`dequantize_mxfp8` give, cast to x's dtype. Exact in bf16 (an E4M3 value
+    times a power of two is a bf16 value) and, in fp16's normal range, in fp16: the activations of every
+    kernel that multiplies MX-rounded values in bf16/fp16."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise QuantizeInputError(f"mx_round_triton: x must be bfloat16 or float16, got {x.dtype}")
+    plan = _mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, E4m3Cast.AUTO, None)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if plan.grid is not None:
+        _mxfp8_quantize_kernel[plan.grid](x, out, out, *plan.int_args, **plan.constexprs, ROUND_ONLY=True)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------
-# dispatcher
+# dispatchers
 # ----------------------------------------------------------------------------------------------------------
+
+
+def quantize_mx_group128(
+    x: torch.Tensor, rule: MxScaleRule | str = MxScaleRule.ROUND_UP, backend: Backend | str = Backend.AUTO
+) -> Mx128Quantized:
+    """The MX scale rule (power-of-two scales, ``rule``) over groups of 128 consecutive elements of K instead of
+    32: what the MXFP8 W8A8 Linear feeds Hopper's FP8 MMAs (:mod:`mxrun.kernels.mx_regroup` says why).
+
+    Same element rule as MXFP8 (RNE, saturating, NaN groups all NaN), so an element that is an E4M3 normal at
+    its group's scale gets the very bits that per-32 MXFP8 with the round-up rule gives it: both round it to 3
+    mantissa bits in the same binade. Only elements below ``2^-6`` times the group's scale (2^-14.8 of the
+    group's amax) can differ, on E4M3's subnormal grid. (With the floor rule the top binade of a 32-block whose
+    exponent is below its group's also differs: MXFP8 saturates it, this rounds it.) Scales are fp32
+    ``2^(code - 127)`` ``[..., ceil(K/128)]``; K % 32 == 0 as for MXFP8. Triton on CUDA, torch elsewhere."""
+    if resolve_backend(backend, x) is Backend.TRITON:
+        return quantize_mx_group128_triton(x, rule)
+    return quantize_mx_group128_reference(x, rule)
 
 
 def quantize_mxfp8(
@@ -321,13 +421,19 @@ __all__ = [
     "E8M0_BIAS",
     "E8M0_NAN_CODE",
     "MX_BLOCK_SIZE",
+    "MX_GROUP128",
     "E4m3Cast",
+    "Mx128Quantized",
     "MxScaleRule",
     "Mxfp8Quantized",
     "dequantize_mxfp8",
     "e8m0_to_float32",
+    "mx_round_triton",
     "mx_scale_codes_reference",
     "mxfp8_tile_config",
+    "quantize_mx_group128",
+    "quantize_mx_group128_reference",
+    "quantize_mx_group128_triton",
     "quantize_mxfp8",
     "quantize_mxfp8_reference",
     "quantize_mxfp8_triton",

@@ -359,7 +359,7 @@ def store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn,
     tl.store(c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn, c, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(
     a_ptr,  # [M, K]: E4M3 codes as float8e4nv (FUSED_QUANT == 0) or bf16/fp16 activations; (m, k) at
     #         m*stride_am + k*stride_ak (K contiguous in practice)
@@ -442,7 +442,7 @@ def _fp8_gemm_kernel(
     store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_block_gemm_kernel(
     a_ptr,  # [M, K]: float8e4nv (FUSED_QUANT False) or bf16/fp16; (m, k) at m*stride_am + k*stride_ak
     a_scale_ptr,  # fp32 [M, cdiv(K, 128)], (m, g) at m*stride_asm + g; unused when FUSED_QUANT
@@ -509,7 +509,7 @@ def _fp8_block_gemm_kernel(
     store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fp8_weight_only_kernel(
     a_ptr,  # [M, K] bf16/fp16 activations, (m, k) at m*stride_am + k*stride_ak
     b_ptr,  # [N, K] float8e4nv weight, (n, k) at n*stride_bn + k*stride_bk; K contiguous
@@ -812,7 +812,7 @@ def fp8_weight_only_triton(
     return c
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _scale_bias_cast_kernel(
     y_ptr,  # [M, N] fp32, contiguous
     scale_ptr,  # fp32 [N] (PER_COLUMN) or [1]
@@ -997,15 +997,27 @@ def fp8_block_linear(
     at M >= 1024, benchmarks/bench_linear.py)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
-    from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
-
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
     quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
-    if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
-        return fp8_tma_gemm(
-            quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype, block_scaled=True
-        )
-    return fp8_block_gemm_triton(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
+    return fp8_block_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
+
+
+def fp8_block_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Block-scaled GEMM of quantized operands (E4M3 ``a`` with 1x128 group scales, E4M3 ``weight`` with
+    128x128 block scales) on CUDA: the TMA kernel from ``TMA_MIN_M`` rows on Hopper and newer, the pointer
+    kernel otherwise."""
+    from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
+
+    if a.shape[0] >= TMA_MIN_M and tma_usable(a, weight):
+        return fp8_tma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
+    return fp8_block_gemm_triton(a, a_scale, weight, weight_scale, bias, out_dtype)
 
 
 def fp8_weight_only_linear(
@@ -1038,6 +1050,7 @@ __all__ = [
     "MAX_DECODE_CHUNK_BYTES",
     "GemmConfig",
     "GemmInputError",
+    "fp8_block_gemm",
     "fp8_block_gemm_reference",
     "fp8_block_gemm_triton",
     "fp8_block_linear",

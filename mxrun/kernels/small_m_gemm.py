@@ -16,8 +16,9 @@ references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`
   MXFP8 E8M0 scales ``[N, K/32]`` (a power of two, applied to the decoded weight: exact);
 * activations: bf16/fp16 as they are (weight-only), E4M3 codes with per-token / per-tensor fp32 scales
   (W8A8 FP8, quantized beforehand by the quantize kernel: the per-token amax needs the whole row; the launcher
-  widens the codes to bf16, exactly), or bf16/fp16 quantize-dequantized to MXFP8 (W8A8 MXFP8: a 1x32 group is
-  local to the tile, so up to 16 rows it is done in registers; beyond, once before the launch).
+  widens the codes to bf16, exactly), or bf16/fp16 quantize-dequantized to MXFP8 (W8A8 MXFP8: rounded once
+  before the launch, in one pass, to values exact in bf16; rounding in the registers of every program, which a
+  1x32 group allows, stays selectable and was measured slower, see :data:`MX_REGISTER_ROUNDING_MAX_M`).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
@@ -30,11 +31,17 @@ import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import widen_to_fp32
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize, mx_round_triton
-from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, resolve_cast
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton, resolve_cast
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 SMALL_M_MAX = 64
+MX_REGISTER_ROUNDING_MAX_M = 0
+"""Up to this many rows MX activations would be rounded in the registers of every program; beyond (i.e. at
+every M now), once before the launch (one pass, :func:`~mxrun.kernels.mxfp8_quantize.mx_round_triton`) to the
+same exact values, and the kernel runs as weight-only. H100 (``bench_linear.py --ms 1 16 64 --columns
+mxfp8:registers mxfp8:round-first mxfp8-wo``, ``benchmarks/results/mx-small-m-h100.md``): rounding first is
+1.04-1.27x faster at M = 1 and 16 and 1.6-2.4x at M = 64, within 1-16% of the weight-only kernel."""
 """Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
 the MMA needs at least 16), so a new M compiles at most three variants."""
 
@@ -59,7 +66,7 @@ class SplitKConfig(NamedTuple):
 DEFAULT_CONFIG = SplitKConfig()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_partial_kernel(
     a_ptr,  # [M, K] bf16/fp16 (E4M3 codes are widened to bf16 by the launcher); (m, k) at m*stride_am + k
     b_ptr,  # [N, K] float8e4nv weight, K contiguous, (n, k) at n*stride_bn + k
@@ -127,7 +134,7 @@ def _split_k_partial_kernel(
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _split_k_reduce_kernel(
     p_ptr,  # fp32 partials [SPLIT_K, M, N]
     a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]; else unused
@@ -196,13 +203,19 @@ def small_m_gemm_triton(
     out_dtype: torch.dtype | None = None,
     split_k: int | None = None,
     config: SplitKConfig = DEFAULT_CONFIG,
+    mx_rounding: str = "auto",
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
     ``a_scale`` (0-dim/``[1]`` or ``[M, 1]``; give ``out_dtype``). ``weight``: E4M3 ``[N, K]`` with exactly one of
-    ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``)."""
+    ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
+    ``mx_rounding``, for MX activations: ``"registers"`` (in every program), ``"first"`` (one launch before,
+    then as weight-only: the same values) or ``"auto"`` (up to :data:`MX_REGISTER_ROUNDING_MAX_M` rows in
+    registers)."""
     fn = "small_m_gemm_triton"
+    if mx_rounding not in ("auto", "registers", "first"):
+        raise GemmInputError(f"{fn}: mx_rounding must be 'auto', 'registers' or 'first', got {mx_rounding!r}")
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
     n, k = weight.shape
@@ -229,10 +242,10 @@ def small_m_gemm_triton(
         a_mode, out_dtype = (0 if activation_mx_rule is None else 1), a.dtype
         if a_mode == 1 and k % MX_BLOCK_SIZE:
             raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
-        if a_mode == 1 and m > 16:
-            # Beyond 16 rows the in-register MX rounding of a [BLOCK_M, BLOCK_K] tile costs more than two tiny
-            # launches (H200: 0.28-0.36x of bf16 at M = 64, against 0.66-0.74x for bf16 activations): round
-            # once here to the same exact values, then run as weight-only.
+        in_registers = mx_rounding == "registers" or (
+            mx_rounding == "auto" and m <= MX_REGISTER_ROUNDING_MAX_M
+        )
+        if a_mode == 1 and not in_registers:
             a, a_mode = mx_round_triton(a, activation_mx_rule), 0
     else:
         raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
@@ -292,4 +305,11 @@ def small_m_gemm_triton(
     return c
 
 
-__all__ = ["DEFAULT_CONFIG", "SMALL_M_MAX", "SplitKConfig", "small_m_gemm_triton", "split_k_for"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "MX_REGISTER_ROUNDING_MAX_M",
+    "SMALL_M_MAX",
+    "SplitKConfig",
+    "small_m_gemm_triton",
+    "split_k_for",
+]

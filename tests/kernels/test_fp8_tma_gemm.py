@@ -143,7 +143,8 @@ def test_linear_dispatch_at_large_m(m, n, k) -> None:
 @needs_tma
 def test_no_recompile_for_new_m() -> None:
     """M reaches the TMA kernel as a run-time argument and inside the descriptors' shapes: new batch sizes in
-    one bucket reuse the compiled kernel."""
+    one bucket reuse the compiled kernel, including an M and a program count that Triton would otherwise
+    specialize on (divisible by 16)."""
     from mxrun.kernels import fp8_tma_gemm as module
 
     from .test_scaled_gemm import compiled_variants
@@ -154,6 +155,6 @@ def test_no_recompile_for_new_m() -> None:
     fp8_linear(x[:600].cuda(), *args, "token")
     fp8_linear(x[:601].cuda(), *args, "token")
     before = compiled_variants(module._fp8_tma_gemm_kernel)
-    for m in (613, 700, 777, 1000):
+    for m in (613, 640, 700, 777, 1000):  # 640 rows: M divisible by 16; 1000: 16 programs
         fp8_linear(x[:m].cuda(), *args, "token")
     assert compiled_variants(module._fp8_tma_gemm_kernel) == before

@@ -39,6 +39,7 @@ from mxrun.kernels.moe_gemm import (
     ExpertWeightFormat,
     ExpertWeights,
     dequantize_experts,
+    moe_aligned,
     moe_experts_reference,
     moe_experts_triton,
     moe_grouped_gemm_triton,
@@ -254,6 +255,51 @@ def test_experts_forward_matches_reference(fmt, activation, tokens, only) -> Non
         assert (out - reference).norm() <= 2.0**-5 * reference.norm()
 
 
+@pytest.mark.parametrize("activation", [A.MX_ROUND_UP, A.MX_FLOOR])
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_aligned_forward_matches_its_reference(activation, tokens) -> None:
+    """The aligned MXFP8 W8A8 path (stacks regrouped to 128x128 power-of-two tiles, activations over 1x128
+    groups, the block-scaled FP8 grouped GEMM) against its own reference under the quantized-activation
+    bound; with the round-up rule that reference against exact MXFP8 under the same bound (mx_regroup moves
+    only elements below E4M3's normal range at the common scale). The floor rule makes MXFP8 clip the top
+    binade of 32-blocks that the 1x128 groups round: the two differ by more there (test_mx_regroup bounds it
+    per output of a Linear from the measured operand differences). Inter = 192 gives the down GEMM a ragged
+    last 128-group."""
+    experts, hidden, inter, top_k = 4, 256, 192, 2
+    gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=31)
+    down = _stack(F.MXFP8, experts, hidden, inter, seed=32)
+    routing, index = _routing(tokens, experts, top_k, seed=33)
+    x = _x(tokens, hidden, seed=34)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, activation, aligned=True).float()
+    out = moe_experts_triton(x, index, routing, gate_up, down, activation, aligned=True).float()
+    assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+    exact = moe_experts_reference(x, index, routing, gate_up, down, activation).float()
+    if activation is A.MX_ROUND_UP:
+        assert (reference - exact).norm() <= 2.0**-5 * exact.norm()
+
+
+def test_aligned_path_choice() -> None:
+    """Taken for MXFP8 W8A8 with many pairs per expert and stacks under the size cap only; the reference
+    refuses it for anything else."""
+    from mxrun.kernels import moe_gemm
+
+    gate_up = _stack(F.MXFP8, 2, 64, 64, seed=35)
+    down = _stack(F.MXFP8, 2, 64, 32, seed=36)
+    many = moe_gemm.MOE_ALIGNED_MIN_PAIRS_PER_EXPERT * 2
+    assert moe_aligned(many, gate_up, down, A.MX_ROUND_UP)
+    assert not moe_aligned(many - 1, gate_up, down, A.MX_ROUND_UP)
+    assert not moe_aligned(many, gate_up, down, A.NONE)
+    block = _stack(F.FP8_BLOCK, 2, 64, 64, seed=37)
+    assert not moe_aligned(many, block, down, A.MX_ROUND_UP)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(moe_gemm, "MOE_ALIGNED_MAX_BYTES", gate_up.data.numel())
+        assert not moe_aligned(many, gate_up, down, A.MX_ROUND_UP)
+    x = _x(3, 64, seed=38)
+    routing, index = _routing(3, 2, 1, seed=39)
+    with pytest.raises(GemmInputError, match="aligned needs MXFP8"):
+        moe_experts_reference(x, index, routing, gate_up, down, A.NONE, aligned=True)
+
+
 def test_dropped_pairs_and_empty_input() -> None:
     experts, hidden, inter = 4, 64, 64
     gate_up = _stack(F.FP8_CHANNEL, experts, 2 * inter, hidden, seed=8)
@@ -321,6 +367,23 @@ def test_gpu_larger_layer(fmt, activation, tokens) -> None:
         assert (out - reference).abs().max() <= (2 * top_k + 1) * ULP * reference.abs().max()
     else:
         assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_aligned_path_at_many_tokens() -> None:
+    """Enough tokens per expert that the launcher picks the aligned path by itself (128-row blocks, TMA-free
+    grouped FP8 GEMM), against the aligned reference."""
+    experts, hidden, inter, top_k = 4, 1024, 768, 2
+    tokens = 2 * 256 * experts // top_k + 17
+    gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=40)
+    down = _stack(F.MXFP8, experts, hidden, inter, seed=41)
+    routing, index = _routing(tokens, experts, top_k, seed=42)
+    x = _x(tokens, hidden, seed=43)
+    assert moe_aligned(tokens * top_k, gate_up, down, A.MX_ROUND_UP)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, A.MX_ROUND_UP, aligned=True).float()
+    out = moe_experts_triton(x, index, routing, gate_up, down, A.MX_ROUND_UP).float()
+    assert (out - reference).norm() <= 2.0**-5 * reference.norm()
 
 
 @pytest.mark.gpu

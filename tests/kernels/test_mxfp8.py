@@ -16,6 +16,7 @@ from mxrun.kernels.mxfp8_quantize import (
     MxScaleRule,
     dequantize_mxfp8,
     e8m0_to_float32,
+    mx_round_triton,
     mx_scale_codes_reference,
     quantize_mxfp8,
     quantize_mxfp8_reference,
@@ -285,6 +286,29 @@ def test_invalid_inputs_are_clear_errors(x: torch.Tensor, message: str, implemen
     fn = quantize_mxfp8_reference if implementation == "torch" else quantize_mxfp8_triton
     with pytest.raises(QuantizeInputError, match=message):
         fn(x.to(KERNEL_DEVICE if implementation == "triton" else "cpu"))
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mx_round_is_quantize_then_dequantize(rule: str, dtype: torch.dtype) -> None:
+    """The one-pass rounding kernel gives, bit for bit, the reference's quantize-dequantize cast to x's dtype:
+    special blocks (zeros with their signs, NaN, Inf), values near the scale boundaries, a 3-D stack."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 256, generator=g) * torch.logspace(-3, 3, 256)
+    x[0, 0, :32] = 0.0
+    x[0, 0, 5] = -0.0
+    x[0, 1, 40] = float("nan")
+    x[0, 2, 64] = float("inf")
+    x[1, 0, :32] = 448 * 2.0 ** torch.arange(-2, 30).float() / 2**20
+    x = x.to(dtype)
+    q = quantize_mxfp8_reference(x, rule)
+    expected = dequantize_mxfp8(q.data, q.scale_e8m0, dtype)
+    out = mx_round_triton(x.to(KERNEL_DEVICE), rule).cpu()
+    assert out.dtype == dtype
+    same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan())
+    assert bool(same.all())
+    with pytest.raises(QuantizeInputError, match="bfloat16 or float16"):
+        mx_round_triton(x.float().to(KERNEL_DEVICE), rule)
 
 
 def test_hardware_cast_refused_under_interpreter() -> None:

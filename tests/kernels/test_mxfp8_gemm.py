@@ -43,7 +43,10 @@ def test_dequant_kernel_fused(m, n, k, rule, dtype) -> None:
     ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, bias, rule)
     out = mxfp8_dequant_gemm_triton(*_dev(x, qw.data, qw.scale_e8m0, bias), activation_rule=rule)
     assert_one_ulp(out, ref)
-    assert_one_ulp(mxfp8_linear(*_dev(x, qw.data, qw.scale_e8m0, bias), rule, backend="triton"), ref)
+    assert_one_ulp(
+        mxfp8_linear(*_dev(x, qw.data, qw.scale_e8m0, bias), rule, backend="triton", large_m_kernel="cublas"),
+        ref,
+    )
 
 
 @pytest.mark.parametrize("kernel", ["dequant", "fp8"])
@@ -107,15 +110,15 @@ def test_decode_kernel_is_the_reference_dequantization(dtype) -> None:
 @pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
 @pytest.mark.parametrize("chunk_bytes", [None, 64 * 256 * 2])  # one slice, or slices of 128 weight rows
 def test_large_m_decode_then_cublas(rule, chunk_bytes, monkeypatch) -> None:
-    """M above the split-K range: decode + cuBLAS (the default large-M path) within one ulp of the reference,
-    sliced or not."""
+    """M above the split-K range: decode + cuBLAS (the W8A16 path, selectable for W8A8) within one ulp of the
+    reference, sliced or not."""
     if chunk_bytes is not None:
         monkeypatch.setattr(mxfp8_gemm, "MAX_DECODED_CHUNK_BYTES", chunk_bytes)
     m, n, k = 70, 300, 256
     x, w, bias = _inputs(m, n, k, seed=22)
     q = quantize_mxfp8_reference(w)
     ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
-    out = mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton")
+    out = mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton", large_m_kernel="cublas")
     assert_one_ulp(out, ref)
 
 

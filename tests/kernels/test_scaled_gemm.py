@@ -279,6 +279,6 @@ def test_no_recompile_for_new_m() -> None:
     fp8_linear(x[:130].cuda(), *args, "token")
     fp8_linear(x[:129].cuda(), *args, "token")
     before = compiled_variants(scaled_gemm._fp8_gemm_kernel)
-    for m in (131, 150, 177, 199):
+    for m in (131, 144, 150, 160, 177, 199):  # 144, 160: divisible by 16
         fp8_linear(x[:m].cuda(), *args, "token")
     assert compiled_variants(scaled_gemm._fp8_gemm_kernel) == before

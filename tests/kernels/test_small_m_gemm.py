@@ -78,6 +78,22 @@ def test_mxfp8_linear_small_m(m, n, k, rule) -> None:
     assert_one_ulp(mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton"), ref)
 
 
+@pytest.mark.parametrize("mx_rounding", ["registers", "first"])
+@pytest.mark.parametrize("rule", [MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_mx_activations_rounded_either_way(m, n, k, rule, mx_rounding) -> None:
+    """MX activations rounded in every program or once before the launch: the same values, so both are within
+    one ulp of the W8A8 reference."""
+    x, w, bias = _inputs(m, n, k, seed=15)
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
+    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    out = small_m_gemm_triton(
+        a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, mx_rounding=mx_rounding
+    )
+    assert_one_ulp(out, ref)
+
+
 def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
     """Different split counts add the same exact products in another order: within an ulp of each other, and
     the same split count gives the same bits twice."""
@@ -104,6 +120,7 @@ def test_split_choice() -> None:
         ({"rows": 65}, "at most 64 rows"),
         ({"a_fp8_without_scale": True}, "need a_scale"),
         ({"scale_shape": (3, 1)}, "1 or 64 elements"),
+        ({"mx_rounding": "sometimes"}, "mx_rounding must be"),
     ],
 )
 def test_bad_inputs(kwargs, message) -> None:
@@ -116,4 +133,4 @@ def test_bad_inputs(kwargs, message) -> None:
     if kwargs.get("a_fp8_without_scale"):
         x = x.to(torch.float8_e4m3fn)
     with pytest.raises(GemmInputError, match=message):
-        small_m_gemm_triton(x, w, weight_scale=scale)
+        small_m_gemm_triton(x, w, weight_scale=scale, mx_rounding=kwargs.get("mx_rounding", "auto"))

@@ -1,0 +1,224 @@
+"""The MXFP8 W8A8 "aligned" path: MX-rule quantization over 1x128 groups, MXFP8 weights regrouped to 128x128
+power-of-two tiles, and the Linear that multiplies them with the block-scaled FP8 GEMM.
+
+Kernels against their references bit for bit (bytes and fp32 scale bits). The references against exact MXFP8:
+every element that is an E4M3 normal at the common scale ``S`` keeps its MXFP8 value exactly, the others move
+by at most half a subnormal step, ``2^-10 S`` (mx_regroup's module docstring). The Linear against exact MXFP8
+(``mxfp8_linear_reference``) then obeys, per output, the first-order bound
+``sum_k |da_k| |w_k| + |a_k| |dw_k| + |da_k| |dw_k|`` with ``|da| <= 2^-10 S_a`` and ``|dw| <= 2^-10 S_w``,
+plus the two results' own rounding (one bf16 ulp each, and the fp32 sums).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrun.kernels import mxfp8_gemm
+from mxrun.kernels.fp8_quantize import dequantize_fp8, expand_fp8_scale
+from mxrun.kernels.mx_regroup import regroup_mxfp8, regroup_mxfp8_reference, regroup_mxfp8_triton
+from mxrun.kernels.mxfp8_gemm import (
+    ALIGNED_MIN_M,
+    large_m_kernel_for,
+    mxfp8_aligned_linear_reference,
+    mxfp8_linear,
+    mxfp8_linear_reference,
+)
+from mxrun.kernels.mxfp8_quantize import (
+    MxScaleRule,
+    dequantize_mxfp8,
+    quantize_mx_group128,
+    quantize_mx_group128_reference,
+    quantize_mx_group128_triton,
+    quantize_mxfp8_reference,
+)
+from mxrun.kernels.row_layout import QuantizeInputError
+from mxrun.kernels.scaled_gemm import GemmInputError
+
+from .device_cases import HAS_CUDA, KERNEL_DEVICE, assert_same_fp32, bits
+from .test_scaled_gemm import _dev, _inputs, assert_one_ulp, fp8_mma_slack
+
+SUBNORMAL_HALF_STEP = 2.0**-10  # half of E4M3's smallest subnormal, 2^-9, in units of the common scale
+NORMAL_MIN = 2.0**-6  # E4M3's smallest normal
+
+
+def _spread_weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Rows whose magnitudes span many binades (so 128x128 tiles mix block exponents), a row of zeros, a block
+    of values far below the rest of its tile, and heavy tails."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * torch.logspace(-3, 2, shape[-2])[:, None]
+    w = w * torch.where(torch.rand(*shape, generator=g) < 0.01, 40.0, 1.0)
+    if shape[-2] > 2:
+        w[..., 1, :] = 0.0
+        w[..., 2, 32:64] *= 1e-12
+    return w
+
+
+@pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96), (128, 128), (1, 32)])
+def test_regroup_kernel_matches_reference(shape) -> None:
+    """Bytes and scales equal the reference's, with ragged N and K (K % 128 = 32), stacks, NaN blocks."""
+    q = quantize_mxfp8_reference(_spread_weight(shape, seed=1))
+    q.scale_e8m0.view(-1)[-1] = 255  # a NaN block whose codes are not NaN: regrouping must make them NaN
+    ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    out = regroup_mxfp8_triton(*_dev(q.data, q.scale_e8m0))
+    assert torch.equal(bits(out.data), bits(ref.data))
+    assert_same_fp32(out.scale, ref.scale)
+    assert ref.scale.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
+
+
+@pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96)])
+def test_regrouped_values_keep_mxfp8_within_the_bound(shape) -> None:
+    """Against exact MXFP8 values: equal wherever the MXFP8 value is an E4M3 normal at the tile's scale, within
+    half a subnormal step of it elsewhere; NaN blocks stay NaN; scales are the tile's largest block scale."""
+    q = quantize_mxfp8_reference(_spread_weight(shape, seed=2))
+    q.scale_e8m0.view(-1)[5] = 255
+    r = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    exact = dequantize_mxfp8(q.data, q.scale_e8m0)
+    regrouped = dequantize_fp8(r.data, r.scale, "block_128x128")
+    assert torch.equal(exact.isnan(), regrouped.isnan())
+    tile_scale = expand_fp8_scale(r.scale, exact.shape, "block_128x128")
+    finite = ~exact.isnan()
+    normal = finite & (exact.abs() >= NORMAL_MIN * tile_scale)
+    assert torch.equal(regrouped[normal], exact[normal])
+    assert ((regrouped - exact).abs()[finite] <= SUBNORMAL_HALF_STEP * tile_scale[finite]).all()
+    moved = finite & (regrouped != exact)
+    assert moved.any(), "the data must exercise the rounding, or this test proves nothing"
+    # the tile scale is the largest block scale of the tile (never smaller: nothing may overflow 448)
+    assert (r.data.float().abs()[finite] <= 448).all()
+    block_scale = exact.new_tensor(2.0) ** (q.scale_e8m0.float() - 127)
+    block_scale = block_scale.repeat_interleave(32, dim=-1)
+    assert (tile_scale[finite] >= block_scale[finite]).all()
+
+
+def test_regroup_zero_tile_and_bad_inputs() -> None:
+    q = quantize_mxfp8_reference(torch.zeros(130, 64))
+    r = regroup_mxfp8(*_dev(q.data, q.scale_e8m0))
+    assert torch.equal(bits(r.data), torch.zeros(130, 64, dtype=torch.uint8))
+    assert (r.scale.cpu() == 2.0**-127).all()
+    with pytest.raises(QuantizeInputError, match="E8M0 scales"):
+        regroup_mxfp8_reference(q.data, q.scale_e8m0[:, :1])
+    with pytest.raises(QuantizeInputError, match="float8_e4m3fn"):
+        regroup_mxfp8_reference(q.data.float(), q.scale_e8m0)
+    with pytest.raises(QuantizeInputError, match="contiguous along K"):
+        wide = quantize_mxfp8_reference(torch.randn(64, 128))
+        column_major = wide.data.t().contiguous().t()  # [64, 128] with K strided
+        regroup_mxfp8_triton(*_dev(column_major, wide.scale_e8m0))
+
+
+@pytest.mark.parametrize("rule", list(MxScaleRule))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_group128_kernel_matches_reference(rule, dtype) -> None:
+    """Bytes and fp32 scales equal the reference's: ragged K, all-zero, NaN, Inf and tiny groups, strided
+    input."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 4128, generator=g) * 3
+    x[3, :128] = 0.0
+    x[5, 7] = float("nan")
+    x[6, 200] = float("inf")
+    x[7, :100] *= 2.0**-20
+    x = x.to(dtype)
+    ref = quantize_mx_group128_reference(x, rule)
+    out = quantize_mx_group128_triton(*_dev(x), rule)
+    assert torch.equal(bits(out.data), bits(ref.data))
+    assert_same_fp32(out.scale, ref.scale)
+    strided = x[:, ::2][:, :2048]
+    ref = quantize_mx_group128_reference(strided, rule)
+    out = quantize_mx_group128(*_dev(strided), rule)
+    assert torch.equal(bits(out.data), bits(ref.data))
+
+
+def test_group128_against_mxfp8() -> None:
+    """Round-up rule: the E4M3 value of every element that is normal at its 128-group's scale is the MXFP8 one;
+    the others are within half a subnormal step of the input; the scale is the largest of the four MXFP8
+    scales."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 1024, generator=g) * torch.logspace(-4, 4, 1024)[torch.randperm(1024, generator=g)]
+    q = quantize_mx_group128_reference(x)
+    values = dequantize_fp8(q.data, q.scale, "group_1x128")
+    mx = quantize_mxfp8_reference(x)
+    exact = dequantize_mxfp8(mx.data, mx.scale_e8m0)
+    scale = expand_fp8_scale(q.scale, x.shape, "group_1x128")
+    normal = x.abs() >= NORMAL_MIN * scale
+    assert torch.equal(values[normal], exact[normal])
+    assert ((values - x).abs()[~normal] <= SUBNORMAL_HALF_STEP * scale[~normal]).all()
+    assert (values[~normal] != exact[~normal]).any()
+    mx_scales = 2.0 ** (mx.scale_e8m0.float() - 127)
+    assert torch.equal(q.scale, mx_scales.reshape(64, -1, 4).amax(dim=-1))
+
+
+def _aligned_bound(x, q, bias_ref, rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact MXFP8 Linear in fp32, the allowed |aligned - exact| per output before rounding; module
+    docstring). The operand differences are measured, and checked against their a-priori bounds: the weight's
+    ``2^-10 S_w`` always, the activations' ``2 * 2^-10 S_a`` (each within a half step of x) under the round-up
+    rule; the floor rule's MXFP8 also saturates the top binade of 32-blocks below their group's exponent, which
+    the 128-group rounds instead, so there the measured difference is all there is."""
+    qa = quantize_mxfp8_reference(x, rule)
+    a = dequantize_mxfp8(qa.data, qa.scale_e8m0)
+    g = quantize_mx_group128_reference(x, rule)
+    da = (dequantize_fp8(g.data, g.scale, "group_1x128") - a).abs()
+    w = dequantize_mxfp8(q.data, q.scale_e8m0)
+    r = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    dw = (dequantize_fp8(r.data, r.scale, "block_128x128") - w).abs()
+    assert (dw <= SUBNORMAL_HALF_STEP * expand_fp8_scale(r.scale, w.shape, "block_128x128")).all()
+    if MxScaleRule(rule) is MxScaleRule.ROUND_UP:
+        assert (da <= 2 * SUBNORMAL_HALF_STEP * expand_fp8_scale(g.scale, x.shape, "group_1x128")).all()
+    exact = a @ w.T + bias_ref
+    return exact, da @ w.abs().T + a.abs() @ dw.T + da @ dw.T
+
+
+@pytest.mark.parametrize("rule", ["round_up", "floor"])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(70, 300, 256), (65, 130, 4128)] + ([(1500, 1000, 4096)] if HAS_CUDA else [])
+)
+def test_aligned_linear(m, n, k, rule) -> None:
+    """The Triton aligned Linear within one ulp (plus the FP8 MMA allowance on GPU) of its reference; that
+    reference within the derived bound of exact MXFP8; and the dispatcher sends large M here."""
+    x, w, bias = _inputs(m, n, k, seed=23)
+    w = w * torch.logspace(-2, 1, n)[:, None].to(w.dtype)  # rows of different magnitudes share tiles
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_aligned_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
+    out = mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton", large_m_kernel="aligned")
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    exact, first_order = _aligned_bound(x, q, bias.float(), rule)
+    ulp = 2.0**-7
+    allowed = first_order + ulp * (exact.abs() + ref.float().abs()) + 2.0**-20 * exact.abs().amax()
+    assert ((ref.float() - exact).abs() <= allowed).all()
+    assert (
+        (mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule).float() - exact).abs() <= allowed
+    ).all()
+
+
+def test_aligned_linear_in_slices(monkeypatch) -> None:
+    """A weight larger than MAX_DECODED_CHUNK_BYTES is regrouped and multiplied in slices of 128-row tiles:
+    the same output as in one piece."""
+    x, w, bias = _inputs(40, 300, 256, seed=24)
+    q = quantize_mxfp8_reference(w)
+    args = _dev(x, q.data, q.scale_e8m0, bias)
+    whole = mxfp8_linear(*args, "round_up", backend="triton", large_m_kernel="aligned")
+    monkeypatch.setattr(mxfp8_gemm, "MAX_DECODED_CHUNK_BYTES", 128 * 256)
+    sliced = mxfp8_linear(*args, "round_up", backend="triton", large_m_kernel="aligned")
+    assert torch.equal(whole.cpu(), sliced.cpu())
+
+
+def test_dispatcher_choice_and_errors() -> None:
+    assert large_m_kernel_for(ALIGNED_MIN_M, "round_up") == "aligned"
+    assert large_m_kernel_for(ALIGNED_MIN_M - 1, "round_up") == "cublas"
+    assert large_m_kernel_for(1 << 20, None) == "cublas"  # W8A16 keeps bf16 activations
+    x, w, bias = _inputs(70, 64, 128, seed=25)
+    q = quantize_mxfp8_reference(w)
+    args = _dev(x, q.data, q.scale_e8m0, bias)
+    with pytest.raises(GemmInputError, match="W8A8 only"):
+        mxfp8_linear(*args, None, backend="triton", large_m_kernel="aligned")
+    with pytest.raises(GemmInputError, match="large_m_kernel must be one of"):
+        mxfp8_linear(*args, "round_up", backend="triton", large_m_kernel="cutlass")
+
+
+@pytest.mark.skipif(
+    KERNEL_DEVICE == "cpu", reason="the default large-M choice needs CUDA rows >= ALIGNED_MIN_M"
+)
+def test_dispatcher_default_is_aligned_at_large_m() -> None:
+    x, w, bias = _inputs(ALIGNED_MIN_M, 256, 512, seed=26)
+    q = quantize_mxfp8_reference(w)
+    args = _dev(x, q.data, q.scale_e8m0, bias)
+    default = mxfp8_linear(*args, "round_up")
+    assert torch.equal(default, mxfp8_linear(*args, "round_up", large_m_kernel="aligned"))
