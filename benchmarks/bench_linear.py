@@ -6,7 +6,8 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
 * ``scaled_mm``: FP8 ``torch._scaled_mm`` rowwise (cuBLASLt) with per-channel weight scales, *plus* the
   per-token activation quantization it needs (mxrun's Triton quantize kernel, the fastest one at hand);
 * each mxrun scheme through its dispatcher, activation quantization included: ``fp8-tensor``,
-  ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), the MXFP8 W8A8
+  ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), ``mxfp8-tiles``
+  (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), its small-M activation rounding forced (``mxfp8:registers``, ``mxfp8:round-first``; M <= 64),
   and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
+from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
@@ -53,6 +55,8 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
     channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
     block = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     mx = quantize_mxfp8(w)
+    tiles = align_mxfp8(mx.data, mx.scale_e8m0)  # a recipe's `tile_aligned: true`
+    tile_scale = aligned_tile_scales(tiles.scale_e8m0, *w.shape)
     w_t = w.t()
     channel_t = channel.data.t()  # [K, N] column-major, what _scaled_mm wants for its second operand
     channel_scale_row = channel.scale.reshape(1, -1)
@@ -70,6 +74,9 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-channel": lambda: fp8_linear(x, channel.data, channel.scale, None, "token"),
         "fp8-block": lambda: fp8_block_linear(x, block.data, block.scale, None),
         "mxfp8": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8-tiles": lambda: mxfp8_linear(
+            x, tiles.data, tiles.scale_e8m0, None, "round_up", weight_tile_scale=tile_scale
+        ),
         "mxfp8:aligned": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="aligned"
         ),
@@ -193,6 +200,8 @@ GOALS = [  # issue 5: (column, rows the goal is about, anchor column, at least t
     ("fp8-block", "M >= 1024", "scaled_mm", 0.85),
     ("mxfp8", "M >= 1024", "bf16", 1.0),
     ("mxfp8", "M <= 16", "bf16", 1.7),
+    ("mxfp8-tiles", "M >= 1024", "bf16", 1.0),
+    ("mxfp8-tiles", "M <= 16", "bf16", 1.7),
 ]
 _ROWS = {"M >= 1024": lambda m: m >= 1024, "M <= 16": lambda m: m <= 16}
 

@@ -41,6 +41,7 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8,
     quantize_fp8_reference,
 )
+from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
@@ -189,6 +190,34 @@ def quantize_mxfp8_into(
         scale_rows[r : r + step].copy_(piece.scale_e8m0.view(torch.uint8))
 
 
+def align_mxfp8_into(data: torch.Tensor, scale_e8m0: torch.Tensor) -> None:
+    """Re-express an MXFP8 weight ``[N, K]`` in place with one E8M0 code per 128x128 tile
+    (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`). Tiles are independent, so it goes in slices of 128-row
+    strips: on CPU the reference's temporaries stay small, as in :func:`quantize_fp8_into`."""
+    n, k = data.shape
+    step = n if data.is_cuda else 128 * max(1, SLICE_ELEMENTS // max(128 * k, 1))
+    for r in range(0, n, step):
+        aligned = align_mxfp8(data[r : r + step], scale_e8m0[r : r + step])
+        data[r : r + step].copy_(aligned.data)
+        scale_e8m0[r : r + step].copy_(aligned.scale_e8m0)
+
+
+def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:
+    """fp32 tile scales of tile-aligned MXFP8 codes held by ``owner``
+    (:func:`~mxrun.kernels.mx_regroup.aligned_tile_scales`), read off once per loaded value of the codes (the
+    key follows in-place loads and moves) so that forwards do not sync the host; ``name`` (the layer, or the
+    layer and its stack) labels the error for codes that are not tile-aligned."""
+    cache = owner.__dict__.setdefault("_mx_tile_scales", {})
+    key = (codes._version, codes.data_ptr(), codes.device)
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        try:
+            hit = cache[name] = (key, aligned_tile_scales(codes, n, k))
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from error
+    return hit[1]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -333,13 +362,28 @@ class MxFp8Method(QuantMethod):
             "weight_scale_e8m0", torch.empty((n, k // MX_BLOCK), dtype=torch.uint8, device=layer.device)
         )
 
+    @property
+    def tile_aligned(self) -> bool:
+        """The recipe's ``tile_aligned: true``: each 128x128 weight tile held at one E8M0 scale."""
+        return bool(self.scheme.weights.tile_aligned)
+
     def process_weight(self, layer: QuantizedLinear, weight: torch.Tensor) -> None:
         quantize_mxfp8_into(
             _weight_on(layer, weight), self.weight_rule, layer.weight, layer.weight_scale_e8m0
         )
+        if self.tile_aligned:
+            align_mxfp8_into(layer.weight, layer.weight_scale_e8m0)
+
+    def _tile_scale(self, layer: QuantizedLinear) -> torch.Tensor:
+        return cached_tile_scales(
+            layer, layer.weight_scale_e8m0, layer.out_features, layer.in_features, layer.layer_name
+        )
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return mxfp8_linear(x, layer.weight, layer.weight_scale_e8m0, bias, self.activation_rule)
+        tile_scale = self._tile_scale(layer) if self.tile_aligned and x.is_cuda else None
+        return mxfp8_linear(
+            x, layer.weight, layer.weight_scale_e8m0, bias, self.activation_rule, weight_tile_scale=tile_scale
+        )
 
 
 class MxFp8WeightOnlyMethod(MxFp8Method):

@@ -41,6 +41,8 @@ from torch import nn
 from mxrun.engine.methods import (
     ORIGINAL_DTYPES,
     UnsupportedSchemeError,
+    align_mxfp8_into,
+    cached_tile_scales,
     method_for,
     quantize_fp8_into,
     quantize_mxfp8_into,
@@ -217,6 +219,8 @@ class QuantizedExperts(nn.Module):
         scale = getattr(self, self._scale_names[param])[expert]
         if self.weight_format is ExpertWeightFormat.MXFP8:
             quantize_mxfp8_into(weight, self.weight_rule, data, scale)
+            if self.scheme.weights.tile_aligned:  # the recipe's `tile_aligned: true`, expert by expert
+                align_mxfp8_into(data, scale)
         else:
             quantize_fp8_into(weight, FP8_WEIGHT_GRANULARITY[self.weight_format], data, scale)
 
@@ -309,6 +313,14 @@ class QuantizedExperts(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_dim)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        tile_scales = None
+        if self.scheme.weights.tile_aligned and self.activation.is_mx and x.is_cuda:
+            tile_scales = tuple(
+                cached_tile_scales(
+                    self, self.weights(p).scale, *getattr(self, p).shape[1:], f"{self.layer_name}.{p}"
+                )
+                for p in FUSED_PARAMS
+            )
         out = moe_experts(
             x,
             top_k_index.reshape(x.shape[0], -1),
@@ -316,6 +328,7 @@ class QuantizedExperts(nn.Module):
             self.weights("gate_up_proj"),
             self.weights("down_proj"),
             self.activation,
+            tile_scales=tile_scales,
         )
         return out.reshape(hidden_states.shape).to(hidden_states.dtype)
 

@@ -87,6 +87,9 @@ class WeightQuant:
     """Only for ``mx``."""
     partial_blocks: PartialBlocks | None = None
     """Only for ``block``."""
+    tile_aligned: bool | None = None
+    """Only for ``mx``: True holds the weight with each 128x128 tile at one E8M0 scale (see
+    :mod:`mxrun.kernels.mx_regroup`); None is the default, the scale rule's exact bits."""
 
     def to_json(self) -> dict[str, Any]:
         return _drop_none(
@@ -96,6 +99,7 @@ class WeightQuant:
                 "block_size": list(self.block_size) if self.block_size else None,
                 "scale_rule": self.scale_rule.value if self.scale_rule else None,
                 "partial_blocks": self.partial_blocks.value if self.partial_blocks else None,
+                "tile_aligned": self.tile_aligned,
             }
         )
 
@@ -281,6 +285,7 @@ def build_scheme(
         ("block_size", WeightGranularity.BLOCK),
         ("partial_blocks", WeightGranularity.BLOCK),
         ("scale_rule", WeightGranularity.MX),
+        ("tile_aligned", WeightGranularity.MX),
     ):
         if key in (spec.get("weights") or {}) and w_gran is not allowed:
             problems.append((("weights", key), f"`{key}` applies only to `{allowed.value}` weights"))
@@ -290,6 +295,8 @@ def build_scheme(
         w_fields["partial_blocks"] = PartialBlocks(weights.get("partial_blocks", "allow"))
     if w_gran is WeightGranularity.MX:
         w_fields["scale_rule"] = ScaleRule(weights.get("scale_rule", "round_up"))
+        if weights.get("tile_aligned"):
+            w_fields["tile_aligned"] = True  # false is the default: kept out of plans and fingerprints
     weight_quant = WeightQuant(**w_fields)
 
     act_quant = None

@@ -82,10 +82,14 @@ from mxrun.kernels.mxfp8_quantize import (
 from mxrun.kernels.scaled_gemm import GemmConfig, GemmInputError, m_bucket, tile_ids
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
-MOE_ALIGNED_MIN_PAIRS_PER_EXPERT = 256
+MOE_ALIGNED_MIN_PAIRS_PER_EXPERT = 512
 """MXFP8 W8A8 experts with at least this many routed pairs per expert on average take the aligned path:
 both stacks regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`), activations
-MX-quantized over 1x128 groups, the block-scaled FP8 grouped GEMM."""
+MX-quantized over 1x128 groups, the block-scaled FP8 grouped GEMM. The regrouping costs one pass over both
+stacks per call, which many rows per expert pay back. H100 (``benchmarks/bench_moe.py``, results in
+``benchmarks/results/moe-aligned-h100.md`` and ``moe-h100.md``): at 2048 pairs per expert (Mixtral, 8192
+tokens) aligned 0.87x of bf16 ``_grouped_mm`` against 0.61x decoded, at 512 (Qwen3, 8192 tokens) 1.10x
+against 0.99x; at 256 (Mixtral, 1024 tokens) 0.67x, where the decoded path runs the weight-only GEMM (0.74x)."""
 MOE_ALIGNED_MAX_BYTES = 2 << 30
 """...unless the two regrouped stacks (1 byte per weight, held for the call) would exceed this."""
 
@@ -747,18 +751,28 @@ def moe_experts_triton(
     *,
     block_m: int | None = None,
     aligned: bool | None = None,
+    tile_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The experts forward on Triton: group, gate/up GEMM (SiLU fused), down GEMM (routing weight fused), sum
     over the top k. No host synchronisation (safe in CUDA-graph capture when ``x`` has a fixed shape).
-    ``aligned`` forces the aligned MXFP8 W8A8 path on or off (default: :func:`moe_aligned`)."""
+    ``aligned`` forces the aligned MXFP8 W8A8 path on or off (default: :func:`moe_aligned`). ``tile_scales``:
+    both MXFP8 stacks are tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and these are their
+    fp32 tile scales; W8A8 then runs the block-scaled path as stored, at every token count (no regrouping to
+    pay for, and the FP8 block grouped GEMM measured faster than the decoded MXFP8 one at every size)."""
     _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
     tokens, top_k = top_k_index.shape
     experts, two_i, hidden = gate_up.data.shape
     inter = two_i // 2
     num_pairs = tokens * top_k
-    if aligned is None:
+    if tile_scales is not None and activation.is_mx:
+        if not gate_up.format is down.format is ExpertWeightFormat.MXFP8:
+            raise GemmInputError("moe_experts_triton: tile_scales go with MXFP8 stacks")
+        gate_up = ExpertWeights(gate_up.data, tile_scales[0], ExpertWeightFormat.FP8_BLOCK)
+        down = ExpertWeights(down.data, tile_scales[1], ExpertWeightFormat.FP8_BLOCK)
+        aligned = True
+    elif aligned is None:
         aligned = moe_aligned(num_pairs, gate_up, down, activation)
-    if aligned:
+    if aligned and gate_up.format is ExpertWeightFormat.MXFP8:
         gate_up, down = regroup_experts(gate_up, Backend.TRITON), regroup_experts(down, Backend.TRITON)
     block_m = block_m or moe_block_m(num_pairs, experts)
     groups = group_tokens_fast(top_k_index, experts, block_m)
@@ -790,10 +804,15 @@ def moe_experts(
     down: ExpertWeights,
     activation: ExpertActivation = ExpertActivation.NONE,
     backend: Backend | str = Backend.AUTO,
+    *,
+    tile_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Quantized experts forward: Triton on CUDA, :func:`moe_experts_reference` elsewhere."""
+    """Quantized experts forward: Triton on CUDA, :func:`moe_experts_reference` elsewhere (``tile_scales``:
+    see :func:`moe_experts_triton`; the reference computes MXFP8 exactly on the stored values)."""
     if resolve_backend(backend, x) is Backend.TRITON:
-        return moe_experts_triton(x, top_k_index, top_k_weights, gate_up, down, activation)
+        return moe_experts_triton(
+            x, top_k_index, top_k_weights, gate_up, down, activation, tile_scales=tile_scales
+        )
     return moe_experts_reference(x, top_k_index, top_k_weights, gate_up, down, activation)
 
 

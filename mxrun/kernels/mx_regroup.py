@@ -35,6 +35,7 @@ from mxrun.kernels.fp8_quantize import FP8_BLOCK, Fp8Quantized
 from mxrun.kernels.mxfp8_quantize import (
     E8M0_NAN_CODE,
     MX_BLOCK_SIZE,
+    Mxfp8Quantized,
     e8m0_to_float32,
     resolve_cast,
 )
@@ -186,4 +187,47 @@ def regroup_mxfp8(
     return regroup_mxfp8_reference(data, scale_e8m0)
 
 
-__all__ = ["regroup_mxfp8", "regroup_mxfp8_reference", "regroup_mxfp8_triton"]
+def _per_block(tile_codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Tile codes ``[..., ceil(N/128), ceil(K/128)]`` spread to one per MXFP8 block ``[..., N, K/32]``."""
+    rows = tile_codes.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :]
+    return rows.repeat_interleave(_BLOCKS_PER_TILE, dim=-1)[..., : k // MX_BLOCK_SIZE].contiguous()
+
+
+def align_mxfp8(
+    data: torch.Tensor, scale_e8m0: torch.Tensor, backend: Backend | str = Backend.AUTO
+) -> Mxfp8Quantized:
+    """The same weight as MXFP8 whose blocks all carry their 128x128 tile's largest E8M0 code: the values of
+    :func:`regroup_mxfp8` (so the module docstring's bound holds), in the MXFP8 layout (uint8 codes
+    ``[..., N, K/32]``). What a recipe's ``tile_aligned: true`` stores: still MXFP8 to every reader, and
+    :func:`aligned_tile_scales` gives the block-scaled GEMMs its scales without a pass over the weight."""
+    n, k = _check(data, scale_e8m0, "align_mxfp8")
+    regrouped = regroup_mxfp8(data, scale_e8m0, backend)
+    tile_codes = (regrouped.scale.view(torch.int32) >> 23).to(torch.uint8)  # 2^-127 (0x00400000) is code 0
+    return Mxfp8Quantized(regrouped.data, _per_block(tile_codes, n, k))
+
+
+def aligned_tile_scales(scale_e8m0: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """fp32 ``[..., ceil(N/128), ceil(K/128)]`` scales of a tile-aligned MXFP8 weight (:func:`align_mxfp8`),
+    read off its E8M0 codes; a weight that is not tile-aligned is a clear error (this check reads the codes
+    back, a host sync: call it once per loaded weight, not per forward)."""
+    codes = scale_e8m0.view(torch.uint8)
+    if codes.shape[-2:] != (n, k // MX_BLOCK_SIZE):
+        raise QuantizeInputError(
+            f"aligned_tile_scales: codes {tuple(codes.shape)} are not [.., {n}, {k // 32}]"
+        )
+    tile_codes = codes[..., ::FP8_BLOCK, ::_BLOCKS_PER_TILE]
+    if not torch.equal(_per_block(tile_codes, n, k), codes):
+        raise QuantizeInputError(
+            "aligned_tile_scales: the MXFP8 scales are not tile-aligned (each 128x128 tile must carry one E8M0 "
+            "code); was the weight quantized with `tile_aligned: true`?"
+        )
+    return e8m0_to_float32(tile_codes.contiguous())
+
+
+__all__ = [
+    "align_mxfp8",
+    "aligned_tile_scales",
+    "regroup_mxfp8",
+    "regroup_mxfp8_reference",
+    "regroup_mxfp8_triton",
+]

@@ -435,12 +435,17 @@ def mxfp8_aligned_matmul(
     weight_scale_e8m0: torch.Tensor,
     bias: torch.Tensor | None,
     activation_rule: MxScaleRule | str,
+    weight_tile_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``"aligned"`` W8A8 path (:data:`LARGE_M_KERNELS`): activations quantized with the MX rule over 1x128
     groups, the weight regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`) in
-    slices of at most :data:`MAX_DECODED_CHUNK_BYTES`, then the block-scaled FP8 GEMM (TMA on Hopper)."""
+    slices of at most :data:`MAX_DECODED_CHUNK_BYTES`, then the block-scaled FP8 GEMM (TMA on Hopper). A
+    weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with its fp32
+    ``weight_tile_scale`` and is multiplied as it is."""
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
     a = quantize_mx_group128_triton(x, activation_rule)
+    if weight_tile_scale is not None:
+        return fp8_block_gemm(a.data, a.scale, weight, weight_tile_scale, bias, x.dtype)
 
     def piece(w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         regrouped = regroup_mxfp8_triton(w, s.contiguous())
@@ -644,8 +649,11 @@ def mxfp8_linear(
     backend: Backend | str = Backend.AUTO,
     *,
     large_m_kernel: str | None = None,
+    weight_tile_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
+    ``weight_tile_scale``: the weight is tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and
+    these are its fp32 tile scales; the aligned path then skips its per-call regrouping.
 
     Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
     (:mod:`mxrun.kernels.small_m_gemm`, activations MX-rounded once before it); above,
@@ -664,7 +672,7 @@ def mxfp8_linear(
     if kernel == "aligned" and activation_rule is None:
         raise GemmInputError("mxfp8_linear: the aligned kernel quantizes activations (W8A8 only)")
     if kernel == "aligned":
-        return mxfp8_aligned_matmul(x, weight, weight_scale_e8m0, bias, activation_rule)
+        return mxfp8_aligned_matmul(x, weight, weight_scale_e8m0, bias, activation_rule, weight_tile_scale)
     if kernel == "cublas":
         return mxfp8_decode_matmul(x, weight, weight_scale_e8m0, bias, activation_rule)
     if activation_rule is None or x.shape[0] <= MX_W8A8_MIN_M:

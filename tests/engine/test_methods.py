@@ -49,7 +49,9 @@ from mxrun.engine.schemes import (
     build_scheme,
     preset_scheme,
 )
+from mxrun.kernels.mx_regroup import regroup_mxfp8_reference
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
+from mxrun.kernels.mxfp8_quantize import dequantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_linear_reference
 
 U = 2.0**-4
@@ -196,6 +198,35 @@ def test_cpu_forward_is_the_kernel_reference() -> None:
     mx_w = _quantized("mxfp8-weight-only", linear)
     expected = mxfp8_linear_reference(x, mx_w.weight, mx_w.weight_scale_e8m0, linear.bias, None)
     assert torch.equal(mx_w(x), expected)
+
+
+def test_tile_aligned_mxfp8_weight() -> None:
+    """``tile_aligned: true``: the layer holds valid MXFP8 whose blocks carry their 128x128 tile's code, with
+    exactly the values of regrouping the plain MXFP8 weight; the CPU forward is the MXFP8 reference on it;
+    codes that are not tile-aligned are refused with the layer's name."""
+    scheme, problems = build_scheme("mx-tiles", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    assert problems == []
+    x, linear = _data("outliers", 6, torch.bfloat16, seed=12)
+    with torch.no_grad():  # rows of different magnitudes share tiles, so blocks take a larger exponent
+        linear.weight.mul_(torch.logspace(-2, 1, N)[:, None].to(linear.weight.dtype))
+    plain = _quantized("mxfp8", linear)
+    layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.tiles")
+    layer.load_weight(linear.weight.data)
+    codes = layer.weight_scale_e8m0
+    tiles = codes[::128, ::4].repeat_interleave(128, 0)[:N].repeat_interleave(4, 1)
+    assert torch.equal(codes, tiles)
+    assert not torch.equal(codes, plain.weight_scale_e8m0)  # the data did mix exponents within tiles
+    regrouped = regroup_mxfp8_reference(plain.weight, plain.weight_scale_e8m0)
+    expected = regrouped.data.float() * regrouped.scale.repeat_interleave(128, 0)[:N].repeat_interleave(
+        128, 1
+    )
+    assert torch.equal(dequantize_mxfp8(layer.weight, codes), expected)
+    reference = mxfp8_linear_reference(x, layer.weight, codes, linear.bias, "round_up")
+    assert torch.equal(layer(x), reference)
+    with torch.no_grad():
+        codes[0, 1] -= 1
+    with pytest.raises(ValueError, match=r"test\.tiles: .*not tile-aligned"):
+        layer.method._tile_scale(layer)
 
 
 def test_w8a8_quantizes_activations_and_weight_only_does_not() -> None:

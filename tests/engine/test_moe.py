@@ -352,6 +352,31 @@ def test_quantized_experts_state_dict_and_move() -> None:
     assert isinstance(weights, ExpertWeights) and weights.scale.shape == (4, 1, 1)
 
 
+def test_tile_aligned_experts_hold_regrouped_mxfp8() -> None:
+    """``tile_aligned: true`` on MXFP8 experts: every expert's stack is MXFP8 with one E8M0 code per 128x128
+    tile, holding the values of regrouping the plain MXFP8 expert."""
+    from mxrun.engine.schemes import build_scheme, preset_scheme
+    from mxrun.kernels.mx_regroup import regroup_mxfp8_reference
+    from mxrun.kernels.mxfp8_quantize import dequantize_mxfp8
+
+    source = _model("qwen3_moe").model.layers[0].mlp.experts
+    with torch.no_grad():  # rows of different magnitudes share tiles
+        source.gate_up_proj.mul_(torch.logspace(-2, 1, source.gate_up_proj.shape[1])[:, None])
+    scheme, _ = build_scheme("tiles", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    aligned = QuantizedExperts.from_module(source, scheme, "e")
+    plain = QuantizedExperts.from_module(source, preset_scheme("mxfp8"), "e")
+    for experts in (aligned, plain):
+        experts.load_fused("gate_up_proj", source.gate_up_proj.data)
+    codes, n = aligned.gate_up_proj_scale_e8m0, aligned.gate_up_proj.shape[1]
+    assert torch.equal(codes, codes[:, ::128, ::4].repeat_interleave(128, 1)[:, :n].repeat_interleave(4, 2))
+    assert not torch.equal(codes, plain.gate_up_proj_scale_e8m0)
+    regrouped = regroup_mxfp8_reference(plain.gate_up_proj, plain.gate_up_proj_scale_e8m0)
+    tile = regrouped.scale.repeat_interleave(128, 1)[:, :n].repeat_interleave(128, 2)[
+        ..., : codes.shape[2] * 32
+    ]
+    assert torch.equal(dequantize_mxfp8(aligned.gate_up_proj, codes), regrouped.data.float() * tile)
+
+
 @pytest.mark.parametrize("recipe", ["fp8-dynamic", "fp8-channel", "fp8-block", "mxfp8", "mixed-moe"])
 def test_builtin_recipes_skip_gpt_oss_routers(recipe: str) -> None:
     """GPT-OSS calls its router ``mlp.router`` (a GptOssTopKRouter, not an nn.Linear, though its weight looks

@@ -51,6 +51,17 @@ def test_override_one_field_keeps_the_rest() -> None:
     assert scheme.activations.scale_rule is ScaleRule.ROUND_UP  # activations untouched
 
 
+def test_tile_aligned_is_recorded_only_when_set() -> None:
+    """``tile_aligned: true`` changes the stored bits, so it is part of the scheme (plans, fingerprints);
+    ``false`` is the default and leaves both exactly as without the key."""
+    aligned, problems = build_scheme("x", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    assert problems == [] and aligned.weights.tile_aligned is True
+    assert aligned.weights.to_json()["tile_aligned"] is True
+    plain, _ = build_scheme("x", {"preset": "mxfp8", "weights": {"tile_aligned": False}})
+    assert plain == build_scheme("x", {"preset": "mxfp8"})[0]
+    assert "tile_aligned" not in plain.weights.to_json()
+
+
 def test_activations_null_makes_weight_only() -> None:
     scheme, _ = build_scheme("x", {"preset": "fp8-channel", "activations": None})
     assert scheme.weight_only and scheme.family is SchemeFamily.FP8_CHANNEL
@@ -73,6 +84,7 @@ def test_spelled_out_scheme_without_preset() -> None:
         ({"weights": {"format": "fp8_e4m3"}}, "no weight granularity"),
         ({"preset": "mxfp8", "weights": {"block_size": [1, 1]}}, "`block_size` applies only to `block`"),
         ({"preset": "fp8-channel", "weights": {"scale_rule": "floor"}}, "`scale_rule` applies only to `mx`"),
+        ({"preset": "fp8-block", "weights": {"tile_aligned": True}}, "`tile_aligned` applies only to `mx`"),
         ({"preset": "fp8-block", "activations": {"group_size": 64}}, "must equal the weight block's K"),
         ({"preset": "mxfp8", "activations": {"granularity": "token"}}, "MX activations go with MX weights"),
         (

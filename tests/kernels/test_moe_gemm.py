@@ -278,6 +278,38 @@ def test_aligned_forward_matches_its_reference(activation, tokens) -> None:
         assert (reference - exact).norm() <= 2.0**-5 * exact.norm()
 
 
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_tile_aligned_stacks_skip_the_regrouping(tokens) -> None:
+    """Stacks stored tile-aligned, given with their tile scales, run the block-scaled path as stored at any
+    token count: the aligned reference's result (regrouping them changes nothing)."""
+    from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
+
+    experts, hidden, inter, top_k = 4, 256, 192, 2
+    stacks = []
+    for n, k, seed in ((2 * inter, hidden, 44), (hidden, inter, 45)):
+        plain = _stack(F.MXFP8, experts, n, k, seed=seed)
+        aligned = align_mxfp8(plain.data, plain.scale)
+        stacks.append(
+            (
+                ExpertWeights(aligned.data, aligned.scale_e8m0, F.MXFP8),
+                aligned_tile_scales(aligned.scale_e8m0, n, k),
+            )
+        )
+    (gate_up, gate_up_tiles), (down, down_tiles) = stacks
+    routing, index = _routing(tokens, experts, top_k, seed=46)
+    x = _x(tokens, hidden, seed=47)
+    reference = moe_experts_reference(x, index, routing, gate_up, down, A.MX_ROUND_UP, aligned=True).float()
+    out = moe_experts_triton(
+        x, index, routing, gate_up, down, A.MX_ROUND_UP, tile_scales=(gate_up_tiles, down_tiles)
+    ).float()
+    assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+    with pytest.raises(GemmInputError, match="tile_scales go with MXFP8"):
+        block = _stack(F.FP8_BLOCK, experts, 2 * inter, hidden, seed=48)
+        moe_experts_triton(
+            x, index, routing, block, down, A.MX_ROUND_UP, tile_scales=(gate_up_tiles, down_tiles)
+        )
+
+
 def test_aligned_path_choice() -> None:
     """Taken for MXFP8 W8A8 with many pairs per expert and stacks under the size cap only; the reference
     refuses it for anything else."""
@@ -374,8 +406,10 @@ def test_gpu_larger_layer(fmt, activation, tokens) -> None:
 def test_gpu_aligned_path_at_many_tokens() -> None:
     """Enough tokens per expert that the launcher picks the aligned path by itself (128-row blocks, TMA-free
     grouped FP8 GEMM), against the aligned reference."""
+    from mxrun.kernels.moe_gemm import MOE_ALIGNED_MIN_PAIRS_PER_EXPERT
+
     experts, hidden, inter, top_k = 4, 1024, 768, 2
-    tokens = 2 * 256 * experts // top_k + 17
+    tokens = MOE_ALIGNED_MIN_PAIRS_PER_EXPERT * experts // top_k + 17
     gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=40)
     down = _stack(F.MXFP8, experts, hidden, inter, seed=41)
     routing, index = _routing(tokens, experts, top_k, seed=42)

@@ -16,7 +16,13 @@ import torch
 
 from mxrun.kernels import mxfp8_gemm
 from mxrun.kernels.fp8_quantize import dequantize_fp8, expand_fp8_scale
-from mxrun.kernels.mx_regroup import regroup_mxfp8, regroup_mxfp8_reference, regroup_mxfp8_triton
+from mxrun.kernels.mx_regroup import (
+    align_mxfp8,
+    aligned_tile_scales,
+    regroup_mxfp8,
+    regroup_mxfp8_reference,
+    regroup_mxfp8_triton,
+)
 from mxrun.kernels.mxfp8_gemm import (
     ALIGNED_MIN_M,
     large_m_kernel_for,
@@ -200,6 +206,46 @@ def test_aligned_linear_in_slices(monkeypatch) -> None:
     assert torch.equal(whole.cpu(), sliced.cpu())
 
 
+@pytest.mark.parametrize("shape", [(300, 4128), (2, 130, 96)])
+def test_align_mxfp8_is_regrouping_in_the_mxfp8_layout(shape) -> None:
+    """Tile-aligned MXFP8 holds the regrouped values as ordinary MXFP8 (every block of a tile carries the tile's
+    code), is a fixed point of itself, and gives back the regrouped scales; others are refused."""
+    q = quantize_mxfp8_reference(_spread_weight(shape, seed=5))
+    aligned = align_mxfp8(*_dev(q.data, q.scale_e8m0))
+    regrouped = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    values = dequantize_mxfp8(aligned.data.cpu(), aligned.scale_e8m0.cpu())
+    assert_same_fp32(values, dequantize_fp8(regrouped.data, regrouped.scale, "block_128x128"))
+    again = align_mxfp8(aligned.data, aligned.scale_e8m0)
+    assert torch.equal(bits(again.data), bits(aligned.data))
+    assert torch.equal(again.scale_e8m0.cpu(), aligned.scale_e8m0.cpu())
+    n, k = shape[-2:]
+    assert_same_fp32(aligned_tile_scales(aligned.scale_e8m0, n, k), regrouped.scale)
+    with pytest.raises(QuantizeInputError, match="not tile-aligned"):
+        aligned_tile_scales(q.scale_e8m0, n, k)
+
+
+def test_aligned_linear_with_stored_tile_scales() -> None:
+    """A tile-aligned weight with its tile scales skips the regrouping and gives the very output of the per-call
+    path (regrouping an aligned weight changes nothing)."""
+    x, w, bias = _inputs(96, 300, 256, seed=27)
+    w = w * torch.logspace(-2, 1, 300)[:, None].to(w.dtype)
+    q = quantize_mxfp8_reference(w)
+    aligned = align_mxfp8(q.data, q.scale_e8m0)
+    tile_scale = aligned_tile_scales(aligned.scale_e8m0, 300, 256)
+    args = _dev(x, aligned.data, aligned.scale_e8m0, bias)
+    stored = mxfp8_linear(
+        *args,
+        "round_up",
+        backend="triton",
+        large_m_kernel="aligned",
+        weight_tile_scale=tile_scale.to(args[0].device),
+    )
+    per_call = mxfp8_linear(*args, "round_up", backend="triton", large_m_kernel="aligned")
+    assert torch.equal(stored.cpu(), per_call.cpu())
+    reference = mxfp8_aligned_linear_reference(x, q.data, q.scale_e8m0, bias, "round_up")
+    assert_one_ulp(stored, reference, fp8_mma_slack(x, w))
+
+
 def test_dispatcher_choice_and_errors() -> None:
     assert large_m_kernel_for(ALIGNED_MIN_M, "round_up") == "aligned"
     assert large_m_kernel_for(ALIGNED_MIN_M - 1, "round_up") == "cublas"
@@ -222,3 +268,59 @@ def test_dispatcher_default_is_aligned_at_large_m() -> None:
     args = _dev(x, q.data, q.scale_e8m0, bias)
     default = mxfp8_linear(*args, "round_up")
     assert torch.equal(default, mxfp8_linear(*args, "round_up", large_m_kernel="aligned"))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the method's CUDA forward")
+def test_gpu_tile_aligned_method_forward() -> None:
+    """A recipe's ``tile_aligned: true`` through the quantized Linear on CUDA: the stored tile scales are read
+    once (cached) and the output is the aligned path's."""
+    from torch import nn
+
+    from mxrun.engine.methods import QuantizedLinear, method_for
+    from mxrun.engine.schemes import build_scheme
+
+    scheme, _ = build_scheme("tiles", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    x, w, bias = _inputs(200, 384, 512, seed=28)
+    linear = nn.Linear(512, 384).to(device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(bias)
+    layer = QuantizedLinear.from_linear(linear, method_for(scheme), "gpu.tiles")
+    layer.load_weight(linear.weight.data)
+    out = layer(x.cuda())
+    cached = layer.__dict__["_mx_tile_scales"]["gpu.tiles"]
+    assert torch.equal(layer(x.cuda()), out) and layer.__dict__["_mx_tile_scales"]["gpu.tiles"] is cached
+    q = layer.weight.cpu(), layer.weight_scale_e8m0.cpu()
+    reference = mxfp8_aligned_linear_reference(x, *q, bias, "round_up")
+    assert_one_ulp(out, reference, fp8_mma_slack(x, w))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the experts module's CUDA forward")
+def test_gpu_tile_aligned_experts_forward() -> None:
+    """A recipe's ``tile_aligned: true`` through the quantized experts module on CUDA: tile scales read once
+    per stack, the block-scaled path as stored, the aligned reference's result."""
+    from mxrun.engine.moe import QuantizedExperts
+    from mxrun.engine.schemes import build_scheme
+    from mxrun.kernels.moe_gemm import ExpertActivation, moe_experts_reference
+    from mxrun.kernels.moe_routing import route_topk
+
+    scheme, _ = build_scheme("tiles", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    experts, hidden, inter, tokens = 8, 512, 384, 40
+    g = torch.Generator().manual_seed(29)
+    module = QuantizedExperts(
+        experts, hidden, inter, scheme, dtype=torch.bfloat16, device="cuda", layer_name="m"
+    )
+    module.load_fused(
+        "gate_up_proj", (torch.randn(experts, 2 * inter, hidden, generator=g) * 0.05).bfloat16()
+    )
+    module.load_fused("down_proj", (torch.randn(experts, hidden, inter, generator=g) * 0.05).bfloat16())
+    x = torch.randn(tokens, hidden, generator=g).bfloat16()
+    weights, index = route_topk(torch.randn(tokens, experts, generator=g), 2)
+    out = module(x.cuda(), index.cuda(), weights.cuda()).float().cpu()
+    assert set(module.__dict__["_mx_tile_scales"]) == {"m.gate_up_proj", "m.down_proj"}
+    stacks = [module.weights(p) for p in ("gate_up_proj", "down_proj")]
+    cpu = [type(w)(w.data.cpu(), w.scale.cpu(), w.format) for w in stacks]
+    reference = moe_experts_reference(
+        x, index, weights, *cpu, ExpertActivation.MX_ROUND_UP, aligned=True
+    ).float()
+    assert (out - reference).norm() <= 2.0**-5 * reference.norm()
