@@ -18,12 +18,17 @@ FMA correction that gives the same quotient (:mod:`mxrun.kernels.scale_division`
 would not, and its ``div_rn`` costs too many instructions per element).
 Guards and special values:
 
-* ``scale == 0`` (an all-zero block, or amax so small that amax/448 underflows fp32) -> ``scale = 1``: the
-  block quantizes and dequantizes to exact (signed) zeros.
+* ``scale == 0`` (an all-zero block) -> ``scale = 1``: the block quantizes and dequantizes to exact (signed)
+  zeros.
+* A subnormal ``amax / 448`` (amax below 448 * 2^-126) has few significant bits, so rounding it to nearest
+  can leave ``amax / scale`` well above 448 (the block's largest elements would clip by up to ~1/k at
+  ``scale = k * 2^-149``): where the rounded quotient is below ``amax / 448``, the scale is the next fp32 up,
+  so nothing clips. That includes an amax so small that ``amax / 448`` rounds to zero: its scale is
+  ``2^-149`` rather than 1, and the block keeps its values. Normal scales are the rounded quotient as is.
 * NaN in a block -> ``scale`` NaN and every element of the block NaN (0x7F).
 * +-Inf in a block (and no NaN) -> ``scale`` = Inf; Inf / Inf makes those elements NaN and the finite ones
   become (signed) zero. Such a block carries no information; the behaviour is defined so it can be tested.
-* fp32 subnormal amaxes give subnormal scales, used as they are (no flush to zero anywhere).
+* fp32 subnormal amaxes give subnormal scales (the rule above), never flushed to zero.
 """
 
 from __future__ import annotations
@@ -87,12 +92,18 @@ class Fp8Quantized(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
+FP32_MIN_NORMAL = 2.0**-126
+
+
 def fp8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """fp32 ``amax / 448``, with 1 where that is zero; NaN amax gives NaN, Inf gives Inf."""
+    """fp32 ``amax / 448``, with 1 where that is zero; NaN amax gives NaN, Inf gives Inf. A subnormal quotient
+    that rounded below ``amax / 448`` is taken one fp32 step up (see the module docstring)."""
     # Divide by a tensor, not a Python number: CUDA torch turns division by a scalar into a multiply by its
     # reciprocal, which is not correctly rounded.
     amax = amax.float()
     scale = amax / torch.full_like(amax, E4M3_MAX)
+    clips = (scale < FP32_MIN_NORMAL) & (scale.double() * E4M3_MAX < amax.double())  # exact in fp64
+    scale = torch.where(clips, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 
 
@@ -162,10 +173,19 @@ def dequantize_fp8(
 
 
 @triton.jit
+def fp8_scale_of(amax):
+    """fp32 scale of a non-negative fp32 amax, exactly as :func:`fp8_scale_from_amax` (the FMA gives the sign
+    of ``scale * 448 - amax`` exactly)."""
+    scale = tl.div_rn(amax, 448.0)
+    clips = (scale < 1.1754943508222875e-38) & (tl.fma(scale, 448.0, -amax) < 0.0)
+    scale = tl.where(clips, (scale.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), scale)
+    return tl.where(scale == 0.0, 1.0, scale)
+
+
+@triton.jit
 def _scale_from_amax_bits(amax_bits):
     """fp32 scale from the int32 bits of a non-negative amax, exactly as :func:`fp8_scale_from_amax`."""
-    scale = tl.div_rn(amax_bits.to(tl.float32, bitcast=True), 448.0)
-    return tl.where(scale == 0.0, 1.0, scale)
+    return fp8_scale_of(amax_bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit

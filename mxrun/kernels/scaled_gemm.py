@@ -47,6 +47,7 @@ from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
     dequantize_fp8,
+    fp8_scale_of,
     quantize_fp8,
     quantize_fp8_reference,
 )
@@ -410,8 +411,7 @@ def _fp8_gemm_kernel(
             amax = tl.maximum(amax, tl.max(tl.abs(widen_to_fp32(x)), axis=1))
         if FUSED_QUANT == 2:
             amax = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.max(amax, axis=0)
-        a_scale = tl.div_rn(amax, 448.0)
-        a_scale = tl.where(a_scale == 0.0, 1.0, a_scale)
+        a_scale = fp8_scale_of(amax)
         a_pre, a_divisor, a_reciprocal = scale_division_setup(a_scale)
         a_pre, a_divisor, a_reciprocal = a_pre[:, None], a_divisor[:, None], a_reciprocal[:, None]
     elif A_PER_ROW:
@@ -495,8 +495,7 @@ def _fp8_block_gemm_kernel(
             b = tl.load(b_ptrs, mask=(kb * BLOCK_K + offs_k < K)[:, None], other=0.0)
         if FUSED_QUANT:
             x = widen_to_fp32(a)
-            a_scale = tl.div_rn(tl.max(tl.abs(x), axis=1), 448.0)
-            a_scale = tl.where(a_scale == 0.0, 1.0, a_scale)
+            a_scale = fp8_scale_of(tl.max(tl.abs(x), axis=1))
             pre, divisor, reciprocal = scale_division_setup(a_scale)
             x = divide_by_scale(x, pre[:, None], divisor[:, None], reciprocal[:, None])
             a = e4m3_code(x, SOFT_CAST).to(tl.float8e4nv, bitcast=True)
