@@ -41,7 +41,13 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8,
     quantize_fp8_reference,
 )
-from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
+from mxrun.kernels.mx_regroup import (
+    align_mxfp8,
+    aligned_tile_scales,
+    per_block_codes,
+    reencode_reference,
+    tile_codes_reference,
+)
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
@@ -192,14 +198,26 @@ def quantize_mxfp8_into(
 
 def align_mxfp8_into(data: torch.Tensor, scale_e8m0: torch.Tensor) -> None:
     """Re-express an MXFP8 weight ``[N, K]`` in place with one E8M0 code per 128x128 tile
-    (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`). Tiles are independent, so it goes in slices of 128-row
-    strips: on CPU the reference's temporaries stay small, as in :func:`quantize_fp8_into`."""
+    (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`: the same bytes). Triton on CUDA; on CPU, per 128-row strip,
+    the strip's tile codes first, then the elements re-encoded a few rows at a time, so that the reference's
+    temporaries stay as small as :data:`SLICE_ELEMENTS` makes them in :func:`quantize_fp8_into`."""
+    if resolve_backend(Backend.AUTO, data) is Backend.TRITON:
+        aligned = align_mxfp8(data, scale_e8m0)
+        data.copy_(aligned.data)
+        scale_e8m0.copy_(aligned.scale_e8m0)
+        return
     n, k = data.shape
-    step = n if data.is_cuda else 128 * max(1, SLICE_ELEMENTS // max(128 * k, 1))
-    for r in range(0, n, step):
-        aligned = align_mxfp8(data[r : r + step], scale_e8m0[r : r + step])
-        data[r : r + step].copy_(aligned.data)
-        scale_e8m0[r : r + step].copy_(aligned.scale_e8m0)
+    step = max(1, SLICE_ELEMENTS // max(k, 1))
+    for r0 in range(0, n, 128):
+        r1 = min(n, r0 + 128)
+        strip_codes = scale_e8m0[r0:r1]
+        target = per_block_codes(tile_codes_reference(strip_codes), r1 - r0, k)
+        for r in range(r0, r1, step):
+            rows = slice(r, min(r1, r + step))
+            data[rows].copy_(
+                reencode_reference(data[rows], scale_e8m0[rows], target[r - r0 : rows.stop - r0])
+            )
+        strip_codes.copy_(target)
 
 
 def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, name: str) -> torch.Tensor:

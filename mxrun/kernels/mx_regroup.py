@@ -70,23 +70,43 @@ def _power_of_two(shift: torch.Tensor) -> torch.Tensor:
     return torch.where(shift > 126, torch.zeros_like(factor), factor)
 
 
+def per_block_codes(tile_codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Tile codes ``[..., ceil(N/128), ceil(K/128)]`` spread to one per MXFP8 block ``[..., N, K/32]``."""
+    rows = tile_codes.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :]
+    return rows.repeat_interleave(_BLOCKS_PER_TILE, dim=-1)[..., : k // MX_BLOCK_SIZE].contiguous()
+
+
+def tile_codes_reference(scale_e8m0: torch.Tensor) -> torch.Tensor:
+    """int32 ``[..., ceil(N/128), ceil(K/128)]``: each 128x128 tile's largest E8M0 code (NaN blocks left out;
+    a partial edge tile takes what it has) from MXFP8 codes ``[..., N, K/32]``."""
+    codes = scale_e8m0.view(torch.uint8).to(torch.int32)
+    n, groups = codes.shape[-2:]
+    padded = torch.nn.functional.pad(codes, (0, -groups % _BLOCKS_PER_TILE, 0, -n % FP8_BLOCK))
+    padded = torch.where(padded == E8M0_NAN_CODE, torch.zeros_like(padded), padded)
+    tiles = padded.reshape(*codes.shape[:-2], padded.shape[-2] // FP8_BLOCK, FP8_BLOCK, -1, _BLOCKS_PER_TILE)
+    return tiles.amax(dim=(-3, -1))
+
+
+def reencode_reference(
+    data: torch.Tensor, scale_e8m0: torch.Tensor, target_codes: torch.Tensor
+) -> torch.Tensor:
+    """E4M3 ``data`` of MXFP8 blocks with codes ``scale_e8m0`` re-encoded at the (not smaller) codes
+    ``target_codes`` (same shape as the codes, any integer dtype): ``E4M3(v * 2^(code - target))``, RNE; NaN
+    blocks become NaN. Any slice of whole blocks can go alone: nothing here crosses a block."""
+    codes = scale_e8m0.view(torch.uint8).to(torch.int32)
+    groups = data.shape[-1] // MX_BLOCK_SIZE
+    factor = _power_of_two((target_codes.to(torch.int32) - codes).clamp(min=0))
+    values = data.float().reshape(*data.shape[:-1], groups, MX_BLOCK_SIZE) * factor.unsqueeze(-1)
+    is_nan = (codes == E8M0_NAN_CODE).unsqueeze(-1)
+    values = torch.where(is_nan, torch.full_like(values, float("nan")), values)
+    return encode_e4m3_reference(values).reshape(data.shape).contiguous()
+
+
 def regroup_mxfp8_reference(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Quantized:
     """Plain-torch :func:`regroup_mxfp8`; the definition the kernel is tested against."""
     n, k = _check(data, scale_e8m0, "regroup_mxfp8_reference")
-    lead = data.shape[:-2]
-    codes = scale_e8m0.view(torch.uint8).to(torch.int32)
-    groups = k // MX_BLOCK_SIZE
-    padded = torch.nn.functional.pad(codes, (0, -groups % _BLOCKS_PER_TILE, 0, -n % FP8_BLOCK))
-    padded = torch.where(padded == E8M0_NAN_CODE, torch.zeros_like(padded), padded)
-    tiles = padded.reshape(*lead, padded.shape[-2] // FP8_BLOCK, FP8_BLOCK, -1, _BLOCKS_PER_TILE)
-    tile_code = tiles.amax(dim=(-3, -1))  # [..., ceil(N/128), ceil(K/128)]
-    per_block = tile_code.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :]
-    per_block = per_block.repeat_interleave(_BLOCKS_PER_TILE, dim=-1)[..., :groups]
-    factor = _power_of_two((per_block - codes).clamp(min=0))
-    values = data.float().reshape(*lead, n, groups, MX_BLOCK_SIZE) * factor.unsqueeze(-1)
-    is_nan = (codes == E8M0_NAN_CODE).unsqueeze(-1)
-    values = torch.where(is_nan, torch.full_like(values, float("nan")), values)
-    regrouped = encode_e4m3_reference(values).reshape(data.shape).contiguous()
+    tile_code = tile_codes_reference(scale_e8m0)
+    regrouped = reencode_reference(data, scale_e8m0, per_block_codes(tile_code, n, k))
     return Fp8Quantized(regrouped, e8m0_to_float32(tile_code.to(torch.uint8)))
 
 
@@ -187,12 +207,6 @@ def regroup_mxfp8(
     return regroup_mxfp8_reference(data, scale_e8m0)
 
 
-def _per_block(tile_codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Tile codes ``[..., ceil(N/128), ceil(K/128)]`` spread to one per MXFP8 block ``[..., N, K/32]``."""
-    rows = tile_codes.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :]
-    return rows.repeat_interleave(_BLOCKS_PER_TILE, dim=-1)[..., : k // MX_BLOCK_SIZE].contiguous()
-
-
 def align_mxfp8(
     data: torch.Tensor, scale_e8m0: torch.Tensor, backend: Backend | str = Backend.AUTO
 ) -> Mxfp8Quantized:
@@ -203,7 +217,7 @@ def align_mxfp8(
     n, k = _check(data, scale_e8m0, "align_mxfp8")
     regrouped = regroup_mxfp8(data, scale_e8m0, backend)
     tile_codes = (regrouped.scale.view(torch.int32) >> 23).to(torch.uint8)  # 2^-127 (0x00400000) is code 0
-    return Mxfp8Quantized(regrouped.data, _per_block(tile_codes, n, k))
+    return Mxfp8Quantized(regrouped.data, per_block_codes(tile_codes, n, k))
 
 
 def aligned_tile_scales(scale_e8m0: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -216,7 +230,7 @@ def aligned_tile_scales(scale_e8m0: torch.Tensor, n: int, k: int) -> torch.Tenso
             f"aligned_tile_scales: codes {tuple(codes.shape)} are not [.., {n}, {k // 32}]"
         )
     tile_codes = codes[..., ::FP8_BLOCK, ::_BLOCKS_PER_TILE]
-    if not torch.equal(_per_block(tile_codes, n, k), codes):
+    if not torch.equal(per_block_codes(tile_codes, n, k), codes):
         raise QuantizeInputError(
             "aligned_tile_scales: the MXFP8 scales are not tile-aligned (each 128x128 tile must carry one E8M0 "
             "code); was the weight quantized with `tile_aligned: true`?"
@@ -227,7 +241,10 @@ def aligned_tile_scales(scale_e8m0: torch.Tensor, n: int, k: int) -> torch.Tenso
 __all__ = [
     "align_mxfp8",
     "aligned_tile_scales",
+    "per_block_codes",
+    "reencode_reference",
     "regroup_mxfp8",
     "regroup_mxfp8_reference",
     "regroup_mxfp8_triton",
+    "tile_codes_reference",
 ]
