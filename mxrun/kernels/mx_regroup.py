@@ -22,7 +22,9 @@ carry the sum (``2^-4`` relative). The activation side obeys the same bound per 
 
 Cost: one read and one write of the weight's bytes per call (a bandwidth-bound kernel), which the 2x rate of
 FP8 over bf16 MMAs pays for at large M (``ALIGNED_MIN_M`` in :mod:`mxrun.kernels.mxfp8_gemm`, measured there).
-On sm_100 the native MX MMA reads MXFP8 as it is and this step goes away.
+A recipe that sets ``tile_aligned: true`` stores the weight in this form once (:func:`align_mxfp8`: still
+MXFP8, every block of a tile carrying the tile's code) and the GEMMs take it as stored, with its tile scales
+from :func:`aligned_tile_scales`. On sm_100 the native MX MMA reads MXFP8 as it is and this step goes away.
 """
 
 from __future__ import annotations
