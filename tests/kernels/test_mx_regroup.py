@@ -176,10 +176,11 @@ def _aligned_bound(x, q, bias_ref, rule) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     ("m", "n", "k"), [(70, 300, 256), (65, 130, 4128)] + ([(1500, 1000, 4096)] if HAS_CUDA else [])
 )
-def test_aligned_linear(m, n, k, rule) -> None:
-    """The Triton aligned Linear within one ulp (plus the FP8 MMA allowance on GPU) of its reference; that
-    reference within the derived bound of exact MXFP8; and the dispatcher sends large M here."""
-    x, w, bias = _inputs(m, n, k, seed=23)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_aligned_linear(m, n, k, rule, dtype) -> None:
+    """The Triton aligned Linear within one ulp (plus the FP8 MMA allowance on GPU) of its reference, bf16 and
+    fp16; that reference, and exact MXFP8's own, within the derived bound of the exact product."""
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=23)
     w = w * torch.logspace(-2, 1, n)[:, None].to(w.dtype)  # rows of different magnitudes share tiles
     q = quantize_mxfp8_reference(w)
     ref = mxfp8_aligned_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
