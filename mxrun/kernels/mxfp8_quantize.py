@@ -150,9 +150,9 @@ def e8m0_to_float32(scale_e8m0: torch.Tensor) -> torch.Tensor:
 def _mx_groups_reference(
     x: torch.Tensor, rule: MxScaleRule | str, group: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 codes (uint8, x's shape) and int32 E8M0 codes ``[..., ceil(K/group)]`` of the MX rule applied to
-    groups of ``group`` consecutive elements of the last dimension (a partial last group is padded with zeros,
-    which never change an amax)."""
+    """E4M3 data (``float8_e4m3fn``, x's shape) and int32 E8M0 codes ``[..., ceil(K/group)]`` of the MX rule
+    applied to groups of ``group`` consecutive elements of the last dimension (a partial last group is padded
+    with zeros, which never change an amax)."""
     k = x.shape[-1]
     values = x.float()
     missing = -k % group
