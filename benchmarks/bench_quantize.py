@@ -34,11 +34,20 @@ from mxrun.kernels.fp8_quantize import (
 )
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mxfp8_decode_triton
-from mxrun.kernels.mxfp8_quantize import dequantize_mxfp8, quantize_mxfp8_reference, quantize_mxfp8_triton
+from mxrun.kernels.mxfp8_quantize import (
+    dequantize_mxfp8,
+    mx_round_triton,
+    quantize_mx_group128_reference,
+    quantize_mx_group128_triton,
+    quantize_mxfp8_reference,
+    quantize_mxfp8_triton,
+)
 from mxrun.kernels.row_layout import TileConfig
 from mxrun.kernels.scaled_gemm import widen_e4m3
 
-ACTIVATION_FORMATS = ["mxfp8", "fp8_per_token", "fp8_group_1x128"]
+ACTIVATION_FORMATS = ["mxfp8", "fp8_per_token", "fp8_group_1x128", "mx_group128", "mx_round"]
+"""``mx_group128``: the MX scale rule over 1x128 groups (the aligned MXFP8 Linear's activations); ``mx_round``:
+MXFP8 quantize-dequantize in one pass, bf16 out (its small-M activations)."""
 WEIGHT_FORMATS = ["mxfp8", "fp8_block_128x128", "fp8_per_channel", "fp8_per_tensor"]
 MOE_FORMATS = ["mxfp8", "fp8_block_128x128"]
 DECODE_FORMATS = ["mxfp8_decode", "fp8_widen", "mx_regroup"]
@@ -109,6 +118,17 @@ def quantize_fns(fmt: str, config: TileConfig | None = None) -> tuple[Callable, 
         return (lambda x: quantize_mxfp8_triton(x, "round_up", config=config)), (
             lambda x: quantize_mxfp8_reference(x, "round_up")
         )
+    if fmt == "mx_group128":
+        return (lambda x: quantize_mx_group128_triton(x, "round_up", config=config)), (
+            lambda x: quantize_mx_group128_reference(x, "round_up")
+        )
+    if fmt == "mx_round":
+
+        def rounded(x: torch.Tensor) -> torch.Tensor:
+            q = quantize_mxfp8_reference(x, "round_up")
+            return dequantize_mxfp8(q.data, q.scale_e8m0, x.dtype)
+
+        return (lambda x: (mx_round_triton(x, "round_up"),)), (lambda x: (rounded(x),))
     granularity = _FP8_GRANULARITY[fmt]
     return (lambda x: quantize_fp8_triton(x, granularity, config=config)), (
         lambda x: quantize_fp8_reference(x, granularity)

@@ -87,17 +87,22 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
                              config=GemmConfig(256, 128, 128, 8, 8, 3, max_imprecise_acc=None)),
         ref, tile="(256, 128, 128, 8, 8, 3)", acc=None,
     )  # fmt: skip
-    for tile in CHANNEL_TILES[: 2 if quick else None]:
-        cfg = GemmConfig(*tile)
-        for persistent in (True, False) if not quick else (True,):
-            emit(
-                "channel-tma",
-                lambda cfg=cfg, p=persistent: fp8_tma_gemm(
-                    xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False,
-                    config=cfg, persistent=p,
-                ),
-                ref, tile=str(tile), persistent=persistent,
-            )  # fmt: skip
+
+    def tma_tiles(kernel: str, tiles: list[tuple], a, b, expected, block_scaled: bool) -> None:
+        """Each candidate tile of the TMA kernel, persistent and (not quick) one program per tile."""
+        for tile in tiles[: 2 if quick else None]:
+            cfg = GemmConfig(*tile)
+            for persistent in (True, False) if not quick else (True,):
+                emit(
+                    kernel,
+                    lambda cfg=cfg, p=persistent: fp8_tma_gemm(
+                        a.data, a.scale, b.data, b.scale, None, torch.bfloat16, block_scaled=block_scaled,
+                        config=cfg, persistent=p,
+                    ),
+                    expected, tile=str(tile), persistent=persistent,
+                )  # fmt: skip
+
+    tma_tiles("channel-tma", CHANNEL_TILES, xq, wq, ref, block_scaled=False)
 
     xb = quantize_fp8(x, Fp8Granularity.GROUP_1X128)
     wb = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
@@ -112,17 +117,7 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
         lambda: fp8_tma_gemm(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True),
         ref_b, tile="default",
     )  # fmt: skip
-    for tile in BLOCK_TILES[: 2 if quick else None]:
-        cfg = GemmConfig(*tile)
-        for persistent in (True, False) if not quick else (True,):
-            emit(
-                "block-tma",
-                lambda cfg=cfg, p=persistent: fp8_tma_gemm(
-                    xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True, config=cfg,
-                    persistent=p,
-                ),
-                ref_b, tile=str(tile), persistent=persistent,
-            )  # fmt: skip
+    tma_tiles("block-tma", BLOCK_TILES, xb, wb, ref_b, block_scaled=True)
 
 
 def main() -> None:
