@@ -28,6 +28,7 @@ TILES = [
     (64, 128, 4, 3),
 ]  # block_n, block_k, warps, stages
 TARGETS = [528, 1056]
+REGISTER_CAPS = [None]
 
 
 def graph_us(fn: Callable[[], object], replays: int = 50) -> float:
@@ -56,13 +57,22 @@ def graph_us(fn: Callable[[], object], replays: int = 50) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json")
+    parser.add_argument("--shapes", nargs="+", help="K,N pairs, e.g. 4096,28672 (default: two decode shapes)")
+    parser.add_argument("--ms", nargs="+", type=int, default=MS)
+    parser.add_argument("--tiles", nargs="+", help="block_n,block_k,warps,stages quadruples")
+    parser.add_argument("--targets", nargs="+", type=int, default=TARGETS)
+    parser.add_argument("--register-caps", nargs="+", type=int, help="ptxas register caps to try (0: none)")
+    parser.add_argument("--schemes", nargs="+", help="subset of the schemes timed")
     args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
+    caps = [c or None for c in args.register_caps] if args.register_caps else REGISTER_CAPS
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
         channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
         mx = quantize_mxfp8(w)
-        for m in MS:
+        for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             bf16 = graph_us(lambda x=x, w=w: torch.matmul(x, w.t()))
             xq = quantize_fp8(x, Fp8Granularity.PER_ROW)
@@ -71,8 +81,8 @@ def main() -> None:
             print(f"{k}->{n} M={m} bf16 {bf16:.1f} us; per-token quantize alone {quant_us:.1f} us; "
                   f"fp8_linear (quantize + split-K) {linear_us:.1f} us x{bf16 / linear_us:.2f}")  # fmt: skip
             best: dict[str, tuple[float, str]] = {}
-            for tile, target in itertools.product(TILES, TARGETS):
-                cfg = SplitKConfig(*tile, target_programs=target)
+            for tile, target, cap in itertools.product(tiles, args.targets, caps):
+                cfg = SplitKConfig(*tile, target_programs=target, max_registers=cap)
                 runs = {
                     "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
                         q.data,
@@ -93,6 +103,8 @@ def main() -> None:
                     ),
                 }
                 for name, fn in runs.items():
+                    if args.schemes and name not in args.schemes:
+                        continue
                     try:
                         us = graph_us(fn)
                     except Exception as error:  # a tile that does not fit is reported, not fatal

@@ -589,14 +589,13 @@ def quantize_fp8_triton(
     plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, granularity, cast, config)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     if plan.kernel_name == "tensor":
-        scale = torch.ones((), dtype=torch.float32, device=x.device)
-        if plan.grid is not None:
-            amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
-            tile_args = {k: v for k, v in plan.constexprs.items() if k != "SOFT_CAST"}
-            _amax_bits_kernel[plan.grid](x, amax_bits, *plan.int_args, **tile_args)
-            _fp8_tensor_quantize_kernel[plan.grid](
-                x, amax_bits, data, scale, *plan.int_args, **plan.constexprs
-            )
+        if plan.grid is None:
+            return Fp8Quantized(data.view(torch.float8_e4m3fn), torch.ones((), device=x.device))
+        scale = torch.empty((), dtype=torch.float32, device=x.device)  # written by the quantize kernel
+        amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+        tile_args = {k: v for k, v in plan.constexprs.items() if k != "SOFT_CAST"}
+        _amax_bits_kernel[plan.grid](x, amax_bits, *plan.int_args, **tile_args)
+        _fp8_tensor_quantize_kernel[plan.grid](x, amax_bits, data, scale, *plan.int_args, **plan.constexprs)
         return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
     scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:

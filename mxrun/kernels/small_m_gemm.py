@@ -4,21 +4,37 @@ weight at the memory's speed.
 With M <= :data:`SMALL_M_MAX` rows, a tile-per-output-block GEMM launches only ``N / BLOCK_N`` programs, each
 walking the whole K: too few loads in flight to saturate HBM (measured: the W8A16 kernels ran at bf16's speed,
 half of what their bytes allow). Here the K range is split too, so ``N / BLOCK_N x SPLIT_K`` programs (about
-four per SM) each stream one slab of the weight, widen it to the activation's dtype in registers and run a
-bf16/fp16 MMA with fp32 accumulation. Each program writes its fp32 partial sums to ``[SPLIT_K, M, N]``; a second
-small kernel adds the splits in a fixed order (deterministic, no atomics), applies the scales that factor out
-of K (per-tensor / per-channel weight scales, per-token activation scales), adds the bias and casts.
+four per SM) each stream one slab of the weight, widen it in registers and run a bf16/fp16 MMA with fp32
+accumulation. One launch does everything: with one split a program finishes its outputs itself; with more, each
+writes fp32 partial sums to ``[SPLIT_K, M, N]`` and counts itself in on a per-column-block counter, and the last
+to arrive adds the splits in split order (deterministic, whoever is last), applies the scales that factor out of
+K (per-tensor / per-channel weight scales, per-token / per-tensor activation scales), adds the bias and casts.
+That is for tiles of up to :data:`FUSED_SUM_MAX_BLOCK_M` rows; taller ones leave the sum to a second kernel
+spread over the whole output. Measured and left out: launching it as a
+programmatic dependent launch after the activation quantize kernel (no gain beyond noise on the H100), and
+prefetching its first weight lines into L2 while it waits (slower: the prefetches delay the quantize kernel's
+reads, which are on the critical path).
 
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
 
-* weights: E4M3 ``[N, K]`` with an fp32 per-tensor / per-channel scale (applied in the reduce kernel), or with
-  MXFP8 E8M0 scales ``[N, K/32]`` (a power of two, applied to the decoded weight: exact);
-* activations: bf16/fp16 as they are (weight-only), E4M3 codes with per-token / per-tensor fp32 scales
-  (W8A8 FP8, quantized beforehand by the quantize kernel: the per-token amax needs the whole row; the launcher
-  widens the codes to bf16, exactly), or bf16/fp16 quantize-dequantized to MXFP8 (W8A8 MXFP8: rounded once
-  before the launch, in one pass, to values exact in bf16; rounding in the registers of every program, which a
-  1x32 group allows, stays selectable and was measured slower, see :data:`MX_REGISTER_ROUNDING_MAX_M`).
+* weights: E4M3 ``[N, K]`` with an fp32 per-tensor / per-channel scale (applied at the end), or with MXFP8 E8M0
+  scales ``[N, K/32]`` (decoded in registers: E4M3 times its power of two, exact in fp32, then bf16/fp16);
+* activations: bf16/fp16 as they are (weight-only; fp16 activations and E4M3 weights meet in an fp16 MMA, which
+  holds every E4M3 value exactly), E4M3 codes with per-token / per-tensor fp32 scales (W8A8 FP8, quantized
+  beforehand: the per-token amax needs the whole row), or bf16/fp16 rounded once to their MXFP8 values
+  (W8A8 MXFP8, :func:`~mxrun.kernels.mxfp8_quantize.mx_round_triton`: one pass, values exact in bf16), then
+  as weight-only.
+
+E4M3 codes meet the weight's in an fp16 MMA (Triton widens E4M3 to fp16 with one hardware conversion per pair;
+to bf16 it takes a second conversion per element): no widened copy of the activations, and the fastest path
+measured here. H100 (``bench_linear.py --graph --ms 1 16 64``, ``results/linear-h100-small-m.md``): the FP8
+W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.00-2.07x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
+0.73-2.00x (per-tensor) with this, the single launch and the tiles below. Two MXFP8 W8A8 variants that keep
+E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each partial product scaled
+(0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with the blocks re-expressed
+at the step's largest exponent in fp16 (slower still: the per-element shifts and per-step exponent handling
+cost more than the bf16 conversion they avoid).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
@@ -30,20 +46,19 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import widen_to_fp32
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
-from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton, resolve_cast
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 SMALL_M_MAX = 64
-MX_REGISTER_ROUNDING_MAX_M = 0
-"""Up to this many rows MX activations would be rounded in the registers of every program; beyond (i.e. at
-every M now), once before the launch (one pass, :func:`~mxrun.kernels.mxfp8_quantize.mx_round_triton`) to the
-same exact values, and the kernel runs as weight-only. H100 (``bench_linear.py --ms 1 16 64 --columns
-mxfp8:registers mxfp8:round-first mxfp8-wo``, ``benchmarks/results/mx-small-m-h100.md``): rounding first is
-1.04-1.27x faster at M = 1 and 16 and 1.6-2.4x at M = 64, within 1-16% of the weight-only kernel."""
 """Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
 the MMA needs at least 16), so a new M compiles at most three variants."""
+
+
+FUSED_SUM_MAX_BLOCK_M = 16
+"""Up to this tile height the last split to arrive adds the partials (one launch); taller tiles leave that to
+a second kernel, spread over the whole output (H100: at M = 64 the in-kernel sum cost 2-5 us on 4096-wide
+layers, more than the launch it saves)."""
 
 
 def block_m_for(m: int) -> int:
@@ -52,26 +67,80 @@ def block_m_for(m: int) -> int:
 
 
 class SplitKConfig(NamedTuple):
-    """Tile and split policy: ``target_programs`` is how many (column block x K split) programs to aim for."""
+    """Tile and split policy: ``target_programs`` is how many (column block x K split) programs to aim for;
+    ``max_registers`` caps ptxas's registers per thread (more programs fit on an SM; None: no cap)."""
 
-    # Defaults: the best tile over all four operand kinds of benchmarks/sweep_small_m.py on H200
-    # (results/sweep-small-m-h200.json, geometric mean over decode shapes at M = 1 and 16).
     block_n: int = 64
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
     target_programs: int = 4 * 132  # about four programs per SM of an H100/H200
+    max_registers: int | None = None
 
 
+# Per operand kind, the tile with the best geometric-mean speedup over bf16 on five decode shapes at M = 1 and
+# 16 (H100, benchmarks/sweep_small_m.py, results/sweep-small-m-h100.json; measured while the kernel was still
+# launched as a programmatic dependent launch, which changed nothing beyond noise): the fp16 MMA (E4M3 codes,
+# or fp16 activations) streams fastest with 256-wide K steps; the bf16 MMA with narrower column blocks and more
+# programs (geometric mean 1.78x against 1.62x of bf16 with the default tile); decoding MX weights needs the
+# registers the default leaves it.
 DEFAULT_CONFIG = SplitKConfig()
+FP16_MMA_CONFIG = SplitKConfig(block_k=256, max_registers=80)
+BF16_MMA_CONFIG = SplitKConfig(block_n=32, target_programs=8 * 132, max_registers=80)
+
+
+def default_config(activation_dtype: torch.dtype, mx_weight: bool, m: int = 1) -> SplitKConfig:
+    """The tile :func:`small_m_gemm_triton` uses unless given one: by the MMA's type and the weight's scales
+    for up to 16 rows (what the sweep measured; their register caps would spill with 32- or 64-row tiles),
+    :data:`DEFAULT_CONFIG` beyond."""
+    if mx_weight or block_m_for(m) > 16:
+        return DEFAULT_CONFIG
+    return BF16_MMA_CONFIG if activation_dtype == torch.bfloat16 else FP16_MMA_CONFIG
+
+
+@triton.jit
+def _mma_operand(x, MMA: tl.constexpr):
+    """An operand in the MMA's input type: fp32 (interpreter), bf16, or fp16 (E4M3 codes and fp16 values)."""
+    if MMA == 0:
+        y = x.to(tl.float32)
+    elif MMA == 1:
+        y = x.to(tl.bfloat16)
+    else:
+        y = x.to(tl.float16)
+    return y
+
+
+@triton.jit
+def _scale_and_store(
+    total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
+    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    """The scales that factor out of K (0 none, 1 per tensor, 2 per row / column), bias, cast, store."""
+    if A_SCALE == 1:
+        total = total * tl.load(a_scale_ptr)
+    elif A_SCALE == 2:
+        total = total * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
+    if B_SCALE == 1:
+        total = total * tl.load(b_scale_ptr)
+    elif B_SCALE == 2:
+        total = total * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)[None, :]
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    out = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out, total.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
-def _split_k_partial_kernel(
-    a_ptr,  # [M, K] bf16/fp16 (E4M3 codes are widened to bf16 by the launcher); (m, k) at m*stride_am + k
+def _split_k_kernel(
+    a_ptr,  # [M, K] bf16/fp16 values, or float8e4nv codes; (m, k) at m*stride_am + k
     b_ptr,  # [N, K] float8e4nv weight, K contiguous, (n, k) at n*stride_bn + k
     bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
-    p_ptr,  # fp32 partials [SPLIT_K, M, N], contiguous
+    p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
+    count_ptr,  # SPLIT_K > 1: int32 [cdiv(N, BLOCK_N)] arrival counters, zero before and after each launch
+    a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]
+    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]
+    bias_ptr,
+    c_ptr,  # [M, N] output, contiguous
     M,
     N,
     K,
@@ -79,37 +148,40 @@ def _split_k_partial_kernel(
     stride_am,
     stride_bn,
     stride_bsn,
-    A_MODE: tl.constexpr,  # 0: A as is; 1: A quantize-dequantized to MXFP8 here (A_ROUND_UP rule)
-    A_ROUND_UP: tl.constexpr,
-    SOFT_CAST: tl.constexpr,
     B_MX: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # interpreter only: its bf16/fp16 dot is wrong, so run the exact values in fp32
-    DOT_BF16: tl.constexpr,  # else bf16 (bf16 activations, E4M3 codes) or fp16 (fp16 activations) MMA
+    A_SCALE: tl.constexpr,
+    B_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    FUSED_SUM: tl.constexpr,  # the last split to arrive adds the partials (else _split_k_sum_kernel does)
+    MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
 ):
-    """One program: BLOCK_N output columns x all (<= BLOCK_M) rows over one K slab, fp32 partial sums out."""
+    """One program: BLOCK_N output columns x all (<= BLOCK_M) rows over one K slab. With one split it finishes
+    the output itself; with more, it stores fp32 partial sums and the last of a column block's splits to
+    arrive adds them all in split order (deterministic: the order does not depend on who arrives last)."""
     G: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_g = tl.arange(0, G)
     m_ok = offs_m < M
     n_ok = offs_n < N
     k_begin = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     a_rows = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
     b_cols = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn  # B read as [BLOCK_K, BLOCK_N], K contiguous
-    bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_g = tl.arange(0, G)
+    bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = k0 + offs_k < k_end
         a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if B_MX:
+        if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
             g_ok = k0 + offs_g * 32 < k_end
             codes = tl.load(
                 bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
@@ -120,63 +192,76 @@ def _split_k_partial_kernel(
             )
         else:
             w = b
-        if A_MODE == 1:
-            x = mx_quantize_dequantize(widen_to_fp32(a), A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
+        if MMA == 0:
+            acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc, input_precision="ieee")
         else:
-            x = a
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        elif DOT_BF16:
-            acc = tl.dot(x.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+            acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc)
+    if SPLIT_K == 1:
+        _scale_and_store(acc, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
+                         A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
+    else:
+        tile = (offs_m.to(tl.int64) * N)[:, None] + offs_n[None, :]
+        tile_ok = m_ok[:, None] & n_ok[None, :]
+        tl.store(p_ptr + pid_k * M * N + tile, acc, mask=tile_ok)
+        if FUSED_SUM:
+            tl.debug_barrier()  # every thread's partials are written before the release below
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
         else:
-            acc = tl.dot(x.to(tl.float16), w.to(tl.float16), acc)
-    out = p_ptr + (pid_k * M + offs_m.to(tl.int64))[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+            arrived = 0  # the sum kernel adds them
+        if FUSED_SUM and arrived == SPLIT_K - 1:
+            tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):  # L2, not L1: other SMs wrote these
+                total += tl.load(p_ptr + s * M * N + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
+                             A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
-def _split_k_reduce_kernel(
-    p_ptr,  # fp32 partials [SPLIT_K, M, N]
-    a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]; else unused
-    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]; else unused
-    bias_ptr,
-    c_ptr,  # [M, N] output, contiguous
-    M,
-    N,
-    SPLIT_K: tl.constexpr,
-    A_SCALE: tl.constexpr,  # 0 none, 1 per tensor, 2 per row
-    B_SCALE: tl.constexpr,  # 0 none, 1 per tensor, 2 per column
-    HAS_BIAS: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Sum the splits in order, apply the scales that factor out of K, add bias, cast."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < M * N
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+def _split_k_sum_kernel(
+    p_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N,
+    SPLIT_K: tl.constexpr, A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The splits' partials added in split order, then scales, bias, cast (for tiles of more than 16 rows, where
+    one program adding all of a column block's splits would be the slowest part)."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = (offs_m.to(tl.int64) * N)[:, None] + offs_n[None, :]
+    tile_ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        total += tl.load(p_ptr + s * M * N + offs, mask=ok, other=0.0)
-    row = offs // N
-    col = offs % N
-    if A_SCALE == 1:
-        total = total * tl.load(a_scale_ptr)
-    elif A_SCALE == 2:
-        total = total * tl.load(a_scale_ptr + row, mask=ok, other=1.0)
-    if B_SCALE == 1:
-        total = total * tl.load(b_scale_ptr)
-    elif B_SCALE == 2:
-        total = total * tl.load(b_scale_ptr + col, mask=ok, other=1.0)
-    if HAS_BIAS:
-        total += tl.load(bias_ptr + col, mask=ok, other=0.0).to(tl.float32)
-    tl.store(c_ptr + offs, total.to(c_ptr.dtype.element_ty), mask=ok)
+        total += tl.load(p_ptr + s * M * N + tile, mask=tile_ok, other=0.0)
+    _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
+                     A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
 
 
 def split_k_for(n: int, k: int, config: SplitKConfig = DEFAULT_CONFIG) -> int:
     """Splits of K so that ``cdiv(N, block_n) x splits`` is about ``config.target_programs``, each split at
-    least two K steps long; at most 32 (the reduce kernel's unrolled loop)."""
+    least two K steps long; at most 32 (the final sum's unrolled loop)."""
     column_blocks = triton.cdiv(n, config.block_n)
     steps = triton.cdiv(k, config.block_k)
     want = max(1, config.target_programs // column_blocks)
     return max(1, min(want, steps // 2, 32))
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for the split-K kernel's last-arrival sum, kept per (device, stream): each launch
+    leaves them at zero again, so they are allocated (and zeroed) once, not per call; kernels on one stream run
+    one after the other, so they never share them. A CUDA graph keeps the counters of the stream it was
+    captured on: replaying two graphs captured on one stream at the same time on two streams would share them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return counters  # allocated in a graph's pool: not kept beyond this capture
+        _COUNTERS[key] = counters
+    return counters
 
 
 def _scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int:
@@ -202,20 +287,14 @@ def small_m_gemm_triton(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     split_k: int | None = None,
-    config: SplitKConfig = DEFAULT_CONFIG,
-    mx_rounding: str = "auto",
+    config: SplitKConfig | None = None,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
-    ``a_scale`` (0-dim/``[1]`` or ``[M, 1]``; give ``out_dtype``). ``weight``: E4M3 ``[N, K]`` with exactly one of
-    ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
-    ``mx_rounding``, for MX activations: ``"registers"`` (in every program), ``"first"`` (one launch before,
-    then as weight-only: the same values) or ``"auto"`` (up to :data:`MX_REGISTER_ROUNDING_MAX_M` rows in
-    registers)."""
+    ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``) and ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly
+    one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``)."""
     fn = "small_m_gemm_triton"
-    if mx_rounding not in ("auto", "registers", "first"):
-        raise GemmInputError(f"{fn}: mx_rounding must be 'auto', 'registers' or 'first', got {mx_rounding!r}")
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
     n, k = weight.shape
@@ -232,21 +311,19 @@ def small_m_gemm_triton(
         raise GemmInputError(f"{fn}: MXFP8 weights need K % 32 == 0 and E8M0 scales [N, K/32]")
     if bias is not None and bias.shape != (n,):
         raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
-    if a.dtype == torch.float8_e4m3fn:
-        if a_scale is None or activation_mx_rule is not None:
-            raise GemmInputError(f"{fn}: E4M3 activations need a_scale (and no activation_mx_rule)")
-        # Widened here (exact: every E4M3 value is a bf16), the tiny [M, K] copy is cheaper than converting
-        # in the kernel: measured 0.74-0.82x of bf16 with in-kernel conversion, against 1.2-1.4x without.
-        a, a_mode, out_dtype = a.to(torch.bfloat16), 0, out_dtype or torch.bfloat16
-    elif a.dtype in (torch.bfloat16, torch.float16):
-        a_mode, out_dtype = (0 if activation_mx_rule is None else 1), a.dtype
-        if a_mode == 1 and k % MX_BLOCK_SIZE:
-            raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
-        in_registers = mx_rounding == "registers" or (
-            mx_rounding == "auto" and m <= MX_REGISTER_ROUNDING_MAX_M
-        )
-        if a_mode == 1 and not in_registers:
-            a, a_mode = mx_round_triton(a, activation_mx_rule), 0
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a_scale is not None:
+            raise GemmInputError(f"{fn}: a_scale goes with E4M3 activations only")
+        out_dtype = a.dtype
+        if activation_mx_rule is not None:
+            if k % MX_BLOCK_SIZE:
+                raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
+            a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
+    elif a.dtype == torch.float8_e4m3fn:
+        if a_scale is None or activation_mx_rule is not None or out_dtype is None:
+            raise GemmInputError(
+                f"{fn}: E4M3 activations need a_scale and out_dtype (and no activation_mx_rule)"
+            )
     else:
         raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
     a_scale_mode = _scale_mode(a_scale, m, "activation", fn)
@@ -254,19 +331,30 @@ def small_m_gemm_triton(
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
+    config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m)
     splits = split_k or split_k_for(n, k, config)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # no empty splits
-    partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device)
+    column_blocks = triton.cdiv(n, config.block_n)
+    block_m = block_m_for(m)
+    fused_sum = block_m <= FUSED_SUM_MAX_BLOCK_M
+    partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
+    counters = _arrival_counters(a.device, column_blocks) if splits > 1 and fused_sum else c
     b_mx = weight_scale_e8m0 is not None
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
-    dot_bf16 = a.dtype == torch.bfloat16  # bf16/fp16 activations keep their own dtype
-    round_up = activation_mx_rule is None or MxScaleRule(activation_mx_rule) is MxScaleRule.ROUND_UP
-    _split_k_partial_kernel[(triton.cdiv(n, config.block_n), splits)](
+    # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
+    mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 else 2
+    extra = {} if config.max_registers is None else {"maxnreg": config.max_registers}
+    _split_k_kernel[(column_blocks, splits)](
         a,
         weight,
         bs,
         partials,
+        counters,
+        a_scale.reshape(-1) if a_scale is not None else c,
+        weight_scale.reshape(-1) if weight_scale is not None else c,
+        bias if bias is not None else c,
+        c,
         m,
         n,
         k,
@@ -274,42 +362,48 @@ def small_m_gemm_triton(
         a.stride(0),
         weight.stride(0),
         bs.stride(0),
-        A_MODE=a_mode,
-        A_ROUND_UP=round_up,
-        SOFT_CAST=resolve_cast("auto"),
         B_MX=b_mx,
-        DOT_FP32=triton_interpreting(),
-        DOT_BF16=dot_bf16,
-        BLOCK_M=block_m_for(m),
+        A_SCALE=a_scale_mode,
+        B_SCALE=b_scale_mode,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=splits,
+        FUSED_SUM=fused_sum,
+        MMA=mma,
+        BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **extra,
     )
-    block = 1024
-    _split_k_reduce_kernel[(triton.cdiv(m * n, block),)](
-        partials,
-        a_scale.reshape(-1) if a_scale is not None else partials,
-        weight_scale.reshape(-1) if weight_scale is not None else partials,
-        bias if bias is not None else partials,
-        c,
-        m,
-        n,
-        SPLIT_K=splits,
-        A_SCALE=a_scale_mode,
-        B_SCALE=b_scale_mode,
-        HAS_BIAS=bias is not None,
-        BLOCK=block,
-        num_warps=4,
-    )
+    if splits > 1 and not fused_sum:
+        _split_k_sum_kernel[(triton.cdiv(n, 128), triton.cdiv(m, 16))](
+            partials,
+            a_scale.reshape(-1) if a_scale is not None else c,
+            weight_scale.reshape(-1) if weight_scale is not None else c,
+            bias if bias is not None else c,
+            c,
+            m,
+            n,
+            SPLIT_K=splits,
+            A_SCALE=a_scale_mode,
+            B_SCALE=b_scale_mode,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=16,
+            BLOCK_N=128,
+            num_warps=4,
+        )
     return c
 
 
 __all__ = [
+    "BF16_MMA_CONFIG",
     "DEFAULT_CONFIG",
-    "MX_REGISTER_ROUNDING_MAX_M",
+    "FP16_MMA_CONFIG",
+    "FUSED_SUM_MAX_BLOCK_M",
     "SMALL_M_MAX",
     "SplitKConfig",
+    "default_config",
     "small_m_gemm_triton",
     "split_k_for",
 ]

@@ -78,22 +78,6 @@ def test_mxfp8_linear_small_m(m, n, k, rule) -> None:
     assert_one_ulp(mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton"), ref)
 
 
-@pytest.mark.parametrize("mx_rounding", ["registers", "first"])
-@pytest.mark.parametrize("rule", [MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
-@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_mx_activations_rounded_either_way(m, n, k, rule, mx_rounding) -> None:
-    """MX activations rounded in every program or once before the launch: the same values, so both are within
-    one ulp of the W8A8 reference."""
-    x, w, bias = _inputs(m, n, k, seed=15)
-    q = quantize_mxfp8_reference(w)
-    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
-    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
-    out = small_m_gemm_triton(
-        a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, mx_rounding=mx_rounding
-    )
-    assert_one_ulp(out, ref)
-
-
 def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
     """Different split counts add the same exact products in another order: within an ulp of each other, and
     the same split count gives the same bits twice."""
@@ -118,9 +102,10 @@ def test_split_choice() -> None:
     [
         ({"weight_scale": None}, "exactly one of"),
         ({"rows": 65}, "at most 64 rows"),
-        ({"a_fp8_without_scale": True}, "need a_scale"),
+        ({"a_fp8_without_scale": True}, "need a_scale and out_dtype"),
         ({"scale_shape": (3, 1)}, "1 or 64 elements"),
-        ({"mx_rounding": "sometimes"}, "mx_rounding must be"),
+        ({"a_fp8_without_out_dtype": True}, "need a_scale and out_dtype"),
+        ({"bf16_with_a_scale": True}, "a_scale goes with E4M3 activations only"),
     ],
 )
 def test_bad_inputs(kwargs, message) -> None:
@@ -130,7 +115,64 @@ def test_bad_inputs(kwargs, message) -> None:
     scale = torch.ones(kwargs.get("scale_shape", (64, 1)), device=KERNEL_DEVICE)
     if "weight_scale" in kwargs:
         scale = None
+    extra = {}
     if kwargs.get("a_fp8_without_scale"):
         x = x.to(torch.float8_e4m3fn)
+    if kwargs.get("bf16_with_a_scale"):
+        extra.update(a_scale=torch.ones(rows, 1, device=KERNEL_DEVICE))
+    if kwargs.get("a_fp8_without_out_dtype"):
+        x = x.to(torch.float8_e4m3fn)
+        extra.update(a_scale=torch.ones(rows, 1, device=KERNEL_DEVICE))
     with pytest.raises(GemmInputError, match=message):
-        small_m_gemm_triton(x, w, weight_scale=scale, mx_rounding=kwargs.get("mx_rounding", "auto"))
+        small_m_gemm_triton(x, w, weight_scale=scale, **extra)
+
+
+def test_last_arrival_resets_its_counters() -> None:
+    """With several splits the last program of each column block to arrive sums the partials and sets the
+    block's counter back to zero, so back-to-back launches (other shapes in between) give the same bits."""
+    from mxrun.kernels import small_m_gemm
+
+    x, w, _ = _inputs(4, 200, 1024, seed=17)
+    q = quantize_fp8_reference(w, G.PER_ROW)
+    a, b, s = _dev(x, q.data, q.scale)
+    first = small_m_gemm_triton(a, b, weight_scale=s, split_k=4)
+    other = small_m_gemm_triton(
+        a[:, :512].contiguous(), b[:96, :512].contiguous(), weight_scale=s[:96], split_k=2
+    )
+    assert other.shape == (4, 96)
+    assert torch.equal(first, small_m_gemm_triton(a, b, weight_scale=s, split_k=4))
+    counters = [t for t in small_m_gemm._COUNTERS.values() if t.device == a.device]
+    assert counters and all(int(t.abs().sum()) == 0 for t in counters)
+
+
+@pytest.mark.parametrize("spread", [12, 16, 22, 23, 40, 130])
+def test_mx_codes_with_far_apart_block_scales(spread) -> None:
+    """MX blocks whose scales lie far apart (2^-spread, on both sides, down to fp32/bf16 subnormal weights and
+    activations) stay within one ulp of the W8A8 reference: the decoded values are exact wherever bf16 holds
+    them, as in the reference."""
+    x, w, bias = _inputs(5, 96, 512, seed=19)
+    block = torch.arange(512) // 32
+    far = torch.where(block % 4 == 1, 2.0**-spread, 1.0) * torch.where(
+        block % 4 == 3, 2.0 ** -(spread // 2), 1.0
+    )
+    x, w = x * far.to(x.dtype), w * far.to(w.dtype)
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, MxScaleRule.ROUND_UP)
+    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    out = small_m_gemm_triton(a, b, weight_scale_e8m0=s, activation_mx_rule="round_up", bias=bias_d)
+    assert_one_ulp(out, ref)
+
+
+def test_default_tile_by_operand_kind() -> None:
+    """fp16 MMAs (E4M3 codes, fp16 activations) and bf16 MMAs get the tiles measured best for them up to 16
+    rows; decoding MX weights, and 32- or 64-row tiles, keep the default (they need the registers)."""
+    from mxrun.kernels.small_m_gemm import BF16_MMA_CONFIG, DEFAULT_CONFIG, FP16_MMA_CONFIG, default_config
+
+    assert default_config(torch.float8_e4m3fn, mx_weight=False) is FP16_MMA_CONFIG
+    assert default_config(torch.float16, mx_weight=False) is FP16_MMA_CONFIG
+    assert default_config(torch.bfloat16, mx_weight=False) is BF16_MMA_CONFIG
+    assert default_config(torch.bfloat16, mx_weight=True) is DEFAULT_CONFIG
+    assert default_config(torch.float8_e4m3fn, mx_weight=False, m=16) is FP16_MMA_CONFIG
+    assert default_config(torch.float8_e4m3fn, mx_weight=False, m=17) is DEFAULT_CONFIG
+    assert default_config(torch.bfloat16, mx_weight=False, m=64) is DEFAULT_CONFIG
+    assert FP16_MMA_CONFIG != BF16_MMA_CONFIG != DEFAULT_CONFIG
