@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import widen_to_fp32
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -338,9 +338,11 @@ def _weight_operand(
     MMA_DTYPE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    FAST_WIDEN: tl.constexpr,
 ):
-    """The weight tile as the MMA takes it: E4M3 as is (FP8 MMA), widened to the MMA dtype (exact), or for
-    MXFP8 decoded with its power-of-two scales (exact); fp32 when the interpreter runs the dot."""
+    """The weight tile as the MMA takes it: E4M3 as is (FP8 MMA), widened to the MMA dtype (exact; to bf16 with
+    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or for MXFP8 decoded with its power-of-two scales (exact); fp32
+    when the interpreter runs the dot."""
     G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108 - constexpr branches, spelled as in the other kernels
         w = tl.load(w_ptrs)
@@ -362,6 +364,8 @@ def _weight_operand(
         operand = w.to(tl.float32)
     elif A_FP8:
         operand = w
+    elif MMA_DTYPE == tl.bfloat16:  # noqa: SIM300 - a constexpr parameter, not a constant
+        operand = e4m3_to_bf16(w, FAST_WIDEN)
     else:
         operand = w.to(MMA_DTYPE)
     return operand
@@ -410,6 +414,7 @@ def _moe_grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,  # 128 when W_MODE == 1 or A_MODE == 2; a multiple of 32 for W_MODE 2 / A_MODE 3
     GROUP_M: tl.constexpr,
     MAX_IMPRECISE_ACC: tl.constexpr,
+    FAST_WIDEN: tl.constexpr = False,  # bf16 MMA with E4M3 weights: e4m3_to_bf16's integer path (sm_90+)
 ):
     """One program: BLOCK_M layout rows (one expert) x BLOCK_N output columns, fp32 accumulation."""
     G: tl.constexpr = BLOCK_K // 32
@@ -464,8 +469,9 @@ def _moe_grouped_gemm_kernel(
             if A_MODE == 2:
                 step = tl.load(a_scale_ptr + a_rows * stride_asr + kb)[:, None]
         w_g = _weight_operand(
-            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N
-        )
+            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N,
+            FAST_WIDEN,
+        )  # fmt: skip
         if STEP_SCALED:
             part = tl.dot(a, w_g, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
             if W_MODE == 1:
@@ -475,8 +481,9 @@ def _moe_grouped_gemm_kernel(
             acc_g = tl.dot(a, w_g, acc_g, max_num_imprecise_acc=MAX_IMPRECISE_ACC)
         if GATED:
             w_u = _weight_operand(
-                wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N
-            )
+                wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N,
+                FAST_WIDEN,
+            )  # fmt: skip
             if STEP_SCALED:
                 part = tl.dot(a, w_u, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
                 if W_MODE == 1:
@@ -681,7 +688,7 @@ def moe_grouped_gemm_triton(
             out.stride(0), out.stride(1),
             A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated,
             MUL_ROUTING=routing_weights is not None, DOT_FP32=triton_interpreting(),
-            EVEN_K=k % cfg.block_k == 0, **launch,
+            EVEN_K=k % cfg.block_k == 0, FAST_WIDEN=fast_widen_usable(a.device), **launch,
         )  # fmt: skip
         return out
     _moe_grouped_gemm_kernel[grid](
@@ -717,6 +724,7 @@ def moe_grouped_gemm_triton(
         SOFT_CAST=resolve_cast("auto"),
         DOT_FP32=triton_interpreting(),
         EVEN_K=k % cfg.block_k == 0,
+        FAST_WIDEN=fast_widen_usable(a.device),
         **cfg.launch_kwargs(),
     )
     return out

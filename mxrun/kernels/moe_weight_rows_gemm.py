@@ -19,6 +19,7 @@ scales, SiLU-and-mul and routing weights in the epilogue; only the fp32 summatio
 from __future__ import annotations
 
 from mxrun.kernels.backend import tl, triton
+from mxrun.kernels.e4m3 import e4m3_to_bf16
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.scaled_gemm import tile_ids
 
@@ -49,9 +50,11 @@ def _weight_rows(
     MMA_DTYPE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    FAST_WIDEN: tl.constexpr,
 ):
-    """The weight tile as the MMA's left operand: E4M3 widened to the MMA dtype, or MXFP8 decoded with its
-    power-of-two scales (both exact); fp32 when the interpreter runs the dot."""
+    """The weight tile as the MMA's left operand: E4M3 widened to the MMA dtype (to bf16 with
+    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or MXFP8 decoded with its power-of-two scales (both exact); fp32
+    when the interpreter runs the dot."""
     G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108
         w = tl.load(w_ptrs)
@@ -70,6 +73,8 @@ def _weight_rows(
             operand = operand.to(MMA_DTYPE)
     elif DOT_FP32:
         operand = w.to(tl.float32)
+    elif MMA_DTYPE == tl.bfloat16:  # noqa: SIM300 - a constexpr parameter, not a constant
+        operand = e4m3_to_bf16(w, FAST_WIDEN)
     else:
         operand = w.to(MMA_DTYPE)
     return operand
@@ -110,6 +115,7 @@ def moe_weight_rows_gemm_kernel(
     BLOCK_N: tl.constexpr,  # weight rows: the MMA's M
     BLOCK_K: tl.constexpr,  # 128 when W_MODE == 1; a multiple of 32 for W_MODE 2
     GROUP_M: tl.constexpr,
+    FAST_WIDEN: tl.constexpr = False,  # bf16 MMA: e4m3_to_bf16's integer path (sm_90+)
 ):
     """One program: BLOCK_N weight rows x BLOCK_M layout rows (one expert), fp32 accumulation, transposed."""
     G: tl.constexpr = BLOCK_K // 32
@@ -154,7 +160,7 @@ def moe_weight_rows_gemm_kernel(
         if DOT_FP32:
             at = at.to(tl.float32)
         w_g = _weight_rows(
-            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K
+            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K, FAST_WIDEN
         )
         if W_MODE == 1:
             acc_g += tl.dot(w_g, at) * tl.load(wsg_ptrs + kb)[:, None]
@@ -162,8 +168,9 @@ def moe_weight_rows_gemm_kernel(
             acc_g = tl.dot(w_g, at, acc_g)
         if GATED:
             w_u = _weight_rows(
-                wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K
-            )
+                wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K,
+                FAST_WIDEN,
+            )  # fmt: skip
             if W_MODE == 1:
                 acc_u += tl.dot(w_u, at) * tl.load(wsu_ptrs + kb)[:, None]
             else:

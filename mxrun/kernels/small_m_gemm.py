@@ -29,8 +29,10 @@ references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`
 E4M3 codes meet the weight's in an fp16 MMA (Triton widens E4M3 to fp16 with one hardware conversion per pair;
 to bf16 it takes a second conversion per element): no widened copy of the activations, and the fastest path
 measured here. H100 (``bench_linear.py --graph --ms 1 16 64``, ``results/linear-h100-small-m.md``): the FP8
-W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.00-2.07x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
-0.73-2.00x (per-tensor) with this, the single launch and the tiles below. Two MXFP8 W8A8 variants that keep
+W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
+0.75-1.88x (per-tensor) with this, the single launch and the tiles below. (bf16 activations and E4M3 weights
+meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`; an MXFP8 weight is decoded
+through fp32 instead: the integer widening plus a bf16 scale multiply measured slower there.) Two MXFP8 W8A8 variants that keep
 E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each partial product scaled
 (0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with the blocks re-expressed
 at the step's largest exponent in fp16 (slower still: the per-element shifts and per-step exponent handling
@@ -46,6 +48,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
@@ -155,6 +158,7 @@ def _split_k_kernel(
     SPLIT_K: tl.constexpr,
     FUSED_SUM: tl.constexpr,  # the last split to arrive adds the partials (else _split_k_sum_kernel does)
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
+    FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -190,6 +194,8 @@ def _split_k_kernel(
                 tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
                 [BLOCK_K, BLOCK_N],
             )
+        elif MMA == 1:
+            w = e4m3_to_bf16(b, FAST_WIDEN)
         else:
             w = b
         if MMA == 0:
@@ -288,12 +294,14 @@ def small_m_gemm_triton(
     out_dtype: torch.dtype | None = None,
     split_k: int | None = None,
     config: SplitKConfig | None = None,
+    fast_widen: bool = True,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
     ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``) and ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly
-    one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``)."""
+    one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
+    ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values)."""
     fn = "small_m_gemm_triton"
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
@@ -369,6 +377,7 @@ def small_m_gemm_triton(
         SPLIT_K=splits,
         FUSED_SUM=fused_sum,
         MMA=mma,
+        FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
