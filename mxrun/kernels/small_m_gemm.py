@@ -52,6 +52,7 @@ from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
+from mxrun.kernels.workspace import zeroed_int32
 
 SMALL_M_MAX = 64
 """Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
@@ -251,25 +252,6 @@ def split_k_for(n: int, k: int, config: SplitKConfig = DEFAULT_CONFIG) -> int:
     return max(1, min(want, steps // 2, 32))
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters for the split-K kernel's last-arrival sum, kept per (device, stream): each launch
-    leaves them at zero again, so they are allocated (and zeroed) once, not per call; kernels on one stream run
-    one after the other, so they never share them. A CUDA graph keeps the counters of the stream it was
-    captured on: replaying two graphs captured on one stream at the same time on two streams would share them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return counters  # allocated in a graph's pool: not kept beyond this capture
-        _COUNTERS[key] = counters
-    return counters
-
-
 def _scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int:
     if scale is None:
         return 0
@@ -347,7 +329,7 @@ def small_m_gemm_triton(
     block_m = block_m_for(m)
     fused_sum = block_m <= FUSED_SUM_MAX_BLOCK_M
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
-    counters = _arrival_counters(a.device, column_blocks) if splits > 1 and fused_sum else c
+    counters = zeroed_int32(a.device, "split-k arrivals", column_blocks) if splits > 1 and fused_sum else c
     b_mx = weight_scale_e8m0 is not None
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)

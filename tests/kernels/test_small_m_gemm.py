@@ -130,7 +130,7 @@ def test_bad_inputs(kwargs, message) -> None:
 def test_last_arrival_resets_its_counters() -> None:
     """With several splits the last program of each column block to arrive sums the partials and sets the
     block's counter back to zero, so back-to-back launches (other shapes in between) give the same bits."""
-    from mxrun.kernels import small_m_gemm
+    from mxrun.kernels.workspace import live_buffers
 
     x, w, _ = _inputs(4, 200, 1024, seed=17)
     q = quantize_fp8_reference(w, G.PER_ROW)
@@ -141,7 +141,7 @@ def test_last_arrival_resets_its_counters() -> None:
     )
     assert other.shape == (4, 96)
     assert torch.equal(first, small_m_gemm_triton(a, b, weight_scale=s, split_k=4))
-    counters = [t for t in small_m_gemm._COUNTERS.values() if t.device == a.device]
+    counters = live_buffers(a.device, "split-k arrivals")
     assert counters and all(int(t.abs().sum()) == 0 for t in counters)
 
 
