@@ -10,10 +10,9 @@ writes fp32 partial sums to ``[SPLIT_K, M, N]`` and counts itself in on a per-co
 to arrive adds the splits in split order (deterministic, whoever is last), applies the scales that factor out of
 K (per-tensor / per-channel weight scales, per-token / per-tensor activation scales), adds the bias and casts.
 That is for tiles of up to :data:`FUSED_SUM_MAX_BLOCK_M` rows; taller ones leave the sum to a second kernel
-spread over the whole output. Measured and left out: launching it as a
-programmatic dependent launch after the activation quantize kernel (no gain beyond noise on the H100), and
-prefetching its first weight lines into L2 while it waits (slower: the prefetches delay the quantize kernel's
-reads, which are on the critical path).
+spread over the whole output. Measured and left out: launching it as a programmatic dependent launch after the
+activation quantize kernel (no gain beyond noise on the H100), and prefetching its first weight lines into L2
+while it waits (slower: the prefetches delay the quantize kernel's reads, which are on the critical path).
 
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
@@ -30,13 +29,13 @@ E4M3 codes meet the weight's in an fp16 MMA (Triton widens E4M3 to fp16 with one
 to bf16 it takes a second conversion per element): no widened copy of the activations, and the fastest path
 measured here. H100 (``bench_linear.py --graph --ms 1 16 64``, ``results/linear-h100-small-m.md``): the FP8
 W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
-0.75-1.88x (per-tensor) with this, the single launch and the tiles below. (bf16 activations and E4M3 weights
+0.75-1.88x (per-tensor) with this, the single launch and the tiles below. bf16 activations and E4M3 weights
 meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`; an MXFP8 weight is decoded
-through fp32 instead: the integer widening plus a bf16 scale multiply measured slower there.) Two MXFP8 W8A8 variants that keep
-E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each partial product scaled
-(0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with the blocks re-expressed
-at the step's largest exponent in fp16 (slower still: the per-element shifts and per-step exponent handling
-cost more than the bf16 conversion they avoid).
+through fp32 instead (the integer widening plus a bf16 scale multiply measured slower there). Two MXFP8 W8A8
+variants that keep E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each
+partial product scaled (0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with
+the blocks re-expressed at the step's largest exponent in fp16 (slower still: the per-element shifts and
+per-step exponent handling cost more than the bf16 conversion they avoid).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """

@@ -145,8 +145,8 @@ def test_last_arrival_resets_its_counters() -> None:
     assert counters and all(int(t.abs().sum()) == 0 for t in counters)
 
 
-@pytest.mark.parametrize("spread", [12, 16, 22, 23, 40, 130])
-def test_mx_codes_with_far_apart_block_scales(spread) -> None:
+@pytest.mark.parametrize("spread", [12, 40, 130])
+def test_mx_with_far_apart_block_scales(spread) -> None:
     """MX blocks whose scales lie far apart (2^-spread, on both sides, down to fp32/bf16 subnormal weights and
     activations) stay within one ulp of the W8A8 reference: the decoded values are exact wherever bf16 holds
     them, as in the reference."""
