@@ -9,8 +9,7 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), ``mxfp8-tiles``
   (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
-  crossover), the FP8 W8A8 small-M kernel with another operand kind's tile (``fp8-channel:bf16-tile``, M <= 64),
-  and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
+  crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -25,16 +24,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
-from mxrun.kernels.fp8_quantize import Fp8Granularity, Fp8Quantized, quantize_fp8
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
-from mxrun.kernels.small_m_gemm import BF16_MMA_CONFIG, small_m_gemm_triton
 
 SHAPES = {  # name: (K, N)
     "8B qkv 4096->6144": (4096, 6144),
@@ -84,7 +81,6 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "mxfp8:cublas": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="cublas"
         ),
-        "fp8-channel:bf16-tile": lambda: _small_m_fp8(x, channel, config=BF16_MMA_CONFIG),
         "mxfp8:fp8mma": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="fp8"
         ),
@@ -96,14 +92,6 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         ),
         "mxfp8-wo": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, None),
     }
-
-
-def _small_m_fp8(x: torch.Tensor, weight: Fp8Quantized, **options: Any) -> torch.Tensor:
-    """fp8-channel's small-M path (per-token quantize, then the split-K kernel) with kernel options."""
-    q = quantize_fp8(x, Fp8Granularity.PER_ROW)
-    return small_m_gemm_triton(
-        q.data, weight.data, a_scale=q.scale, weight_scale=weight.scale, out_dtype=x.dtype, **options
-    )
 
 
 def _check(name: str, y: torch.Tensor, ref: torch.Tensor) -> float:

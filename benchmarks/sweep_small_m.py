@@ -1,8 +1,12 @@
-"""Sweep the split-K small-M GEMM's tile and split policy (:class:`SplitKConfig`) on decode shapes, beside bf16
-``torch.matmul`` in the same run, for FP8 per-channel weight-only and MXFP8 weight-only (the two weight
-decodes), timed as CUDA-graph replays (what a serving engine runs).
+"""Sweep the split-K small-M GEMM's tile and split policy (:class:`SplitKConfig`, including a ptxas register
+cap) on decode shapes, beside bf16 ``torch.matmul`` in the same run, for the four operand kinds it serves: FP8
+W8A8 (E4M3 codes, fp16 MMA), MXFP8 W8A8 (activations rounded first), FP8 per-channel and MXFP8 weight-only
+(bf16 MMA), timed as CUDA-graph replays (what a serving engine runs). The per-kind defaults of
+``mxrun/kernels/small_m_gemm.py`` come from ``results/sweep-small-m-h100.json``:
 
-    PYTHONPATH=. python benchmarks/sweep_small_m.py --json sweep.json
+    PYTHONPATH=. python benchmarks/sweep_small_m.py --json sweep.json \
+        --shapes 4096,6144 4096,28672 14336,4096 8192,57344 28672,8192 --ms 1 16 \
+        --tiles 64,128,4,3 64,128,4,4 32,128,4,3 64,256,4,3 128,128,8,3 --targets 528 1056 --register-caps 0 80
 """
 
 from __future__ import annotations

@@ -111,14 +111,14 @@ def e4m3_code(y, SOFT_CAST: tl.constexpr):
 
 # E4M3 -> bf16 without the conversion unit's second step. Triton widens E4M3 to bf16 as two conversions (E4M3
 # pair -> fp16 pair, then fp16 -> bf16 per element); conversions issue at a quarter of the integer ALU's rate
-# on Hopper, and in a weight-streaming GEMM they can set the pace (H100: the FP8 weight-only split-K Linear at
-# M <= 16 went from 1.62x to 1.75x of bf16 in geometric mean with the same tile, the Mixtral MoE weight-only
-# layer at 128 tokens from 721 to 671 us; the fp16 MMA, one conversion per pair, was faster still). Every E4M3
-# value is an fp16 *normal* (or zero), so its fp16 bits shifted right by 3 are the bf16 bits of the same value
-# times 2^-112 (the exponent biases differ by 112; the 3 mantissa bits fit), a bf16 normal: one bf16x2 multiply
-# by 2^112 restores it, exactly, for both halves of a register at once. Zero stays zero; a NaN code does not
-# stay NaN (it has no use here: quantizing a NaN gives a NaN scale too, per tensor, row or block, and that
-# propagates).
+# on Hopper, and in a weight-streaming GEMM they can set the pace (H100, two sweep runs before and after: the
+# FP8 weight-only split-K Linear at M <= 16 went from 1.62x to 1.75x of bf16 in geometric mean with the same
+# tile; the Mixtral MoE weight-only layer at 128 tokens from 721 to 671 us; the fp16 MMA, one conversion per
+# pair, was faster still). Every E4M3 value is an fp16 *normal* (or zero), so its fp16 bits shifted right by 3
+# are the bf16 bits of the same value times 2^-112 (the exponent biases differ by 112; the 3 mantissa bits
+# fit), a bf16 normal: one bf16x2 multiply by 2^112 restores it, exactly, for both halves of a register at once.
+# Zero stays zero; a NaN code does not stay NaN (it has no use here: quantizing a NaN gives a NaN scale too, per
+# tensor, row or block, and that propagates).
 _WIDEN_PAIR = tl.constexpr(
     "{ .reg .b32 t, m, k; shr.b32 t, $1, 3; and.b32 t, t, 0x0FFF0FFF; mov.b32 m, 0x80008000; "
     "lop3.b32 t, t, $1, m, 0xF8; mov.b32 k, 0x77807780; mul.rn.bf16x2 $0, t, k; }"
