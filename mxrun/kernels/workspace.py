@@ -1,9 +1,11 @@
 """Small zeroed device buffers that kernels keep zeroed themselves, so a call does not pay a memset launch.
 
 Kernels that coordinate their programs through global counters (the split-K sum's arrival counters) need them
-zero when they start; each such kernel leaves them as it found them. One buffer per (device, stream, purpose): kernels on one stream run one after the other, so they
-never share a buffer while running. A CUDA graph keeps the buffer of the stream it was captured on; replaying
-two graphs captured on one stream at the same time on two streams would share it.
+zero when they start; each such kernel leaves them as it found them. One buffer per (device, stream, purpose):
+kernels on one stream run one after the other, so they never share a buffer while running. A buffer first
+needed while a CUDA graph is being captured is allocated in the graph's pool and zeroed by the graph at every
+replay (a memset node), and not kept; one captured from the cache stays the graph's for all its replays, so two
+graphs captured on one stream must not be replayed at the same time on two streams.
 """
 
 from __future__ import annotations
