@@ -1,9 +1,14 @@
-"""Sweep the TMA-fed persistent FP8 GEMMs (:mod:`mxrun.kernels.fp8_tma_gemm`) against the pointer-load tile
-kernels they would replace at large M, beside ``torch._scaled_mm`` rowwise and bf16 ``torch.matmul`` in the
-same run, with the accuracy of every candidate against the fp32 reference of the same quantized operands
+"""Sweep the TMA-fed persistent FP8 GEMMs (:mod:`mxrun.kernels.fp8_tma_gemm`) and the Gluon W8A8 kernel
+(:mod:`mxrun.kernels.fp8_wgmma_gemm`) against the pointer-load tile kernels they would replace at large M,
+beside ``torch._scaled_mm`` rowwise and bf16 ``torch.matmul`` in the same run, with the accuracy of every candidate against the fp32 reference of the same quantized operands
 (activations with outlier channels; see ``sweep_fp8_gemm.py`` for the ulp measure).
 
     PYTHONPATH=. python benchmarks/sweep_fp8_tma.py --json sweep.json
+    PYTHONPATH=. python benchmarks/sweep_fp8_tma.py --shapes 4,5 --persistent-only --no-pointer \
+        --tiles 128,128,128,8,8,4 64,128,128,8,4,3,3    # the 7th number: programs per SM
+
+A tile is ``block_m, block_n, block_k, group_m, warps, stages[, programs_per_sm]``; block-scaled candidates
+must be 128 wide in N and K (others are skipped for them).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from benchmarks.sweep_fp8_gemm import rowwise_operands, time_us, ulp_error
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.fp8_tma_gemm import fp8_tma_gemm
+from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
     fp8_block_gemm_reference,
@@ -44,7 +50,21 @@ BLOCK_TILES = [
 ]
 
 
-def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
+def tile_config(tile: tuple) -> GemmConfig:
+    """A sweep tile tuple as a config (the optional 7th number is ``programs_per_sm``)."""
+    return GemmConfig(*tile[:6], programs_per_sm=tile[6] if len(tile) > 6 else 1)
+
+
+def sweep_shape(
+    m: int,
+    k: int,
+    n: int,
+    rows: list[dict],
+    quick: bool,
+    tiles: tuple[list[tuple], list[tuple]] = (CHANNEL_TILES, BLOCK_TILES),
+    persistent_only: bool = False,
+    pointer: bool = True,
+) -> None:
     shape = f"{m}x{k}x{n}"
     flops = 2.0 * m * n * k
     x, w, xq, wq, ref, bf16_us, smm_us = rowwise_operands(m, k, n)
@@ -75,12 +95,26 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
         lambda: torch._scaled_mm(xq.data, wq.data.t(), xq.scale, wq.scale.t(), out_dtype=torch.bfloat16),
         ref,
     )
-    emit("channel", lambda: fp8_gemm_triton(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16), ref)
+    if pointer:
+        emit(
+            "channel",
+            lambda: fp8_gemm_triton(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16),
+            ref,
+        )
     emit(
         "channel-tma",
         lambda: fp8_tma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False),
         ref, tile="default",
     )  # fmt: skip
+    if wgmma_gemm_usable(
+        xq.data, wq.data
+    ):  # the Gluon kernel that overlaps promotion and MMAs (default on sm_90)
+        emit(
+            "channel-wgmma",
+            lambda: fp8_wgmma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16),
+            ref,
+            tile="default",
+        )
     emit(  # the ceiling without fp32 promotion (not a candidate: 6-9x the error)
         "channel-tma",
         lambda: fp8_tma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False,
@@ -91,8 +125,10 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
     def tma_tiles(kernel: str, tiles: list[tuple], a, b, expected, block_scaled: bool) -> None:
         """Each candidate tile of the TMA kernel, persistent and (not quick) one program per tile."""
         for tile in tiles[: 2 if quick else None]:
-            cfg = GemmConfig(*tile)
-            for persistent in (True, False) if not quick else (True,):
+            if block_scaled and tile[1:3] != (128, 128):
+                continue
+            cfg = tile_config(tile)
+            for persistent in (True,) if quick or persistent_only else (True, False):
                 emit(
                     kernel,
                     lambda cfg=cfg, p=persistent: fp8_tma_gemm(
@@ -102,22 +138,23 @@ def sweep_shape(m: int, k: int, n: int, rows: list[dict], quick: bool) -> None:
                     expected, tile=str(tile), persistent=persistent,
                 )  # fmt: skip
 
-    tma_tiles("channel-tma", CHANNEL_TILES, xq, wq, ref, block_scaled=False)
+    tma_tiles("channel-tma", tiles[0], xq, wq, ref, block_scaled=False)
 
     xb = quantize_fp8(x, Fp8Granularity.GROUP_1X128)
     wb = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     ref_b = fp8_block_gemm_reference(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16)
-    emit(
-        "block",
-        lambda: fp8_block_gemm_triton(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16),
-        ref_b,
-    )
+    if pointer:
+        emit(
+            "block",
+            lambda: fp8_block_gemm_triton(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16),
+            ref_b,
+        )
     emit(
         "block-tma",
         lambda: fp8_tma_gemm(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True),
         ref_b, tile="default",
     )  # fmt: skip
-    tma_tiles("block-tma", BLOCK_TILES, xb, wb, ref_b, block_scaled=True)
+    tma_tiles("block-tma", tiles[1], xb, wb, ref_b, block_scaled=True)
 
 
 def main() -> None:
@@ -125,11 +162,22 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--shapes", default=None, help="comma-separated indices into SHAPES")
     parser.add_argument("--quick", action="store_true", help="first two tiles, persistent only")
+    parser.add_argument(
+        "--tiles", nargs="+", help="candidate tiles for both kernels (see the module docstring)"
+    )
+    parser.add_argument("--persistent-only", action="store_true", help="skip one-program-per-tile launches")
+    parser.add_argument("--no-pointer", action="store_true", help="skip the pointer-load kernels")
+    parser.add_argument("--extra-shapes", nargs="*", default=[], help="more shapes as MxKxN")
     args = parser.parse_args()
     picked = [SHAPES[int(i)] for i in args.shapes.split(",")] if args.shapes else SHAPES
+    picked += [tuple(int(v) for v in text.split("x")) for text in args.extra_shapes]
+    tiles = (CHANNEL_TILES, BLOCK_TILES)
+    if args.tiles:
+        given = [tuple(int(v) for v in text.split(",")) for text in args.tiles]
+        tiles = (given, given)
     rows: list[dict] = []
     for m, k, n in picked:
-        sweep_shape(m, k, n, rows, args.quick)
+        sweep_shape(m, k, n, rows, args.quick, tiles, args.persistent_only, not args.no_pointer)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
@@ -141,7 +189,7 @@ def summarize(rows: list[dict]) -> None:
     print(f"\n{torch.cuda.get_device_name()}: x scaled_mm (default / best candidate [tile, persistent])")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         parts = []
-        for kernel in ("channel", "channel-tma", "block", "block-tma"):
+        for kernel in ("channel", "channel-tma", "channel-wgmma", "block", "block-tma"):
             mine = [r for r in rows if r["shape"] == shape and r["kernel"] == kernel and r.get("acc", 128)]
             if not mine:
                 continue

@@ -12,6 +12,7 @@ W8A8 (E4M3 codes, fp16 MMA), MXFP8 W8A8 (activations rounded first), FP8 per-cha
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=int, default=TARGETS)
     parser.add_argument("--register-caps", nargs="+", type=int, help="ptxas register caps to try (0: none)")
     parser.add_argument("--schemes", nargs="+", help="subset of the schemes timed")
+    parser.add_argument(
+        "--compare-widen", action="store_true", help="also time bf16-MMA schemes with fast_widen=False"
+    )
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
@@ -96,16 +100,24 @@ def main() -> None:
                         out_dtype=torch.bfloat16,
                         config=cfg,
                     ),
-                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx: small_m_gemm_triton(
-                        x, q.data, weight_scale_e8m0=q.scale_e8m0, activation_mx_rule="round_up", config=cfg
+                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True: small_m_gemm_triton(
+                        x,
+                        q.data,
+                        weight_scale_e8m0=q.scale_e8m0,
+                        activation_mx_rule="round_up",
+                        config=cfg,
+                        fast_widen=fast_widen,
                     ),
-                    "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel: small_m_gemm_triton(
-                        x, q.data, weight_scale=q.scale, config=cfg
+                    "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True: small_m_gemm_triton(
+                        x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen
                     ),
-                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx: small_m_gemm_triton(
-                        x, q.data, weight_scale_e8m0=q.scale_e8m0, config=cfg
+                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True: small_m_gemm_triton(
+                        x, q.data, weight_scale_e8m0=q.scale_e8m0, config=cfg, fast_widen=fast_widen
                     ),
                 }
+                if args.compare_widen:  # the same launches with Triton's own E4M3 conversions
+                    for name in ("mxfp8-w8a8", "fp8-channel-wo", "mxfp8-wo"):
+                        runs[f"{name} (triton widen)"] = functools.partial(runs[name], fast_widen=False)
                 for name, fn in runs.items():
                     if args.schemes and name not in args.schemes:
                         continue

@@ -14,6 +14,16 @@ before each MMA, ``acc = dot(a, b, acc * s_prev / s)``, saves that second regist
 slower on an H100 at 3 of 4 shapes of ``benchmarks/sweep_fp8_tma.py`` (2% faster at the fourth) and needs a
 floor under tiny scales to keep its ratios finite; it was dropped.)
 
+Promotion is what separates these kernels from ``torch._scaled_mm`` (H100, ``benchmarks/sweep_fp8_tma.py``,
+``results/sweep-fp8-tma-pps-h100.json``): the same 256x128 kernel without it runs at 0.77-1.16x of
+``_scaled_mm``, with it at 0.74-0.81x. Triton adds each 128-K step's partial product into the accumulator right
+after the step's wgmmas, so ptxas makes the warp group wait for them (its C7517 note) and the tensor cores idle
+through every add. Several programs per SM (``GemmConfig.programs_per_sm``) let one program's MMAs run through
+another's adds: 64x128 tiles with three per SM reach 0.79-0.83x at M = 1024 (0.74-0.81x default), 128x128
+tiles of four warps with two per SM 0.83-0.88x on four of seven shapes, but both lose at the largest shapes.
+The per-channel / per-tensor dispatcher therefore prefers the Gluon kernel of
+:mod:`mxrun.kernels.fp8_wgmma_gemm` on sm_90 where K >= 8192: it overlaps the adds with the next step's MMAs.
+
 Only for CUDA devices of compute capability 9.0 or newer with 16-byte aligned operands (K % 16 == 0); the
 dispatchers fall back to the pointer kernels otherwise, and the CPU (interpreter) path uses those too.
 """
@@ -138,6 +148,15 @@ def _fp8_tma_gemm_kernel(
         store_tile(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS)
 
 
+def fp8_operand_shapes(fn: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    """(M, N, K) of E4M3 operands A ``[M, K]`` and B ``[N, K]``; else an error naming ``fn`` and the problem."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise GemmInputError(f"{fn}: need A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise GemmInputError(f"{fn}: A and B must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+    return a.shape[0], b.shape[0], a.shape[1]
+
+
 def _descriptor(t: torch.Tensor, rows: int, cols: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -185,12 +204,7 @@ def fp8_tma_gemm(
     :func:`~mxrun.kernels.scaled_gemm.fp8_gemm_triton` / ``fp8_block_gemm_triton``."""
     fn = "fp8_tma_gemm"
     a_scale, b_scale, bias = unit_stride(a_scale), unit_stride(b_scale), unit_stride(bias)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
-        raise GemmInputError(f"{fn}: need A [M, K] and B [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
-        raise GemmInputError(f"{fn}: A and B must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
-    m, k = a.shape
-    n = b.shape[0]
+    m, n, k = fp8_operand_shapes(fn, a, b)
     if block_scaled and (
         a_scale.shape != (m, triton.cdiv(k, 128))
         or b_scale.shape != (triton.cdiv(n, 128), triton.cdiv(k, 128))
@@ -208,7 +222,7 @@ def fp8_tma_gemm(
         if block_scaled and (cfg.block_n != 128 or cfg.block_k != 128):
             raise ValueError(f"block-scaled TMA GEMM needs 128-wide N and K tiles, got {cfg}")
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-        programs = min(tiles, sms) if persistent else tiles
+        programs = min(tiles, sms * cfg.programs_per_sm) if persistent else tiles
         _fp8_tma_gemm_kernel[(programs,)](
             _descriptor(a, cfg.block_m, cfg.block_k),
             _descriptor(b, cfg.block_n, cfg.block_k),

@@ -82,6 +82,11 @@ class GemmConfig:
     speed; 32 (after every wgmma) halves that error but also the speed; ``None`` never promotes: as fast as
     ``_scaled_mm`` but 6-9x the error. The block-scaled kernel adds each 128-wide K step's dot into its fp32
     accumulator itself, so it needs no promotion inside the dot (``None``)."""
+    programs_per_sm: int = 1
+    """Persistent (TMA) kernels only: programs launched per SM. Each promotion (and each block-scaled step's
+    add) waits for that program's MMAs to finish, so with one program per SM the tensor cores idle while it
+    adds; a second or third resident program issues its MMAs meanwhile (needs tiles small enough for several
+    to share an SM's registers and shared memory)."""
 
     def launch_kwargs(self) -> dict[str, int]:
         return {
@@ -953,8 +958,9 @@ def fp8_linear(
     """W8A8 Linear with a per-tensor (0-dim scale) or per-channel (``[N, 1]``) FP8 weight and dynamic
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
     its dtype. Triton on CUDA, the torch reference elsewhere. Up to 64 rows: activation quantization, then the
-    split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, quantize once and run the tile kernel (the
-    TMA kernel of :mod:`mxrun.kernels.fp8_tma_gemm` from 512 rows on Hopper and newer). (The
+    split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, quantize once and run the tile kernel (from
+    512 rows and K >= 8192 the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA
+    kernel of :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+). (The
     tile kernel with the quantization fused in, measured 0.06-0.5x of bf16 at M <= 64, only serves strided
     inputs now.)"""
     if activation not in _ACT_GRANULARITY:
@@ -962,6 +968,7 @@ def fp8_linear(
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
+    from mxrun.kernels.fp8_wgmma_gemm import WGMMA_MIN_K, fp8_wgmma_gemm, wgmma_gemm_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
@@ -977,6 +984,8 @@ def fp8_linear(
     if x.shape[0] <= FUSED_QUANT_MAX_M:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
+    if x.shape[0] >= TMA_MIN_M and x.shape[1] >= WGMMA_MIN_K and wgmma_gemm_usable(quantized.data, weight):
+        return fp8_wgmma_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
     if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
         return fp8_tma_gemm(
             quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype, block_scaled=False

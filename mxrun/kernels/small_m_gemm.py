@@ -31,7 +31,11 @@ measured here. H100 (``bench_linear.py --graph --ms 1 16 64``, ``results/linear-
 W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
 0.75-1.88x (per-tensor) with this, the single launch and the tiles below. bf16 activations and E4M3 weights
 meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`; an MXFP8 weight is decoded
-through fp32 instead (the integer widening plus a bf16 scale multiply measured slower there). Two MXFP8 W8A8
+through fp32 instead (the integer widening plus a bf16 scale multiply measured slower there, and so did two
+other MX decodes, H100, same-run sweeps of five decode shapes at M = 1 and 16: fp16 -> fp32 by integer ops
+instead of the conversion, 1.08-1.42x of bf16 against 1.38-1.66x; one MMA per 32-wide group with the product
+scaled instead of the weight, 1.06-1.41x against 1.36-1.71x. The decode loop is bound by instructions issued,
+not by the conversion unit: it spends three per weight element and each variant added more). Two MXFP8 W8A8
 variants that keep E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each
 partial product scaled (0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with
 the blocks re-expressed at the step's largest exponent in fp16 (slower still: the per-element shifts and

@@ -37,6 +37,7 @@ CONFIGS = [
     GemmConfig(128, 256, 128, 8, 8, 3),
     GemmConfig(128, 128, 128, 8, 8, 4),
     GemmConfig(64, 128, 128, 8, 4, 4),
+    GemmConfig(64, 128, 128, 8, 4, 3, programs_per_sm=3),  # several programs per SM share the tiles
 ]
 
 
@@ -146,15 +147,68 @@ def test_no_recompile_for_new_m() -> None:
     one bucket reuse the compiled kernel, including an M and a program count that Triton would otherwise
     specialize on (divisible by 16)."""
     from mxrun.kernels import fp8_tma_gemm as module
+    from mxrun.kernels import fp8_wgmma_gemm as wgmma
 
     from .test_scaled_gemm import compiled_variants
+
+    def variants() -> int:  # the dispatcher takes the Gluon kernel on sm_90 when it can, else the TMA one
+        kernels = [module._fp8_tma_gemm_kernel]
+        if wgmma.HAS_GLUON:
+            kernels.append(wgmma._fp8_wgmma_gemm_kernel)
+        return sum(compiled_variants(kernel) for kernel in kernels)
 
     x, w, bias = _inputs(1000, 256, 512, seed=4)
     qw = quantize_fp8_reference(w, G.PER_ROW)
     args = (qw.data.cuda(), qw.scale.cuda(), bias.cuda())
     fp8_linear(x[:600].cuda(), *args, "token")
     fp8_linear(x[:601].cuda(), *args, "token")
-    before = compiled_variants(module._fp8_tma_gemm_kernel)
+    before = variants()
     for m in (613, 640, 700, 777, 1000):  # 640 rows: M divisible by 16; 1000: 16 programs
         fp8_linear(x[:m].cuda(), *args, "token")
-    assert compiled_variants(module._fp8_tma_gemm_kernel) == before
+    assert variants() == before
+
+
+needs_wgmma = pytest.mark.skipif(
+    not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon wgmma kernel is for sm_90"
+)
+
+
+@needs_wgmma
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (512, 256, 128), (512, 256, 256), (640, 384, 3 * 128)])
+@pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_wgmma_gemm(m, n, k, weight_granularity, with_bias) -> None:
+    """The Gluon kernel (promotion overlapped with the next step's MMAs) keeps the Triton kernels' bound, for
+    ragged M/N/K, odd and even numbers of 128-wide K steps (1, 2, 3, 9, 17, 32: the two-step loop, its
+    tails and no loop at all), per-tensor and per-channel weights, with and without bias; it is deterministic (same bits twice)."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
+
+    x, w, bias = _inputs(m, n, k, seed=7)
+    qa = quantize_fp8_reference(x, G.PER_ROW)
+    qw = quantize_fp8_reference(w, weight_granularity)
+    b = bias if with_bias else None
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, b, torch.bfloat16)
+    a_dev, w_dev = qa.data.cuda(), qw.data.cuda()
+    assert wgmma_gemm_usable(a_dev, w_dev)
+    run = lambda: fp8_wgmma_gemm(  # noqa: E731
+        a_dev, qa.scale.cuda(), w_dev, qw.scale.cuda(), b.cuda() if b is not None else None, torch.bfloat16
+    )
+    out = run()
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    assert torch.equal(out, run())
+
+
+@needs_wgmma
+def test_linear_dispatch_takes_wgmma_for_long_k(monkeypatch) -> None:
+    """fp8_linear at M >= 512 and K >= WGMMA_MIN_K runs the Gluon kernel, and keeps the bound."""
+    from mxrun.kernels import fp8_wgmma_gemm as wgmma
+
+    calls = []
+    real = wgmma.fp8_wgmma_gemm
+    monkeypatch.setattr(wgmma, "fp8_wgmma_gemm", lambda *args: calls.append(1) or real(*args))
+    x, w, bias = _inputs(520, 256, wgmma.WGMMA_MIN_K, seed=9)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_linear_reference(x, qw.data, qw.scale, bias, "token")
+    out = fp8_linear(x.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), "token", backend="triton")
+    assert calls == [1]
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
