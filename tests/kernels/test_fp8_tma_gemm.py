@@ -151,11 +151,10 @@ def test_no_recompile_for_new_m() -> None:
 
     from .test_scaled_gemm import compiled_variants
 
-    def variants() -> int:  # the dispatcher takes the Gluon kernel on sm_90 when it can, else the TMA one
-        kernels = [module._fp8_tma_gemm_kernel]
-        if wgmma.HAS_GLUON:
-            kernels.append(wgmma._fp8_wgmma_gemm_kernel)
-        return sum(compiled_variants(kernel) for kernel in kernels)
+    def variants() -> int:  # K = 512 goes to the TMA kernel; count the Gluon one's too (none may exist yet)
+        gluon_caches = getattr(wgmma, "_fp8_wgmma_gemm_kernel", None)
+        gluon_caches = getattr(gluon_caches, "device_caches", {}) or {}
+        return compiled_variants(module._fp8_tma_gemm_kernel) + sum(len(e[0]) for e in gluon_caches.values())
 
     x, w, bias = _inputs(1000, 256, 512, seed=4)
     qw = quantize_fp8_reference(w, G.PER_ROW)
@@ -212,3 +211,21 @@ def test_linear_dispatch_takes_wgmma_for_long_k(monkeypatch) -> None:
     out = fp8_linear(x.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), "token", backend="triton")
     assert calls == [1]
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@needs_wgmma
+def test_wgmma_no_recompile_for_new_m() -> None:
+    """New batch sizes reuse the Gluon kernel's compiled variant: M is not specialized, in the kernel's
+    arguments or in its descriptors (640 rows: M divisible by 16)."""
+    from mxrun.kernels import fp8_wgmma_gemm as wgmma
+
+    from .test_scaled_gemm import compiled_variants
+
+    x, w, bias = _inputs(1000, 256, wgmma.WGMMA_MIN_K, seed=11)
+    qw = quantize_fp8_reference(w, G.PER_ROW)
+    args = (qw.data.cuda(), qw.scale.cuda(), bias.cuda())
+    fp8_linear(x[:600].cuda(), *args, "token")
+    before = compiled_variants(wgmma._fp8_wgmma_gemm_kernel)
+    for m in (613, 640, 700, 1000):
+        fp8_linear(x[:m].cuda(), *args, "token")
+    assert compiled_variants(wgmma._fp8_wgmma_gemm_kernel) == before
