@@ -196,12 +196,17 @@ def fp8_wgmma_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]`` with per-row/per-tensor fp32
-    scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element). Callers check
-    :func:`wgmma_gemm_usable` first (the dispatcher does)."""
+    scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element). Operands it cannot take
+    (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
     from mxrun.kernels.fp8_tma_gemm import fp8_operand_shapes
     from mxrun.kernels.scaled_gemm import GemmInputError
 
     m, n, k = fp8_operand_shapes("fp8_wgmma_gemm", a, b)
+    if not wgmma_gemm_usable(a, b):
+        raise GemmInputError(
+            "fp8_wgmma_gemm: needs Triton's Gluon, an sm_90 CUDA device and TMA-ready operands (K-contiguous, "
+            "16-byte aligned rows); use fp8_tma_gemm or fp8_gemm_triton otherwise"
+        )
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
     if a_scale.numel() not in (1, m) or b_scale.numel() not in (1, n):

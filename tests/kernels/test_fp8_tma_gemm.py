@@ -167,6 +167,23 @@ def test_no_recompile_for_new_m() -> None:
     assert variants() == before
 
 
+def test_wgmma_gemm_refuses_what_it_cannot_run() -> None:
+    """Operands the Gluon kernel cannot take (here: CPU tensors, odd K, wrong dtype) get a named error, not a
+    traceback from deep inside Triton; the dispatcher sees ``wgmma_gemm_usable`` False and falls back."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
+
+    a = torch.zeros(4, 32, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(8, 32, dtype=torch.float8_e4m3fn)
+    one = torch.ones(1)
+    assert not wgmma_gemm_usable(a, b)
+    with pytest.raises(GemmInputError, match="fp8_wgmma_gemm: needs Triton's Gluon, an sm_90"):
+        fp8_wgmma_gemm(a, one, b, one, None, torch.bfloat16)
+    with pytest.raises(GemmInputError, match="need A \\[M, K\\] and B \\[N, K\\]"):
+        fp8_wgmma_gemm(a, one, b[:, :16], one, None, torch.bfloat16)
+    with pytest.raises(GemmInputError, match="must be float8_e4m3fn"):
+        fp8_wgmma_gemm(a.float(), one, b, one, None, torch.bfloat16)
+
+
 needs_wgmma = pytest.mark.skipif(
     not HAS_CUDA or torch.cuda.get_device_capability()[0] != 9, reason="the Gluon wgmma kernel is for sm_90"
 )
