@@ -42,6 +42,11 @@ CHANNEL_TILES = [  # block_m, block_n, block_k, group_m, warps, stages
     (128, 256, 128, 8, 8, 4),
     (128, 128, 128, 8, 4, 4),
 ]
+WGMMA_VARIANTS = [
+    (True, 4),
+    (True, 5),
+    (False, 4),
+]  # Gluon kernel: (persistent, stages); the first is the default
 BLOCK_TILES = [
     (128, 128, 128, 8, 8, 4),
     (256, 128, 128, 8, 8, 3),
@@ -109,12 +114,16 @@ def sweep_shape(
     if wgmma_gemm_usable(
         xq.data, wq.data
     ):  # the Gluon kernel that overlaps promotion and MMAs (default on sm_90)
-        emit(
-            "channel-wgmma",
-            lambda: fp8_wgmma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16),
-            ref,
-            tile="default",
-        )
+        for persistent, stages in WGMMA_VARIANTS:
+            emit(
+                "channel-wgmma",
+                lambda p=persistent, st=stages: fp8_wgmma_gemm(
+                    xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, persistent=p, stages=st
+                ),
+                ref,
+                tile="default" if (persistent, stages) == WGMMA_VARIANTS[0] else f"{stages} stages",
+                persistent=persistent,
+            )
     emit(  # the ceiling without fp32 promotion (not a candidate: 6-9x the error)
         "channel-tma",
         lambda: fp8_tma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False,
@@ -154,6 +163,25 @@ def sweep_shape(
         lambda: fp8_tma_gemm(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True),
         ref_b, tile="default",
     )  # fmt: skip
+    if wgmma_gemm_usable(xb.data, wb.data):
+        for persistent, stages in WGMMA_VARIANTS:
+            emit(
+                "block-wgmma",
+                lambda p=persistent, st=stages: fp8_wgmma_gemm(
+                    xb.data,
+                    xb.scale,
+                    wb.data,
+                    wb.scale,
+                    None,
+                    torch.bfloat16,
+                    block_scaled=True,
+                    persistent=p,
+                    stages=st,
+                ),
+                ref_b,
+                tile="default" if (persistent, stages) == WGMMA_VARIANTS[0] else f"{stages} stages",
+                persistent=persistent,
+            )
     tma_tiles("block-tma", tiles[1], xb, wb, ref_b, block_scaled=True)
 
 
@@ -189,7 +217,7 @@ def summarize(rows: list[dict]) -> None:
     print(f"\n{torch.cuda.get_device_name()}: x scaled_mm (default / best candidate [tile, persistent])")
     for shape in dict.fromkeys(r["shape"] for r in rows):
         parts = []
-        for kernel in ("channel", "channel-tma", "channel-wgmma", "block", "block-tma"):
+        for kernel in ("channel", "channel-tma", "channel-wgmma", "block", "block-tma", "block-wgmma"):
             mine = [r for r in rows if r["shape"] == shape and r["kernel"] == kernel and r.get("acc", 128)]
             if not mine:
                 continue

@@ -1,27 +1,40 @@
-"""FP8 W8A8 GEMM for large M on Hopper, written in Gluon so that the accumulator's promotion overlaps the MMAs.
+"""FP8 W8A8 GEMMs for large M on Hopper, written in Gluon so that the accumulator's promotion overlaps the MMAs.
 
 Hopper's FP8 wgmma accumulates in reduced precision; like cuBLASLt with fast accumulation off, mxrun adds each
-128-wide K step's product into an fp32 accumulator (see ``GemmConfig.max_imprecise_acc``). In Triton the add
-comes right after the step's wgmmas, so ptxas makes the warp group wait for them and the tensor cores idle
-through every add (:mod:`mxrun.kernels.fp8_tma_gemm`: 0.74-0.81x of ``torch._scaled_mm``). Gluon exposes the
-asynchronous wgmma and its wait, so this kernel keeps two register sets for the step products and works one
-step ahead: it issues step k's MMAs into one set, waits only for step k-1's (``warpgroup_mma_wait(1)``), adds
-that set into the accumulator while step k runs, and refills step k-1's shared-memory slot by TMA. The same
-arithmetic as the Triton kernels (products promoted every 128 K, added in K order; equal error statistics
-measured).
+128-wide K step's product into an fp32 accumulator (see ``GemmConfig.max_imprecise_acc``), scaled by the step's
+1x128 / 128x128 scales when block-scaled. In Triton the add comes right after the step's wgmmas, so ptxas makes
+the warp group wait for them and the tensor cores idle through every add (:mod:`mxrun.kernels.fp8_tma_gemm`:
+0.74-0.81x of ``torch._scaled_mm``). Gluon exposes the asynchronous wgmma, its wait and warp specialization,
+so this kernel splits each program into three partitions that meet only at mbarriers:
+
+* a loader warp group walks the program's tiles (persistent: one program per SM, tiles in grouped order) and
+  TMA-loads each 128-wide K step's two 64-row halves of A and its B tile into one of ``STAGES`` slots, once
+  both consumers have released the slot;
+* two consumer warp groups each own 64 rows of the 128x128 tile: they issue two steps' MMAs into two register
+  sets, wait for the first, add it into the fp32 accumulator while the second runs, then the second, and
+  release each slot as its MMAs retire; then the epilogue (scales, bias, cast, store) of their half tile.
+  The consumers are not synchronized with each other, so one's adds and epilogue overlap the other's MMAs.
+
+The same arithmetic as the Triton kernels (products promoted every 128 K, added in K order; equal error
+statistics measured). Two compiler pitfalls shaped the code: CTA-wide ``bar.sync`` barriers that Gluon inserts
+around single-thread TMA and mbarrier operations (four per K step when eight warps both load and compute; the
+loader partition keeps them out of the MMA warps), and an MMA result that is still in flight when the loop's
+registers change hands: the compiler copies it, and ptxas then serializes every wgmma of the kernel (its C7514
+note). Hence each loop iteration waits for both of its steps.
 
 Measured on an H100, GEMM alone against ``_scaled_mm`` in the same run (``benchmarks/sweep_fp8_tma.py --shapes
-2,3,4,5,6,7,8,9,10,11,12,13 --persistent-only --no-pointer --tiles 256,128,128,8,8,3``,
-``results/sweep-fp8-wgmma-h100.json``): 128x128 tiles, 8 warps, 4 stages ran at 0.85-1.05x where K >= 8192
-(Triton TMA kernel: 0.70-0.86x) and 0.47-0.80x at K = 4096 (TMA: 0.32-0.82x, better on one of five), hence
-:data:`WGMMA_MIN_K`. Three register sets of a 128x256 tile would not fit, so tiles stay 128x128. A persistent
-variant (one program per SM, the next tile's loads issued during the current tile's last steps) measured
-slower in a first try (0.58-0.81x) and was dropped; it is the obvious next step for short K.
+4,5,6,7,8,9,10,11,12,13 --persistent-only --no-pointer --tiles 128,128,128,8,8,4``,
+``results/sweep-fp8-wgmma-ws-h100.json``, the ``ws4`` column): per-channel 0.84-0.93x (the Triton TMA kernel
+0.73-0.87x, the earlier eight-warp Gluon kernel without the loader partition 0.78-0.94x), block-scaled
+0.75-0.87x (TMA 0.65-0.75x). What is left to ``_scaled_mm`` is mostly the 128x128 tile: the Triton kernel's
+256x128 tiles without promotion reach 0.88-1.07x, and a 128x128 tile reads a third more operand bytes from L2
+per FLOP; a bigger tile does not fit the registers of two warp groups that keep an accumulator and two step
+products (2-CTA clusters with TMA multicast of the shared operand would be the next step).
 
-Needs CUDA sm_90+, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
-operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatcher falls
-back to the Triton TMA kernel otherwise. Blackwell (sm_100) has its own MMA (tcgen05) and would get its own
-kernel; this one is for sm_90 only.
+Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
+operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
+back to the Triton TMA kernel otherwise. Blackwell (sm_100) has its own MMA (tcgen05, native MX scales) and
+would get its own kernel behind the same function.
 """
 
 from __future__ import annotations
@@ -47,128 +60,272 @@ try:  # Gluon is experimental and Hopper-specific: the package works without it
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAS_GLUON = False
 
-WGMMA_MIN_K = 8192
-"""From this K the dispatcher prefers this kernel to the persistent Triton TMA kernel. With fewer K steps per
-tile the TMA kernel's persistence (the next tile's loads overlap this tile's epilogue) is worth more than the
-overlapped promotion: H100, same run, GEMM alone, x ``_scaled_mm``: K = 4096 0.47-0.80 here against 0.32-0.82;
-K >= 8192 0.85-1.05 against 0.70-0.86 (``benchmarks/results/sweep-fp8-wgmma-h100.json``)."""
-
 WGMMA_BLOCK = (128, 128, 128)
-"""The tile (M, N, K): three fp32 register sets of it (accumulator and two step products) fit 8 warps."""
+"""The tile (M, N, K): each consumer warp group holds an fp32 accumulator and two step products of 64x128."""
 WGMMA_STAGES = 4
-WGMMA_WARPS = 8
 WGMMA_GROUP_M = 8
+CONSUMER_REGS = 232
+"""Registers per thread of each consumer warp group (the loader keeps the rest of the register file)."""
 
 
 if HAS_GLUON:
 
     @gluon.jit
-    def _refill(a_desc, b_desc, a_s, b_s, ready, step, k_steps, off_m, off_n, STAGES: gl.constexpr):
-        """TMA loads of K step ``step`` (if there is one) into its slot; the slot's last MMAs are done."""
-        gl.thread_barrier()  # both warp groups' MMAs on the slot are done before TMA overwrites it
-        slot = step % STAGES
-        pred = step < k_steps
-        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-        mbarrier.expect(ready.index(slot), a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(
-            a_desc, [off_m, step * BLOCK_K], ready.index(slot), a_s.index(slot), pred
-        )
-        tma.async_copy_global_to_shared(
-            b_desc, [off_n, step * BLOCK_K], ready.index(slot), b_s.index(slot), pred
-        )
+    def _tile_offsets(
+        tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
+    ):
+        """(row, column) offsets of a linear tile id, GROUP_M row tiles per column sweep (L2 reuse). Ids past
+        the last tile give unused offsets (their loads are predicated off), never a division by zero."""
+        group = GROUP_M * num_pid_n
+        first_m = (tile // group) * GROUP_M
+        size_m = max(min(num_pid_m - first_m, GROUP_M), 1)
+        return (first_m + (tile % group) % size_m) * BLOCK_M, ((tile % group) // size_m) * BLOCK_N
 
     @gluon.jit
-    def _step_product(a_s, b_s, ready, step, regs, STAGES: gl.constexpr):
-        """Start K step ``step``'s MMAs into ``regs`` (their old contents ignored) once its tiles have landed."""
-        slot = step % STAGES
-        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
-        return warpgroup_mma(
-            a_s.index(slot), b_s.index(slot).permute((1, 0)), regs, use_acc=False, is_async=True
-        )
+    def _step_scale(a_scale_rows, row_mask, b_scale_row, k_step, ones, BLOCK_SCALED: gl.constexpr):
+        """Block scaling: the rows' 1x128 activation scales times the tile's weight-block scale for one K step
+        (loaded when the step's MMAs start, used after they finish). Otherwise unused ones."""
+        if BLOCK_SCALED:
+            return gl.load(a_scale_rows + k_step, mask=row_mask, other=0.0) * gl.load(b_scale_row + k_step)
+        else:
+            return ones
 
-    @gluon.jit(do_not_specialize=["M"])
-    def _fp8_wgmma_gemm_kernel(
-        a_desc,  # [M, K] float8e4nv, tiles [BLOCK_M, BLOCK_K]
-        b_desc,  # [N, K] float8e4nv weight, tiles [BLOCK_N, BLOCK_K]
-        a_scale_ptr,  # fp32 [M] (A_PER_ROW) or [1]
-        b_scale_ptr,  # fp32 [N] (B_PER_ROW) or [1]
-        bias_ptr,
-        c_ptr,  # [M, N], row stride stride_cm, unit column stride
+    @gluon.jit
+    def _promote(acc, product, scale, BLOCK_SCALED: gl.constexpr):
+        """Add one K step's product into the fp32 accumulator (scaled by the step's block scales)."""
+        if BLOCK_SCALED:
+            return acc + product * scale[:, None]
+        else:
+            return acc + product
+
+    @gluon.jit
+    def _loader(
+        a_desc,
+        b_desc,
+        a_s,
+        b_s,
+        ready,
+        empty,
         M,
         N,
         K,
+        num_programs,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """The loader partition: walks this program's tiles and K steps; for each step it waits until both
+        consumers have released the step's slot, then TMA-loads the two 64-row halves of A and the B tile."""
+        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+        num_pid_m = gl.cdiv(M, 2 * HALF_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        loads = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
+            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, 2 * HALF_M, BLOCK_N, GROUP_M)
+            for kb in range(k_steps):
+                slot = loads % STAGES
+                mbarrier.wait(
+                    empty.index(slot), ((loads // STAGES) & 1) ^ 1
+                )  # a fresh barrier passes parity 1
+                bar = ready.index(slot)
+                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [off_m, kb * BLOCK_K], bar, a_s.index(2 * slot))
+                tma.async_copy_global_to_shared(
+                    a_desc, [off_m + HALF_M, kb * BLOCK_K], bar, a_s.index(2 * slot + 1)
+                )
+                tma.async_copy_global_to_shared(b_desc, [off_n, kb * BLOCK_K], bar, b_s.index(slot))
+                loads += 1
+
+    @gluon.jit
+    def _step_product(a_s, b_s, ready, step, regs, HALF: gl.constexpr, STAGES: gl.constexpr):
+        """Start this consumer's MMAs of stream step ``step`` into ``regs`` once the step's tiles landed."""
+        slot = step % STAGES
+        mbarrier.wait(ready.index(slot), (step // STAGES) & 1)
+        return warpgroup_mma(
+            a_s.index(2 * slot + HALF), b_s.index(slot).permute((1, 0)), regs, use_acc=False, is_async=True
+        )
+
+    @gluon.jit
+    def _consumer(
+        a_s,
+        b_s,
+        ready,
+        empty,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        stride_asm,
+        stride_bsn,
         stride_cm,
+        num_programs,
+        HALF: gl.constexpr,
+        BLOCK_SCALED: gl.constexpr,
         A_PER_ROW: gl.constexpr,
         B_PER_ROW: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
-        num_warps: gl.constexpr,
     ):
-        BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+        """A consumer warp group: 64 rows (half ``HALF``) of each of the program's 128x128 tiles. Per
+        iteration it issues two K steps' MMAs, waits for the first, releases its slot and adds it into the
+        fp32 accumulator while the second runs, then the same for the second; then the epilogue of its half
+        tile."""
+        HALF_M: gl.constexpr = a_s.shape[1]
+        BLOCK_K: gl.constexpr = a_s.shape[2]
+        BLOCK_N: gl.constexpr = b_s.shape[1]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
+        num_pid_m = gl.cdiv(M, 2 * HALF_M)
+        num_pid_n = gl.cdiv(N, BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        ones = gl.full([HALF_M], 1.0, gl.float32, rows_layout)
+        regs_a = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+        regs_b = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+        step = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
+            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, 2 * HALF_M, BLOCK_N, GROUP_M)
+            offs_m = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=rows_layout)
+            row_mask = offs_m < M
+            a_scale_rows = a_scale_ptr + offs_m.to(gl.int64) * stride_asm
+            b_scale_row = b_scale_ptr + (off_n // BLOCK_N) * stride_bsn
+            acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+            # Two steps per iteration, both waited for within it: an MMA still in flight when the loop's
+            # registers change hands makes the compiler copy its registers, and ptxas then serializes every
+            # wgmma of the kernel (its C7514 note). The other consumer's MMAs fill the gap after the second wait.
+            for kb in range(0, k_steps - 1, 2):
+                pending_a = _step_product(a_s, b_s, ready, step + kb, regs_a, HALF, STAGES)
+                scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, kb, ones, BLOCK_SCALED)
+                pending_b = _step_product(a_s, b_s, ready, step + kb + 1, regs_b, HALF, STAGES)
+                scale_b = _step_scale(a_scale_rows, row_mask, b_scale_row, kb + 1, ones, BLOCK_SCALED)
+                regs_a = warpgroup_mma_wait(1, deps=(pending_a,))
+                mbarrier.arrive(empty.index((step + kb) % STAGES), count=1)
+                acc = _promote(acc, regs_a, scale_a, BLOCK_SCALED)
+                regs_b = warpgroup_mma_wait(0, deps=(pending_b,))
+                mbarrier.arrive(empty.index((step + kb + 1) % STAGES), count=1)
+                acc = _promote(acc, regs_b, scale_b, BLOCK_SCALED)
+            if k_steps % 2 == 1:
+                pending_a = _step_product(a_s, b_s, ready, step + k_steps - 1, regs_a, HALF, STAGES)
+                scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, k_steps - 1, ones, BLOCK_SCALED)
+                regs_a = warpgroup_mma_wait(0, deps=(pending_a,))
+                mbarrier.arrive(empty.index((step + k_steps - 1) % STAGES), count=1)
+                acc = _promote(acc, regs_a, scale_a, BLOCK_SCALED)
+            step += k_steps
+            _store_tile(
+                acc,
+                offs_m,
+                row_mask,
+                off_n,
+                a_scale_ptr,
+                b_scale_ptr,
+                bias_ptr,
+                c_ptr,
+                N,
+                stride_cm,
+                layout,
+                BLOCK_SCALED,
+                A_PER_ROW,
+                B_PER_ROW,
+                HAS_BIAS,
+            )
+
+    @gluon.jit
+    def _store_tile(
+        acc,
+        offs_m,
+        row_mask,
+        off_n,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        c_ptr,
+        N,
+        stride_cm,
+        layout: gl.constexpr,
+        BLOCK_SCALED: gl.constexpr,
+        A_PER_ROW: gl.constexpr,
+        B_PER_ROW: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+    ):
+        """Per-row/per-tensor scales (block scales were applied per step), bias, cast, masked store."""
+        BLOCK_N: gl.constexpr = acc.shape[1]
+        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
+        if not BLOCK_SCALED:
+            if A_PER_ROW:
+                a_scale = gl.load(a_scale_ptr + offs_m, mask=row_mask, other=1.0)
+            else:
+                a_scale = gl.load(a_scale_ptr + offs_m * 0)
+            if B_PER_ROW:
+                b_scale = gl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)
+            else:
+                b_scale = gl.load(b_scale_ptr + offs_n * 0)
+            acc = acc * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            acc = acc + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
+        mask = row_mask[:, None] & (offs_n < N)[None, :]
+        ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
+        gl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @gluon.jit(do_not_specialize=["M", "num_programs"])
+    def _fp8_wgmma_gemm_kernel(
+        a_desc,  # [M, K] float8e4nv, tiles [64, BLOCK_K] (each consumer's half of a 128-row tile)
+        b_desc,  # [N, K] float8e4nv weight, tiles [BLOCK_N, BLOCK_K]
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        stride_asm,
+        stride_bsn,
+        stride_cm,
+        num_programs,
+        BLOCK_SCALED: gl.constexpr,
+        A_PER_ROW: gl.constexpr,
+        B_PER_ROW: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+    ):
+        """The loader and the two consumers (see the module docstring), meeting only at the slots' mbarriers:
+        ``ready`` (the slot's TMA bytes landed) and ``empty`` (both consumers' MMAs on it retired)."""
+        HALF_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-        pid = gl.program_id(0)
-        num_pid_m = gl.cdiv(M, BLOCK_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_pid_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(num_pid_m - first_m, GROUP_M)
-        off_m = (first_m + (pid % group) % size_m) * BLOCK_M
-        off_n = ((pid % group) // size_m) * BLOCK_N
-        k_steps = gl.cdiv(K, BLOCK_K)
-
-        a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+        a_s = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, BLOCK_K], a_desc.layout)
         b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            _refill(a_desc, b_desc, a_s, b_s, ready, i, k_steps, off_m, off_n, STAGES)
-
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32]
+            mbarrier.init(empty.index(i), count=2)  # both consumers release each slot
+        # fmt: off
+        gl.warp_specialize(
+            [
+                (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES)),
+                (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, stride_asm,
+                             stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED, A_PER_ROW, B_PER_ROW, HAS_BIAS,
+                             GROUP_M, STAGES)),
+                (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, stride_asm,
+                             stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED, A_PER_ROW, B_PER_ROW, HAS_BIAS,
+                             GROUP_M, STAGES)),
+            ],
+            [4, 4],  # the consumers' warps (the loader has the kernel's num_warps)
+            [CONSUMER_REGS, CONSUMER_REGS],
         )
-        acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
-        regs_b = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout)
-        # Two steps per iteration so that each register set keeps its registers (no copies of in-flight results).
-        pending_a = _step_product(
-            a_s, b_s, ready, 0, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout), STAGES
-        )
-        for kb in range(1, k_steps - 1, 2):
-            pending_b = _step_product(a_s, b_s, ready, kb, regs_b, STAGES)
-            regs_a = warpgroup_mma_wait(1, deps=(pending_a,))  # step kb-1 done; step kb runs on
-            acc += regs_a
-            _refill(a_desc, b_desc, a_s, b_s, ready, kb - 1 + STAGES, k_steps, off_m, off_n, STAGES)
-            pending_a = _step_product(a_s, b_s, ready, kb + 1, regs_a, STAGES)
-            regs_b = warpgroup_mma_wait(1, deps=(pending_b,))
-            acc += regs_b
-            _refill(a_desc, b_desc, a_s, b_s, ready, kb + STAGES, k_steps, off_m, off_n, STAGES)
-        if k_steps % 2 == 0:  # the last step is still to start
-            pending_b = _step_product(a_s, b_s, ready, k_steps - 1, regs_b, STAGES)
-            acc += warpgroup_mma_wait(1, deps=(pending_a,))
-            acc += warpgroup_mma_wait(0, deps=(pending_b,))
-        else:
-            acc += warpgroup_mma_wait(0, deps=(pending_a,))
+        # fmt: on
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
-
-        offs_m = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
-        offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
-        if A_PER_ROW:
-            a_scale = gl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
-        else:
-            a_scale = gl.load(a_scale_ptr + offs_m * 0)
-        if B_PER_ROW:
-            b_scale = gl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)
-        else:
-            b_scale = gl.load(b_scale_ptr + offs_n * 0)
-        out = acc * a_scale[:, None] * b_scale[None, :]
-        if HAS_BIAS:
-            out = out + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
-        gl.store(ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+            mbarrier.invalidate(empty.index(i))
 
 
 @functools.cache
@@ -194,51 +351,67 @@ def fp8_wgmma_gemm(
     b_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    *,
+    block_scaled: bool = False,
+    persistent: bool = True,
+    stages: int = WGMMA_STAGES,
 ) -> torch.Tensor:
-    """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]`` with per-row/per-tensor fp32
-    scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element). Operands it cannot take
-    (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
-    from mxrun.kernels.fp8_tma_gemm import fp8_operand_shapes
-    from mxrun.kernels.scaled_gemm import GemmInputError
+    """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]``: per-row/per-tensor fp32
+    scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element), or with ``block_scaled`` 1x128
+    activation groups ``[M, ceil(K/128)]`` and 128x128 weight blocks ``[ceil(N/128), ceil(K/128)]``.
+    ``persistent`` launches one program per SM that walks the tiles (the next tile's loads overlap this one's
+    epilogue) instead of one per tile. Operands it cannot take (:func:`wgmma_gemm_usable` is False: no Gluon,
+    not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
+    from mxrun.kernels.fp8_tma_gemm import _sm_count, fp8_operand_shapes
+    from mxrun.kernels.scaled_gemm import GemmInputError, unit_stride
 
-    m, n, k = fp8_operand_shapes("fp8_wgmma_gemm", a, b)
+    fn = "fp8_wgmma_gemm"
+    m, n, k = fp8_operand_shapes(fn, a, b)
     if not wgmma_gemm_usable(a, b):
         raise GemmInputError(
-            "fp8_wgmma_gemm: needs Triton's Gluon, an sm_90 CUDA device and TMA-ready operands (K-contiguous, "
+            f"{fn}: needs Triton's Gluon, an sm_90 CUDA device and TMA-ready operands (K-contiguous, "
             "16-byte aligned rows); use fp8_tma_gemm or fp8_gemm_triton otherwise"
         )
-    a_scale = a_scale.reshape(-1).contiguous()
-    b_scale = b_scale.reshape(-1).contiguous()
-    if a_scale.numel() not in (1, m) or b_scale.numel() not in (1, n):
-        raise GemmInputError(
-            f"fp8_wgmma_gemm: scales must have 1 or M={m} / 1 or N={n} elements, got {a_scale.numel()}, "
-            f"{b_scale.numel()}"
-        )
+    k_groups = triton.cdiv(k, 128)
+    if block_scaled:
+        a_scale, b_scale = unit_stride(a_scale), unit_stride(b_scale)
+        if a_scale.shape != (m, k_groups) or b_scale.shape != (triton.cdiv(n, 128), k_groups):
+            raise GemmInputError(
+                f"{fn}: block scales must be [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)], got "
+                f"{tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
+            )
+    else:
+        a_scale = a_scale.reshape(-1).contiguous()
+        b_scale = b_scale.reshape(-1).contiguous()
+        if a_scale.numel() not in (1, m) or b_scale.numel() not in (1, n):
+            raise GemmInputError(
+                f"{fn}: scales must have 1 or M={m} / 1 or N={n} elements, got {a_scale.numel()}, "
+                f"{b_scale.numel()}"
+            )
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
     block_m, block_n, block_k = WGMMA_BLOCK
-    a_desc = TensorDescriptor.from_tensor(a, [block_m, block_k], _operand_layout(block_m, block_k))
+    a_rows = block_m // 2  # each consumer's half
+    a_desc = TensorDescriptor.from_tensor(a, [a_rows, block_k], _operand_layout(a_rows, block_k))
     b_desc = TensorDescriptor.from_tensor(b, [block_n, block_k], _operand_layout(block_n, block_k))
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _fp8_wgmma_gemm_kernel[grid](
-        a_desc,
-        b_desc,
-        a_scale,
-        b_scale,
-        bias if bias is not None else b_scale,
-        c,
-        m,
-        n,
-        k,
-        c.stride(0),
-        A_PER_ROW=a_scale.numel() > 1,
-        B_PER_ROW=b_scale.numel() > 1,
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    programs = min(tiles, _sm_count(index)) if persistent else tiles
+    args = (
+        a_desc, b_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale, c, m, n, k,
+        k_groups, k_groups, c.stride(0), programs,
+    )  # fmt: skip
+    flags = dict(
+        BLOCK_SCALED=block_scaled,
+        A_PER_ROW=(not block_scaled) and a_scale.numel() > 1,
+        B_PER_ROW=(not block_scaled) and b_scale.numel() > 1,
         HAS_BIAS=bias is not None,
         GROUP_M=WGMMA_GROUP_M,
-        STAGES=WGMMA_STAGES,
-        num_warps=WGMMA_WARPS,
+        STAGES=stages,
     )
+    # num_warps is the loader's warp group; the two consumer warp groups come on top.
+    _fp8_wgmma_gemm_kernel[(programs,)](*args, **flags, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return c
 
 
@@ -247,4 +420,4 @@ def _operand_layout(rows: int, cols: int):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
 
 
-__all__ = ["HAS_GLUON", "WGMMA_MIN_K", "fp8_wgmma_gemm", "wgmma_gemm_usable"]
+__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "wgmma_gemm_usable"]

@@ -959,16 +959,15 @@ def fp8_linear(
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
     its dtype. Triton on CUDA, the torch reference elsewhere. Up to 64 rows: activation quantization, then the
     split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, quantize once and run the tile kernel (from
-    512 rows and K >= 8192 the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA
-    kernel of :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+). (The
-    tile kernel with the quantization fused in, measured 0.06-0.5x of bf16 at M <= 64, only serves strided
-    inputs now.)"""
+    512 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA kernel of
+    :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+). (The tile kernel with the quantization fused in, measured
+    0.06-0.5x of bf16 at M <= 64, only serves strided inputs now.)"""
     if activation not in _ACT_GRANULARITY:
         raise GemmInputError(f"fp8_linear: activation must be 'tensor' or 'token', got {activation!r}")
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
-    from mxrun.kernels.fp8_wgmma_gemm import WGMMA_MIN_K, fp8_wgmma_gemm, wgmma_gemm_usable
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
@@ -984,7 +983,7 @@ def fp8_linear(
     if x.shape[0] <= FUSED_QUANT_MAX_M:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
-    if x.shape[0] >= TMA_MIN_M and x.shape[1] >= WGMMA_MIN_K and wgmma_gemm_usable(quantized.data, weight):
+    if x.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
         return fp8_wgmma_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
     if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
         return fp8_tma_gemm(
@@ -1019,10 +1018,13 @@ def fp8_block_gemm(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Block-scaled GEMM of quantized operands (E4M3 ``a`` with 1x128 group scales, E4M3 ``weight`` with
-    128x128 block scales) on CUDA: the TMA kernel from ``TMA_MIN_M`` rows on Hopper and newer, the pointer
-    kernel otherwise."""
+    128x128 block scales) on CUDA: from ``TMA_MIN_M`` rows the Gluon kernel on Hopper, the TMA kernel on other
+    sm_90+ devices; the pointer kernel otherwise."""
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 
+    if a.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(a, weight):
+        return fp8_wgmma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
     if a.shape[0] >= TMA_MIN_M and tma_usable(a, weight):
         return fp8_tma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
     return fp8_block_gemm_triton(a, a_scale, weight, weight_scale, bias, out_dtype)

@@ -151,7 +151,7 @@ def test_no_recompile_for_new_m() -> None:
 
     from .test_scaled_gemm import compiled_variants
 
-    def variants() -> int:  # K = 512 goes to the TMA kernel; count the Gluon one's too (none may exist yet)
+    def variants() -> int:  # the TMA kernel's and the Gluon one's (Hopper takes the Gluon kernel)
         gluon_caches = getattr(wgmma, "_fp8_wgmma_gemm_kernel", None)
         gluon_caches = getattr(gluon_caches, "device_caches", {}) or {}
         return compiled_variants(module._fp8_tma_gemm_kernel) + sum(len(e[0]) for e in gluon_caches.values())
@@ -182,6 +182,11 @@ def test_wgmma_gemm_refuses_what_it_cannot_run() -> None:
         fp8_wgmma_gemm(a, one, b[:, :16], one, None, torch.bfloat16)
     with pytest.raises(GemmInputError, match="must be float8_e4m3fn"):
         fp8_wgmma_gemm(a.float(), one, b, one, None, torch.bfloat16)
+    if HAS_CUDA and torch.cuda.get_device_capability()[0] == 9:  # shape checks after the usable check
+        a, b = a.cuda(), b.cuda()
+        with pytest.raises(GemmInputError, match="block scales must be"):
+            fp8_wgmma_gemm(a, torch.ones(4, 2, device="cuda"), b, one.cuda(), None, torch.bfloat16,
+                           block_scaled=True)  # fmt: skip
 
 
 needs_wgmma = pytest.mark.skipif(
@@ -189,14 +194,26 @@ needs_wgmma = pytest.mark.skipif(
 )
 
 
+WGMMA_SHAPES = [
+    *SHAPES,
+    (512, 256, 128),  # 1, 2 and 3 K steps: no two-step loop, its even and odd tails
+    (512, 256, 256),
+    (640, 384, 3 * 128),
+    (2048, 2176, 2 * 128),  # 272 tiles: persistent programs walk 2-3 tiles with fewer K steps than stages,
+    (2048, 2048, 3 * 128),  # so the load stream runs into the next tile and beyond
+]
+
+
 @needs_wgmma
-@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (512, 256, 128), (512, 256, 256), (640, 384, 3 * 128)])
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
 @pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_wgmma_gemm(m, n, k, weight_granularity, with_bias) -> None:
+def test_wgmma_gemm(m, n, k, weight_granularity, with_bias, persistent) -> None:
     """The Gluon kernel (promotion overlapped with the next step's MMAs) keeps the Triton kernels' bound, for
     ragged M/N/K, odd and even numbers of 128-wide K steps (1, 2, 3, 9, 17, 32: the two-step loop, its
-    tails and no loop at all), per-tensor and per-channel weights, with and without bias; it is deterministic (same bits twice)."""
+    tails and no loop at all), per-tensor and per-channel weights, with and without bias, one program per
+    tile or persistent programs; it is deterministic (same bits twice)."""
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 
     x, w, bias = _inputs(m, n, k, seed=7)
@@ -206,8 +223,9 @@ def test_wgmma_gemm(m, n, k, weight_granularity, with_bias) -> None:
     ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, b, torch.bfloat16)
     a_dev, w_dev = qa.data.cuda(), qw.data.cuda()
     assert wgmma_gemm_usable(a_dev, w_dev)
+    bias_dev = b.cuda() if b is not None else None
     run = lambda: fp8_wgmma_gemm(  # noqa: E731
-        a_dev, qa.scale.cuda(), w_dev, qw.scale.cuda(), b.cuda() if b is not None else None, torch.bfloat16
+        a_dev, qa.scale.cuda(), w_dev, qw.scale.cuda(), bias_dev, torch.bfloat16, persistent=persistent
     )
     out = run()
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
@@ -215,18 +233,59 @@ def test_wgmma_gemm(m, n, k, weight_granularity, with_bias) -> None:
 
 
 @needs_wgmma
-def test_linear_dispatch_takes_wgmma_for_long_k(monkeypatch) -> None:
-    """fp8_linear at M >= 512 and K >= WGMMA_MIN_K runs the Gluon kernel, and keeps the bound."""
+@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
+def test_wgmma_block_scaled(m, n, k, persistent) -> None:
+    """Block scaling in the Gluon kernel: each step's product times its rows' 1x128 activation scales and the
+    tile's weight-block scale (group scales spread over 2^+-12 and all-zero groups, so a scale taken from
+    the wrong step, row or block is far off), with bias; deterministic."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
+
+    x, w, bias = _inputs(m, n, k, seed=m + k, spread_groups=True)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    qw = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    args = (qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), torch.bfloat16)
+    run = lambda: fp8_wgmma_gemm(*args, block_scaled=True, persistent=persistent)  # noqa: E731
+    out = run()
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    assert torch.equal(out, run())
+
+
+@needs_wgmma
+def test_wgmma_block_scaled_tiny_group_stays_finite() -> None:
+    """The TMA kernel's subnormal-scale case (see test_block_scaled_tiny_group_stays_finite) in the Gluon one."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
+
+    x, w, bias = _inputs(256, 512, 1024, seed=9)
+    x[:4, 128:256] = (torch.randn(4, 128) * 1e-36).to(torch.bfloat16)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    qw = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    out = fp8_wgmma_gemm(qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(),
+                         torch.bfloat16, block_scaled=True)  # fmt: skip
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@needs_wgmma
+def test_linear_dispatch_takes_wgmma(monkeypatch) -> None:
+    """fp8_linear and fp8_block_linear at M >= 512 on Hopper run the Gluon kernel, and keep the bound."""
     from mxrun.kernels import fp8_wgmma_gemm as wgmma
 
     calls = []
     real = wgmma.fp8_wgmma_gemm
-    monkeypatch.setattr(wgmma, "fp8_wgmma_gemm", lambda *args: calls.append(1) or real(*args))
-    x, w, bias = _inputs(520, 256, wgmma.WGMMA_MIN_K, seed=9)
+    monkeypatch.setattr(wgmma, "fp8_wgmma_gemm", lambda *args, **kw: calls.append(kw) or real(*args, **kw))
+    x, w, bias = _inputs(520, 256, 1024, seed=9)
     qw = quantize_fp8_reference(w, G.PER_ROW)
     ref = fp8_linear_reference(x, qw.data, qw.scale, bias, "token")
     out = fp8_linear(x.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), "token", backend="triton")
-    assert calls == [1]
+    assert calls == [{}]
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+    qb = quantize_fp8_reference(w, G.BLOCK_128X128)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qb.data, qb.scale, bias, torch.bfloat16)
+    out = fp8_block_linear(x.cuda(), qb.data.cuda(), qb.scale.cuda(), bias.cuda(), backend="triton")
+    assert calls == [{}, {"block_scaled": True}]
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
 
 
@@ -238,7 +297,7 @@ def test_wgmma_no_recompile_for_new_m() -> None:
 
     from .test_scaled_gemm import compiled_variants
 
-    x, w, bias = _inputs(1000, 256, wgmma.WGMMA_MIN_K, seed=11)
+    x, w, bias = _inputs(1000, 256, 1024, seed=11)
     qw = quantize_fp8_reference(w, G.PER_ROW)
     args = (qw.data.cuda(), qw.scale.cuda(), bias.cuda())
     fp8_linear(x[:600].cuda(), *args, "token")
