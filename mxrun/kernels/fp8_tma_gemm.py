@@ -21,8 +21,9 @@ after the step's wgmmas, so ptxas makes the warp group wait for them (its C7517 
 through every add. Several programs per SM (``GemmConfig.programs_per_sm``) let one program's MMAs run through
 another's adds: 64x128 tiles with three per SM reach 0.79-0.83x at M = 1024 (0.74-0.81x default), 128x128
 tiles of four warps with two per SM 0.83-0.88x on four of seven shapes, but both lose at the largest shapes.
-The per-channel / per-tensor dispatcher therefore prefers the Gluon kernel of
-:mod:`mxrun.kernels.fp8_wgmma_gemm` on sm_90 where K >= 8192: it overlaps the adds with the next step's MMAs.
+The dispatchers therefore prefer the warp-specialized Gluon kernel of
+:mod:`mxrun.kernels.fp8_wgmma_gemm` on sm_90 (both scalings): its consumers' adds overlap each other's MMAs.
+These kernels remain for other sm_90+ devices and as the reference point of the sweep.
 
 Only for CUDA devices of compute capability 9.0 or newer with 16-byte aligned operands (K % 16 == 0); the
 dispatchers fall back to the pointer kernels otherwise, and the CPU (interpreter) path uses those too.

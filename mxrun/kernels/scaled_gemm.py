@@ -11,8 +11,9 @@ activation's dtype. Three families, each a Triton kernel beside the plain-torch 
   computes the amax of its rows, then quantizes the bf16/fp16 tile it loads in registers, bit-identical to
   :func:`~mxrun.kernels.fp8_quantize.quantize_fp8_per_token`. One launch instead of two, which is what small
   M is made of. For larger M the activation is quantized once by the quantize kernel and read as FP8; from
-  ``TMA_MIN_M`` = 512 rows on sm_90+ the GEMM is the TMA-fed persistent kernel of
-  :mod:`mxrun.kernels.fp8_tma_gemm` (same numerics), the kernels here elsewhere.
+  ``TMA_MIN_M`` = 512 rows the GEMM is the warp-specialized Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm`
+  on sm_90, the TMA-fed persistent kernel of :mod:`mxrun.kernels.fp8_tma_gemm` on other sm_90+ devices (same
+  numerics), the kernels here elsewhere; block scaling takes the same route.
 * **W8A8 block** (:func:`fp8_block_linear`, :func:`fp8_block_gemm`): 128x128 weight tiles and 1x128
   activation groups; ``BLOCK_K = 128`` so each K step has one activation scale per row and one weight scale
   per 128 output columns, applied to that step's partial product (``acc += dot * s_a s_w``).
