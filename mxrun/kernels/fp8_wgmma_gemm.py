@@ -27,7 +27,9 @@ Measured on an H100, GEMM alone against ``_scaled_mm`` in the same run (``benchm
 ``results/sweep-fp8-wgmma-ws-h100.json``; the ~50 us 1024x4096x6144 shape is left out of the ranges: every
 kernel there, the Triton ones included, moves between 0.3x and 0.8x from run to run): per-channel 0.82-0.99x
 (the Triton TMA kernel 0.74-0.87x), block-scaled 0.72-0.86x (TMA 0.67-0.82x); five or six stages and one
-program per tile instead of persistence were no better. In an earlier run (``sweep-fp8-wgmma-ws-vs-8warp-h100.json``,
+program per tile instead of persistence were no better, nor was starting consumer 1 two to six K steps behind
+consumer 0 so that their epilogues fall apart (per-channel 0.80-0.96x against 0.83-1.01x without, same run,
+``results/sweep-fp8-wgmma-lag-h100.json``; the variant was removed). In an earlier run (``sweep-fp8-wgmma-ws-vs-8warp-h100.json``,
 column ``ws4``) this kernel measured 0.84-0.93x per-channel and 0.75-0.87x block-scaled beside the previous
 eight-warp Gluon kernel without a loader partition (0.78-0.94x and 0.72-0.80x). What is left to ``_scaled_mm``
 is mostly the 128x128 tile: the Triton kernel's 256x128 tiles without promotion reach about 1.0x, and a
