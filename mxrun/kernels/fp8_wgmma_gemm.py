@@ -23,19 +23,19 @@ registers change hands: the compiler copies it, and ptxas then serializes every 
 note). Hence each loop iteration waits for both of its steps.
 
 Measured on an H100, GEMM alone against ``_scaled_mm`` in the same run (``benchmarks/sweep_fp8_tma.py --shapes
-2,3,4,5,6,7,8,9,10,11,12,13 --persistent-only --no-pointer --tiles 128,128,128,8,8,4``, ``results/sweep-
-fp8-wgmma-ws-h100.json``; the ~50 us 1024x4096x6144 shape is left out of the ranges: every kernel there, the
-Triton ones included, moves between 0.3x and 0.8x from run to run): per-channel 0.82-0.99x (the Triton TMA
-kernel 0.74-0.87x), block-scaled 0.72-0.86x (TMA 0.67-0.82x); five or six stages and one program per tile
-instead of persistence were no better, nor was starting consumer 1 two to six K steps behind consumer 0 so
-that their epilogues fall apart (per-channel 0.74-0.96x, one 0.26 outlier aside, against 0.83-1.01x without,
-same run, ``results/sweep-fp8-wgmma-lag-h100.json``; the variant was removed). In an earlier run (``sweep-
-fp8-wgmma-ws-vs-8warp-h100.json``, column ``ws4``) this kernel measured 0.84-0.93x per-channel and 0.75-0.87x
-block-scaled beside the previous eight-warp Gluon kernel without a loader partition (0.78-0.94x and
-0.72-0.80x). What is left to ``_scaled_mm`` is mostly the 128x128 tile: the Triton kernel's 256x128 tiles
-without promotion reach about 1.0x, and a 128x128 tile reads a third more operand bytes from L2 per FLOP; a
-bigger tile does not fit the registers of two warp groups that keep an accumulator and two step products
-(2-CTA clusters with TMA multicast of the shared operand would be the next step).
+2,3,4,5,6,7,8,9,10,11,12,13 --persistent-only --no-pointer --tiles 128,128,128,8,8,4``,
+``results/sweep-fp8-wgmma-ws-h100.json``; the ~50 us 1024x4096x6144 shape is left out of the ranges: every
+kernel there, the Triton ones included, moves between 0.3x and 0.8x from run to run): per-channel 0.82-0.99x
+(the Triton TMA kernel 0.74-0.87x), block-scaled 0.72-0.86x (TMA 0.67-0.82x); five or six stages and one
+program per tile instead of persistence were no better, nor was starting consumer 1 two to six K steps behind
+consumer 0 so that their epilogues fall apart (per-channel 0.74-0.96x, one 0.26 outlier aside, against
+0.83-1.01x without, same run, ``results/sweep-fp8-wgmma-lag-h100.json``; the variant was removed). In an
+earlier run (``sweep-fp8-wgmma-ws-vs-8warp-h100.json``, column ``ws4``) this kernel measured 0.84-0.93x
+per-channel and 0.75-0.87x block-scaled beside the previous eight-warp Gluon kernel without a loader partition
+(0.78-0.94x and 0.72-0.80x). What is left to ``_scaled_mm`` is mostly the 128x128 tile: the Triton kernel's
+256x128 tiles without promotion reach about 1.0x, and a 128x128 tile reads a third more operand bytes from L2
+per FLOP; a bigger tile does not fit the registers of two warp groups that keep an accumulator and two step
+products (2-CTA clusters with TMA multicast of the shared operand would be the next step).
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
