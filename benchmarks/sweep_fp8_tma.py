@@ -42,17 +42,22 @@ CHANNEL_TILES = [  # block_m, block_n, block_k, group_m, warps, stages
     (128, 256, 128, 8, 8, 4),
     (128, 128, 128, 8, 4, 4),
 ]
-WGMMA_VARIANTS = [
-    (True, 4),
-    (True, 5),
-    (False, 4),
-]  # Gluon kernel: (persistent, stages); the first is the default
+WGMMA_VARIANTS = [  # Gluon kernel: (persistent, stages, 128x256 tiles: None = where they pay); first: default
+    (True, 4, None), (True, 4, False), (True, 4, True)
+]  # fmt: skip
 BLOCK_TILES = [
     (128, 128, 128, 8, 8, 4),
     (256, 128, 128, 8, 8, 3),
     (128, 128, 128, 8, 4, 4),
     (64, 128, 128, 8, 4, 5),
 ]
+
+
+def _variant_name(persistent: bool, stages: int, wide: bool) -> str:
+    """The Gluon kernel's default launch is "default", like the TMA kernel's; others by stages and tile."""
+    if (persistent, stages, wide) == WGMMA_VARIANTS[0]:
+        return "default"
+    return f"{stages} stages {'128x256' if wide else '128x128'}"  # forced (block scaling takes 128x128 only)
 
 
 def tile_config(tile: tuple) -> GemmConfig:
@@ -114,14 +119,22 @@ def sweep_shape(
     if wgmma_gemm_usable(
         xq.data, wq.data
     ):  # the Gluon kernel that overlaps promotion and MMAs (default on sm_90)
-        for persistent, stages in WGMMA_VARIANTS:
+        for persistent, stages, wide in WGMMA_VARIANTS:
             emit(
                 "channel-wgmma",
-                lambda p=persistent, st=stages: fp8_wgmma_gemm(
-                    xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, persistent=p, stages=st
+                lambda p=persistent, st=stages, w=wide: fp8_wgmma_gemm(
+                    xq.data,
+                    xq.scale,
+                    wq.data,
+                    wq.scale,
+                    None,
+                    torch.bfloat16,
+                    persistent=p,
+                    stages=st,
+                    wide=w,
                 ),
                 ref,
-                tile="default" if (persistent, stages) == WGMMA_VARIANTS[0] else f"{stages} stages",
+                tile=_variant_name(persistent, stages, wide),
                 persistent=persistent,
             )
     emit(  # the ceiling without fp32 promotion (not a candidate: 6-9x the error)
@@ -164,22 +177,18 @@ def sweep_shape(
         ref_b, tile="default",
     )  # fmt: skip
     if wgmma_gemm_usable(xb.data, wb.data):
-        for persistent, stages in WGMMA_VARIANTS:
+        for persistent, stages, wide in WGMMA_VARIANTS[:2]:
             emit(
                 "block-wgmma",
-                lambda p=persistent, st=stages: fp8_wgmma_gemm(
-                    xb.data,
-                    xb.scale,
-                    wb.data,
-                    wb.scale,
-                    None,
-                    torch.bfloat16,
+                lambda p=persistent, st=stages, w=wide: fp8_wgmma_gemm(
+                    *(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16),
                     block_scaled=True,
                     persistent=p,
                     stages=st,
+                    wide=w,
                 ),
                 ref_b,
-                tile="default" if (persistent, stages) == WGMMA_VARIANTS[0] else f"{stages} stages",
+                tile=_variant_name(persistent, stages, wide),
                 persistent=persistent,
             )
     tma_tiles("block-tma", tiles[1], xb, wb, ref_b, block_scaled=True)

@@ -32,10 +32,13 @@ consumer 0 so that their epilogues fall apart (per-channel 0.74-0.96x, one 0.26 
 0.83-1.01x without, same run, ``results/sweep-fp8-wgmma-lag-h100.json``; the variant was removed). In an
 earlier run (``sweep-fp8-wgmma-ws-vs-8warp-h100.json``, column ``ws4``) this kernel measured 0.84-0.93x
 per-channel and 0.75-0.87x block-scaled beside the previous eight-warp Gluon kernel without a loader partition
-(0.78-0.94x and 0.72-0.80x). What is left to ``_scaled_mm`` is mostly the 128x128 tile: the Triton kernel's
-256x128 tiles without promotion reach about 1.0x, and a 128x128 tile reads a third more operand bytes from L2
-per FLOP; a bigger tile does not fit the registers of two warp groups that keep an accumulator and two step
-products (2-CTA clusters with TMA multicast of the shared operand would be the next step).
+(0.78-0.94x and 0.72-0.80x). What is left to ``_scaled_mm`` is mostly the tile size: a 128x128 tile reads a
+third more operand bytes from L2 per FLOP than 256x128 (the Triton kernel's 256x128 tiles without promotion
+reach about 1.0x). Per-tensor / per-channel GEMMs therefore take 128x256 tiles where those fill their waves as
+well (:func:`wide_tiles_pay`): each consumer then keeps two 64x128 accumulators and one step-product set,
+waits for each product at once, and relies on the other consumer's MMAs to cover its adds. Block scaling keeps
+128x128: its wide variant spilled registers and ran at 0.3x. 2-CTA clusters with TMA multicast of the shared
+operand would be the next step.
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
@@ -118,30 +121,35 @@ if HAS_GLUON:
         num_programs,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
+        B_PARTS: gl.constexpr,
     ):
         """The loader partition: walks this program's tiles and K steps; for each step it waits until both
-        consumers have released the step's slot, then TMA-loads the two 64-row halves of A and the B tile."""
+        consumers have released the step's slot, then TMA-loads the two 64-row halves of A and the tile's
+        ``B_PARTS`` 128-row parts of B."""
         HALF_M: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         num_pid_m = gl.cdiv(M, 2 * HALF_M)
-        num_pid_n = gl.cdiv(N, BLOCK_N)
+        num_pid_n = gl.cdiv(N, B_PARTS * BLOCK_N)
         k_steps = gl.cdiv(K, BLOCK_K)
         loads = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
-            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, 2 * HALF_M, BLOCK_N, GROUP_M)
+            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, 2 * HALF_M, B_PARTS * BLOCK_N, GROUP_M)
             for kb in range(k_steps):
                 slot = loads % STAGES
                 mbarrier.wait(
                     empty.index(slot), ((loads // STAGES) & 1) ^ 1
                 )  # a fresh barrier passes parity 1
                 bar = ready.index(slot)
-                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + B_PARTS * b_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [off_m, kb * BLOCK_K], bar, a_s.index(2 * slot))
                 tma.async_copy_global_to_shared(
                     a_desc, [off_m + HALF_M, kb * BLOCK_K], bar, a_s.index(2 * slot + 1)
                 )
-                tma.async_copy_global_to_shared(b_desc, [off_n, kb * BLOCK_K], bar, b_s.index(slot))
+                for p in gl.static_range(B_PARTS):
+                    tma.async_copy_global_to_shared(
+                        b_desc, [off_n + p * BLOCK_N, kb * BLOCK_K], bar, b_s.index(B_PARTS * slot + p)
+                    )
                 loads += 1
 
     @gluon.jit
@@ -205,7 +213,8 @@ if HAS_GLUON:
             acc = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
             # Two steps per iteration, both waited for within it: an MMA still in flight when the loop's
             # registers change hands makes the compiler copy its registers, and ptxas then serializes every
-            # wgmma of the kernel (its C7514 note). The other consumer's MMAs fill the gap after the second wait.
+            # wgmma of the kernel (its C7514 note). The other consumer's MMAs fill the gap after the second
+            # wait.
             for kb in range(0, k_steps - 1, 2):
                 pending_a = _step_product(a_s, b_s, ready, step + kb, regs_a, HALF, STAGES)
                 scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, kb, ones, BLOCK_SCALED)
@@ -237,6 +246,84 @@ if HAS_GLUON:
                 stride_cm,
                 layout,
                 BLOCK_SCALED,
+                A_PER_ROW,
+                B_PER_ROW,
+                HAS_BIAS,
+            )
+
+    @gluon.jit
+    def _consumer_wide(
+        a_s,
+        b_s,
+        ready,
+        empty,
+        a_scale_ptr,
+        b_scale_ptr,
+        bias_ptr,
+        c_ptr,
+        M,
+        N,
+        K,
+        stride_cm,
+        num_programs,
+        HALF: gl.constexpr,
+        A_PER_ROW: gl.constexpr,
+        B_PER_ROW: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
+        GROUP_M: gl.constexpr,
+        STAGES: gl.constexpr,
+    ):
+        """A consumer warp group of the 128x256 tile (per-tensor / per-channel scales): 64 rows times two
+        128-wide parts, an fp32 accumulator for each and a single step-product register set (three 64x128
+        sets fit the registers, four would not). Each part's MMAs are waited for at once and added; the
+        other consumer's MMAs keep the tensor cores busy through the adds."""
+        HALF_M: gl.constexpr = a_s.shape[1]
+        BLOCK_K: gl.constexpr = a_s.shape[2]
+        BLOCK_N: gl.constexpr = b_s.shape[1]
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
+        num_pid_m = gl.cdiv(M, 2 * HALF_M)
+        num_pid_n = gl.cdiv(N, 2 * BLOCK_N)
+        k_steps = gl.cdiv(K, BLOCK_K)
+        regs = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+        step = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, num_programs):
+            off_m, off_n = _tile_offsets(tile, num_pid_m, num_pid_n, 2 * HALF_M, 2 * BLOCK_N, GROUP_M)
+            acc_l = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+            acc_r = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout)
+            for kb in range(k_steps):
+                s = step + kb
+                slot = s % STAGES
+                mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
+                a_tile = a_s.index(2 * slot + HALF)
+                pending = warpgroup_mma(
+                    a_tile, b_s.index(2 * slot).permute((1, 0)), regs, use_acc=False, is_async=True
+                )
+                regs = warpgroup_mma_wait(0, deps=(pending,))
+                acc_l = acc_l + regs
+                pending = warpgroup_mma(
+                    a_tile, b_s.index(2 * slot + 1).permute((1, 0)), regs, use_acc=False, is_async=True
+                )
+                regs = warpgroup_mma_wait(0, deps=(pending,))
+                mbarrier.arrive(empty.index(slot), count=1)
+                acc_r = acc_r + regs
+            step += k_steps
+            offs_m = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=rows_layout)
+            row_mask = offs_m < M
+            scales = (a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, N, stride_cm)
+            _store_tile(
+                acc_l, offs_m, row_mask, off_n, *scales, layout, False, A_PER_ROW, B_PER_ROW, HAS_BIAS
+            )
+            _store_tile(
+                acc_r,
+                offs_m,
+                row_mask,
+                off_n + BLOCK_N,
+                *scales,
+                layout,
+                False,
                 A_PER_ROW,
                 B_PER_ROW,
                 HAS_BIAS,
@@ -301,6 +388,7 @@ if HAS_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        B_PARTS: gl.constexpr,
     ):
         """The loader and the two consumers (see the module docstring), meeting only at the slots' mbarriers:
         ``ready`` (the slot's TMA bytes landed) and ``empty`` (both consumers' MMAs on it retired)."""
@@ -308,30 +396,63 @@ if HAS_GLUON:
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         a_s = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, BLOCK_K], a_desc.layout)
-        b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        b_s = gl.allocate_shared_memory(b_desc.dtype, [B_PARTS * STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumers release each slot
         # fmt: off
-        gl.warp_specialize(
-            [
-                (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES)),
-                (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, stride_asm,
-                             stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED, A_PER_ROW, B_PER_ROW, HAS_BIAS,
-                             GROUP_M, STAGES)),
-                (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K, stride_asm,
-                             stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED, A_PER_ROW, B_PER_ROW, HAS_BIAS,
-                             GROUP_M, STAGES)),
-            ],
-            [4, 4],  # the consumers' warps (the loader has the kernel's num_warps)
-            [CONSUMER_REGS, CONSUMER_REGS],
-        )
+        if B_PARTS == 2:  # 128x256 tiles, per-tensor / per-channel scales only
+            gl.warp_specialize(
+                [
+                    (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
+                               B_PARTS)),
+                    (_consumer_wide, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N,
+                                      K, stride_cm, num_programs, 0, A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M,
+                                      STAGES)),
+                    (_consumer_wide, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N,
+                                      K, stride_cm, num_programs, 1, A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M,
+                                      STAGES)),
+                ],
+                [4, 4],  # the consumers' warps (the loader has the kernel's num_warps)
+                [CONSUMER_REGS, CONSUMER_REGS],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
+                               B_PARTS)),
+                    (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
+                                 stride_asm, stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED, A_PER_ROW,
+                                 B_PER_ROW, HAS_BIAS, GROUP_M, STAGES)),
+                    (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
+                                 stride_asm, stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED, A_PER_ROW,
+                                 B_PER_ROW, HAS_BIAS, GROUP_M, STAGES)),
+                ],
+                [4, 4],
+                [CONSUMER_REGS, CONSUMER_REGS],
+            )
         # fmt: on
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
+
+
+WIDE_TILE_GAIN = 1.03
+"""Speed per element of the 128x256 tile over the 128x128 one where both fill their waves alike: 0.96-1.12x,
+1.03x on average, over the eight such shapes of one H100 run (GEMM alone,
+``results/sweep-fp8-wgmma-wide-h100.json``, ``4 stages 128x256`` against ``default``)."""
+
+
+def wide_tiles_pay(m: int, n: int, sms: int) -> bool:
+    """128x256 tiles read a quarter fewer operand bytes per FLOP but come in half as many: choose them when
+    full waves of them, times the tile area over its speed, cost less than of 128x128 tiles (at M = 1024,
+    N = 10240 the 320 wide tiles need three waves of 132 SMs, the 640 narrow ones five: narrow wins)."""
+    rows = triton.cdiv(m, WGMMA_BLOCK[0])
+    narrow = triton.cdiv(rows * triton.cdiv(n, 128), sms) * 128 * 128
+    wide = triton.cdiv(rows * triton.cdiv(n, 256), sms) * 128 * 256 / WIDE_TILE_GAIN
+    return wide < narrow
 
 
 @functools.cache
@@ -361,13 +482,15 @@ def fp8_wgmma_gemm(
     block_scaled: bool = False,
     persistent: bool = True,
     stages: int = WGMMA_STAGES,
+    wide: bool | None = None,
 ) -> torch.Tensor:
     """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]``: per-row/per-tensor fp32
     scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element), or with ``block_scaled`` 1x128
     activation groups ``[M, ceil(K/128)]`` and 128x128 weight blocks ``[ceil(N/128), ceil(K/128)]``.
     ``persistent`` launches one program per SM that walks the tiles (the next tile's loads overlap this one's
-    epilogue) instead of one per tile. Operands it cannot take (:func:`wgmma_gemm_usable` is False: no Gluon,
-    not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
+    epilogue) instead of one per tile; ``wide`` takes 128x256 tiles instead of 128x128 (per-tensor /
+    per-channel only; None: where :func:`wide_tiles_pay`). Operands it cannot take
+    (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
     from mxrun.kernels.fp8_tma_gemm import _sm_count, fp8_operand_shapes
     from mxrun.kernels.scaled_gemm import GemmInputError, unit_stride
 
@@ -401,8 +524,13 @@ def fp8_wgmma_gemm(
     a_rows = block_m // 2  # each consumer's half
     a_desc = TensorDescriptor.from_tensor(a, [a_rows, block_k], _operand_layout(a_rows, block_k))
     b_desc = TensorDescriptor.from_tensor(b, [block_n, block_k], _operand_layout(block_n, block_k))
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    if wide and block_scaled:
+        raise GemmInputError(f"{fn}: 128x256 tiles take per-tensor / per-channel scales only")
+    if wide is None:
+        wide = not block_scaled and wide_tiles_pay(m, n, _sm_count(index))
+    b_parts = 2 if wide else 1
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, b_parts * block_n)
     programs = min(tiles, _sm_count(index)) if persistent else tiles
     args = (
         a_desc, b_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale, c, m, n, k,
@@ -417,7 +545,9 @@ def fp8_wgmma_gemm(
         STAGES=stages,
     )
     # num_warps is the loader's warp group; the two consumer warp groups come on top.
-    _fp8_wgmma_gemm_kernel[(programs,)](*args, **flags, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+    _fp8_wgmma_gemm_kernel[(programs,)](
+        *args, **flags, CONSUMER_REGS=CONSUMER_REGS, B_PARTS=b_parts, num_warps=4
+    )
     return c
 
 
@@ -426,4 +556,4 @@ def _operand_layout(rows: int, cols: int):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
 
 
-__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "wgmma_gemm_usable"]
+__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "wgmma_gemm_usable", "wide_tiles_pay"]

@@ -187,6 +187,22 @@ def test_wgmma_gemm_refuses_what_it_cannot_run() -> None:
         with pytest.raises(GemmInputError, match="block scales must be"):
             fp8_wgmma_gemm(a, torch.ones(4, 2, device="cuda"), b, one.cuda(), None, torch.bfloat16,
                            block_scaled=True)  # fmt: skip
+        with pytest.raises(GemmInputError, match="128x256 tiles take per-tensor / per-channel scales only"):
+            fp8_wgmma_gemm(a, torch.ones(4, 1, device="cuda"), b, torch.ones(1, 1, device="cuda"), None,
+                           torch.bfloat16, block_scaled=True, wide=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "wide"),
+    # 132 SMs (H100): wide tiles where they fill their waves as well as 128x128 ones do, not where fewer,
+    # emptier waves of them would lose (M = 1024, N = 10240: 3 waves of 320 wide tiles against 5 of 640)
+    [(1024, 10240, False), (1024, 6144, False), (512, 10240, False), (4096, 6144, True), (1024, 4096, True),
+     (16384, 10240, True), (4096, 28672, True)],
+)  # fmt: skip
+def test_wide_tiles_follow_the_waves(m, n, wide) -> None:
+    from mxrun.kernels.fp8_wgmma_gemm import wide_tiles_pay
+
+    assert wide_tiles_pay(m, n, sms=132) is wide
 
 
 needs_wgmma = pytest.mark.skipif(
@@ -204,12 +220,15 @@ WGMMA_SHAPES = [
 ]
 
 
+LAUNCHES = [(True, False), (False, False), (True, True)]  # (persistent, 128x256 tiles)
+
+
 @needs_wgmma
-@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize(("persistent", "wide"), LAUNCHES)
 @pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
 @pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_wgmma_gemm(m, n, k, weight_granularity, with_bias, persistent) -> None:
+def test_wgmma_gemm(m, n, k, weight_granularity, with_bias, persistent, wide) -> None:
     """The Gluon kernel (promotion overlapped with the next step's MMAs) keeps the Triton kernels' bound, for
     ragged M/N/K, odd and even numbers of 128-wide K steps (1, 2, 3, 9, 17, 32: the two-step loop, its
     tails and no loop at all), per-tensor and per-channel weights, with and without bias, one program per
@@ -224,9 +243,8 @@ def test_wgmma_gemm(m, n, k, weight_granularity, with_bias, persistent) -> None:
     a_dev, w_dev = qa.data.cuda(), qw.data.cuda()
     assert wgmma_gemm_usable(a_dev, w_dev)
     bias_dev = b.cuda() if b is not None else None
-    run = lambda: fp8_wgmma_gemm(  # noqa: E731
-        a_dev, qa.scale.cuda(), w_dev, qw.scale.cuda(), bias_dev, torch.bfloat16, persistent=persistent
-    )
+    args = (a_dev, qa.scale.cuda(), w_dev, qw.scale.cuda(), bias_dev, torch.bfloat16)
+    run = lambda: fp8_wgmma_gemm(*args, persistent=persistent, wide=wide)  # noqa: E731
     out = run()
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
     assert torch.equal(out, run())
