@@ -12,7 +12,8 @@ so this kernel splits each program into three partitions that meet only at mbarr
   both consumers have released the slot;
 * two consumer warp groups each own 64 rows of the 128x128 tile: they issue two steps' MMAs into two register
   sets, wait for the first, add it into the fp32 accumulator while the second runs, then the second, and
-  release each slot as its MMAs retire; then the epilogue (scales, bias, cast, store) of their half tile.
+  release each slot as its MMAs retire; then the epilogue (scales, bias, cast, store) of their half tile
+  (128x256 tiles: see below).
   The consumers are not synchronized with each other, so one's adds and epilogue overlap the other's MMAs.
 
 The same arithmetic as the Triton kernels (products promoted every 128 K, added in K order; equal error

@@ -1000,9 +1000,9 @@ def fp8_block_linear(
     bias: torch.Tensor | None,
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
-    """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then the
-    block kernel, or from 512 rows on Hopper and newer the TMA kernel (the Linear 1.3-1.45x faster on an H100
-    at M >= 1024, benchmarks/bench_linear.py)."""
+    """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then
+    :func:`fp8_block_gemm` (from 512 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
+    rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).

@@ -226,17 +226,21 @@ LAUNCHES = [(True, False), (False, False), (True, True)]  # (persistent, 128x256
 @needs_wgmma
 @pytest.mark.parametrize(("persistent", "wide"), LAUNCHES)
 @pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
-@pytest.mark.parametrize("weight_granularity", [G.PER_ROW, G.PER_TENSOR])
+@pytest.mark.parametrize(
+    ("act_granularity", "weight_granularity"),
+    [(G.PER_ROW, G.PER_ROW), (G.PER_ROW, G.PER_TENSOR), (G.PER_TENSOR, G.PER_ROW)],
+)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_wgmma_gemm(m, n, k, weight_granularity, with_bias, persistent, wide) -> None:
-    """The Gluon kernel (promotion overlapped with the next step's MMAs) keeps the Triton kernels' bound, for
-    ragged M/N/K, odd and even numbers of 128-wide K steps (1, 2, 3, 9, 17, 32: the two-step loop, its
-    tails and no loop at all), per-tensor and per-channel weights, with and without bias, one program per
-    tile or persistent programs; it is deterministic (same bits twice)."""
+def test_wgmma_gemm(m, n, k, act_granularity, weight_granularity, with_bias, persistent, wide) -> None:
+    """The Gluon kernel (promotion overlapped with the MMAs) keeps the Triton kernels' bound, for ragged
+    M/N/K, odd and even numbers of 128-wide K steps (1, 2, 3, 9, 17, 32: the two-step loop, its tail and no
+    loop at all), per-token and per-tensor activations, per-channel and per-tensor weights, with and without
+    bias, one program per tile or persistent programs, 128x128 or 128x256 tiles (ragged N leaves the right
+    half of a wide tile partly or wholly outside the matrix); it is deterministic (same bits twice)."""
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 
     x, w, bias = _inputs(m, n, k, seed=7)
-    qa = quantize_fp8_reference(x, G.PER_ROW)
+    qa = quantize_fp8_reference(x, act_granularity)
     qw = quantize_fp8_reference(w, weight_granularity)
     b = bias if with_bias else None
     ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, b, torch.bfloat16)
