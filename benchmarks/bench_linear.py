@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 
+from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
@@ -53,8 +54,10 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
     channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
     block = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     mx = quantize_mxfp8(w)
+    foldable = mx_scales_foldable(mx.scale_e8m0)  # read once per weight, as MxFp8Method does at load
     tiles = align_mxfp8(mx.data, mx.scale_e8m0)  # a recipe's `tile_aligned: true`
     tile_scale = aligned_tile_scales(tiles.scale_e8m0, *w.shape)
+    tiles_foldable = mx_scales_foldable(tiles.scale_e8m0)
     w_t = w.t()
     channel_t = channel.data.t()  # [K, N] column-major, what _scaled_mm wants for its second operand
     channel_scale_row = channel.scale.reshape(1, -1)
@@ -71,9 +74,14 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-tensor": lambda: fp8_linear(x, tensor.data, tensor.scale, None, "tensor"),
         "fp8-channel": lambda: fp8_linear(x, channel.data, channel.scale, None, "token"),
         "fp8-block": lambda: fp8_block_linear(x, block.data, block.scale, None),
-        "mxfp8": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
+        ),
+        "mxfp8:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
         "mxfp8-tiles": lambda: mxfp8_linear(
-            x, tiles.data, tiles.scale_e8m0, None, "round_up", weight_tile_scale=tile_scale
+            *(x, tiles.data, tiles.scale_e8m0, None, "round_up"),
+            weight_tile_scale=tile_scale,
+            weight_scales_foldable=tiles_foldable,
         ),
         "mxfp8:aligned": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="aligned"
@@ -90,7 +98,10 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-channel-wo": lambda: fp8_weight_only_linear(
             x, channel.data, channel.scale, Fp8Granularity.PER_ROW, None
         ),
-        "mxfp8-wo": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, None),
+        "mxfp8-wo": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
+        ),
+        "mxfp8-wo:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, None),
     }
 
 

@@ -71,6 +71,11 @@ def main() -> None:
     parser.add_argument(
         "--compare-widen", action="store_true", help="also time bf16-MMA schemes with fast_widen=False"
     )
+    parser.add_argument(
+        "--compare-fold",
+        action="store_true",
+        help="also time MX schemes with the scales folded into the widening",
+    )
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
@@ -100,24 +105,33 @@ def main() -> None:
                         out_dtype=torch.bfloat16,
                         config=cfg,
                     ),
-                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True: small_m_gemm_triton(
+                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
                         x,
                         q.data,
                         weight_scale_e8m0=q.scale_e8m0,
                         activation_mx_rule="round_up",
                         config=cfg,
                         fast_widen=fast_widen,
+                        mx_scale_fold=fold,
                     ),
                     "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True: small_m_gemm_triton(
                         x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen
                     ),
-                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True: small_m_gemm_triton(
-                        x, q.data, weight_scale_e8m0=q.scale_e8m0, config=cfg, fast_widen=fast_widen
+                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
+                        x,
+                        q.data,
+                        weight_scale_e8m0=q.scale_e8m0,
+                        config=cfg,
+                        fast_widen=fast_widen,
+                        mx_scale_fold=fold,
                     ),
                 }
                 if args.compare_widen:  # the same launches with Triton's own E4M3 conversions
                     for name in ("mxfp8-w8a8", "fp8-channel-wo", "mxfp8-wo"):
                         runs[f"{name} (triton widen)"] = functools.partial(runs[name], fast_widen=False)
+                if args.compare_fold:  # every code of a quantized bf16 weight is far below MX_FOLD_MAX_CODE
+                    for name in ("mxfp8-w8a8", "mxfp8-wo"):
+                        runs[f"{name} (fold)"] = functools.partial(runs[name], fold=True)
                 for name, fn in runs.items():
                     if args.schemes and name not in args.schemes:
                         continue

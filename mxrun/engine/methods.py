@@ -33,7 +33,7 @@ from mxrun.engine.schemes import (
     WeightGranularity,
 )
 from mxrun.kernels.backend import Backend, resolve_backend
-from mxrun.kernels.e4m3 import encode_e4m3_reference
+from mxrun.kernels.e4m3 import encode_e4m3_reference, mx_scales_foldable
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -51,6 +51,7 @@ from mxrun.kernels.mx_regroup import (
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
+from mxrun.kernels.small_m_gemm import SMALL_M_MAX
 
 ORIGINAL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -236,6 +237,16 @@ def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, na
     return hit[1]
 
 
+def cached_mx_foldable(owner: nn.Module, codes: torch.Tensor) -> bool:
+    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of ``owner``'s E8M0 weight scales, read off once per loaded
+    value of the codes (keyed as :func:`cached_tile_scales`) so that forwards do not sync the host."""
+    key = (codes._version, codes.data_ptr(), codes.device)
+    hit = owner.__dict__.get("_mx_foldable")
+    if hit is None or hit[0] != key:
+        hit = owner.__dict__["_mx_foldable"] = (key, mx_scales_foldable(codes))
+    return hit[1]
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -391,6 +402,10 @@ class MxFp8Method(QuantMethod):
         )
         if self.tile_aligned:
             align_mxfp8_into(layer.weight, layer.weight_scale_e8m0)
+        if (
+            layer.weight_scale_e8m0.is_cuda
+        ):  # read the scales off now, not in the first (maybe captured) forward
+            cached_mx_foldable(layer, layer.weight_scale_e8m0)
 
     def _tile_scale(self, layer: QuantizedLinear) -> torch.Tensor:
         return cached_tile_scales(
@@ -399,8 +414,17 @@ class MxFp8Method(QuantMethod):
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         tile_scale = self._tile_scale(layer) if self.tile_aligned and x.is_cuda else None
+        foldable = (
+            x.is_cuda and x.shape[0] <= SMALL_M_MAX and cached_mx_foldable(layer, layer.weight_scale_e8m0)
+        )
         return mxfp8_linear(
-            x, layer.weight, layer.weight_scale_e8m0, bias, self.activation_rule, weight_tile_scale=tile_scale
+            x,
+            layer.weight,
+            layer.weight_scale_e8m0,
+            bias,
+            self.activation_rule,
+            weight_tile_scale=tile_scale,
+            weight_scales_foldable=foldable,
         )
 
 

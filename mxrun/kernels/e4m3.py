@@ -125,6 +125,44 @@ _WIDEN_PAIR = tl.constexpr(
 )
 
 
+# The same widening with the bf16x2 multiply taking a per-element operand instead of 2^112: an MXFP8 weight's
+# power of two folded in (the operand is 2^112 * 2^(e - 127) = 2^(e - 15)), so the decode costs what the plain
+# widening does. Exact wherever the result is a bf16 value (the reference's E4M3 * 2^(e - 127) rounded to
+# bf16 for the MMA is the same number); the operand is a bf16 normal for E8M0 codes up to MX_FOLD_MAX_CODE.
+_WIDEN_PAIR_TIMES = tl.constexpr(
+    "{ .reg .b32 t, m; shr.b32 t, $1, 3; and.b32 t, t, 0x0FFF0FFF; mov.b32 m, 0x80008000; "
+    "lop3.b32 t, t, $1, m, 0xF8; mul.rn.bf16x2 $0, t, $2; }"
+)
+MX_FOLD_MAX_CODE = 142
+"""Largest E8M0 code (2^15) whose folded multiplier 2^(e - 15) is a bf16 normal."""
+
+
+@triton.jit
+def e8m0_fold_multiplier(codes):
+    """bf16 2^(e - 15) for E8M0 codes e <= MX_FOLD_MAX_CODE: the multiplier of :func:`e4m3_to_bf16_times`."""
+    return ((codes.to(tl.int32) + 112) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def e4m3_to_bf16_times(codes, multiplier):
+    """float8e4nv codes times their MX power of two, to bf16 in the FAST widening's instructions (CUDA sm_90+
+    only): ``multiplier`` is :func:`e8m0_fold_multiplier` of each element's scale code."""
+    return tl.inline_asm_elementwise(
+        _WIDEN_PAIR_TIMES,
+        "=r,r,r",
+        [codes.to(tl.float16), multiplier],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=2,
+    )
+
+
+def mx_scales_foldable(scale_e8m0: torch.Tensor) -> bool:
+    """Whether every E8M0 code is at most :data:`MX_FOLD_MAX_CODE` (so :func:`e4m3_to_bf16_times` applies).
+    Reads the codes back to the host: call it once per loaded weight, not per forward."""
+    return bool((scale_e8m0.view(torch.uint8) <= MX_FOLD_MAX_CODE).all())
+
+
 def fast_widen_usable(device: torch.device) -> bool:
     """Whether :func:`e4m3_to_bf16` can take its FAST path on ``device`` (sm_90+: ``mul.rn.bf16x2``; not the
     interpreter)."""

@@ -650,10 +650,14 @@ def mxfp8_linear(
     *,
     large_m_kernel: str | None = None,
     weight_tile_scale: torch.Tensor | None = None,
+    weight_scales_foldable: bool = False,
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
     ``weight_tile_scale``: the weight is tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and
     these are its fp32 tile scales; the aligned path then skips its per-call regrouping.
+    ``weight_scales_foldable``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight's scales, known by
+    the caller (it reads them back once per loaded weight): the small-M kernel then folds each power of two into
+    the E4M3 widening (same values, fewer instructions).
 
     Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
     (:mod:`mxrun.kernels.small_m_gemm`, activations MX-rounded once before it); above,
@@ -664,7 +668,12 @@ def mxfp8_linear(
 
     if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
         return small_m_gemm_triton(
-            x, weight, weight_scale_e8m0=weight_scale_e8m0, activation_mx_rule=activation_rule, bias=bias
+            x,
+            weight,
+            weight_scale_e8m0=weight_scale_e8m0,
+            activation_mx_rule=activation_rule,
+            bias=bias,
+            mx_scale_fold=weight_scales_foldable,
         )
     kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
     if kernel not in LARGE_M_KERNELS:

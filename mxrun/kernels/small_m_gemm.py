@@ -18,7 +18,7 @@ Operands it takes (every product below is exact in fp32, so only the fp32 summat
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
 
 * weights: E4M3 ``[N, K]`` with an fp32 per-tensor / per-channel scale (applied at the end), or with MXFP8 E8M0
-  scales ``[N, K/32]`` (decoded in registers: E4M3 times its power of two, exact in fp32, then bf16/fp16);
+  scales ``[N, K/32]`` (decoded in registers: E4M3 times its power of two, exact, in bf16/fp16);
 * activations: bf16/fp16 as they are (weight-only; fp16 activations and E4M3 weights meet in an fp16 MMA, which
   holds every E4M3 value exactly), E4M3 codes with per-token / per-tensor fp32 scales (W8A8 FP8, quantized
   beforehand: the per-token amax needs the whole row), or bf16/fp16 rounded once to their MXFP8 values
@@ -30,12 +30,18 @@ to bf16 it takes a second conversion per element): no widened copy of the activa
 measured here. H100 (``bench_linear.py --graph --ms 1 16 64``, ``results/linear-h100-small-m.md``): the FP8
 W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-token) and from 0.46-1.78x to
 0.75-1.88x (per-tensor) with this, the single launch and the tiles below. bf16 activations and E4M3 weights
-meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`; an MXFP8 weight is decoded
-through fp32 instead (the integer widening plus a bf16 scale multiply measured slower there, and so did two
-other MX decodes, H100, same-run sweeps of five decode shapes at M = 1 and 16: fp16 -> fp32 by integer ops
-instead of the conversion, 1.08-1.42x of bf16 against 1.38-1.66x; one MMA per 32-wide group with the product
-scaled instead of the weight, 1.06-1.41x against 1.36-1.71x. The decode loop is bound by instructions issued,
-not by the conversion unit: it spends three per weight element and each variant added more). Two MXFP8 W8A8
+meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`. An MXFP8 weight takes the
+same widening with its power of two folded into the widening's one bf16x2 multiply
+(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`) when every scale code allows it (``mx_scale_fold``: codes up to
+2^15, which the caller checks once per loaded weight), else a decode through fp32. Both give the same bits
+(tested); the fold saves the fp32 round trip: 232 of 1848 instructions of the default tile, and the fp32 path's
+register spills (ptxas, sm_90). H100, same run (``bench_linear.py --graph --rep-ms 20 --ms 1 16 --columns mxfp8
+mxfp8:unfolded mxfp8-wo mxfp8-wo:unfolded``, ``results/linear-h100-mx-fold.md``): MXFP8 W8A8 at M = 1 and 16
+0.73-1.75x of bf16 folded against 0.72-1.72x (13 of 14 cases faster, by up to 4%). Other MX decodes measured
+slower (same-run sweeps of five decode shapes at M = 1 and 16): the integer widening followed by a separate
+bf16 scale multiply, fp16 -> fp32 by integer ops instead of the conversion (1.08-1.42x of bf16 against
+1.38-1.66x), and one MMA per 32-wide group with the product scaled instead of the weight (1.06-1.41x against
+1.36-1.71x). The decode loop is bound by instructions issued, not by the conversion unit. Two MXFP8 W8A8
 variants that keep E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each
 partial product scaled (0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with
 the blocks re-expressed at the step's largest exponent in fp16 (slower still: the per-element shifts and
@@ -51,7 +57,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
+from mxrun.kernels.e4m3 import e4m3_to_bf16, e4m3_to_bf16_times, e8m0_fold_multiplier, fast_widen_usable
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
@@ -164,6 +170,7 @@ def _split_k_kernel(
     FUSED_SUM: tl.constexpr,  # the last split to arrive adds the partials (else _split_k_sum_kernel does)
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
+    MX_FOLD: tl.constexpr,  # MX weights, bf16 MMA: the same widening with the power of two folded in
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -195,10 +202,14 @@ def _split_k_kernel(
             codes = tl.load(
                 bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
             )
-            w = tl.reshape(
-                tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
-                [BLOCK_K, BLOCK_N],
-            )
+            if MX_FOLD:
+                multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, None, :], [G, 32, BLOCK_N])
+                w = e4m3_to_bf16_times(b, tl.reshape(multiplier, [BLOCK_K, BLOCK_N]))
+            else:
+                w = tl.reshape(
+                    tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
+                    [BLOCK_K, BLOCK_N],
+                )
         elif MMA == 1:
             w = e4m3_to_bf16(b, FAST_WIDEN)
         else:
@@ -281,13 +292,17 @@ def small_m_gemm_triton(
     split_k: int | None = None,
     config: SplitKConfig | None = None,
     fast_widen: bool = True,
+    mx_scale_fold: bool = False,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
     ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``) and ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly
     one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
-    ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values)."""
+    ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values).
+    ``mx_scale_fold=True`` promises that every E8M0 code is at most ``MX_FOLD_MAX_CODE``
+    (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`, checked once per loaded weight by the caller): MX weights
+    meeting bf16 activations are then decoded by the fast widening with their power of two folded in."""
     fn = "small_m_gemm_triton"
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
@@ -364,6 +379,7 @@ def small_m_gemm_triton(
         FUSED_SUM=fused_sum,
         MMA=mma,
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
+        MX_FOLD=b_mx and mx_scale_fold and fast_widen and mma == 1 and fast_widen_usable(a.device),
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

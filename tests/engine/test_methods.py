@@ -316,3 +316,21 @@ def test_weight_of_the_wrong_shape_is_refused() -> None:
     )
     with pytest.raises(ValueError, match=r"model\.x.*does not fit"):
         layer.load_weight(torch.randn(K, N, dtype=torch.bfloat16))
+
+
+def test_mx_foldable_flag_is_read_once_per_loaded_value(monkeypatch) -> None:
+    """Whether an MXFP8 weight's scales allow the folded small-M decode is read off the codes once per loaded
+    value (a forward must not sync the host), and again after they change in place."""
+    import mxrun.engine.methods as methods
+
+    calls = []
+    real = methods.mx_scales_foldable
+    monkeypatch.setattr(methods, "mx_scales_foldable", lambda scales: calls.append(1) or real(scales))
+    owner = nn.Module()
+    codes = torch.full((4, 2), 120, dtype=torch.uint8)
+    assert methods.cached_mx_foldable(owner, codes) is True
+    assert methods.cached_mx_foldable(owner, codes) is True
+    assert len(calls) == 1
+    codes[0, 0] = 200  # an in-place load of another weight: its huge scale cannot be folded
+    assert methods.cached_mx_foldable(owner, codes) is False
+    assert len(calls) == 2

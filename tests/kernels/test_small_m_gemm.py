@@ -176,3 +176,56 @@ def test_default_tile_by_operand_kind() -> None:
     assert default_config(torch.float8_e4m3fn, mx_weight=False, m=17) is DEFAULT_CONFIG
     assert default_config(torch.bfloat16, mx_weight=False, m=64) is DEFAULT_CONFIG
     assert FP16_MMA_CONFIG != BF16_MMA_CONFIG != DEFAULT_CONFIG
+
+
+needs_sm90 = pytest.mark.skipif(
+    not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="the folded MX decode is PTX for sm_90+"
+)
+
+
+@needs_sm90
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 72, 544), (5, 130, 800), (16, 64, 512), (40, 96, 288), (7, 4096, 14336)]
+)
+@pytest.mark.parametrize("codes", ["every", "realistic"])
+def test_mx_scale_fold_gives_the_same_bits(m, n, k, split_k, codes) -> None:
+    """MX weights whose power of two is folded into the E4M3 widening's multiply give bit for bit the output
+    of the fp32 decode (both form exactly E4M3 * 2^(e - 127) in bf16): over every foldable E8M0 code (0-142,
+    subnormal and huge weights included) and over the codes real weights have, with MX-rounded activations,
+    bias, ragged N and K and any split."""
+    from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE
+
+    x, w, bias = _inputs(m, n, k, seed=21)
+    q = quantize_mxfp8_reference(w)
+    g = torch.Generator().manual_seed(22)
+    if codes == "every":  # any E8M0 code makes a valid MXFP8 weight; small activations keep outputs finite
+        scales = torch.randint(0, MX_FOLD_MAX_CODE + 1, q.scale_e8m0.shape, generator=g, dtype=torch.uint8)
+        x = x * 2.0**-20
+    else:
+        scales = q.scale_e8m0
+    a, b, s, bias_d = _dev(x, q.data, scales, bias)
+    run = lambda fold: small_m_gemm_triton(  # noqa: E731
+        a,
+        b,
+        weight_scale_e8m0=s,
+        activation_mx_rule="round_up",
+        bias=bias_d,
+        split_k=split_k,
+        mx_scale_fold=fold,
+    )
+    folded, plain = run(True), run(False)
+    assert torch.equal(folded.view(torch.int16), plain.view(torch.int16))
+    if codes == "realistic":
+        assert_one_ulp(folded, mxfp8_linear_reference(x, q.data, scales, bias, MxScaleRule.ROUND_UP))
+
+
+def test_mx_scales_foldable() -> None:
+    """The fold's multiplier 2^(e - 15) is a bf16 normal up to code 142: above it (and for the NaN code) the
+    weight must take the fp32 decode."""
+    from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE, mx_scales_foldable
+
+    codes = torch.arange(0, MX_FOLD_MAX_CODE + 1, dtype=torch.uint8)
+    assert mx_scales_foldable(codes)
+    assert not mx_scales_foldable(torch.cat([codes, torch.tensor([MX_FOLD_MAX_CODE + 1], dtype=torch.uint8)]))
+    assert not mx_scales_foldable(torch.tensor([255], dtype=torch.uint8).view(torch.float8_e8m0fnu))
