@@ -13,8 +13,9 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   stacks regrouped per call to 128x128 power-of-two tiles; else MX activations rounded once, bf16 MMA on
   weights decoded in registers) and the weight-only ``-wo`` variants (W8A16: E4M3 widened in registers);
   ``mxfp8-tiles``: MXFP8 W8A8 with the stacks stored tile-aligned (a recipe's ``tile_aligned: true``);
-  ``mxfp8:aligned`` / ``mxfp8:decoded`` force either MXFP8 W8A8 path (these three are not counted in the
-  goals).
+  ``mxfp8:aligned`` / ``mxfp8:decoded`` force either MXFP8 W8A8 path, and ``mxfp8:unfolded`` /
+  ``mxfp8-wo:unfolded`` decode MX weights through fp32 instead of folding their scales into the E4M3 widening
+  (these are not counted in the goals).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
@@ -37,6 +38,7 @@ from typing import NamedTuple
 
 import torch
 
+from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.moe_gemm import (
     ExpertActivation,
@@ -64,10 +66,15 @@ SCHEMES = {  # column: (weight format, activations)
     "mxfp8": (ExpertWeightFormat.MXFP8, ExpertActivation.MX_ROUND_UP),
     "mxfp8-wo": (ExpertWeightFormat.MXFP8, ExpertActivation.NONE),
 }
-FORCED = {  # column: (scheme, aligned path on or off; "tiles": stacks stored tile-aligned)
+FORCED = {  # column: (scheme, aligned path on or off; "tiles": stacks stored tile-aligned; "unfolded")
     "mxfp8-tiles": ("mxfp8", "tiles"),
     "mxfp8:aligned": ("mxfp8", True),
     "mxfp8:decoded": ("mxfp8", False),
+    "mxfp8:unfolded": (
+        "mxfp8",
+        "unfolded",
+    ),  # the MX scales decoded through fp32, not folded into the widening
+    "mxfp8-wo:unfolded": ("mxfp8-wo", "unfolded"),
 }
 ANCHOR = "bf16-grouped"
 GOAL_SMALL = 1.6  # tokens <= 128: every scheme at least this much faster than the anchor
@@ -199,6 +206,13 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
                 results[tokens][column] = {"error": f"quantize: {error}"}
             continue
         options: dict = {"aligned": aligned}
+        if (
+            fmt is ExpertWeightFormat.MXFP8 and aligned != "tiles"
+        ):  # scales read once, as QuantizedExperts does
+            options = {"aligned": None if aligned == "unfolded" else aligned}
+            options["mx_scales_foldable"] = aligned != "unfolded" and all(
+                mx_scales_foldable(w.scale) for w in (gate_up, down)
+            )
         if aligned == "tiles":  # a recipe's `tile_aligned: true`: stored aligned, tile scales read once
             gate_up, down = (_tile_aligned(w) for w in (gate_up, down))
             options = {"tile_scales": (gate_up.scale_tiles, down.scale_tiles)}

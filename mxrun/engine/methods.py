@@ -237,13 +237,14 @@ def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, na
     return hit[1]
 
 
-def cached_mx_foldable(owner: nn.Module, codes: torch.Tensor) -> bool:
-    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of ``owner``'s E8M0 weight scales, read off once per loaded
-    value of the codes (keyed as :func:`cached_tile_scales`) so that forwards do not sync the host."""
+def cached_mx_foldable(owner: nn.Module, codes: torch.Tensor, name: str = "weight") -> bool:
+    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the E8M0 codes ``name`` of ``owner``, read off once per
+    loaded value of the codes (keyed as :func:`cached_tile_scales`) so that forwards do not sync the host."""
+    cache = owner.__dict__.setdefault("_mx_foldable", {})
     key = (codes._version, codes.data_ptr(), codes.device)
-    hit = owner.__dict__.get("_mx_foldable")
+    hit = cache.get(name)
     if hit is None or hit[0] != key:
-        hit = owner.__dict__["_mx_foldable"] = (key, mx_scales_foldable(codes))
+        hit = cache[name] = (key, mx_scales_foldable(codes))
     return hit[1]
 
 

@@ -42,6 +42,7 @@ from mxrun.engine.methods import (
     ORIGINAL_DTYPES,
     UnsupportedSchemeError,
     align_mxfp8_into,
+    cached_mx_foldable,
     cached_tile_scales,
     method_for,
     quantize_fp8_into,
@@ -321,6 +322,12 @@ class QuantizedExperts(nn.Module):
                 )
                 for p in FUSED_PARAMS
             )
+        # MXFP8 stacks whose every scale code allows it: the kernels fold the scales into the E4M3 widening
+        # (codes read once per loaded value of the stacks, at the first forward after loading)
+        foldable = (
+            tile_scales is None and self.weight_format is ExpertWeightFormat.MXFP8 and x.is_cuda
+            and all(cached_mx_foldable(self, self.weights(p).scale, p) for p in FUSED_PARAMS)
+        )  # fmt: skip
         out = moe_experts(
             x,
             top_k_index.reshape(x.shape[0], -1),
@@ -329,6 +336,7 @@ class QuantizedExperts(nn.Module):
             self.weights("down_proj"),
             self.activation,
             tile_scales=tile_scales,
+            mx_scales_foldable=foldable,
         )
         return out.reshape(hidden_states.shape).to(hidden_states.dtype)
 

@@ -55,7 +55,13 @@ import torch
 import torch.nn.functional as F
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable, widen_to_fp32
+from mxrun.kernels.e4m3 import (
+    e4m3_to_bf16,
+    e4m3_to_bf16_times,
+    e8m0_fold_multiplier,
+    fast_widen_usable,
+    widen_to_fp32,
+)
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -339,10 +345,12 @@ def _weight_operand(
     BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     FAST_WIDEN: tl.constexpr,
+    MX_FOLD: tl.constexpr,
 ):
     """The weight tile as the MMA takes it: E4M3 as is (FP8 MMA), widened to the MMA dtype (exact; to bf16 with
-    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or for MXFP8 decoded with its power-of-two scales (exact); fp32
-    when the interpreter runs the dot."""
+    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or for MXFP8 decoded with its power-of-two scales (exact: with
+    MX_FOLD the scale rides on the bf16 widening's multiply, :func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`);
+    fp32 when the interpreter runs the dot."""
     G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108 - constexpr branches, spelled as in the other kernels
         w = tl.load(w_ptrs)
@@ -354,12 +362,16 @@ def _weight_operand(
             codes = tl.load(ws_ptrs)
         else:
             codes = tl.load(ws_ptrs, mask=g_ok[:, None], other=127)
-        operand = tl.reshape(
-            tl.reshape(w.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
-            [BLOCK_K, BLOCK_N],
-        )
-        if not DOT_FP32:
-            operand = operand.to(MMA_DTYPE)
+        if MX_FOLD:
+            multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, None, :], [G, 32, BLOCK_N])
+            operand = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_K, BLOCK_N]))
+        else:
+            operand = tl.reshape(
+                tl.reshape(w.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
+                [BLOCK_K, BLOCK_N],
+            )
+            if not DOT_FP32:
+                operand = operand.to(MMA_DTYPE)
     elif DOT_FP32:
         operand = w.to(tl.float32)
     elif A_FP8:
@@ -415,6 +427,7 @@ def _moe_grouped_gemm_kernel(
     GROUP_M: tl.constexpr,
     MAX_IMPRECISE_ACC: tl.constexpr,
     FAST_WIDEN: tl.constexpr = False,  # bf16 MMA with E4M3 weights: e4m3_to_bf16's integer path (sm_90+)
+    MX_FOLD: tl.constexpr = False,  # bf16 MMA with MXFP8 weights: the scales folded into that path
 ):
     """One program: BLOCK_M layout rows (one expert) x BLOCK_N output columns, fp32 accumulation."""
     G: tl.constexpr = BLOCK_K // 32
@@ -470,7 +483,7 @@ def _moe_grouped_gemm_kernel(
                 step = tl.load(a_scale_ptr + a_rows * stride_asr + kb)[:, None]
         w_g = _weight_operand(
             wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N,
-            FAST_WIDEN,
+            FAST_WIDEN, MX_FOLD,
         )  # fmt: skip
         if STEP_SCALED:
             part = tl.dot(a, w_g, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
@@ -482,7 +495,7 @@ def _moe_grouped_gemm_kernel(
         if GATED:
             w_u = _weight_operand(
                 wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, A_FP8, DOT_FP32, MMA_DTYPE, BLOCK_K, BLOCK_N,
-                FAST_WIDEN,
+                FAST_WIDEN, MX_FOLD,
             )  # fmt: skip
             if STEP_SCALED:
                 part = tl.dot(a, w_u, max_num_imprecise_acc=MAX_IMPRECISE_ACC) * step
@@ -630,6 +643,7 @@ def moe_grouped_gemm_triton(
     activation: ExpertActivation = ExpertActivation.NONE,
     config: GemmConfig | None = None,
     swap_ab: bool | None = None,
+    mx_scale_fold: bool = False,
 ) -> torch.Tensor:
     """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
     expert received are left as they are). ``swap_ab`` runs the weight-rows kernel (bf16/fp16 activations
@@ -681,6 +695,12 @@ def moe_grouped_gemm_triton(
         stride_asr = 0
     n_rows_layout = groups.sorted_pair_ids.numel()
     grid = (triton.cdiv(n_rows_layout, block_m) * triton.cdiv(n, cfg.block_n),)
+    # MXFP8 weights met by bf16 activations: their powers of two on the widening's multiply, where the caller
+    # vouches that every code allows it (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`)
+    mx_fold = (
+        mx_scale_fold and w_mode == 2 and a.dtype == torch.bfloat16 and a_mode in (0, 3)
+        and fast_widen_usable(a.device)
+    )  # fmt: skip
     if swap:
         launch = cfg.launch_kwargs()
         del launch["MAX_IMPRECISE_ACC"]
@@ -693,7 +713,7 @@ def moe_grouped_gemm_triton(
             out.stride(0), out.stride(1),
             A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated,
             MUL_ROUTING=routing_weights is not None, DOT_FP32=triton_interpreting(),
-            EVEN_K=k % cfg.block_k == 0, FAST_WIDEN=fast_widen_usable(a.device), **launch,
+            EVEN_K=k % cfg.block_k == 0, FAST_WIDEN=fast_widen_usable(a.device), MX_FOLD=mx_fold, **launch,
         )  # fmt: skip
         return out
     _moe_grouped_gemm_kernel[grid](
@@ -730,6 +750,7 @@ def moe_grouped_gemm_triton(
         DOT_FP32=triton_interpreting(),
         EVEN_K=k % cfg.block_k == 0,
         FAST_WIDEN=fast_widen_usable(a.device),
+        MX_FOLD=mx_fold,
         **cfg.launch_kwargs(),
     )
     return out
@@ -765,13 +786,16 @@ def moe_experts_triton(
     block_m: int | None = None,
     aligned: bool | None = None,
     tile_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mx_scales_foldable: bool = False,
 ) -> torch.Tensor:
     """The experts forward on Triton: group, gate/up GEMM (SiLU fused), down GEMM (routing weight fused), sum
     over the top k. No host synchronisation (safe in CUDA-graph capture when ``x`` has a fixed shape).
     ``aligned`` forces the aligned MXFP8 W8A8 path on or off (default: :func:`moe_aligned`). ``tile_scales``:
     both MXFP8 stacks are tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and these are their
     fp32 tile scales; W8A8 then runs the block-scaled path as stored, at every token count (no regrouping to
-    pay for, and the FP8 block grouped GEMM measured faster than the decoded MXFP8 one at every size)."""
+    pay for, and the FP8 block grouped GEMM measured faster than the decoded MXFP8 one at every size).
+    ``mx_scales_foldable``: every E8M0 code of both MXFP8 stacks allows the folded decode
+    (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`, read once per loaded stack by the caller)."""
     _check_inputs(x, top_k_index, top_k_weights, gate_up, down)
     tokens, top_k = top_k_index.shape
     experts, two_i, hidden = gate_up.data.shape
@@ -797,14 +821,16 @@ def moe_experts_triton(
     else:
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
     a, a_scale = _quantize_activation(x, activation, aligned)
+    fold = mx_scales_foldable and not aligned
     moe_grouped_gemm_triton(
-        a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation
-    )
+        a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation,
+        mx_scale_fold=fold,
+    )  # fmt: skip
     a, a_scale = _quantize_activation(h, activation, aligned)
     y = torch.zeros((num_pairs, hidden), dtype=x.dtype, device=x.device)
     moe_grouped_gemm_triton(
         a, a_scale, down, groups, y, gated=False, gather_top_k=None,
-        routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation,
+        routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation, mx_scale_fold=fold,
     )  # fmt: skip
     return y.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
 
@@ -819,12 +845,16 @@ def moe_experts(
     backend: Backend | str = Backend.AUTO,
     *,
     tile_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    mx_scales_foldable: bool = False,
 ) -> torch.Tensor:
-    """Quantized experts forward: Triton on CUDA, :func:`moe_experts_reference` elsewhere (``tile_scales``:
-    see :func:`moe_experts_triton`; the reference computes MXFP8 exactly on the stored values)."""
+    """Quantized experts forward: Triton on CUDA, :func:`moe_experts_reference` elsewhere (``tile_scales``,
+    ``mx_scales_foldable``: see :func:`moe_experts_triton`; the reference computes MXFP8 exactly on the stored
+    values)."""
     if resolve_backend(backend, x) is Backend.TRITON:
         return moe_experts_triton(
-            x, top_k_index, top_k_weights, gate_up, down, activation, tile_scales=tile_scales
+            *(x, top_k_index, top_k_weights, gate_up, down, activation),
+            tile_scales=tile_scales,
+            mx_scales_foldable=mx_scales_foldable,
         )
     return moe_experts_reference(x, top_k_index, top_k_weights, gate_up, down, activation)
 

@@ -19,7 +19,7 @@ scales, SiLU-and-mul and routing weights in the epilogue; only the fp32 summatio
 from __future__ import annotations
 
 from mxrun.kernels.backend import tl, triton
-from mxrun.kernels.e4m3 import e4m3_to_bf16
+from mxrun.kernels.e4m3 import e4m3_to_bf16, e4m3_to_bf16_times, e8m0_fold_multiplier
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.scaled_gemm import tile_ids
 
@@ -51,10 +51,11 @@ def _weight_rows(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     FAST_WIDEN: tl.constexpr,
+    MX_FOLD: tl.constexpr,
 ):
     """The weight tile as the MMA's left operand: E4M3 widened to the MMA dtype (to bf16 with
-    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or MXFP8 decoded with its power-of-two scales (both exact); fp32
-    when the interpreter runs the dot."""
+    :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or MXFP8 decoded with its power-of-two scales (both exact; with
+    MX_FOLD on the bf16 widening's multiply); fp32 when the interpreter runs the dot."""
     G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108
         w = tl.load(w_ptrs)
@@ -65,12 +66,16 @@ def _weight_rows(
             codes = tl.load(ws_ptrs)
         else:
             codes = tl.load(ws_ptrs, mask=g_ok[None, :], other=127)
-        operand = tl.reshape(
-            tl.reshape(w.to(tl.float32), [BLOCK_N, G, 32]) * e8m0_to_fp32(codes)[:, :, None],
-            [BLOCK_N, BLOCK_K],
-        )
-        if not DOT_FP32:
-            operand = operand.to(MMA_DTYPE)
+        if MX_FOLD:
+            multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, :, None], [BLOCK_N, G, 32])
+            operand = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_N, BLOCK_K]))
+        else:
+            operand = tl.reshape(
+                tl.reshape(w.to(tl.float32), [BLOCK_N, G, 32]) * e8m0_to_fp32(codes)[:, :, None],
+                [BLOCK_N, BLOCK_K],
+            )
+            if not DOT_FP32:
+                operand = operand.to(MMA_DTYPE)
     elif DOT_FP32:
         operand = w.to(tl.float32)
     elif MMA_DTYPE == tl.bfloat16:  # noqa: SIM300 - a constexpr parameter, not a constant
@@ -116,6 +121,7 @@ def moe_weight_rows_gemm_kernel(
     BLOCK_K: tl.constexpr,  # 128 when W_MODE == 1; a multiple of 32 for W_MODE 2
     GROUP_M: tl.constexpr,
     FAST_WIDEN: tl.constexpr = False,  # bf16 MMA: e4m3_to_bf16's integer path (sm_90+)
+    MX_FOLD: tl.constexpr = False,  # bf16 MMA with MXFP8 weights: the scales folded into that path
 ):
     """One program: BLOCK_N weight rows x BLOCK_M layout rows (one expert), fp32 accumulation, transposed."""
     G: tl.constexpr = BLOCK_K // 32
@@ -160,8 +166,9 @@ def moe_weight_rows_gemm_kernel(
         if DOT_FP32:
             at = at.to(tl.float32)
         w_g = _weight_rows(
-            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K, FAST_WIDEN
-        )
+            wg_ptrs, wsg_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K, FAST_WIDEN,
+            MX_FOLD,
+        )  # fmt: skip
         if W_MODE == 1:
             acc_g += tl.dot(w_g, at) * tl.load(wsg_ptrs + kb)[:, None]
         else:
@@ -169,7 +176,7 @@ def moe_weight_rows_gemm_kernel(
         if GATED:
             w_u = _weight_rows(
                 wu_ptrs, wsu_ptrs, k_ok, g_ok, W_MODE, EVEN_K, DOT_FP32, MMA_DTYPE, BLOCK_N, BLOCK_K,
-                FAST_WIDEN,
+                FAST_WIDEN, MX_FOLD,
             )  # fmt: skip
             if W_MODE == 1:
                 acc_u += tl.dot(w_u, at) * tl.load(wsu_ptrs + kb)[:, None]

@@ -402,6 +402,48 @@ def test_gpu_larger_layer(fmt, activation, tokens) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(
+    not CUDA or torch.cuda.get_device_capability()[0] < 9, reason="the folded MX decode is PTX for sm_90+"
+)
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("codes", ["every", "realistic"])
+def test_gpu_mx_scale_fold_gives_the_same_bits(swap_ab, gated, codes) -> None:
+    """Both grouped GEMMs with the MX powers of two folded into the E4M3 widening give bit for bit the output of
+    the fp32 decode, over every foldable E8M0 code and over a quantized weight's own, with a K tail and padding
+    rows; and the whole experts forward with MX activations too."""
+    from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE
+
+    experts, n, k, tokens, top_k = 6, 80, 160, 9, 2
+    weights = _stack(F.MXFP8, experts, 2 * n if gated else n, k, seed=31)
+    if codes == "every":
+        g = torch.Generator().manual_seed(32)
+        scale = torch.randint(0, MX_FOLD_MAX_CODE + 1, weights.scale.shape, generator=g, dtype=torch.uint8)
+        weights = ExpertWeights(weights.data, scale.to(DEVICE).view(weights.scale.dtype), weights.format)
+    routing, index = _routing(tokens, experts, top_k, seed=33, only=[0, 2, 3, 5])
+    x = _x(tokens if gated else tokens * top_k, k, seed=34) * (2.0**-20 if codes == "every" else 1.0)
+    groups = group_tokens(index, experts, 16)
+
+    def run(fold: bool) -> torch.Tensor:
+        out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device=DEVICE)
+        return moe_grouped_gemm_triton(
+            x, None, weights, groups, out, gated=gated, gather_top_k=top_k if gated else None,
+            routing_weights=None if gated else routing.reshape(-1), config=GemmConfig(16, 32, 128, 1, 4, 2),
+            swap_ab=swap_ab, mx_scale_fold=fold,
+        )  # fmt: skip
+
+    assert torch.equal(run(True).view(torch.int16), run(False).view(torch.int16))
+    if gated and not swap_ab and codes == "realistic":
+        gate_up = _stack(F.MXFP8, experts, 2 * 96, k, seed=35)  # inter 96: K of the down GEMM, 32 | 96
+        down = _stack(F.MXFP8, experts, k, 96, seed=36)
+        xs = _x(tokens, k, seed=37)
+        fwd = lambda fold: moe_experts_triton(  # noqa: E731
+            xs, index, routing, gate_up, down, A.MX_ROUND_UP, aligned=False, mx_scales_foldable=fold
+        )
+        assert torch.equal(fwd(True).view(torch.int16), fwd(False).view(torch.int16))
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_aligned_path_at_many_tokens() -> None:
     """Enough tokens per expert that the launcher picks the aligned path by itself (128-row blocks, TMA-free
