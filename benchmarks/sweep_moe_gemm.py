@@ -14,6 +14,7 @@ import torch
 import triton.testing
 
 from benchmarks.bench_moe import SCHEMES, SHAPES, _quantize_stack
+from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.moe_gemm import (
     ExpertActivation,
     ExpertWeightFormat,
@@ -91,6 +92,8 @@ def sweep_case(
     for column in columns:
         fmt, activation = SCHEMES[column]
         gate_up, down = _quantize_stack(w13, fmt), _quantize_stack(w2, fmt)
+        # MX scales folded into the widening where the codes allow it, as the experts module runs them
+        fold = fmt is ExpertWeightFormat.MXFP8 and all(mx_scales_foldable(w.scale) for w in (gate_up, down))
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation
         a1, s1 = _quantize_activation(x, activation)
         a2, s2 = _quantize_activation(h, activation)
@@ -133,11 +136,12 @@ def sweep_case(
                         groups=groups,
                         act=gemm_activation,
                         swap=swap,
+                        fold=fold,
                     ) -> None:
                         moe_grouped_gemm_triton(
                             a, s, w, groups, out, gated=gated, gather_top_k=top_k if gated else None,
                             routing_weights=None if gated else routing, activation=act, config=cfg,
-                            swap_ab=swap,
+                            swap_ab=swap, mx_scale_fold=fold,
                         )  # fmt: skip
 
                     try:
