@@ -54,10 +54,10 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
     channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
     block = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     mx = quantize_mxfp8(w)
-    foldable = mx_scales_foldable(mx.scale_e8m0)  # read once per weight, as MxFp8Method does at load
+    foldable = mx_scales_foldable(mx.scale_e8m0, mx.data)  # read once per weight, as MxFp8Method does at load
     tiles = align_mxfp8(mx.data, mx.scale_e8m0)  # a recipe's `tile_aligned: true`
     tile_scale = aligned_tile_scales(tiles.scale_e8m0, *w.shape)
-    tiles_foldable = mx_scales_foldable(tiles.scale_e8m0)
+    tiles_foldable = mx_scales_foldable(tiles.scale_e8m0, tiles.data)
     w_t = w.t()
     channel_t = channel.data.t()  # [K, N] column-major, what _scaled_mm wants for its second operand
     channel_scale_row = channel.scale.reshape(1, -1)

@@ -211,7 +211,7 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
         ):  # scales read once, as QuantizedExperts does
             options = {"aligned": None if aligned == "unfolded" else aligned}
             options["mx_scales_foldable"] = aligned != "unfolded" and all(
-                mx_scales_foldable(w.scale) for w in (gate_up, down)
+                mx_scales_foldable(w.scale, w.data) for w in (gate_up, down)
             )
         if aligned == "tiles":  # a recipe's `tile_aligned: true`: stored aligned, tile scales read once
             gate_up, down = (_tile_aligned(w) for w in (gate_up, down))

@@ -93,7 +93,9 @@ def sweep_case(
         fmt, activation = SCHEMES[column]
         gate_up, down = _quantize_stack(w13, fmt), _quantize_stack(w2, fmt)
         # MX scales folded into the widening where the codes allow it, as the experts module runs them
-        fold = fmt is ExpertWeightFormat.MXFP8 and all(mx_scales_foldable(w.scale) for w in (gate_up, down))
+        fold = fmt is ExpertWeightFormat.MXFP8 and all(
+            mx_scales_foldable(w.scale, w.data) for w in (gate_up, down)
+        )
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation
         a1, s1 = _quantize_activation(x, activation)
         a2, s2 = _quantize_activation(h, activation)

@@ -237,14 +237,17 @@ def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, na
     return hit[1]
 
 
-def cached_mx_foldable(owner: nn.Module, codes: torch.Tensor, name: str = "weight") -> bool:
-    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the E8M0 codes ``name`` of ``owner``, read off once per
-    loaded value of the codes (keyed as :func:`cached_tile_scales`) so that forwards do not sync the host."""
+def cached_mx_foldable(
+    owner: nn.Module, codes: torch.Tensor, data: torch.Tensor, name: str = "weight"
+) -> bool:
+    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of ``owner``'s MXFP8 weight ``name`` (E8M0 ``codes``, E4M3
+    ``data``), read off once per loaded value of both (keyed as :func:`cached_tile_scales`) so that forwards do
+    not sync the host."""
     cache = owner.__dict__.setdefault("_mx_foldable", {})
-    key = (codes._version, codes.data_ptr(), codes.device)
+    key = tuple((t._version, t.data_ptr(), t.device) for t in (codes, data))
     hit = cache.get(name)
     if hit is None or hit[0] != key:
-        hit = cache[name] = (key, mx_scales_foldable(codes))
+        hit = cache[name] = (key, mx_scales_foldable(codes, data))
     return hit[1]
 
 
@@ -403,10 +406,9 @@ class MxFp8Method(QuantMethod):
         )
         if self.tile_aligned:
             align_mxfp8_into(layer.weight, layer.weight_scale_e8m0)
-        if (
-            layer.weight_scale_e8m0.is_cuda
-        ):  # read the scales off now, not in the first (maybe captured) forward
-            cached_mx_foldable(layer, layer.weight_scale_e8m0)
+        # read the codes off now, not in the first (maybe CUDA-graph-captured) forward
+        if layer.weight_scale_e8m0.is_cuda:
+            cached_mx_foldable(layer, layer.weight_scale_e8m0, layer.weight)
 
     def _tile_scale(self, layer: QuantizedLinear) -> torch.Tensor:
         return cached_tile_scales(
@@ -415,9 +417,8 @@ class MxFp8Method(QuantMethod):
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         tile_scale = self._tile_scale(layer) if self.tile_aligned and x.is_cuda else None
-        foldable = (
-            x.is_cuda and x.shape[0] <= SMALL_M_MAX and cached_mx_foldable(layer, layer.weight_scale_e8m0)
-        )
+        foldable = x.is_cuda and x.shape[0] <= SMALL_M_MAX
+        foldable = foldable and cached_mx_foldable(layer, layer.weight_scale_e8m0, layer.weight)
         return mxfp8_linear(
             x,
             layer.weight,

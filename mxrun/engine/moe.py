@@ -324,10 +324,10 @@ class QuantizedExperts(nn.Module):
             )
         # MXFP8 stacks whose every scale code allows it: the kernels fold the scales into the E4M3 widening
         # (codes read once per loaded value of the stacks, at the first forward after loading)
-        foldable = (
-            tile_scales is None and self.weight_format is ExpertWeightFormat.MXFP8 and x.is_cuda
-            and all(cached_mx_foldable(self, self.weights(p).scale, p) for p in FUSED_PARAMS)
-        )  # fmt: skip
+        foldable = tile_scales is None and self.weight_format is ExpertWeightFormat.MXFP8 and x.is_cuda
+        for param in FUSED_PARAMS if foldable else ():
+            stack = self.weights(param)
+            foldable = foldable and cached_mx_foldable(self, stack.scale, stack.data, param)
         out = moe_experts(
             x,
             top_k_index.reshape(x.shape[0], -1),

@@ -157,10 +157,14 @@ def e4m3_to_bf16_times(codes, multiplier):
     )
 
 
-def mx_scales_foldable(scale_e8m0: torch.Tensor) -> bool:
-    """Whether every E8M0 code is at most :data:`MX_FOLD_MAX_CODE` (so :func:`e4m3_to_bf16_times` applies).
-    Reads the codes back to the host: call it once per loaded weight, not per forward."""
-    return bool((scale_e8m0.view(torch.uint8) <= MX_FOLD_MAX_CODE).all())
+def mx_scales_foldable(scale_e8m0: torch.Tensor, data: torch.Tensor | None = None) -> bool:
+    """Whether every E8M0 code is at most :data:`MX_FOLD_MAX_CODE` and, given the E4M3 ``data``, no element is
+    NaN (the widening does not keep a NaN code NaN; under a finite scale the fp32 decode would): then
+    :func:`e4m3_to_bf16_times` gives the fp32 decode's bits. Reads the tensors back to the host: call it once
+    per loaded weight, not per forward."""
+    if not bool((scale_e8m0.view(torch.uint8) <= MX_FOLD_MAX_CODE).all()):
+        return False
+    return data is None or not bool(((data.view(torch.uint8) & 0x7F) == E4M3_NAN_CODE).any())
 
 
 def fast_widen_usable(device: torch.device) -> bool:

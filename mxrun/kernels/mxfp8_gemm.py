@@ -655,7 +655,7 @@ def mxfp8_linear(
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
     ``weight_tile_scale``: the weight is tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and
     these are its fp32 tile scales; the aligned path then skips its per-call regrouping.
-    ``weight_scales_foldable``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight's scales, known by
+    ``weight_scales_foldable``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight, known by
     the caller (it reads them back once per loaded weight): the small-M kernel then folds each power of two into
     the E4M3 widening (same values, fewer instructions).
 

@@ -32,8 +32,8 @@ W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-t
 0.75-1.88x (per-tensor) with this, the single launch and the tiles below. bf16 activations and E4M3 weights
 meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`. An MXFP8 weight takes the
 same widening with its power of two folded into the widening's one bf16x2 multiply
-(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`) when every scale code allows it (``mx_scale_fold``: codes up to
-2^15, which the caller checks once per loaded weight), else a decode through fp32. Both give the same bits
+(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`) when the weight allows it (``mx_scale_fold``: scale codes up to
+2^15 and no NaN element, which the caller checks once per loaded weight), else a decode through fp32. Both give the same bits
 (tested); the fold saves the fp32 round trip: 232 of 1848 instructions of the default tile, and the fp32 path's
 register spills (ptxas, sm_90). H100, same run (``bench_linear.py --graph --rep-ms 20 --ms 1 16 --columns mxfp8
 mxfp8:unfolded mxfp8-wo mxfp8-wo:unfolded``, ``results/linear-h100-mx-fold.md``): MXFP8 W8A8 at M = 1 and 16
@@ -300,7 +300,7 @@ def small_m_gemm_triton(
     ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``) and ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly
     one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
     ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values).
-    ``mx_scale_fold=True`` promises that every E8M0 code is at most ``MX_FOLD_MAX_CODE``
+    ``mx_scale_fold=True`` promises that every E8M0 code is at most ``MX_FOLD_MAX_CODE`` and no element is NaN
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`, checked once per loaded weight by the caller): MX weights
     meeting bf16 activations are then decoded by the fast widening with their power of two folded in."""
     fn = "small_m_gemm_triton"

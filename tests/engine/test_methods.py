@@ -319,18 +319,22 @@ def test_weight_of_the_wrong_shape_is_refused() -> None:
 
 
 def test_mx_foldable_flag_is_read_once_per_loaded_value(monkeypatch) -> None:
-    """Whether an MXFP8 weight's scales allow the folded small-M decode is read off the codes once per loaded
-    value (a forward must not sync the host), and again after they change in place."""
+    """Whether an MXFP8 weight allows the folded small-M decode is read off its codes once per loaded value (a
+    forward must not sync the host), and again after the scales or the elements change in place."""
     import mxrun.engine.methods as methods
 
     calls = []
     real = methods.mx_scales_foldable
-    monkeypatch.setattr(methods, "mx_scales_foldable", lambda scales: calls.append(1) or real(scales))
+    monkeypatch.setattr(methods, "mx_scales_foldable", lambda *args: calls.append(1) or real(*args))
     owner = nn.Module()
     codes = torch.full((4, 2), 120, dtype=torch.uint8)
-    assert methods.cached_mx_foldable(owner, codes) is True
-    assert methods.cached_mx_foldable(owner, codes) is True
+    data = torch.zeros((4, 64), dtype=torch.float8_e4m3fn)
+    assert methods.cached_mx_foldable(owner, codes, data) is True
+    assert methods.cached_mx_foldable(owner, codes, data) is True
     assert len(calls) == 1
     codes[0, 0] = 200  # an in-place load of another weight: its huge scale cannot be folded
-    assert methods.cached_mx_foldable(owner, codes) is False
-    assert len(calls) == 2
+    assert methods.cached_mx_foldable(owner, codes, data) is False
+    codes[0, 0] = 120
+    data.view(torch.uint8)[1, 3] = 0xFF  # a NaN element: the widening would not keep it NaN
+    assert methods.cached_mx_foldable(owner, codes, data) is False
+    assert len(calls) == 3

@@ -221,11 +221,15 @@ def test_mx_scale_fold_gives_the_same_bits(m, n, k, split_k, codes) -> None:
 
 
 def test_mx_scales_foldable() -> None:
-    """The fold's multiplier 2^(e - 15) is a bf16 normal up to code 142: above it (and for the NaN code) the
-    weight must take the fp32 decode."""
+    """The fold's multiplier 2^(e - 15) is a bf16 normal up to code 142: above it (and for the NaN code), or
+    with a NaN element (the widening does not keep it NaN), the weight must take the fp32 decode."""
     from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE, mx_scales_foldable
 
     codes = torch.arange(0, MX_FOLD_MAX_CODE + 1, dtype=torch.uint8)
     assert mx_scales_foldable(codes)
     assert not mx_scales_foldable(torch.cat([codes, torch.tensor([MX_FOLD_MAX_CODE + 1], dtype=torch.uint8)]))
     assert not mx_scales_foldable(torch.tensor([255], dtype=torch.uint8).view(torch.float8_e8m0fnu))
+    data = torch.zeros(8, dtype=torch.uint8)
+    assert mx_scales_foldable(codes, data.view(torch.float8_e4m3fn))
+    data[3] = 0x7F  # an E4M3 NaN element under a finite scale
+    assert not mx_scales_foldable(codes, data.view(torch.float8_e4m3fn))
