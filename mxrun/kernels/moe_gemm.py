@@ -55,13 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import (
-    e4m3_to_bf16,
-    e4m3_to_bf16_times,
-    e8m0_fold_multiplier,
-    fast_widen_usable,
-    widen_to_fp32,
-)
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -73,7 +67,7 @@ from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32, mx_quantize_dequantize
+from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
@@ -351,7 +345,6 @@ def _weight_operand(
     :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or for MXFP8 decoded with its power-of-two scales (exact: with
     MX_FOLD the scale rides on the bf16 widening's multiply, :func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`);
     fp32 when the interpreter runs the dot."""
-    G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108 - constexpr branches, spelled as in the other kernels
         w = tl.load(w_ptrs)
     else:
@@ -362,16 +355,9 @@ def _weight_operand(
             codes = tl.load(ws_ptrs)
         else:
             codes = tl.load(ws_ptrs, mask=g_ok[:, None], other=127)
-        if MX_FOLD:
-            multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, None, :], [G, 32, BLOCK_N])
-            operand = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_K, BLOCK_N]))
-        else:
-            operand = tl.reshape(
-                tl.reshape(w.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
-                [BLOCK_K, BLOCK_N],
-            )
-            if not DOT_FP32:
-                operand = operand.to(MMA_DTYPE)
+        operand = mx_decode_weight(w, codes, MX_FOLD, False)
+        if not DOT_FP32:
+            operand = operand.to(MMA_DTYPE)
     elif DOT_FP32:
         operand = w.to(tl.float32)
     elif A_FP8:

@@ -19,8 +19,8 @@ scales, SiLU-and-mul and routing weights in the epilogue; only the fp32 summatio
 from __future__ import annotations
 
 from mxrun.kernels.backend import tl, triton
-from mxrun.kernels.e4m3 import e4m3_to_bf16, e4m3_to_bf16_times, e8m0_fold_multiplier
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
+from mxrun.kernels.e4m3 import e4m3_to_bf16
+from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.scaled_gemm import tile_ids
 
 
@@ -56,7 +56,6 @@ def _weight_rows(
     """The weight tile as the MMA's left operand: E4M3 widened to the MMA dtype (to bf16 with
     :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or MXFP8 decoded with its power-of-two scales (both exact; with
     MX_FOLD on the bf16 widening's multiply); fp32 when the interpreter runs the dot."""
-    G: tl.constexpr = BLOCK_K // 32
     if EVEN_K:  # noqa: SIM108
         w = tl.load(w_ptrs)
     else:
@@ -66,16 +65,9 @@ def _weight_rows(
             codes = tl.load(ws_ptrs)
         else:
             codes = tl.load(ws_ptrs, mask=g_ok[None, :], other=127)
-        if MX_FOLD:
-            multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, :, None], [BLOCK_N, G, 32])
-            operand = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_N, BLOCK_K]))
-        else:
-            operand = tl.reshape(
-                tl.reshape(w.to(tl.float32), [BLOCK_N, G, 32]) * e8m0_to_fp32(codes)[:, :, None],
-                [BLOCK_N, BLOCK_K],
-            )
-            if not DOT_FP32:
-                operand = operand.to(MMA_DTYPE)
+        operand = mx_decode_weight(w, codes, MX_FOLD, True)
+        if not DOT_FP32:
+            operand = operand.to(MMA_DTYPE)
     elif DOT_FP32:
         operand = w.to(tl.float32)
     elif MMA_DTYPE == tl.bfloat16:  # noqa: SIM300 - a constexpr parameter, not a constant

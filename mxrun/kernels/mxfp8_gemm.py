@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_code, widen_to_fp32
+from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16_times, e8m0_fold_multiplier, widen_to_fp32
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
@@ -156,6 +156,37 @@ def e8m0_to_fp32(codes):
     codes = codes.to(tl.int32)
     bits = tl.where(codes == 0, 0x00400000, codes << 23)
     return tl.where(codes == 255, float("nan"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def mx_decode_weight(w, codes, FOLD: tl.constexpr, K_LAST: tl.constexpr):
+    """An E4M3 weight tile times its E8M0 powers of two, exactly: ``w`` ``[BLOCK_K, BLOCK_N]`` with ``codes``
+    ``[BLOCK_K / 32, BLOCK_N]``, or with ``K_LAST`` ``[BLOCK_N, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K / 32]``. FOLD
+    (sm_90+, codes and elements allowed by :func:`~mxrun.kernels.e4m3.mx_scales_foldable`): bf16 from the E4M3
+    widening with each power of two on its multiply; else fp32, then whatever the MMA takes (the same values)."""
+    if K_LAST:
+        BLOCK_N: tl.constexpr = w.shape[0]
+        BLOCK_K: tl.constexpr = w.shape[1]
+        if FOLD:
+            multiplier = tl.broadcast_to(
+                e8m0_fold_multiplier(codes)[:, :, None], [BLOCK_N, BLOCK_K // 32, 32]
+            )
+            out = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_N, BLOCK_K]))
+        else:
+            grouped = tl.reshape(w.to(tl.float32), [BLOCK_N, BLOCK_K // 32, 32])
+            out = tl.reshape(grouped * e8m0_to_fp32(codes)[:, :, None], [BLOCK_N, BLOCK_K])
+    else:
+        BLOCK_K: tl.constexpr = w.shape[0]
+        BLOCK_N: tl.constexpr = w.shape[1]
+        if FOLD:
+            multiplier = tl.broadcast_to(
+                e8m0_fold_multiplier(codes)[:, None, :], [BLOCK_K // 32, 32, BLOCK_N]
+            )
+            out = e4m3_to_bf16_times(w, tl.reshape(multiplier, [BLOCK_K, BLOCK_N]))
+        else:
+            grouped = tl.reshape(w.to(tl.float32), [BLOCK_K // 32, 32, BLOCK_N])
+            out = tl.reshape(grouped * e8m0_to_fp32(codes)[:, None, :], [BLOCK_K, BLOCK_N])
+    return out
 
 
 @triton.jit

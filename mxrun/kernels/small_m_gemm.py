@@ -57,8 +57,8 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_to_bf16, e4m3_to_bf16_times, e8m0_fold_multiplier, fast_widen_usable
-from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
+from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
@@ -202,14 +202,7 @@ def _split_k_kernel(
             codes = tl.load(
                 bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
             )
-            if MX_FOLD:
-                multiplier = tl.broadcast_to(e8m0_fold_multiplier(codes)[:, None, :], [G, 32, BLOCK_N])
-                w = e4m3_to_bf16_times(b, tl.reshape(multiplier, [BLOCK_K, BLOCK_N]))
-            else:
-                w = tl.reshape(
-                    tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(codes)[:, None, :],
-                    [BLOCK_K, BLOCK_N],
-                )
+            w = mx_decode_weight(b, codes, MX_FOLD, False)
         elif MMA == 1:
             w = e4m3_to_bf16(b, FAST_WIDEN)
         else:
