@@ -99,6 +99,22 @@ def sweep_shape(
             flush=True,
         )
 
+    def wgmma_variants(kernel: str, a, b, expected, block_scaled: bool) -> None:
+        """The Gluon kernel (the sm_90 default) in each of WGMMA_VARIANTS (128x256 tiles: not block-scaled)."""
+        if not wgmma_gemm_usable(a.data, b.data):
+            return
+        for persistent, stages, wide in WGMMA_VARIANTS:
+            if block_scaled and wide:
+                continue
+            emit(
+                kernel,
+                lambda p=persistent, st=stages, w=wide: fp8_wgmma_gemm(
+                    *(a.data, a.scale, b.data, b.scale, None, torch.bfloat16),
+                    block_scaled=block_scaled, persistent=p, stages=st, wide=w,
+                ),
+                expected, tile=_variant_name(persistent, stages, wide), persistent=persistent,
+            )  # fmt: skip
+
     emit("bf16", lambda: torch.matmul(x, w.t()), ref)
     emit(
         "scaled_mm",
@@ -116,27 +132,7 @@ def sweep_shape(
         lambda: fp8_tma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False),
         ref, tile="default",
     )  # fmt: skip
-    if wgmma_gemm_usable(
-        xq.data, wq.data
-    ):  # the Gluon kernel that overlaps promotion and MMAs (default on sm_90)
-        for persistent, stages, wide in WGMMA_VARIANTS:
-            emit(
-                "channel-wgmma",
-                lambda p=persistent, st=stages, w=wide: fp8_wgmma_gemm(
-                    xq.data,
-                    xq.scale,
-                    wq.data,
-                    wq.scale,
-                    None,
-                    torch.bfloat16,
-                    persistent=p,
-                    stages=st,
-                    wide=w,
-                ),
-                ref,
-                tile=_variant_name(persistent, stages, wide),
-                persistent=persistent,
-            )
+    wgmma_variants("channel-wgmma", xq, wq, ref, block_scaled=False)
     emit(  # the ceiling without fp32 promotion (not a candidate: 6-9x the error)
         "channel-tma",
         lambda: fp8_tma_gemm(xq.data, xq.scale, wq.data, wq.scale, None, torch.bfloat16, block_scaled=False,
@@ -176,21 +172,7 @@ def sweep_shape(
         lambda: fp8_tma_gemm(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16, block_scaled=True),
         ref_b, tile="default",
     )  # fmt: skip
-    if wgmma_gemm_usable(xb.data, wb.data):
-        for persistent, stages, wide in WGMMA_VARIANTS[:2]:
-            emit(
-                "block-wgmma",
-                lambda p=persistent, st=stages, w=wide: fp8_wgmma_gemm(
-                    *(xb.data, xb.scale, wb.data, wb.scale, None, torch.bfloat16),
-                    block_scaled=True,
-                    persistent=p,
-                    stages=st,
-                    wide=w,
-                ),
-                ref_b,
-                tile=_variant_name(persistent, stages, wide),
-                persistent=persistent,
-            )
+    wgmma_variants("block-wgmma", xb, wb, ref_b, block_scaled=True)
     tma_tiles("block-tma", tiles[1], xb, wb, ref_b, block_scaled=True)
 
 
