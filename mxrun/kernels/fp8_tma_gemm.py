@@ -158,6 +158,17 @@ def fp8_operand_shapes(fn: str, a: torch.Tensor, b: torch.Tensor) -> tuple[int, 
     return a.shape[0], b.shape[0], a.shape[1]
 
 
+def check_block_scales(fn: str, a_scale: torch.Tensor, b_scale: torch.Tensor, m: int, n: int, k: int) -> None:
+    """1x128 activation scales ``[M, ceil(K/128)]`` and 128x128 weight scales ``[ceil(N/128), ceil(K/128)]``;
+    else an error naming ``fn`` and the shapes it got."""
+    groups = triton.cdiv(k, 128)
+    if a_scale.shape != (m, groups) or b_scale.shape != (triton.cdiv(n, 128), groups):
+        raise GemmInputError(
+            f"{fn}: block scales must be [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)], got "
+            f"{tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
+        )
+
+
 def _descriptor(t: torch.Tensor, rows: int, cols: int):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -206,14 +217,8 @@ def fp8_tma_gemm(
     fn = "fp8_tma_gemm"
     a_scale, b_scale, bias = unit_stride(a_scale), unit_stride(b_scale), unit_stride(bias)
     m, n, k = fp8_operand_shapes(fn, a, b)
-    if block_scaled and (
-        a_scale.shape != (m, triton.cdiv(k, 128))
-        or b_scale.shape != (triton.cdiv(n, 128), triton.cdiv(k, 128))
-    ):
-        raise GemmInputError(
-            f"{fn}: block scales must be [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)], got "
-            f"{tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
-        )
+    if block_scaled:
+        check_block_scales(fn, a_scale, b_scale, m, n, k)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
@@ -253,4 +258,11 @@ def fp8_tma_gemm(
     return c
 
 
-__all__ = ["TMA_MIN_M", "fp8_tma_gemm", "tma_candidates", "tma_usable"]
+__all__ = [
+    "TMA_MIN_M",
+    "check_block_scales",
+    "fp8_operand_shapes",
+    "fp8_tma_gemm",
+    "tma_candidates",
+    "tma_usable",
+]

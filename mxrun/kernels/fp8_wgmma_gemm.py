@@ -492,7 +492,7 @@ def fp8_wgmma_gemm(
     epilogue) instead of one per tile; ``wide`` takes 128x256 tiles instead of 128x128 (per-tensor /
     per-channel only; None: where :func:`wide_tiles_pay`). Operands it cannot take
     (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
-    from mxrun.kernels.fp8_tma_gemm import _sm_count, fp8_operand_shapes
+    from mxrun.kernels.fp8_tma_gemm import _sm_count, check_block_scales, fp8_operand_shapes
     from mxrun.kernels.scaled_gemm import GemmInputError, unit_stride
 
     fn = "fp8_wgmma_gemm"
@@ -502,14 +502,12 @@ def fp8_wgmma_gemm(
             f"{fn}: needs Triton's Gluon, an sm_90 CUDA device and TMA-ready operands (K-contiguous, "
             "16-byte aligned rows); use fp8_tma_gemm or fp8_gemm_triton otherwise"
         )
+    if wide and block_scaled:
+        raise GemmInputError(f"{fn}: 128x256 tiles take per-tensor / per-channel scales only")
     k_groups = triton.cdiv(k, 128)
     if block_scaled:
         a_scale, b_scale = unit_stride(a_scale), unit_stride(b_scale)
-        if a_scale.shape != (m, k_groups) or b_scale.shape != (triton.cdiv(n, 128), k_groups):
-            raise GemmInputError(
-                f"{fn}: block scales must be [M, ceil(K/128)] and [ceil(N/128), ceil(K/128)], got "
-                f"{tuple(a_scale.shape)} and {tuple(b_scale.shape)}"
-            )
+        check_block_scales(fn, a_scale, b_scale, m, n, k)
     else:
         a_scale = a_scale.reshape(-1).contiguous()
         b_scale = b_scale.reshape(-1).contiguous()
@@ -526,8 +524,6 @@ def fp8_wgmma_gemm(
     a_desc = TensorDescriptor.from_tensor(a, [a_rows, block_k], _operand_layout(a_rows, block_k))
     b_desc = TensorDescriptor.from_tensor(b, [block_n, block_k], _operand_layout(block_n, block_k))
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    if wide and block_scaled:
-        raise GemmInputError(f"{fn}: 128x256 tiles take per-tensor / per-channel scales only")
     if wide is None:
         wide = not block_scaled and wide_tiles_pay(m, n, _sm_count(index))
     b_parts = 2 if wide else 1
