@@ -65,6 +65,9 @@ FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
 # benchmarks/results/sweep-fp8-quantize-h200.json): whole rows in registers as power-of-two pieces beat two
 # passes by 10-20% at M=16384, K in {7168, 14336}; 16 warps per 128x128 block is what the one-block-at-a-time
 # strip needs to match the earlier single-tile kernel (8 warps lost 12%).
+# At 2048 rows a fixed grid of programs that each walk rows and load the next row while quantizing this one
+# measured no better than one row per program (H100: 0.71-0.81 of copy against 0.78-0.84,
+# benchmarks/results/sweep-fp8-quantize-row-loop-h100.json); the copy itself moves only 2.0-2.7 TB/s there.
 _MAX_ROW_IN_REGISTERS = 16384  # longest per-row row (padded to a power of two) held whole in registers
 _ROW_MAX_WARPS = 8
 _BLOCK_STRIP_K = 128  # columns of 128x128 blocks one program does in turn
