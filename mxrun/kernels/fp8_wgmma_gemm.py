@@ -42,12 +42,13 @@ waits for each product at once, and relies on the other consumer's MMAs to cover
 operand would be the next step.
 
 Block scaling costs 12-20% over per-channel scales in this kernel, and the cost is the per-step scales: the same
-kernel taking one scale per tile (wrong arithmetic, timing only) runs at per-channel speed. Measured and left out
-(``results/block-scale-loads-h100.log``): loading the scales an iteration ahead (slower on 10 of 12 shapes),
-K-major scale copies so that a step's rows are one contiguous read (+0-8% at 4096 rows, but the per-call copy
-costs 9% at 1024), issuing the loads after both steps' MMAs, four steps' scales every other iteration, and
-bringing the scales into each slot from the loader warp group by ``cp.async`` (slower, 0.73-0.82x); TMA boxes
-of one step's fp32 scales stopped the kernel with an illegal instruction (Triton 3.6) and were not pursued.
+kernel taking one scale per tile (wrong arithmetic, timing only) runs at per-channel speed. Measured and left
+out (``results/block-scale-loads-h100.log``): loading the scales an iteration ahead (slower on 10 of 12 shapes),
+K-major scale copies so that a step's rows are one contiguous read (+0-8% at 4096 rows between runs, but the
+per-call copy costs 9% at 1024), issuing the loads after both steps' MMAs, four steps' scales every other
+iteration, and bringing the scales into each slot from the loader warp group by ``cp.async`` (slower,
+0.73-0.82x); TMA boxes of one step's fp32 scales stopped the kernel with an illegal instruction (Triton 3.6) and
+were not pursued.
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
