@@ -85,10 +85,24 @@ def candidates(granularity: fq.Fp8Granularity, x: torch.Tensor, before) -> dict[
         out["before"] = lambda: before.quantize_fp8_triton(x, granularity.value)
     out["launcher"] = lambda: fq.quantize_fp8_triton(x, granularity)
     if granularity is fq.Fp8Granularity.PER_ROW:
-        settings = [(1, 4, 3, ""), (1, 8, 3, ""), (1, 16, 3, ""), (2, 8, 3, ""), (2, 16, 3, "")]
+        settings = [
+            (1, 2, 3, ""),
+            (1, 4, 3, ""),
+            (1, 8, 3, ""),
+            (1, 16, 3, ""),
+            (2, 8, 3, ""),
+            (2, 16, 3, ""),
+        ]
         settings += [(1, 8, 3, "evict_first"), (1, 16, 3, "evict_first"), (1, 8, 1, "")]
         if x.shape[1] == 4096:
-            settings = [(1, 4, 1, ""), (1, 8, 1, ""), (2, 8, 1, "")]
+            settings = [
+                (1, 1, 1, ""),
+                (1, 2, 1, ""),
+                (1, 4, 1, ""),
+                (1, 8, 1, ""),
+                (2, 8, 1, ""),
+                (2, 4, 1, ""),
+            ]
         for block_r, warps, max_pieces, policy in settings:
             name = f"pieces r{block_r} w{warps} p{max_pieces} {policy or 'normal'}"
             out[name] = row_launch(x, block_r, warps, max_pieces, policy)
@@ -104,10 +118,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write every timing here")
     parser.add_argument("--only", choices=["per_row", "block"], help="sweep one layout only")
+    parser.add_argument("--rows", type=int, help="per-row shapes with this many rows only")
     args = parser.parse_args()
     before = before_module()
     results = []
-    cases = [] if args.only == "block" else [(fq.Fp8Granularity.PER_ROW, s) for s in PER_ROW_SHAPES]
+    row_shapes = [s for s in PER_ROW_SHAPES if args.rows in (None, s[0])]
+    cases = [] if args.only == "block" else [(fq.Fp8Granularity.PER_ROW, s) for s in row_shapes]
     if args.only != "per_row":
         cases += [(fq.Fp8Granularity.BLOCK_128X128, s) for s in BLOCK_SHAPES]
     for granularity, shape in cases:

@@ -67,7 +67,8 @@ FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
 # strip needs to match the earlier single-tile kernel (8 warps lost 12%).
 # At 2048 rows a fixed grid of programs that each walk rows and load the next row while quantizing this one
 # measured no better than one row per program (H100: 0.71-0.81 of copy against 0.78-0.84,
-# benchmarks/results/sweep-fp8-quantize-row-loop-h100.json); the copy itself moves only 2.0-2.7 TB/s there.
+# benchmarks/results/sweep-fp8-quantize-row-loop-h100.json), nor did 1-2 warps per row (0.66-0.80 of copy,
+# sweep-fp8-quantize-2048-warps-h100.json, --rows 2048); the copy itself moves only 2.0-2.7 TB/s there.
 _MAX_ROW_IN_REGISTERS = 16384  # longest per-row row (padded to a power of two) held whole in registers
 _ROW_MAX_WARPS = 8
 _BLOCK_STRIP_K = 128  # columns of 128x128 blocks one program does in turn
