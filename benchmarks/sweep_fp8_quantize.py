@@ -85,24 +85,10 @@ def candidates(granularity: fq.Fp8Granularity, x: torch.Tensor, before) -> dict[
         out["before"] = lambda: before.quantize_fp8_triton(x, granularity.value)
     out["launcher"] = lambda: fq.quantize_fp8_triton(x, granularity)
     if granularity is fq.Fp8Granularity.PER_ROW:
-        settings = [
-            (1, 2, 3, ""),
-            (1, 4, 3, ""),
-            (1, 8, 3, ""),
-            (1, 16, 3, ""),
-            (2, 8, 3, ""),
-            (2, 16, 3, ""),
-        ]
+        settings = [(1, w, 3, "") for w in (2, 4, 8, 16)] + [(2, 8, 3, ""), (2, 16, 3, "")]
         settings += [(1, 8, 3, "evict_first"), (1, 16, 3, "evict_first"), (1, 8, 1, "")]
         if x.shape[1] == 4096:
-            settings = [
-                (1, 1, 1, ""),
-                (1, 2, 1, ""),
-                (1, 4, 1, ""),
-                (1, 8, 1, ""),
-                (2, 8, 1, ""),
-                (2, 4, 1, ""),
-            ]
+            settings = [(1, w, 1, "") for w in (1, 2, 4, 8)] + [(2, 8, 1, ""), (2, 4, 1, "")]
         for block_r, warps, max_pieces, policy in settings:
             name = f"pieces r{block_r} w{warps} p{max_pieces} {policy or 'normal'}"
             out[name] = row_launch(x, block_r, warps, max_pieces, policy)
