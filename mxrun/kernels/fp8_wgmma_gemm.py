@@ -46,11 +46,11 @@ kernel taking one scale per tile (wrong arithmetic, timing only) runs at per-cha
 out (``results/block-scale-loads-h100.log``): loading the scales an iteration ahead (slower on 10 of 12 shapes),
 K-major scale copies so that a step's rows are one contiguous read (+0-8% at 4096 rows between runs, but the
 per-call copy costs 9% at 1024), issuing the loads after both steps' MMAs, four steps' scales every other
-iteration, and bringing the scales into each slot from the loader warp group by ``cp.async`` (slower,
-0.73-0.82x), or into a ring per consumer two iterations ahead (0.70-0.81x); TMA boxes of one step's fp32 scales
-stopped the kernel with an illegal instruction (Triton 3.6) and were not pursued. Register loads "ahead" do not
-stay ahead: ptxas copies loop-carried registers at the loop's end and moves uniform loads into uniform registers
-right away, each waiting for the load there.
+iteration, an L1 prefetch of the scale lines, and bringing the scales into each slot from the loader warp group
+by ``cp.async`` (slower, 0.73-0.82x), or into a ring per consumer two iterations ahead (0.70-0.81x); TMA boxes
+of one step's fp32 scales stopped the kernel with an illegal instruction (Triton 3.6) and were not pursued.
+Register loads "ahead" do not stay ahead: ptxas copies loop-carried registers at the loop's end and moves
+uniform loads into uniform registers right away, each waiting for the load there.
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
