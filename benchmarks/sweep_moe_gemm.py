@@ -8,6 +8,7 @@ the same run. Timed as CUDA-graph replays. This is how ``moe_block_m`` / ``moe_g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -77,7 +78,12 @@ def _promotions(column: str) -> list[int | None]:
 
 
 def sweep_case(
-    shape: str, tokens: int, columns: list[str], block_ms: list[int] | None, kernels: str = "both"
+    shape: str,
+    tokens: int,
+    columns: list[str],
+    block_ms: list[int] | None,
+    kernels: str = "both",
+    group_ms: list[int] | None = None,
 ) -> list[dict]:
     experts, hidden, inter, top_k = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -87,7 +93,6 @@ def sweep_case(
     h = torch.randn(tokens * top_k, inter, device="cuda", generator=gen).to(torch.bfloat16)
     weights, index = route_topk(torch.randn(tokens, experts, device="cuda", generator=gen), top_k)
     routing = weights.reshape(-1).contiguous()
-    default_bm = moe_block_m(tokens * top_k, experts)
     rows = []
     for column in columns:
         fmt, activation = SCHEMES[column]
@@ -97,6 +102,7 @@ def sweep_case(
             mx_scales_foldable(w.scale, w.data) for w in (gate_up, down)
         )
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation
+        default_bm = moe_block_m(tokens * top_k, experts, gemm_activation)
         a1, s1 = _quantize_activation(x, activation)
         a2, s2 = _quantize_activation(h, activation)
         out1 = torch.empty(tokens * top_k, inter, device="cuda", dtype=torch.bfloat16)
@@ -107,25 +113,31 @@ def sweep_case(
                 "gate_up": (a1, s1, gate_up, out1, inter, hidden, True),
                 "down": (a2, s2, down, out2, hidden, inter, False),
             }.items():
-                default = moe_gemm_config(bm, n, k, fmt, gemm_activation, gated)
+                default = moe_gemm_config(bm, n, k, fmt, gemm_activation, gated, tokens * top_k / experts)
                 candidates = [("default", default, False)]
                 needs_128 = (
                     w.format is ExpertWeightFormat.FP8_BLOCK or activation is ExpertActivation.FP8_GROUP
                 )
-                group_m = 8 if bm >= 64 else 1
-                if kernels in ("regular", "both"):
-                    for bn, bk, warps, stages in TILES[bm]:
-                        if needs_128 and bk != 128:
-                            continue  # the kernel takes one scale per 128-wide K step there
-                        for promote in _promotions(column):
-                            cfg = GemmConfig(bm, bn, bk, group_m, warps, stages, promote)
-                            candidates.append((f"{bn}x{bk} w{warps} s{stages} p{promote}", cfg, False))
-                if kernels in ("swapped", "both") and not gemm_activation.is_fp8:
-                    for bn, bk, warps, stages in SWAP_TILES["small" if bm <= 32 else "large"]:
-                        if needs_128 and bk != 128:
-                            continue
-                        cfg = GemmConfig(bm, bn, bk, group_m, warps, stages, None)
-                        candidates.append((f"swap {bn}x{bk} w{warps} s{stages}", cfg, True))
+                for group_m in group_ms or [default.group_m]:
+                    g = f" g{group_m}" if group_ms else ""
+                    if group_ms and group_m != default.group_m:
+                        candidates.append(
+                            (f"default{g}", dataclasses.replace(default, group_m=group_m), False)
+                        )
+                    if kernels in ("regular", "both"):
+                        for bn, bk, warps, stages in TILES[bm]:
+                            if needs_128 and bk != 128:
+                                continue  # the kernel takes one scale per 128-wide K step there
+                            for promote in _promotions(column):
+                                cfg = GemmConfig(bm, bn, bk, group_m, warps, stages, promote)
+                                name = f"{bn}x{bk} w{warps} s{stages} p{promote}{g}"
+                                candidates.append((name, cfg, False))
+                    if kernels in ("swapped", "both") and not gemm_activation.is_fp8:
+                        for bn, bk, warps, stages in SWAP_TILES["small" if bm <= 32 else "large"]:
+                            if needs_128 and bk != 128:
+                                continue
+                            cfg = GemmConfig(bm, bn, bk, group_m, warps, stages, None)
+                            candidates.append((f"swap {bn}x{bk} w{warps} s{stages}{g}", cfg, True))
                 for name, cfg, swap in candidates:
 
                     def fn(
@@ -175,13 +187,25 @@ def main() -> None:
     parser.add_argument(
         "--block-m", nargs="+", type=int, help="BLOCK_M values (default: the launcher's, /2, x2)"
     )
-    parser.add_argument("--kernels", choices=["regular", "swapped", "both"], default="both")
+    parser.add_argument(
+        "--kernels",
+        choices=["regular", "swapped", "both", "default"],
+        default="both",
+        help='which candidates besides the default tile ("default": only it, with each --group-m)',
+    )
+    parser.add_argument(
+        "--group-m",
+        nargs="+",
+        type=int,
+        help="GROUP_M values: how many BLOCK_M row blocks a wave walks per column sweep (default: the "
+        "launcher's). Row blocks of one expert next to each other share its weight tile in L2.",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
     for shape in args.shapes:
         for tokens in args.tokens:
-            rows += sweep_case(shape, tokens, args.columns, args.block_m, args.kernels)
+            rows += sweep_case(shape, tokens, args.columns, args.block_m, args.kernels, args.group_m)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -543,17 +543,31 @@ def pairs_per_expert_bucket(num_pairs: int, num_experts: int) -> int:
     return m_bucket(-(-num_pairs // max(1, num_experts)))
 
 
-def moe_block_m(num_pairs: int, num_experts: int) -> int:
+def moe_block_m(
+    num_pairs: int, num_experts: int, activation: ExpertActivation = ExpertActivation.NONE
+) -> int:
     """``BLOCK_M`` for a layer: 16 (the MMA minimum) up to 128, the mean pairs per expert rounded up to a power
-    of two. Both GEMMs of a layer share it, since they share the token layout. Measured on an H100
-    (``benchmarks/sweep_moe_gemm.py``, Mixtral-8x7B at 128 tokens, 32 pairs per expert on average): 32-row
-    blocks beat 64-row ones by 1.2-1.7x per GEMM although the busier experts spill into a second block and
-    read their weights twice; the padding of 64-row blocks costs more MMA work than the re-read costs bytes."""
-    return min(128, max(16, pairs_per_expert_bucket(num_pairs, num_experts)))
+    of two. Both GEMMs of a layer share it, since they share the token layout. ``activation`` is what the GEMMs
+    read (FP8 for W8A8 FP8 MMAs; bf16 / NONE where the weight is decoded in registers). Measured on an H100
+    (``benchmarks/sweep_moe_gemm.py``, Mixtral-8x7B at 128 tokens, 32 pairs per expert on average): with
+    weights decoded for a bf16 MMA, 32-row blocks beat 64-row ones by 1.2-1.7x per GEMM although the busier
+    experts spill into a second block (:func:`moe_gemm_config` orders the programs so that the second block
+    reads the weight from L2); FP8 MMAs take 64 rows there instead (gate/up 333 against 391 us, down 184
+    against 223 us; ``--columns fp8-channel fp8-block --block-m 16 32 64 --kernels default``,
+    ``results/sweep-moe-gemm-h100-fp8-block-m.json``), and at 1 and 16 tokens (4 or fewer pairs per expert)
+    the 16-row blocks stay fastest for both."""
+    block_m = min(128, max(16, pairs_per_expert_bucket(num_pairs, num_experts)))
+    return 64 if activation.is_fp8 and block_m == 32 else block_m
 
 
 def moe_gemm_config(
-    block_m: int, n: int, k: int, w_format: ExpertWeightFormat, activation: ExpertActivation, gated: bool
+    block_m: int,
+    n: int,
+    k: int,
+    w_format: ExpertWeightFormat,
+    activation: ExpertActivation,
+    gated: bool,
+    pairs_per_expert: float = 0.0,
 ) -> GemmConfig:
     """Tile for a grouped GEMM, measured on an H100 with ``benchmarks/sweep_moe_gemm.py`` (results in
     ``benchmarks/results/sweep-moe-gemm-h100-*.json``).
@@ -566,18 +580,29 @@ def moe_gemm_config(
     tiles, except the gated block-scaled GEMM (64 wide: it holds two accumulators and per-step partials).
     FP8 MMAs with per-row/tensor scales promote their accumulator every 128 K (cuBLASLt's accuracy, 0-15%
     slower than never promoting); block / 1x128 scaling adds each 128-K step's dot into fp32 itself, so it
-    needs no promotion inside the dot."""
+    needs no promotion inside the dot.
+
+    Program order (``group_m``): where ``pairs_per_expert`` (the mean) makes the busier experts spill into a
+    second ``block_m`` block (mean + one standard deviation of a Poisson count above ``block_m``), the programs
+    walk 16 row blocks per column (``group_m`` 16), so that an expert's blocks read each weight tile in turn
+    and the second read comes from L2; else one row block per column sweep (``group_m`` 1), which reads
+    neighbouring weight rows in turn. Mixtral-8x7B at 128 tokens (32 pairs per expert, 32-row blocks),
+    decoded weights: gate/up 6-10% faster, down 3-7% (``--group-m 1 16 64 --kernels default``,
+    ``results/sweep-moe-gemm-h100-group-m.json``; 8 row blocks split some experts' pairs of blocks and gain
+    less, ``...-group-m-mixtral.json``); at 16 tokens and on Qwen3 / DeepSeek (no spills) 16 is 0-6% slower."""
     needs_128 = w_format is ExpertWeightFormat.FP8_BLOCK or activation is ExpertActivation.FP8_GROUP
     fp8_operands = activation.is_fp8
     promote = 128 if fp8_operands and not needs_128 else None
     if block_m <= 32:
+        spills = pairs_per_expert + math.sqrt(pairs_per_expert) > block_m
+        group_m = 16 if spills else 1
         wide_k = 128 if needs_128 else 256
         stages = 4 if needs_128 else 3
         if needs_128 and not fp8_operands and not gated:  # block weight-only down: 1.09x over 64 wide
-            return GemmConfig(block_m, 128, 128, 1, 4, 3, promote)
+            return GemmConfig(block_m, 128, 128, group_m, 4, 3, promote)
         if gated or k >= 4096:
-            return GemmConfig(block_m, 64, wide_k, 1, 4, stages, promote)
-        return GemmConfig(block_m, 128, 128, 1, 4, 3, promote)
+            return GemmConfig(block_m, 64, wide_k, group_m, 4, stages, promote)
+        return GemmConfig(block_m, 128, 128, group_m, 4, 3, promote)
     if block_m <= 64:
         block_k = 128 if (needs_128 or fp8_operands) else 64
         return GemmConfig(block_m, 64 if gated else 128, block_k, 8, 4, 4, promote)
@@ -660,7 +685,10 @@ def moe_grouped_gemm_triton(
     elif swap:
         cfg = moe_weight_rows_config(block_m, n, k, weights.format, gated)
     else:
-        cfg = moe_gemm_config(block_m, n, k, weights.format, activation, gated)
+        experts = weights.data.shape[0]
+        cfg = moe_gemm_config(
+            block_m, n, k, weights.format, activation, gated, groups.num_pairs / max(1, experts)
+        )
     if cfg.block_m != block_m:
         raise GemmInputError(f"{fn}: config block_m {cfg.block_m} differs from the layout's {block_m}")
     if (w_mode == 1 or a_mode == 2) and cfg.block_k != 128:
@@ -797,15 +825,15 @@ def moe_experts_triton(
         aligned = moe_aligned(num_pairs, gate_up, down, activation)
     if aligned and gate_up.format is ExpertWeightFormat.MXFP8:
         gate_up, down = regroup_experts(gate_up, Backend.TRITON), regroup_experts(down, Backend.TRITON)
-    block_m = block_m or moe_block_m(num_pairs, experts)
-    groups = group_tokens_fast(top_k_index, experts, block_m)
-    per_tensor = activation is ExpertActivation.FP8_TENSOR
-    # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
-    h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
     if aligned:
         gemm_activation = ExpertActivation.FP8_GROUP  # E4M3 with 1x128 scales, MX-rule powers of two
     else:
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
+    block_m = block_m or moe_block_m(num_pairs, experts, gemm_activation)
+    groups = group_tokens_fast(top_k_index, experts, block_m)
+    per_tensor = activation is ExpertActivation.FP8_TENSOR
+    # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
+    h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
     a, a_scale = _quantize_activation(x, activation, aligned)
     fold = mx_scales_foldable and not aligned
     moe_grouped_gemm_triton(

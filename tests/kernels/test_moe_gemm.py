@@ -27,6 +27,8 @@ Error bounds, derived:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -40,8 +42,10 @@ from mxrun.kernels.moe_gemm import (
     ExpertWeights,
     dequantize_experts,
     moe_aligned,
+    moe_block_m,
     moe_experts_reference,
     moe_experts_triton,
+    moe_gemm_config,
     moe_grouped_gemm_triton,
     moe_swap_ab,
     quantize_dequantize_activation,
@@ -181,6 +185,52 @@ def test_grouped_gemm_matches_reference(fmt, activation, gated) -> None:
         None if gated else routing,
     )
     _assert_one_ulp(out, reference)
+
+
+@pytest.mark.parametrize(("fmt", "activation"), [(F.MXFP8, A.NONE), (F.FP8_CHANNEL, A.FP8_TOKEN)])
+@pytest.mark.parametrize("group_m", [1, 2, 16])
+def test_program_order_does_not_change_the_result(fmt, activation, group_m) -> None:
+    """Every token goes to both of two experts (20 pairs each): each expert fills one 16-row block and spills
+    into a second, the case the launcher walks 16 row blocks per column for. Any program order writes the same
+    bits, within the reference's 1-ulp bound."""
+    experts, n, k, tokens, top_k = 3, 80, 160, 20, 2
+    weights = _stack(fmt, experts, 2 * n, k, seed=31)
+    _, index = _routing(tokens, experts, top_k, seed=32, only=[0, 2])
+    x = _x(tokens, k, seed=33)
+    a, a_scale = x, None
+    if activation.is_fp8:
+        quantized = quantize_fp8_reference(x, FP8_ACTIVATION_GRANULARITY[activation])
+        a, a_scale = quantized.data, quantized.scale
+    groups = group_tokens(index, experts, 16)
+    outs = []
+    for order in (1, group_m):
+        out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device=DEVICE)
+        moe_grouped_gemm_triton(
+            a, a_scale, weights, groups, out, gated=True, gather_top_k=top_k, activation=activation,
+            config=GemmConfig(16, 32, 128, order, 4, 2),
+        )  # fmt: skip
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    reference = _gemm_reference(
+        quantize_dequantize_activation(x, activation), weights, index, True, True, None
+    )
+    _assert_one_ulp(outs[1], reference)
+
+
+def test_launch_choices_for_few_rows_per_expert() -> None:
+    """The launcher's measured rules (``moe_block_m`` / ``moe_gemm_config`` docstrings): FP8 MMAs take
+    64-row blocks where the mean is 17-32 pairs per expert, decoded weights 32-row ones; 16 row blocks per
+    column sweep only where the busier experts spill into a second block."""
+    assert moe_block_m(256, 8) == 32  # Mixtral at 128 tokens, decoded weights
+    assert moe_block_m(256, 8, A.FP8_TOKEN) == 64
+    assert moe_block_m(32, 8, A.FP8_TOKEN) == 16  # 16 tokens: 4 per expert
+    assert moe_block_m(8192 * 8, 128, A.FP8_GROUP) == 128
+    spilling = moe_gemm_config(32, 14336, 4096, F.MXFP8, A.NONE, True, 32.0)
+    assert spilling.group_m == 16
+    assert moe_gemm_config(16, 768, 2048, F.MXFP8, A.NONE, True, 8.0).group_m == 1  # Qwen3, 128 tokens
+    assert moe_gemm_config(16, 14336, 4096, F.FP8_BLOCK, A.NONE, False, 4.0).group_m == 1
+    # the order changes nothing else about the tile
+    assert moe_gemm_config(32, 14336, 4096, F.MXFP8, A.NONE, True, 20.0) == replace(spilling, group_m=1)
 
 
 @pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_TENSOR, F.FP8_BLOCK, F.MXFP8])
@@ -386,7 +436,7 @@ def test_wrong_shapes_are_refused() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize(("fmt", "activation"), COMBOS)
-@pytest.mark.parametrize("tokens", [1, 300])
+@pytest.mark.parametrize("tokens", [1, 128, 300])  # 128: 32 pairs per expert, spilling 32- or 64-row blocks
 def test_gpu_larger_layer(fmt, activation, tokens) -> None:
     experts, hidden, inter, top_k = 16, 1024, 768, 4
     gate_up = _stack(fmt, experts, 2 * inter, hidden, seed=12)
