@@ -555,7 +555,10 @@ def moe_block_m(
     reads the weight from L2); FP8 MMAs take 64 rows there instead (gate/up 333 against 391 us, down 184
     against 223 us; ``--columns fp8-channel fp8-block --block-m 16 32 64 --kernels default``,
     ``results/sweep-moe-gemm-h100-fp8-block-m.json``), and at 1 and 16 tokens (4 or fewer pairs per expert)
-    the 16-row blocks stay fastest for both."""
+    the 16-row blocks stay fastest for both. Measured and left out for decoded weights: 64-row blocks whose
+    program decodes each weight tile once for two 32-row MMAs, the second skipped where its half is padding
+    (a temporary kernel variant; gate/up 489-520 against 450 us, down 253 against 229 us at best,
+    ``results/sweep-moe-gemm-h100-split.json``): the spilled experts' second decode costs less than that."""
     block_m = min(128, max(16, pairs_per_expert_bucket(num_pairs, num_experts)))
     return 64 if activation.is_fp8 and block_m == 32 else block_m
 
