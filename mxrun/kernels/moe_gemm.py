@@ -36,7 +36,7 @@ The grouped GEMM (:func:`moe_grouped_gemm_triton`) reads the rows of its A opera
 rows of one expert and ``BLOCK_N`` output columns; blocks past the routed pairs (the layout is sized by a host
 bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate rows ``n``, up rows ``I + n``)
 and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
-reduction is a torch sum over the ``k`` rows of each token. Where the weight is decoded in registers for a
+reduction adds the ``k`` rows of each token in fp32 in one launch (:mod:`mxrun.kernels.moe_topk_sum`). Where the weight is decoded in registers for a
 bf16 MMA and the blocks are large, a variant with the operands swapped runs instead
 (:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere on this
 path: the pair count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
@@ -65,6 +65,7 @@ from mxrun.kernels.fp8_quantize import (
 )
 from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
+from mxrun.kernels.moe_topk_sum import topk_sum_triton
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
@@ -844,12 +845,12 @@ def moe_experts_triton(
         mx_scale_fold=fold,
     )  # fmt: skip
     a, a_scale = _quantize_activation(h, activation, aligned)
-    y = torch.zeros((num_pairs, hidden), dtype=x.dtype, device=x.device)
+    y = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # dropped pairs' rows: never read
     moe_grouped_gemm_triton(
         a, a_scale, down, groups, y, gated=False, gather_top_k=None,
         routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation, mx_scale_fold=fold,
     )  # fmt: skip
-    return y.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return topk_sum_triton(y, top_k_index, experts)
 
 
 def moe_experts(
