@@ -36,10 +36,10 @@ The grouped GEMM (:func:`moe_grouped_gemm_triton`) reads the rows of its A opera
 rows of one expert and ``BLOCK_N`` output columns; blocks past the routed pairs (the layout is sized by a host
 bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate rows ``n``, up rows ``I + n``)
 and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
-reduction adds the ``k`` rows of each token in fp32 in one launch (:mod:`mxrun.kernels.moe_topk_sum`). Where the weight is decoded in registers for a
-bf16 MMA and the blocks are large, a variant with the operands swapped runs instead
-(:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere on this
-path: the pair count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
+reduction adds the ``k`` rows of each token in fp32 in one launch (:mod:`mxrun.kernels.moe_topk_sum`). Where
+the weight is decoded in registers for a bf16 MMA and the blocks are large, a variant with the operands swapped
+runs instead (:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere
+on this path: the pair count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
 
 Launch rules are those of :mod:`mxrun.kernels.scaled_gemm`: M (pairs) is a run-time argument; ``BLOCK_M`` and
 the tile come from a bucket of the mean pairs per expert; ragged N and K tails are masked; ``T = 1`` works.

@@ -16,7 +16,7 @@ Two halves:
 
 Pairs are numbered ``p = t * k + j`` (token ``t``, slot ``j``), the row-major order of ``top_k_index``. An
 expert id outside ``[0, E)`` (the sentinel expert-parallel loaders use for experts held elsewhere) drops the
-pair: it is placed in no run and its output row stays zero.
+pair: it is placed in no run, the grouped GEMMs never write its row, and the top-k sum leaves it out.
 """
 
 from __future__ import annotations
