@@ -15,13 +15,17 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   ``mxfp8-tiles``: MXFP8 W8A8 with the stacks stored tile-aligned (a recipe's ``tile_aligned: true``);
   ``mxfp8:aligned`` / ``mxfp8:decoded`` force either MXFP8 W8A8 path, and ``mxfp8:unfolded`` /
   ``mxfp8-wo:unfolded`` decode MX weights through fp32 instead of folding their scales into the E4M3 widening
-  (these are not counted in the goals).
+  (these are not counted in the goals); a ``:zero-pad`` / ``:read-pad`` suffix on a column runs it with the
+  grouped GEMMs reading padding rows as zeros / as pair 0's row (:data:`~mxrun.kernels.moe_gemm.MOE_ZERO_PADDING`).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
 replays, so weights under ~50 MB may partly come from L2) except the loop, timed eagerly. "Weight bytes" are
 the bytes of the experts that received at least one token (E4M3 + scales, or bf16); GB/s = those bytes / time,
-TFLOP/s = 2 * pairs * 3 * H * I / time. Ratios are bf16-grouped time / column time (> 1: faster).
+TFLOP/s = 2 * pairs * 3 * H * I / time. Ratios are bf16-grouped time / column time (> 1: faster). Up to 1024
+tokens each cell is the mean over ``--draws`` routings (3), every column timed on the same draws: where experts
+get ~32 pairs, the number of experts that spill into a second row block moves the layer's time by up to 16%
+between draws (``ms_draws`` in the JSON holds each draw's time).
 
     PYTHONPATH=. python benchmarks/bench_moe.py --quick --json moe.json --markdown moe.md --plot moe.png
 """
@@ -29,6 +33,7 @@ TFLOP/s = 2 * pairs * 3 * H * I / time. Ratios are bf16-grouped time / column ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -38,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from mxrun.kernels import moe_gemm
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.moe_gemm import (
@@ -58,6 +64,12 @@ SHAPES = {  # name: (E, H, I, top_k)
 TOKENS = [1, 16, 128, 1024, 8192]
 QUICK_SHAPES = ["Mixtral-8x7B", "Qwen3-30B-A3B"]
 QUICK_TOKENS = [1, 128, 8192]
+DRAWS = 3
+"""Routings drawn per token count (each from its own seed), times averaged over them: with ~32 pairs per expert
+(Mixtral at 128 tokens) the layer's time depends on how many experts spill past a row block, which moves the
+decoded-weight columns by up to 16% from one draw to the next (H100)."""
+DRAWS_MAX_TOKENS = 1024
+"""...up to this many tokens; beyond, per-expert counts move by a few percent between draws and one is drawn."""
 SCHEMES = {  # column: (weight format, activations)
     "fp8-channel": (ExpertWeightFormat.FP8_CHANNEL, ExpertActivation.FP8_TOKEN),
     "fp8-channel-wo": (ExpertWeightFormat.FP8_CHANNEL, ExpertActivation.NONE),
@@ -76,6 +88,30 @@ FORCED = {  # column: (scheme, aligned path on or off; "tiles": stacks stored ti
     ),  # the MX scales decoded through fp32, not folded into the widening
     "mxfp8-wo:unfolded": ("mxfp8-wo", "unfolded"),
 }
+PADDING = {":zero-pad": True, ":read-pad": False}  # suffix on any column: how padding rows are read
+
+
+def _padding_variant(column: str) -> tuple[str, bool | None]:
+    """``"mxfp8-wo:zero-pad"`` -> ``("mxfp8-wo", True)``: the grouped GEMMs read padding rows as zeros (or,
+    ``:read-pad``, as pair 0's row) for this column; no suffix: the launcher's default."""
+    for suffix, zero in PADDING.items():
+        if column.endswith(suffix):
+            return column[: -len(suffix)], zero
+    return column, None
+
+
+@contextlib.contextmanager
+def _zero_padding(zero: bool | None):
+    """Set the grouped GEMMs' padding rule while a column is captured and timed (graphs keep what they saw)."""
+    saved = moe_gemm.MOE_ZERO_PADDING
+    if zero is not None:
+        moe_gemm.MOE_ZERO_PADDING = zero
+    try:
+        yield
+    finally:
+        moe_gemm.MOE_ZERO_PADDING = saved
+
+
 ANCHOR = "bf16-grouped"
 GOAL_SMALL = 1.6  # tokens <= 128: every scheme at least this much faster than the anchor
 GOAL_LARGE = {"fp8": 1.3, "mxfp8": 1.0}  # tokens = 8192
@@ -158,15 +194,19 @@ def _weight_bytes(active: int, hidden: int, inter: int, column: str) -> int:
     return elements + 4 * active * (2 * inter + hidden)
 
 
-def run(shapes: list[str], token_counts: list[int], columns: list[str], rep_ms: int) -> list[dict]:
+def run(
+    shapes: list[str], token_counts: list[int], columns: list[str], rep_ms: int, draws: int = DRAWS
+) -> list[dict]:
     rows = []
     for shape in shapes:
-        rows += _run_shape(shape, token_counts, columns, rep_ms)  # frees the shape's weights on return
+        rows += _run_shape(shape, token_counts, columns, rep_ms, draws)  # frees the shape's weights on return
         torch.cuda.empty_cache()
     return rows
 
 
-def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: int) -> list[dict]:
+def _run_shape(
+    shape: str, token_counts: list[int], columns: list[str], rep_ms: int, draws: int
+) -> list[dict]:
     experts, hidden, inter, top_k = SHAPES[shape]
     generator = torch.Generator(device="cuda").manual_seed(0)
     # bf16 straight away: the DeepSeek-like stacks are 15 + 7.5 GB in bf16, twice that in fp32
@@ -175,29 +215,23 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
     w13.mul_(0.02)
     w2.mul_(0.02)
     w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)  # [E, K, N] views, what _grouped_mm takes
-    inputs = {}
-    for tokens in token_counts:
-        x = torch.randn(tokens, hidden, device="cuda", generator=generator).to(torch.bfloat16)
-        logits = torch.randn(tokens, experts, device="cuda", generator=generator)
-        weights, index = route_topk(logits, top_k)
-        inputs[tokens] = (x, index, weights, int(index.unique().numel()))
+    inputs = {tokens: _draws(tokens, experts, hidden, top_k, draws) for tokens in token_counts}
     results: dict[int, dict[str, dict]] = {t: {} for t in token_counts}
     anchors: dict[int, torch.Tensor] = {}
-    for tokens, (x, index, weights, active) in inputs.items():
-        grouped = functools.partial(_bf16_grouped, x, index, weights, w13_t, w2_t, inter)
-        results[tokens][ANCHOR] = _measure(
-            grouped, True, rep_ms, active, hidden, inter, ANCHOR, tokens * top_k
-        )
-        anchors[tokens] = grouped()
+    for tokens, cases in inputs.items():
+        grouped = [functools.partial(_bf16_grouped, *case[:3], w13_t, w2_t, inter) for case in cases]
+        results[tokens][ANCHOR] = _measure_draws(grouped, True, rep_ms, cases, hidden, inter, ANCHOR)
+        anchors[tokens] = grouped[0]()
         if "bf16-loop" in columns:
-            loop = functools.partial(_bf16_loop, x, index, weights, w13, w2, inter)
-            results[tokens]["bf16-loop"] = _measure(
-                loop, False, rep_ms, active, hidden, inter, "bf16-loop", tokens * top_k
+            loop = [functools.partial(_bf16_loop, *case[:3], w13, w2, inter) for case in cases]
+            results[tokens]["bf16-loop"] = _measure_draws(
+                loop, False, rep_ms, cases, hidden, inter, "bf16-loop"
             )
     for column in columns:
-        if column not in SCHEMES and column not in FORCED:
+        base_column, zero_padding = _padding_variant(column)
+        if base_column not in SCHEMES and base_column not in FORCED:
             continue
-        scheme, aligned = FORCED.get(column, (column, None))
+        scheme, aligned = FORCED.get(base_column, (base_column, None))
         fmt, activation = SCHEMES[scheme]
         try:
             gate_up, down = _quantize_stack(w13, fmt), _quantize_stack(w2, fmt)
@@ -217,14 +251,16 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
             gate_up, down = (_tile_aligned(w) for w in (gate_up, down))
             options = {"tile_scales": (gate_up.scale_tiles, down.scale_tiles)}
             gate_up, down = gate_up.weights, down.weights
-        for tokens, (x, index, weights, active) in inputs.items():
-            fn = functools.partial(
-                moe_experts_triton, x, index, weights, gate_up, down, activation, **options
-            )
-            entry = _measure(fn, True, rep_ms, active, hidden, inter, column, tokens * top_k)
-            if "error" not in entry:
-                ref = anchors[tokens].float()
-                entry["rel_err"] = ((fn().float() - ref).norm() / ref.norm()).item()
+        for tokens, cases in inputs.items():
+            fns = [
+                functools.partial(moe_experts_triton, *case[:3], gate_up, down, activation, **options)
+                for case in cases
+            ]
+            with _zero_padding(zero_padding):
+                entry = _measure_draws(fns, True, rep_ms, cases, hidden, inter, base_column)
+                if "error" not in entry:
+                    ref = anchors[tokens].float()
+                    entry["rel_err"] = ((fns[0]().float() - ref).norm() / ref.norm()).item()
             results[tokens][column] = entry
         del gate_up, down
         torch.cuda.empty_cache()
@@ -238,6 +274,50 @@ def _run_shape(shape: str, token_counts: list[int], columns: list[str], rep_ms: 
                          "tokens": tokens, "column": column, **entry})  # fmt: skip
         print(_line(shape, tokens, results[tokens]), flush=True)
     return rows
+
+
+class _Draw(NamedTuple):
+    """One token count's inputs: activations, top-k experts and weights, and how many experts got a token."""
+
+    x: torch.Tensor
+    index: torch.Tensor
+    weights: torch.Tensor
+    active: int
+
+
+def _draws(tokens: int, experts: int, hidden: int, top_k: int, draws: int) -> list[_Draw]:
+    """``draws`` routings for ``tokens`` (one beyond :data:`DRAWS_MAX_TOKENS`), each from its own seed, so that
+    a token count's inputs do not depend on which other token counts the run holds."""
+    cases = []
+    for draw in range(draws if tokens <= DRAWS_MAX_TOKENS else 1):
+        generator = torch.Generator(device="cuda").manual_seed(1_000_003 * tokens + draw)
+        x = torch.randn(tokens, hidden, device="cuda", generator=generator).to(torch.bfloat16)
+        logits = torch.randn(tokens, experts, device="cuda", generator=generator)
+        weights, index = route_topk(logits, top_k)
+        cases.append(_Draw(x, index, weights, int(index.unique().numel())))
+    return cases
+
+
+def _measure_draws(fns, graph, rep_ms, cases, hidden, inter, column) -> dict:
+    """One column at one token count over every routing draw: mean time and bytes; each draw's time kept."""
+    entries = []
+    for fn, case in zip(fns, cases, strict=True):
+        pairs = case.index.numel()
+        entries.append(_measure(fn, graph, rep_ms, case.active, hidden, inter, column, pairs))
+        if "error" in entries[-1]:
+            return entries[-1]
+    ms = sum(e["ms"] for e in entries) / len(entries)
+    weight_bytes = sum(e["weight_bytes"] for e in entries) / len(entries)
+    pairs = cases[0].index.numel()
+    return {
+        **entries[0],
+        "ms": ms,
+        "weight_bytes": weight_bytes,
+        "GBps": weight_bytes / ms / 1e6,
+        "TFLOPs": 2 * pairs * 3 * hidden * inter / ms / 1e9,
+        "active_experts": sum(c.active for c in cases) / len(cases),
+        "ms_draws": [e["ms"] for e in entries],
+    }
 
 
 def _measure(fn, graph, rep_ms, active, hidden, inter, column, pairs) -> dict:
@@ -309,7 +389,8 @@ def goals(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], device: str, command: str) -> str:
     columns = list(dict.fromkeys(r["column"] for r in rows))
     out = [f"# MoE experts benchmark ({device})", "", f"`{command}`", "",
-           "Time in microseconds (CUDA-graph replay medians; bf16-loop eager), x = speedup over bf16 "
+           "Time in microseconds (CUDA-graph replay medians; bf16-loop eager; up to "
+           f"{DRAWS_MAX_TOKENS} tokens the mean over the run's routing draws), x = speedup over bf16 "
            "`torch._grouped_mm`; weight GB/s below each time.", ""]  # fmt: skip
     for shape in dict.fromkeys(r["shape"] for r in rows):
         e, h, i, k = SHAPES[shape]
@@ -385,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         "--columns", nargs="*", help="subset of columns (the bf16 grouped anchor always runs)"
     )
     parser.add_argument("--rep-ms", type=int, default=40)
+    parser.add_argument(
+        "--draws", type=int, default=DRAWS, help=f"routings per token count up to {DRAWS_MAX_TOKENS} tokens"
+    )
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
@@ -398,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.get_device_name()
     command = "python benchmarks/bench_moe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     start = time.time()
-    rows = run(shapes, token_counts, columns, args.rep_ms)
+    rows = run(shapes, token_counts, columns, args.rep_ms, args.draws)
     for line in goals(rows):
         print(line)
     print(f"{device}: {time.time() - start:.0f} s")

@@ -84,6 +84,7 @@ def sweep_case(
     block_ms: list[int] | None,
     kernels: str = "both",
     group_ms: list[int] | None = None,
+    paddings: list[str] | None = None,
 ) -> list[dict]:
     experts, hidden, inter, top_k = SHAPES[shape]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -138,7 +139,13 @@ def sweep_case(
                                 continue
                             cfg = GemmConfig(bm, bn, bk, group_m, warps, stages, None)
                             candidates.append((f"swap {bn}x{bk} w{warps} s{stages}{g}", cfg, True))
-                for name, cfg, swap in candidates:
+                padding_modes = paddings or ["default"]
+                candidates = [
+                    (name + ("" if mode == "default" else f" pad-{mode}"), cfg, swap, mode)
+                    for name, cfg, swap in candidates
+                    for mode in padding_modes
+                ]
+                for name, cfg, swap, mode in candidates:
 
                     def fn(
                         cfg=cfg,
@@ -151,11 +158,12 @@ def sweep_case(
                         act=gemm_activation,
                         swap=swap,
                         fold=fold,
+                        zero=None if mode == "default" else mode == "zero",
                     ) -> None:
                         moe_grouped_gemm_triton(
                             a, s, w, groups, out, gated=gated, gather_top_k=top_k if gated else None,
                             routing_weights=None if gated else routing, activation=act, config=cfg,
-                            swap_ab=swap, mx_scale_fold=fold,
+                            swap_ab=swap, mx_scale_fold=fold, zero_padding=zero,
                         )  # fmt: skip
 
                     try:
@@ -169,7 +177,9 @@ def sweep_case(
         ok = [r for r in rows if r["column"] == column and "us" in r]
         for gemm in ("gate_up", "down"):
             mine = [r for r in ok if r["gemm"] == gemm]
-            base = next(r for r in mine if r["config"] == "default" and r["block_m"] == default_bm)
+            base = next(
+                r for r in mine if r["config"].split(" pad-")[0] == "default" and r["block_m"] == default_bm
+            )
             best = min(mine, key=lambda r: r["us"])
             print(f"{shape} T={tokens} {column:15s} {gemm:7s} default bm{default_bm} {base['us']:8.1f} us | "
                   f"best bm{best['block_m']} {best['config']:24s} {best['us']:8.1f} us "
@@ -200,12 +210,20 @@ def main() -> None:
         help="GROUP_M values: how many BLOCK_M row blocks a wave walks per column sweep (default: the "
         "launcher's). Row blocks of one expert next to each other share its weight tile in L2.",
     )
+    parser.add_argument(
+        "--padding",
+        nargs="+",
+        choices=["read", "zero"],
+        help="how the layout blocks' padding rows are read: as pair 0's row, or as zeros (masked loads)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
     for shape in args.shapes:
         for tokens in args.tokens:
-            rows += sweep_case(shape, tokens, args.columns, args.block_m, args.kernels, args.group_m)
+            rows += sweep_case(
+                shape, tokens, args.columns, args.block_m, args.kernels, args.group_m, args.padding
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

@@ -93,6 +93,9 @@ tokens) aligned 0.87x of bf16 ``_grouped_mm`` against 0.61x decoded, at 512 (Qwe
 against 0.99x; at 256 (Mixtral, 1024 tokens) 0.67x, where the decoded path runs the weight-only GEMM (0.74x)."""
 MOE_ALIGNED_MAX_BYTES = 2 << 30
 """...unless the two regrouped stacks (1 byte per weight, held for the call) would exceed this."""
+MOE_ZERO_PADDING: bool | None = None
+"""Forces how the grouped GEMMs read padding rows (True: zeros, False: pair 0's row); None: the rule of
+:func:`moe_zero_padding`. Benchmarks set it to compare both in one run."""
 
 
 class ExpertWeightFormat(enum.Enum):
@@ -415,6 +418,7 @@ def _moe_grouped_gemm_kernel(
     MAX_IMPRECISE_ACC: tl.constexpr,
     FAST_WIDEN: tl.constexpr = False,  # bf16 MMA with E4M3 weights: e4m3_to_bf16's integer path (sm_90+)
     MX_FOLD: tl.constexpr = False,  # bf16 MMA with MXFP8 weights: the scales folded into that path
+    ZERO_PADDING: tl.constexpr = False,  # padding rows read as zeros (else as pair 0's row)
 ):
     """One program: BLOCK_M layout rows (one expert) x BLOCK_N output columns, fp32 accumulation."""
     G: tl.constexpr = BLOCK_K // 32
@@ -454,7 +458,11 @@ def _moe_grouped_gemm_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = kb * BLOCK_K + offs_k < K
         g_ok = kb * G + offs_g < K // 32
-        if EVEN_K:  # noqa: SIM108
+        if ZERO_PADDING and EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+        elif ZERO_PADDING:
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        elif EVEN_K:
             a = tl.load(a_ptrs)
         else:
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
@@ -630,6 +638,20 @@ def moe_swap_ab(
     return w_format is ExpertWeightFormat.MXFP8 and gated
 
 
+def moe_zero_padding(block_m: int, pairs_per_expert: float, swap_ab: bool, fp8_activations: bool) -> bool:
+    """Whether a grouped GEMM reads its layout blocks' padding rows as zeros (masked loads) rather than as pair
+    0's row. The products of padding rows are discarded either way, but rows of zeros make the MMAs cheaper.
+    H100, one MoE layer, same run each (``bench_moe.py --columns fp8-channel:read-pad fp8-channel:zero-pad
+    ...``, ``benchmarks/results/moe-padding-h100.md``): with up to 64-row blocks every scheme gains or holds
+    (Qwen3-30B-A3B at 1024 tokens 11-19% faster, Mixtral-8x7B fp8-channel 5% at 128 tokens); with 128-row
+    blocks FP8 MMAs gain (fp8-channel 6% on Mixtral at 1024 tokens, 9% on Qwen3 at 8192) unless padding is a
+    few percent of the rows (``pairs_per_expert`` of 8 blocks or more, Mixtral at 8192 tokens: the block-scaled
+    GEMMs 2% slower), while bf16 MMAs on decoded weights lose 2-5%, and so does the weight-rows kernel."""
+    if swap_ab:
+        return False
+    return block_m <= 64 or (fp8_activations and pairs_per_expert < 8 * block_m)
+
+
 def moe_weight_rows_config(
     block_m: int, n: int, k: int, w_format: ExpertWeightFormat, gated: bool
 ) -> GemmConfig:
@@ -659,10 +681,12 @@ def moe_grouped_gemm_triton(
     config: GemmConfig | None = None,
     swap_ab: bool | None = None,
     mx_scale_fold: bool = False,
+    zero_padding: bool | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
     expert received are left as they are). ``swap_ab`` runs the weight-rows kernel (bf16/fp16 activations
-    only; default: :func:`moe_swap_ab`).
+    only; default: :func:`moe_swap_ab`). ``zero_padding``: padding rows read as zeros (default: forced by
+    :data:`MOE_ZERO_PADDING`, else :func:`moe_zero_padding`); the outputs are the same bits either way.
 
     ``a`` is ``[T, K]`` read at row ``p // gather_top_k`` (the gate/up GEMM reads each token once per slot) or
     ``[S, K]`` read at row ``p`` (``gather_top_k=None``, the down GEMM). For FP8 activations ``a`` is E4M3
@@ -711,6 +735,11 @@ def moe_grouped_gemm_triton(
     else:
         a_scale = scale
         stride_asr = 0
+    if zero_padding is None:
+        zero_padding = MOE_ZERO_PADDING
+    if zero_padding is None:
+        experts = weights.data.shape[0]
+        zero_padding = moe_zero_padding(block_m, groups.num_pairs / max(1, experts), swap, a_mode in (1, 2))
     n_rows_layout = groups.sorted_pair_ids.numel()
     grid = (triton.cdiv(n_rows_layout, block_m) * triton.cdiv(n, cfg.block_n),)
     # MXFP8 weights met by bf16 activations: their powers of two on the widening's multiply, where the caller
@@ -731,7 +760,8 @@ def moe_grouped_gemm_triton(
             out.stride(0), out.stride(1),
             A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated,
             MUL_ROUTING=routing_weights is not None, DOT_FP32=triton_interpreting(),
-            EVEN_K=k % cfg.block_k == 0, FAST_WIDEN=fast_widen_usable(a.device), MX_FOLD=mx_fold, **launch,
+            EVEN_K=k % cfg.block_k == 0, FAST_WIDEN=fast_widen_usable(a.device), MX_FOLD=mx_fold,
+            ZERO_PADDING=zero_padding, **launch,
         )  # fmt: skip
         return out
     _moe_grouped_gemm_kernel[grid](
@@ -769,6 +799,7 @@ def moe_grouped_gemm_triton(
         EVEN_K=k % cfg.block_k == 0,
         FAST_WIDEN=fast_widen_usable(a.device),
         MX_FOLD=mx_fold,
+        ZERO_PADDING=zero_padding,
         **cfg.launch_kwargs(),
     )
     return out
@@ -897,6 +928,7 @@ __all__ = [
     "moe_grouped_gemm_triton",
     "moe_swap_ab",
     "moe_weight_rows_config",
+    "moe_zero_padding",
     "quantize_dequantize_activation",
     "quantize_expert",
     "regroup_experts",

@@ -114,6 +114,7 @@ def moe_weight_rows_gemm_kernel(
     GROUP_M: tl.constexpr,
     FAST_WIDEN: tl.constexpr = False,  # bf16 MMA: e4m3_to_bf16's integer path (sm_90+)
     MX_FOLD: tl.constexpr = False,  # bf16 MMA with MXFP8 weights: the scales folded into that path
+    ZERO_PADDING: tl.constexpr = False,  # padding rows read as zeros (else as pair 0's row)
 ):
     """One program: BLOCK_N weight rows x BLOCK_M layout rows (one expert), fp32 accumulation, transposed."""
     G: tl.constexpr = BLOCK_K // 32
@@ -151,7 +152,11 @@ def moe_weight_rows_gemm_kernel(
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k_ok = kb * BLOCK_K + offs_k < K
         g_ok = kb * G + offs_g < K // 32
-        if EVEN_K:  # noqa: SIM108
+        if ZERO_PADDING and EVEN_K:
+            at = tl.load(at_ptrs, mask=row_ok[None, :], other=0.0)
+        elif ZERO_PADDING:
+            at = tl.load(at_ptrs, mask=k_ok[:, None] & row_ok[None, :], other=0.0)
+        elif EVEN_K:
             at = tl.load(at_ptrs)
         else:
             at = tl.load(at_ptrs, mask=k_ok[:, None], other=0.0)

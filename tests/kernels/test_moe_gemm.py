@@ -48,6 +48,7 @@ from mxrun.kernels.moe_gemm import (
     moe_gemm_config,
     moe_grouped_gemm_triton,
     moe_swap_ab,
+    moe_zero_padding,
     quantize_dequantize_activation,
     quantize_expert,
 )
@@ -187,34 +188,55 @@ def test_grouped_gemm_matches_reference(fmt, activation, gated) -> None:
     _assert_one_ulp(out, reference)
 
 
-@pytest.mark.parametrize(("fmt", "activation"), [(F.MXFP8, A.NONE), (F.FP8_CHANNEL, A.FP8_TOKEN)])
-@pytest.mark.parametrize("group_m", [1, 2, 16])
-def test_program_order_does_not_change_the_result(fmt, activation, group_m) -> None:
-    """Every token goes to both of two experts (20 pairs each): each expert fills one 16-row block and spills
-    into a second, the case the launcher walks 16 row blocks per column for. Any program order writes the same
-    bits, within the reference's 1-ulp bound."""
-    experts, n, k, tokens, top_k = 3, 80, 160, 20, 2
-    weights = _stack(fmt, experts, 2 * n, k, seed=31)
-    _, index = _routing(tokens, experts, top_k, seed=32, only=[0, 2])
-    x = _x(tokens, k, seed=33)
+def _gated_variants_agree(fmt, activation, n, k, tokens, top_k, seed, variants: list[dict]) -> None:
+    """The gated grouped GEMM over three experts (the middle one gets nothing), once per variant of its launch
+    keywords: every variant writes the same bits, within the reference's 1-ulp bound."""
+    experts = 3
+    weights = _stack(fmt, experts, 2 * n, k, seed=seed)
+    _, index = _routing(tokens, experts, top_k, seed=seed + 1, only=[0, 2])
+    x = _x(tokens, k, seed=seed + 2)
     a, a_scale = x, None
     if activation.is_fp8:
         quantized = quantize_fp8_reference(x, FP8_ACTIVATION_GRANULARITY[activation])
         a, a_scale = quantized.data, quantized.scale
     groups = group_tokens(index, experts, 16)
     outs = []
-    for order in (1, group_m):
+    for variant in variants:
         out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device=DEVICE)
         moe_grouped_gemm_triton(
-            a, a_scale, weights, groups, out, gated=True, gather_top_k=top_k, activation=activation,
-            config=GemmConfig(16, 32, 128, order, 4, 2),
+            a, a_scale, weights, groups, out, gated=True, gather_top_k=top_k, activation=activation, **variant
         )  # fmt: skip
         outs.append(out)
-    assert torch.equal(outs[0], outs[1])
+    for out in outs[1:]:
+        assert torch.equal(outs[0], out)
     reference = _gemm_reference(
         quantize_dequantize_activation(x, activation), weights, index, True, True, None
     )
-    _assert_one_ulp(outs[1], reference)
+    _assert_one_ulp(outs[0], reference)
+
+
+@pytest.mark.parametrize(("fmt", "activation"), [(F.MXFP8, A.NONE), (F.FP8_CHANNEL, A.FP8_TOKEN)])
+@pytest.mark.parametrize("group_m", [1, 2, 16])
+def test_program_order_does_not_change_the_result(fmt, activation, group_m) -> None:
+    """Every token goes to both of two experts (20 pairs each): each expert fills one 16-row block and spills
+    into a second, the case the launcher walks 16 row blocks per column for. Any program order writes the same
+    bits, within the reference's 1-ulp bound."""
+    variants = [{"config": GemmConfig(16, 32, 128, order, 4, 2)} for order in (1, group_m)]
+    _gated_variants_agree(fmt, activation, 80, 160, 20, 2, 31, variants)
+
+
+@pytest.mark.parametrize(("fmt", "activation", "swap_ab"), [
+    (F.MXFP8, A.NONE, False), (F.FP8_CHANNEL, A.FP8_TOKEN, False), (F.FP8_BLOCK, A.FP8_GROUP, False),
+    (F.MXFP8, A.NONE, True),
+])  # fmt: skip
+@pytest.mark.parametrize("k", [128, 160])
+def test_padding_rows_read_as_zeros_change_no_bits(fmt, activation, swap_ab, k) -> None:
+    """Padding rows of a layout block read as zeros (masked loads) or as pair 0's row: the real rows' outputs
+    are the same bits and the reference's, with EVEN_K (K = 128) and a K tail (160); 13 pairs over two
+    experts leave padding in every 16-row block."""
+    config = GemmConfig(16, 32, 128, 1, 4, 2)
+    variants = [{"config": config, "swap_ab": swap_ab, "zero_padding": zero} for zero in (False, True)]
+    _gated_variants_agree(fmt, activation, 48, k, 13, 1, 41, variants)
 
 
 def test_launch_choices_for_few_rows_per_expert() -> None:
@@ -231,6 +253,12 @@ def test_launch_choices_for_few_rows_per_expert() -> None:
     assert moe_gemm_config(16, 14336, 4096, F.FP8_BLOCK, A.NONE, False, 4.0).group_m == 1
     # the order changes nothing else about the tile
     assert moe_gemm_config(32, 14336, 4096, F.MXFP8, A.NONE, True, 20.0) == replace(spilling, group_m=1)
+    # padding rows read as zeros unless they are a few percent of the rows, or the weight-rows kernel runs
+    assert moe_zero_padding(64, 64.0, swap_ab=False, fp8_activations=False)  # Qwen3 at 1024 tokens
+    assert moe_zero_padding(128, 512.0, swap_ab=False, fp8_activations=True)  # Qwen3 at 8192 tokens
+    assert not moe_zero_padding(128, 512.0, swap_ab=False, fp8_activations=False)  # decoded weights
+    assert not moe_zero_padding(128, 2048.0, swap_ab=False, fp8_activations=True)  # Mixtral at 8192 tokens
+    assert not moe_zero_padding(32, 32.0, swap_ab=True, fp8_activations=False)
 
 
 @pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_TENSOR, F.FP8_BLOCK, F.MXFP8])
