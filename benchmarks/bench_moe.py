@@ -473,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
+    if args.draws < 1:
+        parser.error(f"--draws must be at least 1, got {args.draws}")
     if not torch.cuda.is_available():
         print("bench_moe.py needs a CUDA GPU", file=sys.stderr)
         return 2
