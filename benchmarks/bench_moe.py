@@ -16,7 +16,9 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   ``mxfp8:aligned`` / ``mxfp8:decoded`` force either MXFP8 W8A8 path, and ``mxfp8:unfolded`` /
   ``mxfp8-wo:unfolded`` decode MX weights through fp32 instead of folding their scales into the E4M3 widening
   (these are not counted in the goals); a ``:zero-pad`` / ``:read-pad`` suffix on a column runs it with the
-  grouped GEMMs reading padding rows as zeros / as pair 0's row (:data:`~mxrun.kernels.moe_gemm.MOE_ZERO_PADDING`).
+  grouped GEMMs reading padding rows as zeros / as pair 0's row (:data:`~mxrun.kernels.moe_gemm.MOE_ZERO_PADDING`),
+  ``:gluon`` / ``:triton`` with the Gluon kernel for weights decoded in registers forced on (where it can run)
+  or off (:data:`~mxrun.kernels.moe_gemm.MOE_DECODED_WGMMA`).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
@@ -88,28 +90,36 @@ FORCED = {  # column: (scheme, aligned path on or off; "tiles": stacks stored ti
     ),  # the MX scales decoded through fp32, not folded into the widening
     "mxfp8-wo:unfolded": ("mxfp8-wo", "unfolded"),
 }
-PADDING = {":zero-pad": True, ":read-pad": False}  # suffix on any column: how padding rows are read
+VARIANTS = {  # suffix on any column: a launcher choice forced (a moe_gemm module setting and its value)
+    ":zero-pad": ("MOE_ZERO_PADDING", True),  # padding rows read as zeros
+    ":read-pad": ("MOE_ZERO_PADDING", False),  # ... as pair 0's row
+    ":gluon": ("MOE_DECODED_WGMMA", True),  # the Gluon kernel for weights decoded in registers, where it runs
+    ":triton": ("MOE_DECODED_WGMMA", False),  # the Triton kernels only
+}
 
 
-def _padding_variant(column: str) -> tuple[str, bool | None]:
-    """``"mxfp8-wo:zero-pad"`` -> ``("mxfp8-wo", True)``: the grouped GEMMs read padding rows as zeros (or,
-    ``:read-pad``, as pair 0's row) for this column; no suffix: the launcher's default."""
-    for suffix, zero in PADDING.items():
+def _variant(column: str) -> tuple[str, tuple[str, bool] | None]:
+    """``"mxfp8-wo:zero-pad"`` -> ``("mxfp8-wo", ("MOE_ZERO_PADDING", True))``; no suffix: the launcher's
+    defaults."""
+    for suffix, setting in VARIANTS.items():
         if column.endswith(suffix):
-            return column[: -len(suffix)], zero
+            return column[: -len(suffix)], setting
     return column, None
 
 
 @contextlib.contextmanager
-def _zero_padding(zero: bool | None):
-    """Set the grouped GEMMs' padding rule while a column is captured and timed (graphs keep what they saw)."""
-    saved = moe_gemm.MOE_ZERO_PADDING
-    if zero is not None:
-        moe_gemm.MOE_ZERO_PADDING = zero
+def _forced(setting: tuple[str, bool] | None):
+    """Set one launcher choice while a column is captured and timed (graphs keep what they saw)."""
+    if setting is None:
+        yield
+        return
+    name, value = setting
+    saved = getattr(moe_gemm, name)
+    setattr(moe_gemm, name, value)
     try:
         yield
     finally:
-        moe_gemm.MOE_ZERO_PADDING = saved
+        setattr(moe_gemm, name, saved)
 
 
 ANCHOR = "bf16-grouped"
@@ -228,7 +238,7 @@ def _run_shape(
                 loop, False, rep_ms, cases, hidden, inter, "bf16-loop"
             )
     for column in columns:
-        base_column, zero_padding = _padding_variant(column)
+        base_column, setting = _variant(column)
         if base_column not in SCHEMES and base_column not in FORCED:
             continue
         scheme, aligned = FORCED.get(base_column, (base_column, None))
@@ -256,7 +266,7 @@ def _run_shape(
                 functools.partial(moe_experts_triton, *case[:3], gate_up, down, activation, **options)
                 for case in cases
             ]
-            with _zero_padding(zero_padding):
+            with _forced(setting):
                 entry = _measure_draws(fns, True, rep_ms, cases, hidden, inter, base_column)
                 if "error" not in entry:
                     ref = anchors[tokens].float()

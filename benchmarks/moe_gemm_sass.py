@@ -1,10 +1,13 @@
 """What the MoE grouped GEMM compiles to on Hopper, without a GPU: compiles the regular kernel of
 ``mxrun/kernels/moe_gemm.py`` for sm_90 with ``triton.compile`` and prints the MMA layout Triton chose, registers,
 stack and shared memory per program, and the instruction mix of the main loop's SASS (from the ``cuobjdump``
-that ships with Triton), register moves counted apart. The README's instruction counts came from this with
-Triton 3.6 (the device's version; other versions give other numbers):
+that ships with Triton), register moves counted apart. ``--gluon`` compiles the Gluon kernel of
+``mxrun/kernels/moe_wgmma_decoded.py`` instead (its K step is 128; ``--block-n`` and ``--block-k`` do not apply).
+The README's and the kernels' instruction counts came from this with Triton 3.6 (the device's version; other
+versions give other numbers):
 
     PYTHONPATH=. python benchmarks/moe_gemm_sass.py --block-m 32 --block-n 64 --block-k 256 --weights mxfp8
+    PYTHONPATH=. python benchmarks/moe_gemm_sass.py --gluon --block-m 64 --stages 2 --weights mxfp8
 """
 
 from __future__ import annotations
@@ -34,6 +37,25 @@ _POINTERS = {
 }
 
 
+def _source(source_type, kernel, constexprs: dict, w_mode: int, divisible) -> object:
+    """The compile source of ``kernel``: constexprs as given, pointers 16-byte aligned, and the int arguments
+    for which ``divisible(name)`` holds specialized as multiples of 16 (as the launcher's would be)."""
+    pointers = dict(_POINTERS, w_scale_ptr="*u8" if w_mode == 2 else "*fp32")
+    names = kernel.arg_names
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if divisible(name):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return source_type(kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}, attrs)
+
+
 def compile_kernel(
     block_m: int, block_n: int, block_k: int, warps: int, stages: int, weights: str, gated: bool
 ):
@@ -46,25 +68,35 @@ def compile_kernel(
         "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 16, "MAX_IMPRECISE_ACC": None, "FAST_WIDEN": True,
         "MX_FOLD": w_mode == 2, "ZERO_PADDING": False, "stride_ak": 1, "stride_wk": 1, "stride_cn": 1,
     }  # fmt: skip
-    pointers = dict(_POINTERS, w_scale_ptr="*u8" if w_mode == 2 else "*fp32")
-    names = _moe_grouped_gemm_kernel.arg_names
-    signature, attrs = {}, {}
-    for i, name in enumerate(names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "i32"
-            if name.startswith("stride") or name in ("N", "K", "n_rows_layout"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(
-        _moe_grouped_gemm_kernel, signature, {(names.index(k),): v for k, v in constexprs.items()}, attrs
-    )
+    source = _source(
+        ASTSource, _moe_grouped_gemm_kernel, constexprs, w_mode,
+        lambda name: name.startswith("stride") or name in ("N", "K", "n_rows_layout"),
+    )  # fmt: skip
     return triton.compile(
         source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
     )
+
+
+def compile_gluon_kernel(block_m: int, warps: int, stages: int, weights: str, gated: bool):
+    """The Gluon kernel as the launcher runs it (only K and the layout's row count specialized as multiples of
+    16; the strides as the kernel's hints make them)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mxrun.kernels.moe_wgmma_decoded import moe_decoded_wgmma_kernel
+
+    w_mode = {**_W_MODES, "fp8-block": 1}[weights]
+    constexprs = {
+        "A_GATHER": gated, "W_MODE": w_mode, "GATED": gated, "MUL_ROUTING": not gated, "BLOCK_M": block_m,
+        "STAGES": stages,
+    }  # fmt: skip
+    source = _source(
+        GluonASTSource,
+        moe_decoded_wgmma_kernel,
+        constexprs,
+        w_mode,
+        lambda name: name in ("K", "n_rows_layout"),
+    )
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
 def _cuobjdump(*args: str) -> str:
@@ -97,12 +129,19 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, default=256)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
-    parser.add_argument("--weights", choices=list(_W_MODES), default="mxfp8")
+    parser.add_argument("--weights", choices=[*_W_MODES, "fp8-block"], default="mxfp8")
     parser.add_argument("--down", action="store_true", help="the down GEMM (default: gate/up, SiLU fused)")
+    parser.add_argument("--gluon", action="store_true", help="the Gluon decoded-weight wgmma kernel")
     args = parser.parse_args()
-    kernel = compile_kernel(
-        args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.weights, not args.down
-    )
+    if args.gluon:
+        kernel = compile_gluon_kernel(args.block_m, args.warps, args.stages, args.weights, not args.down)
+        args.block_k = 128
+    elif args.weights == "fp8-block":
+        parser.error("--weights fp8-block: the Gluon kernel only (--gluon)")
+    else:
+        kernel = compile_kernel(
+            args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.weights, not args.down
+        )
     layouts = sorted(set(re.findall(r"#ttg\.nvidia_mma<\{[^}]*\}>", kernel.asm["ttgir"])))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])

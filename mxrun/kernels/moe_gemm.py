@@ -38,7 +38,9 @@ bound, not by the routing) exit at once. Gate/up variant: two accumulators (gate
 and ``SiLU(gate) * up`` in the epilogue; down variant: the routing weight multiplied in the epilogue. The top-k
 reduction adds the ``k`` rows of each token in fp32 in one launch (:mod:`mxrun.kernels.moe_topk_sum`). Where
 the weight is decoded in registers for a bf16 MMA and the blocks are large, a variant with the operands swapped
-runs instead (:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`). No host sync anywhere
+runs instead (:mod:`mxrun.kernels.moe_weight_rows_gemm`, chosen by :func:`moe_swap_ab`); on sm_90 with 17-256
+pairs per expert a Gluon kernel takes both GEMMs of such layers (:mod:`mxrun.kernels.moe_wgmma_decoded`, chosen
+by :func:`moe_decoded_wgmma`). No host sync anywhere
 on this path: the pair count, grid and buffers depend only on ``T``, ``k``, ``E`` and ``BLOCK_M``.
 
 Launch rules are those of :mod:`mxrun.kernels.scaled_gemm`: M (pairs) is a run-time argument; ``BLOCK_M`` and
@@ -67,6 +69,7 @@ from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
 from mxrun.kernels.moe_topk_sum import topk_sum_triton
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
+from mxrun.kernels.moe_wgmma_decoded import decoded_wgmma_usable, moe_decoded_wgmma_gemm
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
 from mxrun.kernels.mxfp8_quantize import (
@@ -96,6 +99,26 @@ MOE_ALIGNED_MAX_BYTES = 2 << 30
 MOE_ZERO_PADDING: bool | None = None
 """Forces how the grouped GEMMs read padding rows (True: zeros, False: pair 0's row); None: the rule of
 :func:`moe_zero_padding`. Benchmarks set it to compare both in one run."""
+MOE_DECODED_WGMMA: bool | None = None
+"""Forces the Gluon kernel for weights decoded in registers on (where it can run) or off; None: the rule of
+:func:`moe_decoded_wgmma`. Benchmarks set it to compare both in one run."""
+MOE_DECODED_WGMMA_BUCKETS = (32, 256)
+"""The Gluon kernel of :mod:`mxrun.kernels.moe_wgmma_decoded` runs where the mean pairs per expert, rounded up
+to a power of two, lies in this range (17-256 pairs). H100, weight-only columns (mxfp8-wo / fp8-channel-wo /
+fp8-block-wo) against the Triton kernels in the same run (``bench_moe.py --columns X:gluon X:triton``,
+``benchmarks/results/moe-gluon-warps-h100.json``): at 17-32 pairs the Triton kernels' 32-row blocks spill and
+decode a busy expert's weights twice, the Gluon kernel's 64-row blocks rarely do (Mixtral-8x7B at 128 tokens
+669 / 589 / 626 against 796 / 725 / 750 us; Qwen3-30B-A3B at 512 tokens 13-18% less time; the DeepSeek-V3-like
+layer at 1024 tokens 3-9% less with :data:`MOE_DECODED_WGMMA_WIDE_EXPERTS`); with 128-row blocks at 33-256
+pairs it gains too (Mixtral at 1024 tokens 2181 / 2032 / 2631 against 2551 / 2256 / 3189 us; DeepSeek at 8192
+tokens mxfp8-wo 3% and fp8-block-wo 12% less time, fp8-channel-wo 3% more). With fewer pairs the Triton
+kernels stream the weights faster (Mixtral at 16 tokens: 575-615 against 482-525 us), and with more (Qwen3 at
+8192 tokens, 512 pairs: mxfp8-wo 2580 against 2472 us, ``results/moe-gluon-large-h100.json``)."""
+MOE_DECODED_WGMMA_WIDE_EXPERTS = 128
+"""Layers with more experts than this run the Gluon kernel with two warp groups (128 weight rows per program,
+sharing each activation tile): the DeepSeek-V3-like layer (256 experts) at 1024 tokens 6193 / 5598 / 5620
+against 6592 / 6353 / 6218 us with one (same sweep), while Mixtral and Qwen3 took 2-12% more time with two in
+13 of their 15 cells."""
 
 
 class ExpertWeightFormat(enum.Enum):
@@ -553,7 +576,10 @@ def pairs_per_expert_bucket(num_pairs: int, num_experts: int) -> int:
 
 
 def moe_block_m(
-    num_pairs: int, num_experts: int, activation: ExpertActivation = ExpertActivation.NONE
+    num_pairs: int,
+    num_experts: int,
+    activation: ExpertActivation = ExpertActivation.NONE,
+    decoded_wgmma: bool = False,
 ) -> int:
     """``BLOCK_M`` for a layer: 16 (the MMA minimum) up to 128, the mean pairs per expert rounded up to a power
     of two. Both GEMMs of a layer share it, since they share the token layout. ``activation`` is what the GEMMs
@@ -567,7 +593,14 @@ def moe_block_m(
     the 16-row blocks stay fastest for both. Measured and left out for decoded weights: 64-row blocks whose
     program decodes each weight tile once for two 32-row MMAs, the second skipped where its half is padding
     (a temporary kernel variant; gate/up 489-520 against 450 us, down 253 against 229 us at best,
-    ``results/sweep-moe-gemm-h100-split.json``): the spilled experts' second decode costs less than that."""
+    ``results/sweep-moe-gemm-h100-split.json``): the spilled experts' second decode costs less than that.
+
+    ``decoded_wgmma`` (the layer runs :mod:`mxrun.kernels.moe_wgmma_decoded`, :func:`moe_decoded_wgmma`):
+    up to 32 pairs per expert twice the bucket, 16 to 64 rows, so that the busier experts do not spill (the
+    tokens are that kernel's MMA N, and its MMAs are cheap beside the decode); 128 rows above that."""
+    if decoded_wgmma:
+        bucket = pairs_per_expert_bucket(num_pairs, num_experts)
+        return min(64, max(16, 2 * bucket)) if bucket <= 32 else 128
     block_m = min(128, max(16, pairs_per_expert_bucket(num_pairs, num_experts)))
     return 64 if activation.is_fp8 and block_m == 32 else block_m
 
@@ -638,6 +671,35 @@ def moe_swap_ab(
     return w_format is ExpertWeightFormat.MXFP8 and gated
 
 
+def moe_decoded_wgmma(
+    x: torch.Tensor,
+    num_pairs: int,
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    activation: ExpertActivation,
+    mx_fold: bool,
+) -> bool:
+    """Whether both grouped GEMMs of a layer run the Gluon kernel for weights decoded in registers
+    (:mod:`mxrun.kernels.moe_wgmma_decoded`): bf16 activations met by E4M3 weights (per tensor, per channel,
+    or in 128x128 blocks with N of both GEMMs a multiple of 64) or MXFP8 weights with foldable scales, K of
+    both GEMMs a multiple of 128, an sm_90 GPU with Gluon, and mean pairs per expert in the range of
+    :data:`MOE_DECODED_WGMMA_BUCKETS` (unless :data:`MOE_DECODED_WGMMA` forces it)."""
+    if MOE_DECODED_WGMMA is False or activation is not ExpertActivation.NONE:
+        return False
+    experts, two_i, hidden = gate_up.data.shape
+    for stack, n in ((gate_up, two_i // 2), (down, hidden)):
+        if stack.format is ExpertWeightFormat.MXFP8 and not mx_fold:
+            return False
+        if stack.format is ExpertWeightFormat.FP8_BLOCK and n % 64:
+            return False
+    if down.data.shape[2] % 128 or not decoded_wgmma_usable(x, hidden, 64):
+        return False
+    if MOE_DECODED_WGMMA:
+        return True
+    low, high = MOE_DECODED_WGMMA_BUCKETS
+    return low <= pairs_per_expert_bucket(num_pairs, experts) <= high
+
+
 def moe_zero_padding(block_m: int, pairs_per_expert: float, swap_ab: bool, fp8_activations: bool) -> bool:
     """Whether a grouped GEMM reads its layout blocks' padding rows as zeros (masked loads) rather than as pair
     0's row. The products of padding rows are discarded either way, but rows of zeros make the MMAs cheaper.
@@ -682,10 +744,13 @@ def moe_grouped_gemm_triton(
     swap_ab: bool | None = None,
     mx_scale_fold: bool = False,
     zero_padding: bool | None = None,
+    decoded_wgmma: bool = False,
 ) -> torch.Tensor:
     """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
     expert received are left as they are). ``swap_ab`` runs the weight-rows kernel (bf16/fp16 activations
-    only; default: :func:`moe_swap_ab`). ``zero_padding``: padding rows read as zeros (default: forced by
+    only; default: :func:`moe_swap_ab`). ``decoded_wgmma`` runs the Gluon kernel of
+    :mod:`mxrun.kernels.moe_wgmma_decoded` instead (see :func:`moe_decoded_wgmma`; it reads padding rows as
+    zeros and takes no ``config``). ``zero_padding``: padding rows read as zeros (default: forced by
     :data:`MOE_ZERO_PADDING`, else :func:`moe_zero_padding`); the outputs are the same bits either way.
 
     ``a`` is ``[T, K]`` read at row ``p // gather_top_k`` (the gate/up GEMM reads each token once per slot) or
@@ -703,6 +768,20 @@ def moe_grouped_gemm_triton(
     block_m = groups.block_m
     a_mode = _a_mode(activation)
     w_mode = _W_MODE[weights.format]
+    if decoded_wgmma:
+        if a_mode != 0 or (w_mode == 1 and n % 64) or not decoded_wgmma_usable(a, k, block_m):
+            raise GemmInputError(
+                f"{fn}: the decoded-weight wgmma kernel needs bf16 activations, K a multiple of 128 (and N of "
+                f"64 with 128x128 weight blocks), 16-128-row blocks and an sm_90 GPU with Gluon"
+            )
+        if w_mode == 2 and not mx_scale_fold:
+            raise GemmInputError(f"{fn}: the decoded-weight wgmma kernel needs foldable MX scales")
+        wide = weights.data.shape[0] > MOE_DECODED_WGMMA_WIDE_EXPERTS and (w_mode != 1 or n % 128 == 0)
+        return moe_decoded_wgmma_gemm(
+            a, weights.data, weights.scale, w_mode, groups.sorted_pair_ids, groups.block_expert,
+            groups.num_pairs, block_m, out, gated=gated, gather_top_k=gather_top_k,
+            routing_weights=routing_weights, warps=8 if wide else 4,
+        )  # fmt: skip
     swap = moe_swap_ab(block_m, activation, weights.format, gated) if swap_ab is None else swap_ab
     if swap and a_mode != 0:
         raise GemmInputError(
@@ -864,22 +943,25 @@ def moe_experts_triton(
         gemm_activation = ExpertActivation.FP8_GROUP  # E4M3 with 1x128 scales, MX-rule powers of two
     else:
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
-    block_m = block_m or moe_block_m(num_pairs, experts, gemm_activation)
+    fold = mx_scales_foldable and not aligned
+    wgmma = moe_decoded_wgmma(x, num_pairs, gate_up, down, gemm_activation, fold)
+    block_m = block_m or moe_block_m(num_pairs, experts, gemm_activation, wgmma)
+    wgmma = wgmma and 16 <= block_m <= 128  # a caller-given block_m may be outside what it takes
     groups = group_tokens_fast(top_k_index, experts, block_m)
     per_tensor = activation is ExpertActivation.FP8_TENSOR
     # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
     h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
     a, a_scale = _quantize_activation(x, activation, aligned)
-    fold = mx_scales_foldable and not aligned
     moe_grouped_gemm_triton(
         a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation,
-        mx_scale_fold=fold,
+        mx_scale_fold=fold, decoded_wgmma=wgmma,
     )  # fmt: skip
     a, a_scale = _quantize_activation(h, activation, aligned)
     y = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # dropped pairs' rows: never read
     moe_grouped_gemm_triton(
         a, a_scale, down, groups, y, gated=False, gather_top_k=None,
         routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation, mx_scale_fold=fold,
+        decoded_wgmma=wgmma,
     )  # fmt: skip
     return topk_sum_triton(y, top_k_index, experts)
 
@@ -921,6 +1003,7 @@ __all__ = [
     "expert_scale_shape",
     "moe_aligned",
     "moe_block_m",
+    "moe_decoded_wgmma",
     "moe_experts",
     "moe_experts_reference",
     "moe_experts_triton",

@@ -1,0 +1,436 @@
+"""The MoE grouped GEMM for weights decoded in registers, in Gluon for Hopper: decoded E4M3 / MXFP8 weight tiles
+are wgmma's register operand, and the decode of one tile overlaps the MMAs of the previous one.
+
+Why: with about 32 pairs per expert (Mixtral-8x7B at 128 tokens) the Triton kernels of
+:mod:`mxrun.kernels.moe_gemm` pick between two losses. 32-row blocks decode each weight tile once per block, so
+every expert past 32 pairs decodes its weights a second time (~65 us a block on an H100); 64-row blocks
+compile to wgmma with the decoded tile stored to shared memory and every K step serialized (decode, store,
+barrier, MMA, wait), and run slower still. Triton's swapped-operand kernel
+(:mod:`mxrun.kernels.moe_weight_rows_gemm`) already makes the decoded weight the MMA's left operand, which
+wgmma reads from registers, but Triton waits for each MMA before the next decode. Written in Gluon, a program
+(one warp group, or two sharing the activation tile)
+
+* streams its weight tiles (64 gate and 64 up rows per warp group, 128 K per step, E4M3), their E8M0 codes
+  and the gathered activation rows into a ring of ``STAGES`` shared-memory slots with ``cp.async``, the next
+  step's copies in flight while this one computes;
+* decodes each 64 x 64 weight quarter straight into wgmma's register-operand layout (the MX powers of two on
+  the widening's bf16x2 multiply, as :func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times` does) and issues its MMA
+  asynchronously, so the next quarter's decode runs while the tensor cores work; it waits once per K step;
+* takes an expert's ``BLOCK_M`` pairs (16 to 128) as the MMA's N: 64-row blocks at ~32 pairs per expert,
+  where no expert spills.
+
+Offline (Triton 3.6, sm_90, the gated MX kernel at 64-row blocks): 185 registers, no stack, 66 KB of shared
+memory, 568 SASS instructions per 128-K step of a warp (16 HGMMAs, the decode ~5 per element pair, 4
+barriers). Measured and left out on an H100: three or four slots (66 -> 100 / 133 KB of shared memory;
+Mixtral-8x7B at 128 tokens, one run, mxfp8-wo 663 -> 672 / 753 us, ``results/moe-gluon-stages-h100.json``),
+and waiting for each gate/up quarter's MMA as soon as the next one is issued, which frees its operand
+registers (147 instead of 185, three programs per SM) but moved the layer by at most 3% either way
+(``results/moe-gluon-sweep-h100.json``).
+
+The arithmetic is that of the other MoE kernels (the same exact operand values, fp32 accumulation,
+per-channel scales in the epilogue, 128x128 block scales on each 128-K step's product, SiLU-and-mul and
+routing weights in the epilogue); only the fp32 summation order differs.
+
+Takes bf16 activations (weight-only, or MX values rounded beforehand), E4M3 weights per tensor, per channel
+or in 128x128 blocks, or MXFP8 weights whose codes allow the folded decode
+(:func:`~mxrun.kernels.e4m3.mx_scales_foldable`), K a multiple of 128. Needs CUDA sm_90 and Triton's Gluon;
+:func:`decoded_wgmma_usable` says whether it can run and the launcher of :mod:`mxrun.kernels.moe_gemm` chooses
+it where it measured faster (:func:`~mxrun.kernels.moe_gemm.moe_decoded_wgmma`), the Triton kernels
+otherwise. Blackwell would get its own kernel (tcgen05 reads MX scales natively).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from mxrun.kernels.backend import HAS_TRITON
+from mxrun.kernels.e4m3 import _WIDEN_PAIR, _WIDEN_PAIR_TIMES
+
+try:  # Gluon is experimental: the package works without it
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.runtime.jit import constexpr_function
+
+    HAS_GLUON = HAS_TRITON
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAS_GLUON = False
+
+DECODED_WGMMA_STAGES = 2
+"""Shared-memory slots: ~33 KB each at 64 token rows with one warp group (two programs share an SM)."""
+
+if HAS_GLUON:
+
+    @constexpr_function
+    def _split_k_layout(linear, group):
+        """A linear layout of ``[R, K]`` as one of ``[R, K / group, group]`` (``k = group * g + j``), so that
+        a tensor of one value per (row, group) expands and reshapes into exactly the ``[R, K]`` layout."""
+
+        def split(basis):
+            return [basis[0], basis[1] // group, basis[1] % group]
+
+        rows, cols = linear.shape
+        return gl.DistributedLinearLayout(
+            [split(b) for b in linear.reg_bases],
+            [split(b) for b in linear.lane_bases],
+            [split(b) for b in linear.warp_bases],
+            [split(b) for b in linear.block_bases],
+            [rows, cols // group, group],
+        )
+
+    @gluon.jit
+    def _decode_quarter(
+        w_smem,  # [16 * num_warps, 64] E4M3 in shared memory (64 rows per warp group)
+        codes_smem,  # [16 * num_warps, 2] uint8 E8M0 codes (W_MODE 2), one per 32 K
+        W_MODE: gl.constexpr,
+        operand_layout: gl.constexpr,
+    ):
+        """One weight quarter (64 K) widened to bf16 in wgmma's register-operand layout (exact)."""
+        ROWS: gl.constexpr = w_smem.shape[0]
+        COLS: gl.constexpr = w_smem.shape[1]
+        linear: gl.constexpr = gl.to_linear_layout(operand_layout, [ROWS, COLS])
+        w = w_smem.load(linear).to(gl.float16)
+        if W_MODE == 2:
+            split: gl.constexpr = _split_k_layout(linear, 32)
+            codes = codes_smem.load(gl.SliceLayout(2, split)).to(gl.int32)
+            multiplier = ((codes + 112) << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)  # 2^(e - 15)
+            multiplier = gl.expand_dims(multiplier, 2).broadcast_to([ROWS, COLS // 32, 32])
+            multiplier = gl.convert_layout(gl.reshape(multiplier, [ROWS, COLS]), linear, assert_trivial=True)
+            out = gl.inline_asm_elementwise(
+                _WIDEN_PAIR_TIMES, "=r,r,r", [w, multiplier], dtype=gl.bfloat16, is_pure=True, pack=2
+            )
+        else:
+            out = gl.inline_asm_elementwise(_WIDEN_PAIR, "=r,r", [w], dtype=gl.bfloat16, is_pure=True, pack=2)
+        return gl.convert_layout(out, operand_layout, assert_trivial=True)
+
+    @gluon.jit
+    def _issue_step(
+        w_s,
+        c_s,
+        a_s,
+        slot,
+        kb,
+        w_rows_ptrs,  # [W_ROWS, 64] pointers: gate rows, then up rows (gated), first K quarter
+        w_rows_ok,
+        code_ptrs,  # [C_ROWS, 4] pointers to the rows' first 4 codes
+        code_rows_ok,
+        a_ptrs,  # [BLOCK_M, 64] pointers to the gathered activation rows, first K quarter
+        a_rows_ok,
+        K,
+        W_MODE: gl.constexpr,
+    ):
+        """Start copying K step ``kb`` (zeros where it lies past K) into ``slot``: both weight quarters of the
+        gate (and up) rows, their codes, both activation quarters."""
+        k0 = kb * 128
+        live = k0 < K
+        for q in gl.static_range(2):
+            async_copy.async_copy_global_to_shared(
+                w_s.index(slot * 2 + q), w_rows_ptrs + (k0 + q * 64), mask=w_rows_ok & live
+            )
+            async_copy.async_copy_global_to_shared(
+                a_s.index(slot * 2 + q), a_ptrs + (k0 + q * 64), mask=a_rows_ok & live
+            )
+        if W_MODE == 2:
+            async_copy.async_copy_global_to_shared(
+                c_s.index(slot), code_ptrs + kb * 4, mask=code_rows_ok & live
+            )
+
+    @gluon.jit
+    def _quarter(
+        w_s, c_s, slot, q: gl.constexpr, up: gl.constexpr, W_MODE: gl.constexpr, operand_layout: gl.constexpr
+    ):
+        """Decode quarter ``q`` (K 64 q .. 64 q + 63 of the slot's step) of the gate (or ``up``) rows."""
+        ROWS: gl.constexpr = 16 * gl.num_warps()
+        codes = c_s.index(slot).slice(ROWS * up, ROWS).slice(2 * q, 2, dim=1)
+        return _decode_quarter(w_s.index(slot * 2 + q).slice(ROWS * up, ROWS), codes, W_MODE, operand_layout)
+
+    @gluon.jit
+    def _step(
+        w_s,
+        c_s,
+        a_s,
+        slot,
+        acc_g,
+        acc_u,
+        GATED: gl.constexpr,
+        W_MODE: gl.constexpr,
+        operand_layout: gl.constexpr,
+    ):
+        """One 128-K step accumulated in place (per-channel / per-tensor / MX weights): each quarter's decode
+        overlaps the MMAs issued before it; one wait at the end (the operands stay alive until then)."""
+        a0 = a_s.index(slot * 2).permute((1, 0))
+        a1 = a_s.index(slot * 2 + 1).permute((1, 0))
+        w_g0 = _quarter(w_s, c_s, slot, 0, 0, W_MODE, operand_layout)
+        acc_g = warpgroup_mma(w_g0, a0, acc_g, is_async=True)
+        if GATED:
+            w_u0 = _quarter(w_s, c_s, slot, 0, 1, W_MODE, operand_layout)
+            acc_u = warpgroup_mma(w_u0, a0, acc_u, is_async=True)
+        w_g1 = _quarter(w_s, c_s, slot, 1, 0, W_MODE, operand_layout)
+        acc_g = warpgroup_mma(w_g1, a1, acc_g, is_async=True)
+        if GATED:
+            w_u1 = _quarter(w_s, c_s, slot, 1, 1, W_MODE, operand_layout)
+            acc_u = warpgroup_mma(w_u1, a1, acc_u, is_async=True)
+            acc_g, acc_u, w_g0, w_g1, w_u0, w_u1 = warpgroup_mma_wait(
+                0, deps=(acc_g, acc_u, w_g0, w_g1, w_u0, w_u1)
+            )
+        else:
+            acc_g, w_g0, w_g1 = warpgroup_mma_wait(0, deps=(acc_g, w_g0, w_g1))
+        return acc_g, acc_u
+
+    @gluon.jit
+    def _block_scaled_step(
+        w_s, c_s, a_s, slot, acc_g, acc_u, partial, scale_g_ptr, scale_u_ptr, GATED: gl.constexpr,
+        W_MODE: gl.constexpr, operand_layout: gl.constexpr,
+    ):  # fmt: skip
+        """One 128-K step with 128x128 weight blocks: the step is one K block and the program's 64 or 128 gate
+        (or up) rows lie in one row block (the launcher checks N), so each product is multiplied by one scale before it is added (the other
+        kernels' arithmetic). The up quarters are decoded while the gate MMAs run."""
+        a0 = a_s.index(slot * 2).permute((1, 0))
+        a1 = a_s.index(slot * 2 + 1).permute((1, 0))
+        scale_g = gl.load(scale_g_ptr)
+        w_g0 = _quarter(w_s, c_s, slot, 0, 0, W_MODE, operand_layout)
+        product = warpgroup_mma(w_g0, a0, partial, use_acc=False, is_async=True)
+        w_g1 = _quarter(w_s, c_s, slot, 1, 0, W_MODE, operand_layout)
+        product = warpgroup_mma(w_g1, a1, product, is_async=True)
+        if GATED:
+            scale_u = gl.load(scale_u_ptr)
+            w_u0 = _quarter(w_s, c_s, slot, 0, 1, W_MODE, operand_layout)
+            w_u1 = _quarter(w_s, c_s, slot, 1, 1, W_MODE, operand_layout)
+        product, w_g0, w_g1 = warpgroup_mma_wait(0, deps=(product, w_g0, w_g1))
+        acc_g = acc_g + product * scale_g
+        if GATED:
+            product = warpgroup_mma(w_u0, a0, partial, use_acc=False, is_async=True)
+            product = warpgroup_mma(w_u1, a1, product, is_async=True)
+            product, w_u0, w_u1 = warpgroup_mma_wait(0, deps=(product, w_u0, w_u1))
+            acc_u = acc_u + product * scale_u
+        return acc_g, acc_u
+
+    @gluon.jit(do_not_specialize=["num_pairs", "n_rows_layout"])
+    def moe_decoded_wgmma_kernel(
+        a_ptr,  # A_GATHER: [T, K] bf16 (row of pair p is p // top_k), else [S, K]; (r, k) at r*stride_ar + k
+        w_ptr,  # [E, N_W, K] float8e4nv, K contiguous; (e, n, k) at e*stride_we + n*stride_wn + k
+        w_scale_ptr,  # W_MODE 0: fp32 [E, N_W] at e*stride_wse + n*stride_wsn (stride_wsn 0: per expert);
+        #               W_MODE 1: fp32 [E, N_W/128, K/128] at e*stride_wse + i*stride_wsn + g (128 | N_W: a
+        #               program's rows lie in one row block); W_MODE 2: uint8 E8M0 [E, N_W, K/32] at
+        #               e*stride_wse + n*stride_wsn + g
+        routing_ptr,  # MUL_ROUTING: [S] routing weight of each pair; else unused
+        c_ptr,  # [S, N] bf16 output, row = pair id; (p, n) at p*stride_cm + n
+        sorted_pairs_ptr,  # int32 [n_blocks * BLOCK_M]: pair id at each row of the layout, >= S on padding
+        block_expert_ptr,  # int32 [n_blocks]: expert of each BLOCK_M rows, -1 for unused blocks
+        num_pairs,
+        n_rows_layout,
+        N,  # output columns (I for the gated variant, whose weight has N_W = 2I rows)
+        K,  # a multiple of 128
+        top_k,
+        stride_ar,
+        stride_we,
+        stride_wn,
+        stride_wse,
+        stride_wsn,
+        stride_cm,
+        A_GATHER: gl.constexpr,
+        W_MODE: gl.constexpr,  # 0 per-channel / per-expert (epilogue); 1 128x128 blocks (per step); 2 MXFP8
+        GATED: gl.constexpr,
+        MUL_ROUTING: gl.constexpr,
+        BLOCK_M: gl.constexpr,  # layout rows (pairs of one expert): the MMA's N
+        STAGES: gl.constexpr,
+    ):
+        """One program: 64 weight rows per warp group (and as many up rows) x BLOCK_M pairs of one expert,
+        transposed; K steps of 128."""
+        ROWS: gl.constexpr = 16 * gl.num_warps()  # 64 per warp group
+        QUARTER: gl.constexpr = 64
+        W_ROWS: gl.constexpr = 2 * ROWS if GATED else ROWS  # gate rows, then up rows
+        C_ROWS: gl.constexpr = (
+            2 * ROWS
+        )  # codes, 4 bytes per thread: the down GEMM leaves the second half empty
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+        w_copy: gl.constexpr = gl.BlockedLayout(
+            [1, 16], [8, 4], [gl.num_warps(), 1], [1, 0]
+        )  # 16-byte copies
+        a_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        c_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+        w_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([W_ROWS, QUARTER], gl.float8e4nv)
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
+        c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+
+        n_blocks = n_rows_layout // BLOCK_M
+        pid = gl.program_id(0)
+        pid_m = pid % n_blocks
+        pid_n = pid // n_blocks
+        block_expert = gl.load(block_expert_ptr + pid_m)
+        if block_expert >= 0:
+            expert = block_expert.to(gl.int64)
+            w_s = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, W_ROWS, QUARTER], w_shared)
+            a_s = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BLOCK_M, QUARTER], a_shared)
+            c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, C_ROWS, 4], c_shared)
+
+            # Activation rows of this block (gathered), weight rows of this column tile, their codes.
+            a_layout_rows: gl.constexpr = gl.SliceLayout(1, a_copy)
+            pairs = gl.load(sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=a_layout_rows))
+            a_row_ok = pairs < num_pairs
+            pairs = gl.where(a_row_ok, pairs, 0)
+            if A_GATHER:  # noqa: SIM108 - a constexpr branch
+                a_rows = pairs // top_k
+            else:
+                a_rows = pairs
+            a_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, a_copy))
+            # Row strides are multiples of 16 bytes (K % 128 == 0; the launcher checks A), written so that the
+            # compiler sees it and copies 16 bytes (4 for the codes) at a time where it did not specialize them.
+            a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // 8 * 8) + a_cols[None, :]
+            a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
+
+            r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
+            n = pid_n * ROWS + (r % ROWS)
+            w_rows = gl.where(r < ROWS, n, N + n)
+            w_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, w_copy))
+            w_base = w_ptr + expert * (stride_we // 16 * 16)
+            w_rows_ptrs = w_base + w_rows.to(gl.int64)[:, None] * (stride_wn // 16 * 16) + w_cols[None, :]
+            w_rows_ok = (n < N)[:, None] & (w_cols < QUARTER)[None, :]
+            rc = gl.arange(0, C_ROWS, layout=gl.SliceLayout(1, c_copy))
+            nc = pid_n * ROWS + (rc % ROWS)
+            c_rows = gl.where(rc < ROWS, nc, N + nc)
+            c_cols = gl.arange(0, 4, layout=gl.SliceLayout(0, c_copy))
+            code_base = w_scale_ptr + expert * (stride_wse // 4 * 4)
+            code_ptrs = code_base + c_rows.to(gl.int64)[:, None] * (stride_wsn // 4 * 4) + c_cols[None, :]
+            CODE_ROWS: gl.constexpr = C_ROWS if GATED else ROWS
+            code_rows_ok = ((nc < N) & (rc < CODE_ROWS))[:, None] & (c_cols < 4)[None, :]
+
+            k_steps = K // 128
+            for i in gl.static_range(STAGES - 1):
+                _issue_step(
+                    w_s, c_s, a_s, i, i, w_rows_ptrs, w_rows_ok, code_ptrs, code_rows_ok, a_ptrs, a_rows_ok,
+                    K, W_MODE,
+                )  # fmt: skip
+                async_copy.commit_group()
+
+            acc_g = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
+            acc_u = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
+            partial = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)  # W_MODE 1: one step's product
+            # W_MODE 1: the scales of the program's gate (up) row block, one per K step
+            block_scale_g = w_scale_ptr + expert * stride_wse + (pid_n * ROWS // 128) * stride_wsn
+            block_scale_u = w_scale_ptr + expert * stride_wse + ((N + pid_n * ROWS) // 128) * stride_wsn
+            for kb in range(k_steps):
+                _issue_step(
+                    w_s, c_s, a_s, (kb + STAGES - 1) % STAGES, kb + STAGES - 1, w_rows_ptrs, w_rows_ok,
+                    code_ptrs, code_rows_ok, a_ptrs, a_rows_ok, K, W_MODE,
+                )  # fmt: skip
+                async_copy.commit_group()
+                async_copy.wait_group(STAGES - 1)  # this thread's copies of step kb have landed
+                fence_async_shared()
+                gl.thread_barrier()  # ... and every thread's
+                slot = kb % STAGES
+                if W_MODE == 1:
+                    acc_g, acc_u = _block_scaled_step(
+                        w_s, c_s, a_s, slot, acc_g, acc_u, partial, block_scale_g + kb, block_scale_u + kb,
+                        GATED, W_MODE, operand_layout,
+                    )  # fmt: skip
+                else:
+                    acc_g, acc_u = _step(w_s, c_s, a_s, slot, acc_g, acc_u, GATED, W_MODE, operand_layout)
+            async_copy.wait_group(0)
+
+            rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+            cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+            offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            n_ok = offs_n < N
+            out_pairs = gl.load(
+                sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=cols_layout)
+            )
+            pair_ok = out_pairs < num_pairs
+            scale_base = w_scale_ptr + expert * stride_wse
+            if W_MODE == 0:
+                acc_g = acc_g * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
+                if GATED:
+                    acc_u = (
+                        acc_u * gl.load(scale_base + (N + offs_n) * stride_wsn, mask=n_ok, other=1.0)[:, None]
+                    )
+            if GATED:  # noqa: SIM108 - a constexpr branch
+                acc = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u  # SiLU(gate) * up, fp32
+            else:
+                acc = acc_g
+            if MUL_ROUTING:
+                routing = gl.load(routing_ptr + out_pairs, mask=pair_ok, other=0.0)
+                acc = acc * routing.to(gl.float32)[None, :]
+            c_ptrs = c_ptr + out_pairs.to(gl.int64)[None, :] * stride_cm + offs_n[:, None]
+            gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & pair_ok[None, :])
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def decoded_wgmma_usable(a: torch.Tensor, k: int, block_m: int) -> bool:
+    """Gluon importable, an sm_90 GPU, bf16 activations whose rows are 16-byte aligned, K a multiple of 128
+    and a layout block of 16-128 rows (the MMA's N; the gate and up accumulators of more would not fit beside
+    the decoded tiles)."""
+    if not (HAS_GLUON and a.is_cuda and a.dtype == torch.bfloat16 and 16 <= block_m <= 128):
+        return False
+    if k % 128 or a.stride(-1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
+        return False
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9
+
+
+def moe_decoded_wgmma_gemm(
+    a: torch.Tensor,
+    w_data: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_mode: int,
+    sorted_pair_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_pairs: int,
+    block_m: int,
+    out: torch.Tensor,
+    *,
+    gated: bool,
+    gather_top_k: int | None,
+    routing_weights: torch.Tensor | None = None,
+    stages: int = DECODED_WGMMA_STAGES,
+    warps: int = 4,
+) -> torch.Tensor:
+    """One grouped GEMM (the contract of :func:`~mxrun.kernels.moe_gemm.moe_grouped_gemm_triton`, which
+    checks the operands and calls this where :func:`decoded_wgmma_usable` holds): ``w_data`` E4M3 ``[E, N_W,
+    K]`` with ``w_scale`` fp32 ``[E, N_W, 1]`` / ``[E, 1, 1]`` (``w_mode`` 0), fp32 128x128 block scales
+    ``[E, N_W/128, K/128]`` with N a multiple of ``16 * warps`` (``w_mode`` 1) or E8M0 codes ``[E, N_W,
+    K/32]`` whose every code allows the folded decode (``w_mode`` 2), ``a`` bf16 read at row
+    ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
+    writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
+    sharing each activation tile)."""
+    from mxrun.kernels.scaled_gemm import GemmInputError
+
+    _, n_w, k = w_data.shape
+    n = n_w // 2 if gated else n_w
+    if warps not in (4, 8) or (w_mode == 1 and n % (16 * warps)):
+        raise GemmInputError(
+            f"moe_decoded_wgmma_gemm: {warps} warps with N={n} (4 or 8 warps; block scales need N a multiple "
+            f"of 16 x warps)"
+        )
+    if w_mode == 0:
+        stride_wse, stride_wsn = w_scale.stride(0), (w_scale.stride(1) if w_scale.shape[1] > 1 else 0)
+    else:
+        if w_mode == 2:
+            w_scale = w_scale.view(torch.uint8)
+        stride_wse, stride_wsn = w_scale.stride(0), w_scale.stride(1)
+    n_rows_layout = sorted_pair_ids.numel()
+    grid = (n_rows_layout // block_m * -(-n // (16 * warps)),)
+    moe_decoded_wgmma_kernel[grid](
+        a, w_data, w_scale, routing_weights if routing_weights is not None else w_scale, out,
+        sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, k, gather_top_k or 1,
+        a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, out.stride(0),
+        A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, MUL_ROUTING=routing_weights is not None,
+        BLOCK_M=block_m, STAGES=stages, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+__all__ = ["DECODED_WGMMA_STAGES", "HAS_GLUON", "decoded_wgmma_usable", "moe_decoded_wgmma_gemm"]
