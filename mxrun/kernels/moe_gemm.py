@@ -69,6 +69,7 @@ from mxrun.kernels.moe_grouping import group_tokens_fast
 from mxrun.kernels.moe_routing import TokenGroups
 from mxrun.kernels.moe_topk_sum import topk_sum_triton
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
+from mxrun.kernels.moe_wgmma_block import block_wgmma_usable, moe_wgmma_block_gemm
 from mxrun.kernels.moe_wgmma_decoded import decoded_wgmma_usable, moe_decoded_wgmma_gemm
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
@@ -102,6 +103,10 @@ MOE_ZERO_PADDING: bool | None = None
 MOE_DECODED_WGMMA: bool | None = None
 """Forces the Gluon kernel for weights decoded in registers on (where it can run) or off; None: the rule of
 :func:`moe_decoded_wgmma`. Benchmarks set it to compare both in one run."""
+MOE_BLOCK_WGMMA = False
+"""Runs the experimental Gluon block-scaled grouped GEMM (:mod:`mxrun.kernels.moe_wgmma_block`: FP8 1x128
+activations met by 128x128-block weights, 128-row layout blocks, sm_90) where it can. Off: it has not run on a
+GPU yet; benchmarks turn it on (``bench_moe.py`` column suffix ``:gluon-block``) to measure it."""
 MOE_DECODED_WGMMA_BUCKETS = (32, 256)
 """The Gluon kernel of :mod:`mxrun.kernels.moe_wgmma_decoded` runs where the mean pairs per expert, rounded up
 to a power of two, lies in this range (17-256 pairs). H100, weight-only columns (mxfp8-wo / fp8-channel-wo /
@@ -781,6 +786,11 @@ def moe_grouped_gemm_triton(
             a, weights.data, weights.scale, w_mode, groups.sorted_pair_ids, groups.block_expert,
             groups.num_pairs, block_m, out, gated=gated, gather_top_k=gather_top_k,
             routing_weights=routing_weights, warps=8 if wide else 4,
+        )  # fmt: skip
+    if MOE_BLOCK_WGMMA and a_mode == 2 and w_mode == 1 and block_wgmma_usable(a, n, k, block_m):
+        return moe_wgmma_block_gemm(
+            a, a_scale, weights.data, weights.scale, groups.sorted_pair_ids, groups.block_expert,
+            groups.num_pairs, out, gated=gated, gather_top_k=gather_top_k, routing_weights=routing_weights,
         )  # fmt: skip
     swap = moe_swap_ab(block_m, activation, weights.format, gated) if swap_ab is None else swap_ab
     if swap and a_mode != 0:
