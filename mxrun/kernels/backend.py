@@ -8,6 +8,7 @@ keeps the function but refuses to launch it, so every kernel module still import
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from typing import Any
 
@@ -61,6 +62,19 @@ class BackendError(RuntimeError):
 
 # Read once, at import: Triton also reads it once, when a kernel is decorated (on import of its module).
 _TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _capability_of(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_major(device: torch.device) -> int:
+    """The compute capability major of a CUDA device (9: Hopper, 10: Blackwell), cached per device: kernel
+    dispatchers ask it on every call. 0 for any other device."""
+    if device.type != "cuda":
+        return 0
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
 def triton_interpreting() -> bool:

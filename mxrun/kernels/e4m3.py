@@ -20,11 +20,9 @@ nearest-even, so it cannot be used where the bits matter.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.backend import cuda_major, tl, triton, triton_interpreting
 
 E4M3_MAX = 448.0
 E4M3_NAN_CODE = 0x7F
@@ -170,12 +168,7 @@ def mx_scales_foldable(scale_e8m0: torch.Tensor, data: torch.Tensor | None = Non
 def fast_widen_usable(device: torch.device) -> bool:
     """Whether :func:`e4m3_to_bf16` can take its FAST path on ``device`` (sm_90+: ``mul.rn.bf16x2``; not the
     interpreter)."""
-    return device.type == "cuda" and not triton_interpreting() and _major_capability(device) >= 9
-
-
-@functools.lru_cache(maxsize=16)
-def _major_capability(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    return device.type == "cuda" and not triton_interpreting() and cuda_major(device) >= 9
 
 
 @triton.jit

@@ -35,7 +35,7 @@ from functools import cache
 
 import torch
 
-from mxrun.kernels.backend import HAS_TRITON, tl, triton, triton_interpreting
+from mxrun.kernels.backend import HAS_TRITON, cuda_major, tl, triton, triton_interpreting
 from mxrun.kernels.scaled_gemm import (
     GemmConfig,
     GemmInputError,
@@ -54,11 +54,6 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@cache
-def _major_capability(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def tma_usable(*tensors: torch.Tensor) -> bool:
     """TMA needs sm_90+, a real GPU launch (not the interpreter), K-contiguous rows and 16-byte alignment."""
     if not HAS_TRITON or triton_interpreting():
@@ -66,8 +61,7 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
     if not first.is_cuda:
         return False
-    index = first.device.index if first.device.index is not None else torch.cuda.current_device()
-    if _major_capability(index) < 9:
+    if cuda_major(first.device) < 9:
         return False
     for t in tensors:
         if t.stride(-1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:

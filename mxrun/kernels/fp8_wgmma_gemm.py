@@ -64,7 +64,7 @@ import functools
 
 import torch
 
-from mxrun.kernels.backend import HAS_TRITON, triton
+from mxrun.kernels.backend import HAS_TRITON, cuda_major, triton
 
 try:  # Gluon is experimental and Hopper-specific: the package works without it
     from triton.experimental import gluon
@@ -467,11 +467,6 @@ def wide_tiles_pay(m: int, n: int, sms: int) -> bool:
     return wide < narrow
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def wgmma_gemm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Gluon importable, an sm_90 GPU (wgmma; Blackwell has other MMAs), TMA-compatible operands (the
     dispatcher also asks for K >= :data:`WGMMA_MIN_K`)."""
@@ -479,8 +474,7 @@ def wgmma_gemm_usable(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     if not (HAS_GLUON and tma_usable(a, b)):
         return False
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] == 9
+    return cuda_major(a.device) == 9
 
 
 def fp8_wgmma_gemm(

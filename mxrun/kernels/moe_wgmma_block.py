@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from mxrun.kernels.backend import cuda_major
+from mxrun.kernels.fp8_tma_gemm import tma_usable  # row alignment, sm_90+, no interpreter
 from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON
+from mxrun.kernels.scaled_gemm import GemmInputError
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -295,17 +298,14 @@ if HAS_GLUON:
 def block_wgmma_usable(a: torch.Tensor, n: int, k: int, block_m: int) -> bool:
     """Gluon importable, an sm_90 GPU, E4M3 activations with 16-byte aligned rows, N % 64 == 0, K % 128 == 0
     and 128-row layout blocks (what the kernel takes; the caller checks the scale layouts)."""
-    if not (HAS_GLUON and a.is_cuda and block_m == BLOCK_ROWS and n % 64 == 0 and k % 128 == 0):
+    if not (HAS_GLUON and block_m == BLOCK_ROWS and n % 64 == 0 and k % 128 == 0):
         return False
-    if a.stride(-1) != 1 or a.stride(0) % 16 or a.data_ptr() % 16:
-        return False
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index)[0] == 9
+    return tma_usable(a) and cuda_major(a.device) == 9
 
 
 def moe_wgmma_block_gemm(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: torch.Tensor | None,
     w_data: torch.Tensor,
     w_scale: torch.Tensor,
     sorted_pair_ids: torch.Tensor,
@@ -321,14 +321,19 @@ def moe_wgmma_block_gemm(
     """One grouped GEMM over a 128-row layout: ``a`` E4M3 with fp32 1x128 scales ``a_scale`` ``[rows, K/128]``,
     ``w_data`` E4M3 ``[E, N_W, K]`` with fp32 128x128 block scales ``w_scale`` ``[E, N_W/128, K/128]``, N a
     multiple of 64 and K of 128; writes ``out`` ``[S, N]`` (SiLU(gate) * up when ``gated``)."""
-    from mxrun.kernels.scaled_gemm import GemmInputError
-
     experts, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
     if k % 128 or n % 64 or sorted_pair_ids.numel() % BLOCK_ROWS:
         raise GemmInputError(
             f"moe_wgmma_block_gemm: needs K % 128 == 0 (K={k}), N % 64 == 0 (N={n}) and a layout of 128-row "
             f"blocks ({sorted_pair_ids.numel()} rows)"
+        )
+    w_blocks = (experts, -(-n_w // 128), k // 128)
+    if a_scale is None or tuple(a_scale.shape) != (a.shape[0], k // 128) or tuple(w_scale.shape) != w_blocks:
+        raise GemmInputError(
+            f"moe_wgmma_block_gemm: needs 1x128 activation scales [{a.shape[0]}, {k // 128}] and weight-block "
+            f"scales {list(w_blocks)}, got {None if a_scale is None else list(a_scale.shape)} and "
+            f"{list(w_scale.shape)}"
         )
     w_2d = w_data.reshape(experts * n_w, k)
     tile = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)

@@ -41,12 +41,12 @@ otherwise. Blackwell would get its own kernel (tcgen05 reads MX scales natively)
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from mxrun.kernels.backend import HAS_TRITON
+from mxrun.kernels.backend import HAS_TRITON, cuda_major
 from mxrun.kernels.e4m3 import _WIDEN_PAIR, _WIDEN_PAIR_TIMES
+from mxrun.kernels.fp8_tma_gemm import tma_usable  # row alignment, sm_90+, no interpreter
+from mxrun.kernels.scaled_gemm import GemmInputError
 
 try:  # Gluon is experimental: the package works without it
     from triton.experimental import gluon
@@ -364,21 +364,13 @@ if HAS_GLUON:
             gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & pair_ok[None, :])
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def decoded_wgmma_usable(a: torch.Tensor, k: int, block_m: int) -> bool:
     """Gluon importable, an sm_90 GPU, bf16 activations whose rows are 16-byte aligned, K a multiple of 128
     and a layout block of 16-128 rows (the MMA's N; the gate and up accumulators of more would not fit beside
     the decoded tiles)."""
-    if not (HAS_GLUON and a.is_cuda and a.dtype == torch.bfloat16 and 16 <= block_m <= 128):
+    if not (HAS_GLUON and a.dtype == torch.bfloat16 and 16 <= block_m <= 128 and k % 128 == 0):
         return False
-    if k % 128 or a.stride(-1) != 1 or a.stride(0) % 8 or a.data_ptr() % 16:
-        return False
-    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] == 9
+    return tma_usable(a) and cuda_major(a.device) == 9
 
 
 def moe_decoded_wgmma_gemm(
@@ -406,8 +398,6 @@ def moe_decoded_wgmma_gemm(
     ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
     writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
     sharing each activation tile)."""
-    from mxrun.kernels.scaled_gemm import GemmInputError
-
     _, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
     if warps not in (4, 8) or (w_mode == 1 and n % (16 * warps)):

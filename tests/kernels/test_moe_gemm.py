@@ -540,18 +540,19 @@ def test_gpu_aligned_path_at_many_tokens() -> None:
     assert (out - reference).norm() <= 2.0**-5 * reference.norm()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
-    from mxrun.kernels.moe_gemm import _moe_grouped_gemm_kernel
-
+def assert_no_sync_and_no_recompile(kernel, fmt, token_counts: tuple[int, ...], check=None) -> None:
+    """The experts forward (8 experts, top-2, weights of ``fmt``) at each of ``token_counts`` (one bucket)
+    neither synchronizes with the host nor, after the first, compiles ``kernel`` again. ``check(x, tokens,
+    gate_up, down)`` runs first at each count (e.g. that the expected kernel is chosen)."""
     experts, hidden, inter, top_k = 8, 256, 128, 2
-    gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=16)
-    down = _stack(F.MXFP8, experts, hidden, inter, seed=17)
+    gate_up = _stack(fmt, experts, 2 * inter, hidden, seed=16)
+    down = _stack(fmt, experts, hidden, inter, seed=17)
 
     def run(tokens: int) -> None:
         routing, index = _routing(tokens, experts, top_k, seed=tokens)
         x = _x(tokens, hidden, seed=tokens)
+        if check is not None:
+            check(x, tokens * top_k, gate_up, down)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -560,8 +561,8 @@ def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
 
-    run(17)  # compiles
-    caches = getattr(_moe_grouped_gemm_kernel, "device_caches", None)
+    run(token_counts[0])  # compiles
+    caches = getattr(kernel, "device_caches", None)
     if caches is None:
         pytest.skip("this Triton keeps its kernel cache elsewhere")
 
@@ -569,6 +570,15 @@ def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
         return sum(len(cache[0]) for cache in caches.values())
 
     before = compiled()
-    for tokens in (23, 29, 37):  # the same bucket; pair counts not multiples of 16 (Triton's specialisation)
+    for tokens in token_counts[1:]:
         run(tokens)
     assert compiled() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
+    from mxrun.kernels.moe_gemm import _moe_grouped_gemm_kernel
+
+    # the same bucket; pair counts not multiples of 16 (Triton's specialisation)
+    assert_no_sync_and_no_recompile(_moe_grouped_gemm_kernel, F.MXFP8, (17, 23, 29, 37))

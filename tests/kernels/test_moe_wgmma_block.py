@@ -77,3 +77,21 @@ def test_gpu_block_scaled_grouped_gemm_matches_reference(gated, k) -> None:
     excess = (out.double() - reference).abs() - allowed
     assert torch.isfinite(out.float()).all()
     assert excess.max() <= 0, f"max excess {excess.max().item():.3e} over the bound"
+
+
+def test_wrong_scale_shapes_are_refused() -> None:
+    """Checked before anything is launched, so this runs on any machine: scales of the wrong layout (per row
+    instead of 1x128 groups, or missing) get a clear error, not a kernel reading out of bounds."""
+    from mxrun.kernels.moe_wgmma_block import moe_wgmma_block_gemm
+    from mxrun.kernels.scaled_gemm import GemmInputError
+
+    data = torch.zeros(2, 128, 256, dtype=torch.float8_e4m3fn)
+    block_scales = torch.ones(2, 1, 2)
+    a = torch.zeros(4, 256, dtype=torch.float8_e4m3fn)
+    layout = torch.zeros(128, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    out = torch.zeros(4, 128, dtype=torch.bfloat16)
+    for a_scale in (torch.ones(4, 1), None):
+        with pytest.raises(GemmInputError, match="1x128 activation scales"):
+            moe_wgmma_block_gemm(
+                a, a_scale, data, block_scales, *layout, 4, out, gated=False, gather_top_k=None
+            )

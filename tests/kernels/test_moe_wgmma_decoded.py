@@ -26,7 +26,15 @@ from mxrun.kernels.moe_gemm import (
 )
 from mxrun.kernels.moe_routing import group_tokens
 from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON, moe_decoded_wgmma_gemm
-from tests.kernels.test_moe_gemm import ULP, _assert_one_ulp, _gemm_reference, _routing, _stack, _x
+from tests.kernels.test_moe_gemm import (
+    ULP,
+    _assert_one_ulp,
+    _gemm_reference,
+    _routing,
+    _stack,
+    _x,
+    assert_no_sync_and_no_recompile,
+)
 
 F = ExpertWeightFormat
 A = ExpertActivation
@@ -225,35 +233,13 @@ def test_gpu_experts_forward_with_many_experts_takes_two_warp_groups() -> None:
 @pytest.mark.gpu
 @needs_hopper
 def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
-    """The layer on the Gluon kernel (17-32 pairs per expert) neither synchronizes with the host nor compiles
-    again for another token count of the same bucket (pair counts that are not multiples of 16 included)."""
+    """The layer on the Gluon kernel (17-32 pairs per expert: 194-254 pairs over 8 experts) neither
+    synchronizes with the host nor compiles again for another token count of the same bucket."""
     from mxrun.kernels.moe_wgmma_decoded import moe_decoded_wgmma_kernel
 
-    experts, hidden, inter, top_k = 8, 256, 128, 2
-    gate_up = _stack(F.FP8_CHANNEL, experts, 2 * inter, hidden, seed=91)
-    down = _stack(F.FP8_CHANNEL, experts, hidden, inter, seed=92)
+    def takes_the_kernel(x, pairs, gate_up, down) -> None:
+        assert moe_decoded_wgmma(x, pairs, gate_up, down, A.NONE, False)
 
-    def run(tokens: int) -> None:
-        routing, index = _routing(tokens, experts, top_k, seed=tokens)
-        x = _x(tokens, hidden, seed=tokens)
-        assert moe_decoded_wgmma(x, tokens * top_k, gate_up, down, A.NONE, False)
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            moe_experts_triton(x, index, routing, gate_up, down)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        torch.cuda.synchronize()
-
-    run(97)  # compiles
-    caches = getattr(moe_decoded_wgmma_kernel, "device_caches", None)
-    if caches is None:
-        pytest.skip("this Triton keeps its kernel cache elsewhere")
-
-    def compiled() -> int:
-        return sum(len(cache[0]) for cache in caches.values())
-
-    before = compiled()
-    for tokens in (101, 113, 127):  # 202-254 pairs over 8 experts: the same bucket (32)
-        run(tokens)
-    assert compiled() == before
+    assert_no_sync_and_no_recompile(
+        moe_decoded_wgmma_kernel, F.FP8_CHANNEL, (97, 101, 113, 127), takes_the_kernel
+    )
