@@ -18,8 +18,8 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   (these are not counted in the goals); a ``:zero-pad`` / ``:read-pad`` suffix on a column runs it with the
   grouped GEMMs reading padding rows as zeros / as pair 0's row (:data:`~mxrun.kernels.moe_gemm.MOE_ZERO_PADDING`),
   ``:gluon`` / ``:triton`` with the Gluon kernel for weights decoded in registers forced on (where it can run)
-  or off (:data:`~mxrun.kernels.moe_gemm.MOE_DECODED_WGMMA`), ``:gluon-block`` with the experimental Gluon
-  block-scaled grouped GEMM (:data:`~mxrun.kernels.moe_gemm.MOE_BLOCK_WGMMA`).
+  or off (:data:`~mxrun.kernels.moe_gemm.MOE_DECODED_WGMMA`), ``:gluon-block`` / ``:triton-block`` with the Gluon
+  block-scaled grouped GEMM on (where it can run) or off (:data:`~mxrun.kernels.moe_gemm.MOE_BLOCK_WGMMA`).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
@@ -96,7 +96,8 @@ VARIANTS = {  # suffix on any column: a launcher choice forced (a moe_gemm modul
     ":read-pad": ("MOE_ZERO_PADDING", False),  # ... as pair 0's row
     ":gluon": ("MOE_DECODED_WGMMA", True),  # the Gluon kernel for weights decoded in registers, where it runs
     ":triton": ("MOE_DECODED_WGMMA", False),  # the Triton kernels only
-    ":gluon-block": ("MOE_BLOCK_WGMMA", True),  # the experimental Gluon block-scaled grouped GEMM
+    ":gluon-block": ("MOE_BLOCK_WGMMA", True),  # the Gluon block-scaled grouped GEMM, where it runs
+    ":triton-block": ("MOE_BLOCK_WGMMA", False),  # ... off: the Triton block-scaled grouped GEMM
 }
 
 

@@ -87,7 +87,7 @@ def compile_gluon_kernel(block_m: int, warps: int, stages: int, weights: str, ga
     w_mode = {**_W_MODES, "fp8-block": 1}[weights]
     constexprs = {
         "A_GATHER": gated, "W_MODE": w_mode, "GATED": gated, "MUL_ROUTING": not gated, "BLOCK_M": block_m,
-        "STAGES": stages,
+        "STAGES": stages, "GROUP_M": 8,
     }  # fmt: skip
     source = _source(
         GluonASTSource,

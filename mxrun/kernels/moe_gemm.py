@@ -103,10 +103,13 @@ MOE_ZERO_PADDING: bool | None = None
 MOE_DECODED_WGMMA: bool | None = None
 """Forces the Gluon kernel for weights decoded in registers on (where it can run) or off; None: the rule of
 :func:`moe_decoded_wgmma`. Benchmarks set it to compare both in one run."""
-MOE_BLOCK_WGMMA = False
-"""Runs the experimental Gluon block-scaled grouped GEMM (:mod:`mxrun.kernels.moe_wgmma_block`: FP8 1x128
-activations met by 128x128-block weights, 128-row layout blocks, sm_90) where it can. Off: it has not run on a
-GPU yet; benchmarks turn it on (``bench_moe.py`` column suffix ``:gluon-block``) to measure it."""
+MOE_BLOCK_WGMMA = True
+"""Runs the Gluon block-scaled grouped GEMM (:mod:`mxrun.kernels.moe_wgmma_block`: FP8 1x128 activations met
+by 128x128-block weights, 128-row layout blocks, sm_90) where it can, else the Triton kernel. H100, same run
+(``bench_moe.py --columns fp8-block fp8-block:gluon-block``, ``benchmarks/results/moe-gluon-block-h100.md``):
+1.09-1.32x faster on Mixtral-8x7B at 1024 / 8192 tokens and DeepSeek-V3-like at 8192, even at 1024; with its
+program order since (:data:`~mxrun.kernels.moe_wgmma_block.BLOCK_GROUP_M`) more. Benchmarks turn it off
+(column suffix ``:triton-block``) to compare."""
 MOE_DECODED_WGMMA_BUCKETS = (32, 256)
 """The Gluon kernel of :mod:`mxrun.kernels.moe_wgmma_decoded` runs where the mean pairs per expert, rounded up
 to a power of two, lies in this range (17-256 pairs). H100, weight-only columns (mxfp8-wo / fp8-channel-wo /

@@ -1,14 +1,12 @@
-"""EXPERIMENTAL, not yet run on a GPU and not used by any launcher: the MoE grouped GEMM for FP8 activations
-in 1x128 groups and E4M3 weights in 128x128 blocks (MXFP8 W8A8 on its aligned path, FP8 block W8A8), in
-Gluon for Hopper with warp specialization.
+"""The MoE grouped GEMM for FP8 activations in 1x128 groups and E4M3 weights in 128x128 blocks (FP8 block W8A8,
+and MXFP8 W8A8 on its aligned path), in Gluon for Hopper with warp specialization.
 
 Why: at many pairs per expert the block-scaled Triton grouped GEMM (:mod:`mxrun.kernels.moe_gemm`) adds each
 128-K step's product into its fp32 accumulator right after the step's wgmmas, so the tensor cores idle through
-every add: on an H100 it takes 47% more time than the per-channel FP8 GEMM on Mixtral-8x7B at 8192 tokens
-(fp8-block 10894 against fp8-channel 7409 us, ``benchmarks/results/moe-h100.md``), and MXFP8 there misses
-1.0x of bf16. The Linear's Gluon kernel (:mod:`mxrun.kernels.fp8_wgmma_gemm`) overlaps the adds with the
-MMAs of a second consumer warp group and costs 12-20% over per-channel scales. This is that design over the
-expert-sorted token layout:
+every add: on an H100 it took 47% more time than the per-channel FP8 GEMM on Mixtral-8x7B at 8192 tokens
+(fp8-block 10894 against fp8-channel 7409 us, ``benchmarks/results/moe-h100.md``). The Linear's Gluon kernel
+(:mod:`mxrun.kernels.fp8_wgmma_gemm`) overlaps the adds with the MMAs of a second consumer warp group. This is
+that design over the expert-sorted token layout:
 
 * a loader warp group gathers each 128-K step of the block's 128 layout rows (E4M3, one expert) with
   ``cp.async`` (Hopper's TMA cannot gather rows) and loads the weight tile with TMA (gate and up rows, 64 each,
@@ -16,10 +14,16 @@ expert-sorted token layout:
 * two consumer warp groups own 64 layout rows each: they issue two steps' MMAs, add each step's product times
   its scales (the rows' 1x128 activation scales, the columns' weight-block scales) while the other step's
   MMAs run, release the slot, and run the epilogue (SiLU(gate) * up, or the routing weight; rows stored by
-  pair id).
+  pair id);
+* programs walk :data:`BLOCK_GROUP_M` layout blocks per sweep over the column tiles, so that the down GEMM's
+  activations (235 MB on Mixtral at 8192 tokens) are read from HBM once rather than once per column tile.
 
-Compiled offline for sm_90 (Triton 3.6); the tests in ``tests/kernels/test_moe_wgmma_block.py`` and a
-benchmark against the Triton kernel have to run on an H100 before any launcher uses it.
+Measured on an H100, whole MoE layers, same run each: against the Triton kernel (``bench_moe.py --columns
+fp8-block fp8-block:gluon-block ...``, then still walking every block per column,
+``benchmarks/results/moe-gluon-block-h100.md``) Mixtral-8x7B at 1024 tokens 1695 -> 1288 us, at 8192 10765
+-> 9713, DeepSeek-V3-like at 8192 13951 -> 12829, at 1024 even; the program order then took Mixtral at 8192
+to 8233 us (1.29x of bf16 ``torch._grouped_mm``) and DeepSeek to 10882 (1.72x) (``BLOCK_GROUP_M`` 0 -> 8,
+``results/moe-gluon-order-h100.json``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from mxrun.kernels.backend import cuda_major
 from mxrun.kernels.fp8_tma_gemm import tma_usable  # row alignment, sm_90+, no interpreter
-from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON
+from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON, tile_order
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 if HAS_GLUON:
@@ -47,6 +51,12 @@ if HAS_GLUON:
 BLOCK_ROWS = 128
 """Layout rows per program (two consumer warp groups of 64) and the layout's BLOCK_M."""
 BLOCK_STAGES = 4
+BLOCK_GROUP_M = 8
+"""Program order (:func:`~mxrun.kernels.moe_wgmma_decoded.tile_order`): 8 layout blocks per sweep over the
+column tiles. H100, same run (``results/moe-gluon-order-h100.json``, a one-off driver of ``bench_moe.run`` as
+``benchmarks/sweep_moe_gluon.py`` now is), against 0 (blocks fastest over the whole layout): fp8-block at 8192
+tokens Mixtral-8x7B 9516 -> 8233 us, DeepSeek-V3-like 12828 -> 10882, Qwen3-30B-A3B 1724 -> 1572; at 1024
+tokens within 2%; 16 measured the same as 8."""
 CONSUMER_REGS = 232
 
 if HAS_GLUON:
@@ -246,13 +256,11 @@ if HAS_GLUON:
         MUL_ROUTING: gl.constexpr,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        GROUP_M: gl.constexpr,
     ):
         """One program per (layout block, column tile): the loader and two consumers meet at the slots'
         ``ready`` (weights by TMA, activations by cp.async) and ``empty`` (both consumers' MMAs retired)."""
-        n_blocks = n_rows_layout // 128
-        pid = gl.program_id(0)
-        pid_m = pid % n_blocks
-        pid_n = pid // n_blocks
+        pid_m, pid_n = tile_order(n_rows_layout // 128, gl.cdiv(N, 64 if GATED else 128), GROUP_M)
         block_expert = gl.load(block_expert_ptr + pid_m)
         if block_expert >= 0:
             expert = block_expert.to(gl.int64)
@@ -316,7 +324,8 @@ def moe_wgmma_block_gemm(
     gated: bool,
     gather_top_k: int | None,
     routing_weights: torch.Tensor | None = None,
-    stages: int = BLOCK_STAGES,
+    stages: int | None = None,
+    group_m: int | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM over a 128-row layout: ``a`` E4M3 with fp32 1x128 scales ``a_scale`` ``[rows, K/128]``,
     ``w_data`` E4M3 ``[E, N_W, K]`` with fp32 128x128 block scales ``w_scale`` ``[E, N_W/128, K/128]``, N a
@@ -344,8 +353,9 @@ def moe_wgmma_block_gemm(
         a, a_scale, w_desc, w_scale, routing_weights if routing_weights is not None else w_scale, out,
         sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, n_w, k, gather_top_k or 1,
         a.stride(0), a_scale.stride(0), w_scale.stride(0), w_scale.stride(1), out.stride(0),
-        A_GATHER=gather_top_k is not None, GATED=gated, MUL_ROUTING=routing_weights is not None, STAGES=stages,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        A_GATHER=gather_top_k is not None, GATED=gated, MUL_ROUTING=routing_weights is not None,
+        STAGES=BLOCK_STAGES if stages is None else stages, CONSUMER_REGS=CONSUMER_REGS,
+        GROUP_M=BLOCK_GROUP_M if group_m is None else group_m, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -65,8 +65,35 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 DECODED_WGMMA_STAGES = 2
 """Shared-memory slots: ~33 KB each at 64 token rows with one warp group (two programs share an SM)."""
+DECODED_WGMMA_GROUP_M = 8
+"""Program order (:func:`tile_order`): 8 layout blocks per sweep over the column tiles. H100, whole layers, same
+run each (``benchmarks/results/moe-gluon-order-h100.json`` and ``...-order-small-h100.json``, one-off drivers
+of ``bench_moe.run`` as ``benchmarks/sweep_moe_gluon.py`` now is), against 0 (every block of the layout per
+column tile): DeepSeek-V3-like at 1024 tokens mxfp8-wo 6177 -> 5487 us, fp8-channel-wo 5563 -> 4928; at 8192
+mxfp8-wo 20945 -> 18622, fp8-channel-wo 19373 -> 17274 (the down GEMM's 268 MB of activations were read once
+per column tile); Mixtral-8x7B at 16-1024 tokens and Qwen3-30B-A3B at 512-1024 within 3% either way. 16 measured
+the same as 8; 3 slots instead of 2 gained nothing there (DeepSeek at 8192, mxfp8 18361 against 18497 us)."""
 
 if HAS_GLUON:
+
+    @gluon.jit
+    def tile_order(n_blocks, n_tiles, GROUP_M: gl.constexpr):
+        """(layout block, column tile) of this program. ``GROUP_M`` 0: the blocks vary fastest over the whole
+        layout, so a wave of programs shares each weight tile but a layout whose activations outgrow L2 is
+        read again for every column tile. Else ``GROUP_M`` blocks at a time walk every column tile, so that
+        their activation rows stay in L2 while the weight tiles stream (an expert's neighbouring blocks still
+        share them)."""
+        pid = gl.program_id(0)
+        if GROUP_M == 0:
+            pid_m = pid % n_blocks
+            pid_n = pid // n_blocks
+        else:
+            per_group = GROUP_M * n_tiles
+            first = pid // per_group * GROUP_M
+            size = gl.minimum(n_blocks - first, GROUP_M)
+            pid_m = first + pid % per_group % size
+            pid_n = pid % per_group // size
+        return pid_m, pid_n
 
     @constexpr_function
     def _split_k_layout(linear, group):
@@ -241,6 +268,7 @@ if HAS_GLUON:
         MUL_ROUTING: gl.constexpr,
         BLOCK_M: gl.constexpr,  # layout rows (pairs of one expert): the MMA's N
         STAGES: gl.constexpr,
+        GROUP_M: gl.constexpr,  # program order (tile_order)
     ):
         """One program: 64 weight rows per warp group (and as many up rows) x BLOCK_M pairs of one expert,
         transposed; K steps of 128."""
@@ -263,10 +291,7 @@ if HAS_GLUON:
         a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
         c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
 
-        n_blocks = n_rows_layout // BLOCK_M
-        pid = gl.program_id(0)
-        pid_m = pid % n_blocks
-        pid_n = pid // n_blocks
+        pid_m, pid_n = tile_order(n_rows_layout // BLOCK_M, gl.cdiv(N, ROWS), GROUP_M)
         block_expert = gl.load(block_expert_ptr + pid_m)
         if block_expert >= 0:
             expert = block_expert.to(gl.int64)
@@ -387,8 +412,9 @@ def moe_decoded_wgmma_gemm(
     gated: bool,
     gather_top_k: int | None,
     routing_weights: torch.Tensor | None = None,
-    stages: int = DECODED_WGMMA_STAGES,
+    stages: int | None = None,
     warps: int = 4,
+    group_m: int | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM (the contract of :func:`~mxrun.kernels.moe_gemm.moe_grouped_gemm_triton`, which
     checks the operands and calls this where :func:`decoded_wgmma_usable` holds): ``w_data`` E4M3 ``[E, N_W,
@@ -397,7 +423,8 @@ def moe_decoded_wgmma_gemm(
     K/32]`` whose every code allows the folded decode (``w_mode`` 2), ``a`` bf16 read at row
     ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
     writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
-    sharing each activation tile)."""
+    sharing each activation tile). ``stages``, ``group_m``: the ring's slots and the program order (defaults:
+    the module's :data:`DECODED_WGMMA_STAGES` and :data:`DECODED_WGMMA_GROUP_M`, read at each call)."""
     _, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
     if warps not in (4, 8) or (w_mode == 1 and n % (16 * warps)):
@@ -418,9 +445,16 @@ def moe_decoded_wgmma_gemm(
         sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, k, gather_top_k or 1,
         a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, out.stride(0),
         A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, MUL_ROUTING=routing_weights is not None,
-        BLOCK_M=block_m, STAGES=stages, num_warps=warps,
+        BLOCK_M=block_m, STAGES=DECODED_WGMMA_STAGES if stages is None else stages,
+        GROUP_M=DECODED_WGMMA_GROUP_M if group_m is None else group_m, num_warps=warps,
     )  # fmt: skip
     return out
 
 
-__all__ = ["DECODED_WGMMA_STAGES", "HAS_GLUON", "decoded_wgmma_usable", "moe_decoded_wgmma_gemm"]
+__all__ = [
+    "DECODED_WGMMA_GROUP_M",
+    "DECODED_WGMMA_STAGES",
+    "HAS_GLUON",
+    "decoded_wgmma_usable",
+    "moe_decoded_wgmma_gemm",
+]

@@ -1,6 +1,5 @@
 """The experimental Gluon block-scaled MoE grouped GEMM (``mxrun/kernels/moe_wgmma_block.py``) against a
-float64 reference. It needs an sm_90 GPU (TMA, wgmma); written and compiled offline, these tests have not run
-on a GPU yet.
+float64 reference. It needs an sm_90 GPU (TMA, wgmma).
 
 Bound, derived: the kernel's operand values are exact (E4M3 codes, power-of-two-free fp32 scales applied to
 each 128-K step's product in fp32), but Hopper's FP8 wgmma accumulates a step's 128 products with a reduced
@@ -35,10 +34,12 @@ needs_hopper = pytest.mark.skipif(not (HOPPER and HAS_GLUON), reason="needs an s
 @needs_hopper
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("k", [256, 384])
-def test_gpu_block_scaled_grouped_gemm_matches_reference(gated, k) -> None:
+@pytest.mark.parametrize("group_m", [0, 3])
+def test_gpu_block_scaled_grouped_gemm_matches_reference(gated, k, group_m) -> None:
     """Two experts get 150 pairs each (two 128-row blocks apiece, the second mostly padding), three get
     nothing; N = 192 (gate columns in one row block, up columns in another; the down GEMM's last tile half
-    past N); an even and an odd number of 128-K steps."""
+    past N); an even and an odd number of 128-K steps; both program orders (3 blocks per group leaves a
+    partial last group)."""
     from mxrun.kernels.moe_wgmma_block import moe_wgmma_block_gemm
 
     experts, n, tokens, top_k = 5, 192, 150, 2
@@ -52,7 +53,7 @@ def test_gpu_block_scaled_grouped_gemm_matches_reference(gated, k) -> None:
     moe_wgmma_block_gemm(
         quantized.data, quantized.scale, weights.data, weights.scale, groups.sorted_pair_ids,
         groups.block_expert, groups.num_pairs, out, gated=gated, gather_top_k=top_k if gated else None,
-        routing_weights=None if gated else routing.reshape(-1),
+        routing_weights=None if gated else routing.reshape(-1), group_m=group_m,
     )  # fmt: skip
 
     a = quantize_dequantize_activation(x, ExpertActivation.FP8_GROUP).double()

@@ -137,9 +137,11 @@ def test_gpu_grouped_gemm_matches_reference(fmt, gated, block_m, k) -> None:
 @pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_BLOCK, F.MXFP8])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize(("block_m", "k"), [(32, 384), (128, 256)])
-def test_gpu_two_warp_groups_match_reference(fmt, gated, block_m, k) -> None:
+@pytest.mark.parametrize("group_m", [0, 3])
+def test_gpu_two_warp_groups_match_reference(fmt, gated, block_m, k, group_m) -> None:
     """The two-warp-group variant (128 weight rows per program, what layers of many experts take) under the
-    same bound: N = 80 (one ragged tile) or, with 128x128 blocks, 256 (up rows in their own row blocks)."""
+    same bound: N = 80 (one ragged tile) or, with 128x128 blocks, 256 (up rows in their own row blocks); both
+    program orders (groups of 3 layout blocks leave a partial last group)."""
     experts, n, tokens, top_k = 6, 256 if fmt is F.FP8_BLOCK else 80, 27, 2
     weights = _stack(fmt, experts, 2 * n if gated else n, k, seed=71)
     routing, index = _routing(tokens, experts, top_k, seed=72, only=[0, 2, 3, 5])
@@ -150,6 +152,7 @@ def test_gpu_two_warp_groups_match_reference(fmt, gated, block_m, k) -> None:
         x, weights.data, weights.scale, {F.FP8_CHANNEL: 0, F.FP8_BLOCK: 1, F.MXFP8: 2}[fmt],
         groups.sorted_pair_ids, groups.block_expert, groups.num_pairs, block_m, out, gated=gated,
         gather_top_k=top_k if gated else None, routing_weights=None if gated else routing.reshape(-1), warps=8,
+        group_m=group_m,
     )  # fmt: skip
     reference = _gemm_reference(x, weights, index, gated, gated, None if gated else routing)
     _assert_one_ulp(out, reference)
