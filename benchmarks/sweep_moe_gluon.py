@@ -1,6 +1,7 @@
 """Sweep one module setting of the Gluon MoE kernels (program order, ring slots) over whole MoE layers timed by
 ``bench_moe.py``, every value in the same run with the bf16 ``torch._grouped_mm`` anchor beside it. This is how
-``DECODED_WGMMA_GROUP_M``, ``DECODED_WGMMA_STAGES`` and ``BLOCK_GROUP_M`` are chosen.
+``DECODED_WGMMA_GROUP_M``, ``DECODED_WGMMA_STAGES``, ``BLOCK_GROUP_M`` and the launcher's Gluon settings in
+``moe_gemm`` are chosen.
 
     PYTHONPATH=. python benchmarks/sweep_moe_gluon.py --setting decoded.DECODED_WGMMA_GROUP_M --values 0 8 16 \\
         --shapes DeepSeek-V3-like --tokens 1024 8192 --columns mxfp8-wo:gluon fp8-channel-wo:gluon --json out.json
@@ -14,9 +15,9 @@ import os
 import tempfile
 
 from benchmarks import bench_moe
-from mxrun.kernels import moe_wgmma_block, moe_wgmma_decoded
+from mxrun.kernels import moe_gemm, moe_wgmma_block, moe_wgmma_decoded
 
-MODULES = {"decoded": moe_wgmma_decoded, "block": moe_wgmma_block}
+MODULES = {"decoded": moe_wgmma_decoded, "block": moe_wgmma_block, "moe_gemm": moe_gemm}
 
 
 def sweep(setting: str, values: list[int], shapes: list[str], tokens: list[int], columns: list[str],
