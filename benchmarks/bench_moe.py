@@ -19,9 +19,7 @@ H=2048, I=768, top-8) and a DeepSeek-V3-like layer (E=256, H=7168, I=2048, top-8
   grouped GEMMs reading padding rows as zeros / as pair 0's row (:data:`~mxrun.kernels.moe_gemm.MOE_ZERO_PADDING`),
   ``:gluon`` / ``:triton`` with the Gluon kernel for weights decoded in registers forced on (where it can run)
   or off (:data:`~mxrun.kernels.moe_gemm.MOE_DECODED_WGMMA`), ``:gluon-block`` / ``:triton-block`` with the Gluon
-  block-scaled grouped GEMM on (where it can run) or off (:data:`~mxrun.kernels.moe_gemm.MOE_BLOCK_WGMMA`),
-  ``:inreg`` with MXFP8 W8A8's aligned arithmetic re-encoding the weight tiles inside the decoded-weight kernel
-  (:data:`~mxrun.kernels.moe_gemm.MOE_MX_IN_KERNEL_REGROUP`).
+  block-scaled grouped GEMM on (where it can run) or off (:data:`~mxrun.kernels.moe_gemm.MOE_BLOCK_WGMMA`).
 
 Times are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``: what a serving engine runs,
 and the only way to see GPU time at 1 token, where eager launch overhead dominates; L2 is not flushed between
@@ -100,7 +98,6 @@ VARIANTS = {  # suffix on any column: a launcher choice forced (a moe_gemm modul
     ":triton": ("MOE_DECODED_WGMMA", False),  # the Triton kernels only
     ":gluon-block": ("MOE_BLOCK_WGMMA", True),  # the Gluon block-scaled grouped GEMM, where it runs
     ":triton-block": ("MOE_BLOCK_WGMMA", False),  # ... off: the Triton block-scaled grouped GEMM
-    ":inreg": ("MOE_MX_IN_KERNEL_REGROUP", True),  # MXFP8 W8A8: tiles re-encoded in the decoded kernel
 }
 
 

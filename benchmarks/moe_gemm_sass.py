@@ -40,9 +40,7 @@ _POINTERS = {
 def _source(source_type, kernel, constexprs: dict, w_mode: int, divisible) -> object:
     """The compile source of ``kernel``: constexprs as given, pointers 16-byte aligned, and the int arguments
     for which ``divisible(name)`` holds specialized as multiples of 16 (as the launcher's would be)."""
-    pointers = dict(_POINTERS, w_scale_ptr="*u8" if w_mode >= 2 else "*fp32", tile_ptr="*u8")
-    if w_mode == 3:
-        pointers["a_ptr"] = "*fp8e4nv"
+    pointers = dict(_POINTERS, w_scale_ptr="*u8" if w_mode == 2 else "*fp32")
     names = kernel.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):
@@ -86,7 +84,7 @@ def compile_gluon_kernel(block_m: int, warps: int, stages: int, weights: str, ga
 
     from mxrun.kernels.moe_wgmma_decoded import moe_decoded_wgmma_kernel
 
-    w_mode = {**_W_MODES, "fp8-block": 1, "mxfp8-w8a8": 3}[weights]
+    w_mode = {**_W_MODES, "fp8-block": 1}[weights]
     constexprs = {
         "A_GATHER": gated, "W_MODE": w_mode, "GATED": gated, "MUL_ROUTING": not gated, "BLOCK_M": block_m,
         "STAGES": stages, "GROUP_M": 8,
@@ -131,15 +129,15 @@ def main() -> None:
     parser.add_argument("--block-k", type=int, default=256)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--stages", type=int, default=3)
-    parser.add_argument("--weights", choices=[*_W_MODES, "fp8-block", "mxfp8-w8a8"], default="mxfp8")
+    parser.add_argument("--weights", choices=[*_W_MODES, "fp8-block"], default="mxfp8")
     parser.add_argument("--down", action="store_true", help="the down GEMM (default: gate/up, SiLU fused)")
     parser.add_argument("--gluon", action="store_true", help="the Gluon decoded-weight wgmma kernel")
     args = parser.parse_args()
     if args.gluon:
         kernel = compile_gluon_kernel(args.block_m, args.warps, args.stages, args.weights, not args.down)
         args.block_k = 128
-    elif args.weights in ("fp8-block", "mxfp8-w8a8"):
-        parser.error(f"--weights {args.weights}: the Gluon kernel only (--gluon)")
+    elif args.weights == "fp8-block":
+        parser.error("--weights fp8-block: the Gluon kernel only (--gluon)")
     else:
         kernel = compile_kernel(
             args.block_m, args.block_n, args.block_k, args.warps, args.stages, args.weights, not args.down

@@ -71,7 +71,7 @@ from mxrun.kernels.moe_topk_sum import topk_sum_triton
 from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm_kernel
 from mxrun.kernels.moe_wgmma_block import block_wgmma_usable, moe_wgmma_block_gemm
 from mxrun.kernels.moe_wgmma_decoded import decoded_wgmma_usable, moe_decoded_wgmma_gemm
-from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton, tile_codes
+from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
@@ -110,16 +110,6 @@ by 128x128-block weights, 128-row layout blocks, sm_90) where it can, else the T
 1.09-1.32x faster on Mixtral-8x7B at 1024 / 8192 tokens and DeepSeek-V3-like at 8192, even at 1024; with its
 program order since (:data:`~mxrun.kernels.moe_wgmma_block.BLOCK_GROUP_M`) more. Benchmarks turn it off
 (column suffix ``:triton-block``) to compare."""
-MOE_MX_IN_KERNEL_REGROUP: bool | None = None
-"""MXFP8 W8A8 with the aligned arithmetic (:mod:`mxrun.kernels.mx_regroup`: 128x128 power-of-two weight tiles,
-1x128 activation groups, FP8 MMAs) but the weights re-encoded in registers by the Gluon decoded-weight kernel
-(its mode 3) instead of regrouped in a pass over the stacks. True forces it where it can run, False and None
-(the rule: not yet measured to win anywhere) leave it off. Benchmarks set it (``bench_moe.py`` column suffix
-``:inreg``)."""
-MOE_MX_IN_KERNEL_MAX_BLOCK_M = 64
-"""The in-kernel regrouping's layout blocks are at most this many rows: with 128 the gate and up accumulators
-and a step's product (64 fp32 registers each) spill (Triton 3.6, sm_90, offline compile of
-``benchmarks/moe_gemm_sass.py --gluon --weights mxfp8-w8a8 --block-m 128 --warps 8``)."""
 MOE_DECODED_WGMMA_BUCKETS = (32, 256)
 """The Gluon kernel of :mod:`mxrun.kernels.moe_wgmma_decoded` runs where the mean pairs per expert, rounded up
 to a power of two, lies in this range (17-256 pairs). H100, weight-only columns (mxfp8-wo / fp8-channel-wo /
@@ -132,11 +122,16 @@ pairs it gains too (Mixtral at 1024 tokens 2181 / 2032 / 2631 against 2551 / 225
 tokens mxfp8-wo 3% and fp8-block-wo 12% less time, fp8-channel-wo 3% more). With fewer pairs the Triton
 kernels stream the weights faster (Mixtral at 16 tokens: 575-615 against 482-525 us), and with more (Qwen3 at
 8192 tokens, 512 pairs: mxfp8-wo 2580 against 2472 us, ``results/moe-gluon-large-h100.json``)."""
-MOE_DECODED_WGMMA_WIDE_EXPERTS = 128
+MOE_DECODED_WGMMA_WIDE_EXPERTS: int | None = None
 """Layers with more experts than this run the Gluon kernel with two warp groups (128 weight rows per program,
-sharing each activation tile): the DeepSeek-V3-like layer (256 experts) at 1024 tokens 6193 / 5598 / 5620
-against 6592 / 6353 / 6218 us with one (same sweep), while Mixtral and Qwen3 took 2-12% more time with two in
-13 of their 15 cells."""
+sharing each activation tile); None: never. With every layout block read per column tile, two paid on the
+DeepSeek-V3-like layer (256 experts; at 1024 tokens 6193 / 5598 / 5620 against 6592 / 6353 / 6218 us with
+one, same sweep as above) while Mixtral and Qwen3 took 2-12% more time with two in 13 of their 15 cells. Since
+the program order keeps the activation tiles in L2 (:data:`~mxrun.kernels.moe_wgmma_decoded.DECODED_WGMMA_GROUP_M`)
+one warp group is faster there too (H100, same run, ``benchmarks/sweep_moe_gluon.py --setting
+moe_gemm.MOE_DECODED_WGMMA_WIDE_EXPERTS --values 128 100000 --shapes DeepSeek-V3-like --tokens 1024 8192
+--columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-gluon-wide-h100.json``): at 1024 tokens 5430 / 5463 /
+4877 -> 5206 / 5347 / 4751 us, at 8192 18582 / 19120 / 17114 -> 18088 / 18466 / 16450."""
 
 
 class ExpertWeightFormat(enum.Enum):
@@ -718,22 +713,6 @@ def moe_decoded_wgmma(
     return low <= pairs_per_expert_bucket(num_pairs, experts) <= high
 
 
-def moe_mx_in_kernel_regroup(
-    x: torch.Tensor, gate_up: ExpertWeights, down: ExpertWeights, activation: ExpertActivation
-) -> bool:
-    """Whether MXFP8 W8A8 experts off the aligned path run the aligned arithmetic with the weights re-encoded
-    in the decoded-weight kernel (:data:`MOE_MX_IN_KERNEL_REGROUP`): MX activations, both stacks MXFP8, N of
-    both GEMMs a multiple of 64, K of 128, and the kernel able to run."""
-    if not MOE_MX_IN_KERNEL_REGROUP or not activation.is_mx:
-        return False
-    if not gate_up.format is down.format is ExpertWeightFormat.MXFP8:
-        return False
-    _, two_i, hidden = gate_up.data.shape
-    if (two_i // 2) % 128 or hidden % 128:  # each GEMM's N a multiple of 64 and K of 128
-        return False
-    return decoded_wgmma_usable(x, hidden, 64)
-
-
 def moe_zero_padding(block_m: int, pairs_per_expert: float, swap_ab: bool, fp8_activations: bool) -> bool:
     """Whether a grouped GEMM reads its layout blocks' padding rows as zeros (masked loads) rather than as pair
     0's row. The products of padding rows are discarded either way, but rows of zeros make the MMAs cheaper.
@@ -779,7 +758,6 @@ def moe_grouped_gemm_triton(
     mx_scale_fold: bool = False,
     zero_padding: bool | None = None,
     decoded_wgmma: bool = False,
-    tile_codes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM over the layout ``groups``, written into ``out`` ``[S, N]`` (rows of pairs that no
     expert received are left as they are). ``swap_ab`` runs the weight-rows kernel (bf16/fp16 activations
@@ -790,40 +768,19 @@ def moe_grouped_gemm_triton(
 
     ``a`` is ``[T, K]`` read at row ``p // gather_top_k`` (the gate/up GEMM reads each token once per slot) or
     ``[S, K]`` read at row ``p`` (``gather_top_k=None``, the down GEMM). For FP8 activations ``a`` is E4M3
-    with ``a_scale`` fp32 ``[rows, 1]`` (token), 0-dim (tensor) or ``[rows, K/128]`` (1x128 groups). MXFP8
-    weights meet E4M3 activations in 1x128 groups only in the decoded-weight kernel, which re-encodes them at
-    their 128x128 tiles' codes ``tile_codes`` (:func:`~mxrun.kernels.mx_regroup.tile_codes`)."""
+    with ``a_scale`` fp32 ``[rows, 1]`` (token), 0-dim (tensor) or ``[rows, K/128]`` (1x128 groups)."""
     fn = "moe_grouped_gemm_triton"
     _, n_w, k = weights.data.shape
     n = n_w // 2 if gated else n_w
     if a.shape[1] != k:
         raise GemmInputError(f"{fn}: A has K={a.shape[1]}, the weights K={k}")
-    in_kernel_regroup = (
-        weights.format is ExpertWeightFormat.MXFP8 and activation is ExpertActivation.FP8_GROUP
-    )
-    regroup_ok = in_kernel_regroup and decoded_wgmma and tile_codes is not None
-    if weights.format is ExpertWeightFormat.MXFP8 and activation.is_fp8 and not regroup_ok:
-        raise GemmInputError(
-            f"{fn}: MXFP8 weights take bf16/fp16 or MX activations, or 1x128 E4M3 groups in the "
-            f"decoded-weight wgmma kernel with tile_codes; got {activation.value}"
-        )
+    if weights.format is ExpertWeightFormat.MXFP8 and activation.is_fp8:
+        raise GemmInputError(f"{fn}: MXFP8 weights take bf16/fp16 or MX activations, not {activation.value}")
     if groups.num_pairs == 0 or n == 0:
         return out
     block_m = groups.block_m
     a_mode = _a_mode(activation)
     w_mode = _W_MODE[weights.format]
-    if decoded_wgmma and in_kernel_regroup:
-        wide = weights.data.shape[0] > MOE_DECODED_WGMMA_WIDE_EXPERTS and n % 128 == 0
-        if n % 64 or not decoded_wgmma_usable(a, k, block_m):
-            raise GemmInputError(
-                f"{fn}: re-encoding MXFP8 tiles in the decoded-weight wgmma kernel needs N a multiple of 64, "
-                f"K of 128, 16-128-row blocks and an sm_90 GPU with Gluon"
-            )
-        return moe_decoded_wgmma_gemm(
-            a, weights.data, weights.scale, 3, groups.sorted_pair_ids, groups.block_expert, groups.num_pairs,
-            block_m, out, gated=gated, gather_top_k=gather_top_k, routing_weights=routing_weights,
-            a_scale=a_scale, tile_codes=tile_codes, warps=8 if wide else 4,
-        )  # fmt: skip
     if decoded_wgmma:
         if a_mode != 0 or (w_mode == 1 and n % 64) or not decoded_wgmma_usable(a, k, block_m):
             raise GemmInputError(
@@ -832,7 +789,11 @@ def moe_grouped_gemm_triton(
             )
         if w_mode == 2 and not mx_scale_fold:
             raise GemmInputError(f"{fn}: the decoded-weight wgmma kernel needs foldable MX scales")
-        wide = weights.data.shape[0] > MOE_DECODED_WGMMA_WIDE_EXPERTS and (w_mode != 1 or n % 128 == 0)
+        many = (
+            MOE_DECODED_WGMMA_WIDE_EXPERTS is not None
+            and weights.data.shape[0] > MOE_DECODED_WGMMA_WIDE_EXPERTS
+        )
+        wide = many and (w_mode != 1 or n % 128 == 0)
         return moe_decoded_wgmma_gemm(
             a, weights.data, weights.scale, w_mode, groups.sorted_pair_ids, groups.block_expert,
             groups.num_pairs, block_m, out, gated=gated, gather_top_k=gather_top_k,
@@ -1000,35 +961,29 @@ def moe_experts_triton(
         aligned = moe_aligned(num_pairs, gate_up, down, activation)
     if aligned and gate_up.format is ExpertWeightFormat.MXFP8:
         gate_up, down = regroup_experts(gate_up, Backend.TRITON), regroup_experts(down, Backend.TRITON)
-    in_kernel = not aligned and moe_mx_in_kernel_regroup(x, gate_up, down, activation)
-    if aligned or in_kernel:
+    if aligned:
         gemm_activation = ExpertActivation.FP8_GROUP  # E4M3 with 1x128 scales, MX-rule powers of two
     else:
         gemm_activation = ExpertActivation.NONE if activation.is_mx else activation  # MX: rounded already
     fold = mx_scales_foldable and not aligned
-    wgmma = in_kernel or moe_decoded_wgmma(x, num_pairs, gate_up, down, gemm_activation, fold)
+    wgmma = moe_decoded_wgmma(x, num_pairs, gate_up, down, gemm_activation, fold)
     block_m = block_m or moe_block_m(num_pairs, experts, gemm_activation, wgmma)
-    if in_kernel:
-        block_m = min(block_m, MOE_MX_IN_KERNEL_MAX_BLOCK_M)
     wgmma = wgmma and 16 <= block_m <= 128  # a caller-given block_m may be outside what it takes
-    if in_kernel and not wgmma:
-        raise GemmInputError(f"moe_experts_triton: block_m={block_m}: the in-kernel regrouping takes 16-128")
-    codes = (tile_codes(gate_up.scale), tile_codes(down.scale)) if in_kernel else (None, None)
     groups = group_tokens_fast(top_k_index, experts, block_m)
     per_tensor = activation is ExpertActivation.FP8_TENSOR
     # h rows of dropped pairs are never written; zero them only where a per-tensor amax reads every row
     h = (torch.zeros if per_tensor else torch.empty)((num_pairs, inter), dtype=x.dtype, device=x.device)
-    a, a_scale = _quantize_activation(x, activation, aligned or in_kernel)
+    a, a_scale = _quantize_activation(x, activation, aligned)
     moe_grouped_gemm_triton(
         a, a_scale, gate_up, groups, h, gated=True, gather_top_k=top_k, activation=gemm_activation,
-        mx_scale_fold=fold, decoded_wgmma=wgmma, tile_codes=codes[0],
+        mx_scale_fold=fold, decoded_wgmma=wgmma,
     )  # fmt: skip
-    a, a_scale = _quantize_activation(h, activation, aligned or in_kernel)
+    a, a_scale = _quantize_activation(h, activation, aligned)
     y = torch.empty((num_pairs, hidden), dtype=x.dtype, device=x.device)  # dropped pairs' rows: never read
     moe_grouped_gemm_triton(
         a, a_scale, down, groups, y, gated=False, gather_top_k=None,
         routing_weights=top_k_weights.reshape(-1).contiguous(), activation=gemm_activation, mx_scale_fold=fold,
-        decoded_wgmma=wgmma, tile_codes=codes[1],
+        decoded_wgmma=wgmma,
     )  # fmt: skip
     return topk_sum_triton(y, top_k_index, experts)
 

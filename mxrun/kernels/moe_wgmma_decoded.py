@@ -25,7 +25,15 @@ barriers). Measured and left out on an H100: three or four slots (66 -> 100 / 13
 Mixtral-8x7B at 128 tokens, one run, mxfp8-wo 663 -> 672 / 753 us, ``results/moe-gluon-stages-h100.json``),
 and waiting for each gate/up quarter's MMA as soon as the next one is issued, which frees its operand
 registers (147 instead of 185, three programs per SM) but moved the layer by at most 3% either way
-(``results/moe-gluon-sweep-h100.json``).
+(``results/moe-gluon-sweep-h100.json``). Also left out (commit d9488fa has it): for MXFP8 W8A8, re-encoding
+each weight quarter in registers as E4M3 at its 128x128 tile's code (``regroup_mxfp8``'s bits) for FP8 MMAs
+against 1x128 E4M3 activations, the aligned arithmetic without its pass over the stacks. Its GPU tests
+passed, but the whole layer took more time than this kernel's bf16 path in every cell (DeepSeek-V3-like at
+1024 / 8192 tokens 7736 / 24761 against 5420 / 18353 us, Mixtral-8x7B at 1024 2728 against 2091, Qwen3-30B-A3B
+at 1024 664 against 584; ``bench_moe.py`` column ``mxfp8:inreg``, ``results/moe-inreg-regroup-h100.json``):
+the re-encoding costs as many instructions per step as the widening (two conversions per pair instead of
+one), every step's product needs its own scaled add, and with 128-row blocks the gate, up and product
+accumulators spill.
 
 The arithmetic is that of the other MoE kernels (the same exact operand values, fp32 accumulation,
 per-channel scales in the epilogue, 128x128 block scales on each 128-K step's product, SiLU-and-mul and
@@ -113,37 +121,18 @@ if HAS_GLUON:
         )
 
     @gluon.jit
-    def _regroup_multiplier(codes, tile_code):
-        """fp16 ``2^(code - tile_code)`` per MX block (``code <= tile_code``), NaN for NaN blocks (code 255):
-        built as an fp32 power of two and rounded to fp16, which gives fp16's subnormals down to ``2^-24`` and 0
-        below (where an E4M3 value times it rounds to zero in E4M3 anyway: ``448 * 2^-25 < 2^-10``)."""
-        power = ((gl.maximum(codes - tile_code, -126) + 127) << 23).to(gl.float32, bitcast=True)
-        return gl.where(codes == 255, float("nan"), power).to(gl.float16)
-
-    @gluon.jit
     def _decode_quarter(
         w_smem,  # [16 * num_warps, 64] E4M3 in shared memory (64 rows per warp group)
-        codes_smem,  # [16 * num_warps, 2] uint8 E8M0 codes (W_MODE 2, 3), one per 32 K
-        tile_code,  # W_MODE 3: the rows' 128x128 tile code (int32), the scale the quarter is re-encoded at
+        codes_smem,  # [16 * num_warps, 2] uint8 E8M0 codes (W_MODE 2), one per 32 K
         W_MODE: gl.constexpr,
         operand_layout: gl.constexpr,
     ):
-        """One weight quarter (64 K) in wgmma's register-operand layout: widened to bf16 (exact), or for
-        W_MODE 3 re-encoded as E4M3 at the tile's scale, ``E4M3(v * 2^(code - tile_code))`` with RNE, the bits
-        of :func:`~mxrun.kernels.mx_regroup.regroup_mxfp8` (the fp16 product is exact wherever the E4M3 result
-        is not zero: ``v`` has four significant bits and the product's lowest lies at or above ``2^-24``)."""
+        """One weight quarter (64 K) widened to bf16 in wgmma's register-operand layout (exact)."""
         ROWS: gl.constexpr = w_smem.shape[0]
         COLS: gl.constexpr = w_smem.shape[1]
         linear: gl.constexpr = gl.to_linear_layout(operand_layout, [ROWS, COLS])
         w = w_smem.load(linear).to(gl.float16)
-        if W_MODE == 3:
-            split: gl.constexpr = _split_k_layout(linear, 32)
-            codes = codes_smem.load(gl.SliceLayout(2, split)).to(gl.int32)
-            multiplier = _regroup_multiplier(codes, tile_code)
-            multiplier = gl.expand_dims(multiplier, 2).broadcast_to([ROWS, COLS // 32, 32])
-            multiplier = gl.convert_layout(gl.reshape(multiplier, [ROWS, COLS]), linear, assert_trivial=True)
-            out = (w * multiplier).to(gl.float8e4nv)
-        elif W_MODE == 2:
+        if W_MODE == 2:
             split: gl.constexpr = _split_k_layout(linear, 32)
             codes = codes_smem.load(gl.SliceLayout(2, split)).to(gl.int32)
             multiplier = ((codes + 112) << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)  # 2^(e - 15)
@@ -169,14 +158,11 @@ if HAS_GLUON:
         code_rows_ok,
         a_ptrs,  # [BLOCK_M, 64] pointers to the gathered activation rows, first K quarter
         a_rows_ok,
-        sa_s,  # W_MODE 3: [STAGES, BLOCK_M] fp32 ring of the rows' 1x128 activation scales
-        sa_ptrs,  # W_MODE 3: [BLOCK_M] pointers to the rows' first scale
-        sa_ok,
         K,
         W_MODE: gl.constexpr,
     ):
         """Start copying K step ``kb`` (zeros where it lies past K) into ``slot``: both weight quarters of the
-        gate (and up) rows, their codes, both activation quarters (and their scales)."""
+        gate (and up) rows, their codes, both activation quarters."""
         k0 = kb * 128
         live = k0 < K
         for q in gl.static_range(2):
@@ -186,23 +172,19 @@ if HAS_GLUON:
             async_copy.async_copy_global_to_shared(
                 a_s.index(slot * 2 + q), a_ptrs + (k0 + q * 64), mask=a_rows_ok & live
             )
-        if W_MODE >= 2:  # MX codes
+        if W_MODE == 2:
             async_copy.async_copy_global_to_shared(
                 c_s.index(slot), code_ptrs + kb * 4, mask=code_rows_ok & live
             )
-        if W_MODE == 3:
-            async_copy.async_copy_global_to_shared(sa_s.index(slot), sa_ptrs + kb, mask=sa_ok & live)
 
     @gluon.jit
     def _quarter(
-        w_s, c_s, slot, q: gl.constexpr, up: gl.constexpr, W_MODE: gl.constexpr, operand_layout: gl.constexpr,
-        tile_code=0,
-    ):  # fmt: skip
+        w_s, c_s, slot, q: gl.constexpr, up: gl.constexpr, W_MODE: gl.constexpr, operand_layout: gl.constexpr
+    ):
         """Decode quarter ``q`` (K 64 q .. 64 q + 63 of the slot's step) of the gate (or ``up``) rows."""
         ROWS: gl.constexpr = 16 * gl.num_warps()
         codes = c_s.index(slot).slice(ROWS * up, ROWS).slice(2 * q, 2, dim=1)
-        w_smem = w_s.index(slot * 2 + q).slice(ROWS * up, ROWS)
-        return _decode_quarter(w_smem, codes, tile_code, W_MODE, operand_layout)
+        return _decode_quarter(w_s.index(slot * 2 + q).slice(ROWS * up, ROWS), codes, W_MODE, operand_layout)
 
     @gluon.jit
     def _step(
@@ -265,51 +247,9 @@ if HAS_GLUON:
             acc_u = acc_u + product * scale_u
         return acc_g, acc_u
 
-    @gluon.jit
-    def _tile_scale(tile_code):
-        """fp32 ``2^(tile_code - 127)`` of an E8M0 tile code (code 0: ``2^-127``, an fp32 subnormal)."""
-        return gl.where(tile_code == 0, 0x00400000, tile_code << 23).to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def _regrouped_step(
-        w_s, c_s, a_s, slot, acc_g, acc_u, partial, tile_g_ptr, tile_u_ptr, sa_smem, GATED: gl.constexpr,
-        operand_layout: gl.constexpr,
-    ):  # fmt: skip
-        """One 128-K step of MXFP8 weights re-encoded at their 128x128 tiles' scales (W_MODE 3) against E4M3
-        activations in 1x128 groups: the step is one K group and one tile column, so each product is
-        multiplied by the tile's scale and the pairs' activation scales (``sa_smem``, one per MMA column)
-        before it is added. The up quarters are re-encoded while the gate MMAs run; the scales are read from
-        shared memory where they are used, so that they hold no registers across the MMAs."""
-        a0 = a_s.index(slot * 2).permute((1, 0))
-        a1 = a_s.index(slot * 2 + 1).permute((1, 0))
-        partial = gl.zeros_like(acc_g)  # not read (use_acc=False)
-        tile_g = gl.load(tile_g_ptr).to(gl.int32)
-        w_g0 = _quarter(w_s, c_s, slot, 0, 0, 3, operand_layout, tile_g)
-        product = warpgroup_mma(w_g0, a0, partial, use_acc=False, is_async=True)
-        w_g1 = _quarter(w_s, c_s, slot, 1, 0, 3, operand_layout, tile_g)
-        product = warpgroup_mma(w_g1, a1, product, is_async=True)
-        if GATED:
-            tile_u = gl.load(tile_u_ptr).to(gl.int32)
-            w_u0 = _quarter(w_s, c_s, slot, 0, 1, 3, operand_layout, tile_u)
-            w_u1 = _quarter(w_s, c_s, slot, 1, 1, 3, operand_layout, tile_u)
-        # E4M3 register operands cannot pass through the wait (Triton 3.6 lowers only 16/32-bit deps); ptxas
-        # keeps their registers until the wait itself (the SASS shows no serialized wgmma)
-        product = warpgroup_mma_wait(0, deps=(product,))
-        cols: gl.constexpr = gl.SliceLayout(0, product.type.layout)
-        acc_g = acc_g + product * (sa_smem.load(cols) * _tile_scale(tile_g))[None, :]
-        if GATED:
-            product = warpgroup_mma(w_u0, a0, partial, use_acc=False, is_async=True)
-            product = warpgroup_mma(w_u1, a1, product, is_async=True)
-            product = warpgroup_mma_wait(0, deps=(product,))
-            acc_u = acc_u + product * (sa_smem.load(cols) * _tile_scale(tile_u))[None, :]
-        return acc_g, acc_u
-
     @gluon.jit(do_not_specialize=["num_pairs", "n_rows_layout"])
     def moe_decoded_wgmma_kernel(
-        a_ptr,  # A_GATHER: [T, K] bf16 / E4M3 (W_MODE 3) (row of pair p is p // top_k), else [S, K]; (r, k) at
-        #       r*stride_ar + k
-        a_scale_ptr,  # W_MODE 3: fp32 [rows, K/128] 1x128 activation scales at r*stride_asr + g; else unused
-        tile_ptr,  # W_MODE 3: uint8 [E, N_W/128, K/128] tile codes at e*stride_te + i*stride_tn + g; else unused
+        a_ptr,  # A_GATHER: [T, K] bf16 (row of pair p is p // top_k), else [S, K]; (r, k) at r*stride_ar + k
         w_ptr,  # [E, N_W, K] float8e4nv, K contiguous; (e, n, k) at e*stride_we + n*stride_wn + k
         w_scale_ptr,  # W_MODE 0: fp32 [E, N_W] at e*stride_wse + n*stride_wsn (stride_wsn 0: per expert);
         #               W_MODE 1: fp32 [E, N_W/128, K/128] at e*stride_wse + i*stride_wsn + g (128 | N_W: a
@@ -329,13 +269,9 @@ if HAS_GLUON:
         stride_wn,
         stride_wse,
         stride_wsn,
-        stride_asr,
-        stride_te,
-        stride_tn,
         stride_cm,
         A_GATHER: gl.constexpr,
-        W_MODE: gl.constexpr,  # 0 per-channel / per-expert (epilogue); 1 128x128 blocks (per step); 2 MXFP8;
-        #                         3 MXFP8 re-encoded per 128x128 tile, E4M3 activations (per step)
+        W_MODE: gl.constexpr,  # 0 per-channel / per-expert (epilogue); 1 128x128 blocks (per step); 2 MXFP8
         GATED: gl.constexpr,
         MUL_ROUTING: gl.constexpr,
         BLOCK_M: gl.constexpr,  # layout rows (pairs of one expert): the MMA's N
@@ -350,26 +286,17 @@ if HAS_GLUON:
         C_ROWS: gl.constexpr = (
             2 * ROWS
         )  # codes, 4 bytes per thread: the down GEMM leaves the second half empty
-        A_FP8: gl.constexpr = W_MODE == 3  # E4M3 operands: 32-deep MMAs, 4 bytes of K per operand register
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 32 if A_FP8 else 16]
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
         )
-        operand_layout: gl.constexpr = gl.DotOperandLayout(
-            operand_index=0, parent=mma_layout, k_width=4 if A_FP8 else 2
-        )
+        operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
         w_copy: gl.constexpr = gl.BlockedLayout(
             [1, 16], [8, 4], [gl.num_warps(), 1], [1, 0]
         )  # 16-byte copies
-        a_copy: gl.constexpr = (
-            gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
-            if A_FP8
-            else gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-        )
-        A_DTYPE: gl.constexpr = gl.float8e4nv if A_FP8 else gl.bfloat16
-        A_ALIGN: gl.constexpr = 16 if A_FP8 else 8  # elements per 16 bytes
+        a_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
         c_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
         w_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([W_ROWS, QUARTER], gl.float8e4nv)
-        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], A_DTYPE)
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
         c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
 
         pid_m, pid_n = tile_order(n_rows_layout // BLOCK_M, gl.cdiv(N, ROWS), GROUP_M)
@@ -377,10 +304,8 @@ if HAS_GLUON:
         if block_expert >= 0:
             expert = block_expert.to(gl.int64)
             w_s = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, W_ROWS, QUARTER], w_shared)
-            a_s = gl.allocate_shared_memory(A_DTYPE, [2 * STAGES, BLOCK_M, QUARTER], a_shared)
+            a_s = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BLOCK_M, QUARTER], a_shared)
             c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, C_ROWS, 4], c_shared)
-            sa_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-            sa_s = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], sa_shared)  # W_MODE 3 only
 
             # Activation rows of this block (gathered), weight rows of this column tile, their codes.
             a_layout_rows: gl.constexpr = gl.SliceLayout(1, a_copy)
@@ -394,13 +319,8 @@ if HAS_GLUON:
             a_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, a_copy))
             # Row strides are multiples of 16 bytes (K % 128 == 0; the launcher checks A), written so that the
             # compiler sees it and copies 16 bytes (4 for the codes) at a time where it did not specialize them.
-            a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // A_ALIGN * A_ALIGN) + a_cols[None, :]
+            a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // 8 * 8) + a_cols[None, :]
             a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
-            sa_layout: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-            sa_pairs = gl.load(sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=sa_layout))
-            sa_ok = sa_pairs < num_pairs
-            sa_rows = gl.where(sa_ok, sa_pairs, 0) // (top_k if A_GATHER else 1)
-            sa_ptrs = a_scale_ptr + sa_rows.to(gl.int64) * stride_asr
 
             r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
             n = pid_n * ROWS + (r % ROWS)
@@ -422,7 +342,7 @@ if HAS_GLUON:
             for i in gl.static_range(STAGES - 1):
                 _issue_step(
                     w_s, c_s, a_s, i, i, w_rows_ptrs, w_rows_ok, code_ptrs, code_rows_ok, a_ptrs, a_rows_ok,
-                    sa_s, sa_ptrs, sa_ok, K, W_MODE,
+                    K, W_MODE,
                 )  # fmt: skip
                 async_copy.commit_group()
 
@@ -432,26 +352,17 @@ if HAS_GLUON:
             # W_MODE 1: the scales of the program's gate (up) row block, one per K step
             block_scale_g = w_scale_ptr + expert * stride_wse + (pid_n * ROWS // 128) * stride_wsn
             block_scale_u = w_scale_ptr + expert * stride_wse + ((N + pid_n * ROWS) // 128) * stride_wsn
-            # W_MODE 3: the tile codes of the gate (up) rows, one per K step, and each MMA column's (pair's)
-            # activation scale row
-            tile_g = tile_ptr + expert * stride_te + (pid_n * ROWS // 128) * stride_tn
-            tile_u = tile_ptr + expert * stride_te + ((N + pid_n * ROWS) // 128) * stride_tn
             for kb in range(k_steps):
                 _issue_step(
                     w_s, c_s, a_s, (kb + STAGES - 1) % STAGES, kb + STAGES - 1, w_rows_ptrs, w_rows_ok,
-                    code_ptrs, code_rows_ok, a_ptrs, a_rows_ok, sa_s, sa_ptrs, sa_ok, K, W_MODE,
+                    code_ptrs, code_rows_ok, a_ptrs, a_rows_ok, K, W_MODE,
                 )  # fmt: skip
                 async_copy.commit_group()
                 async_copy.wait_group(STAGES - 1)  # this thread's copies of step kb have landed
                 fence_async_shared()
                 gl.thread_barrier()  # ... and every thread's
                 slot = kb % STAGES
-                if W_MODE == 3:
-                    acc_g, acc_u = _regrouped_step(
-                        w_s, c_s, a_s, slot, acc_g, acc_u, partial, tile_g + kb, tile_u + kb, sa_s.index(slot),
-                        GATED, operand_layout,
-                    )  # fmt: skip
-                elif W_MODE == 1:
+                if W_MODE == 1:
                     acc_g, acc_u = _block_scaled_step(
                         w_s, c_s, a_s, slot, acc_g, acc_u, partial, block_scale_g + kb, block_scale_u + kb,
                         GATED, W_MODE, operand_layout,
@@ -487,11 +398,10 @@ if HAS_GLUON:
 
 
 def decoded_wgmma_usable(a: torch.Tensor, k: int, block_m: int) -> bool:
-    """Gluon importable, an sm_90 GPU, bf16 activations (E4M3 for the re-encoded MXFP8 mode) whose rows are
-    16-byte aligned, K a multiple of 128 and a layout block of 16-128 rows (the MMA's N; the gate and up
-    accumulators of more would not fit beside the decoded tiles)."""
-    dtype_ok = a.dtype in (torch.bfloat16, torch.float8_e4m3fn)
-    if not (HAS_GLUON and dtype_ok and 16 <= block_m <= 128 and k % 128 == 0):
+    """Gluon importable, an sm_90 GPU, bf16 activations whose rows are 16-byte aligned, K a multiple of 128
+    and a layout block of 16-128 rows (the MMA's N; the gate and up accumulators of more would not fit beside
+    the decoded tiles)."""
+    if not (HAS_GLUON and a.dtype == torch.bfloat16 and 16 <= block_m <= 128 and k % 128 == 0):
         return False
     return tma_usable(a) and cuda_major(a.device) == 9
 
@@ -510,8 +420,6 @@ def moe_decoded_wgmma_gemm(
     gated: bool,
     gather_top_k: int | None,
     routing_weights: torch.Tensor | None = None,
-    a_scale: torch.Tensor | None = None,
-    tile_codes: torch.Tensor | None = None,
     stages: int | None = None,
     warps: int = 4,
     group_m: int | None = None,
@@ -521,16 +429,13 @@ def moe_decoded_wgmma_gemm(
     K]`` with ``w_scale`` fp32 ``[E, N_W, 1]`` / ``[E, 1, 1]`` (``w_mode`` 0), fp32 128x128 block scales
     ``[E, N_W/128, K/128]`` with N a multiple of ``16 * warps`` (``w_mode`` 1) or E8M0 codes ``[E, N_W,
     K/32]`` whose every code allows the folded decode (``w_mode`` 2), ``a`` bf16 read at row
-    ``p // gather_top_k`` (or ``p``); or (``w_mode`` 3) MXFP8 codes ``[E, N_W, K/32]`` with their 128x128
-    tiles' codes ``tile_codes`` (:func:`tile_codes`) and ``a`` E4M3 with fp32 1x128 scales ``a_scale``
-    ``[rows, K/128]``, N a multiple of ``16 * warps``: the aligned MXFP8 W8A8 arithmetic
-    (:mod:`mxrun.kernels.mx_regroup`) with the weights re-encoded in registers; the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
+    ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
     writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
     sharing each activation tile). ``stages``, ``group_m``: the ring's slots and the program order (defaults:
     the module's :data:`DECODED_WGMMA_STAGES` and :data:`DECODED_WGMMA_GROUP_M`, read at each call)."""
     _, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
-    if warps not in (4, 8) or (w_mode in (1, 3) and n % (16 * warps)):
+    if warps not in (4, 8) or (w_mode == 1 and n % (16 * warps)):
         raise GemmInputError(
             f"moe_decoded_wgmma_gemm: {warps} warps with N={n} (4 or 8 warps; block scales need N a multiple "
             f"of 16 x warps)"
@@ -538,30 +443,15 @@ def moe_decoded_wgmma_gemm(
     if w_mode == 0:
         stride_wse, stride_wsn = w_scale.stride(0), (w_scale.stride(1) if w_scale.shape[1] > 1 else 0)
     else:
-        if w_mode >= 2:
+        if w_mode == 2:
             w_scale = w_scale.view(torch.uint8)
         stride_wse, stride_wsn = w_scale.stride(0), w_scale.stride(1)
-    if w_mode == 3:
-        expected = (w_scale.shape[0], -(-n_w // 128), k // 128)
-        if a.dtype != torch.float8_e4m3fn or a_scale is None or tile_codes is None:
-            raise GemmInputError(
-                "moe_decoded_wgmma_gemm: w_mode 3 takes E4M3 activations, a_scale and tile_codes"
-            )
-        if tuple(a_scale.shape) != (a.shape[0], k // 128) or tuple(tile_codes.shape) != expected:
-            raise GemmInputError(
-                f"moe_decoded_wgmma_gemm: needs 1x128 activation scales [{a.shape[0]}, {k // 128}] and tile "
-                f"codes {list(expected)}, got {list(a_scale.shape)} and {list(tile_codes.shape)}"
-            )
-        tile_codes = tile_codes.view(torch.uint8)
-    else:
-        a_scale, tile_codes = w_scale, w_scale  # unused
     n_rows_layout = sorted_pair_ids.numel()
     grid = (n_rows_layout // block_m * -(-n // (16 * warps)),)
     moe_decoded_wgmma_kernel[grid](
-        a, a_scale, tile_codes, w_data, w_scale, routing_weights if routing_weights is not None else w_scale,
-        out, sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, k, gather_top_k or 1,
-        a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, a_scale.stride(0),
-        tile_codes.stride(0), tile_codes.stride(1), out.stride(0),
+        a, w_data, w_scale, routing_weights if routing_weights is not None else w_scale, out,
+        sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, k, gather_top_k or 1,
+        a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, out.stride(0),
         A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, MUL_ROUTING=routing_weights is not None,
         BLOCK_M=block_m, STAGES=DECODED_WGMMA_STAGES if stages is None else stages,
         GROUP_M=DECODED_WGMMA_GROUP_M if group_m is None else group_m, num_warps=warps,

@@ -89,18 +89,6 @@ def tile_codes_reference(scale_e8m0: torch.Tensor) -> torch.Tensor:
     return tiles.amax(dim=(-3, -1))
 
 
-def tile_codes(scale_e8m0: torch.Tensor) -> torch.Tensor:
-    """uint8 :func:`tile_codes_reference` in one reduction over the codes, without widening them (a temporary
-    of the codes' size): what a kernel that re-encodes MXFP8 tiles itself reads, one byte per 128x128 tile
-    (:mod:`mxrun.kernels.moe_wgmma_decoded`, mode 3). No host sync."""
-    codes = scale_e8m0.view(torch.uint8)
-    n, groups = codes.shape[-2:]
-    finite = torch.where(codes == E8M0_NAN_CODE, torch.zeros_like(codes), codes)
-    padded = torch.nn.functional.pad(finite, (0, -groups % _BLOCKS_PER_TILE, 0, -n % FP8_BLOCK))
-    tiles = padded.reshape(*codes.shape[:-2], padded.shape[-2] // FP8_BLOCK, FP8_BLOCK, -1, _BLOCKS_PER_TILE)
-    return tiles.amax(dim=(-3, -1))
-
-
 def reencode_reference(
     data: torch.Tensor, scale_e8m0: torch.Tensor, target_codes: torch.Tensor
 ) -> torch.Tensor:
@@ -260,6 +248,5 @@ __all__ = [
     "regroup_mxfp8",
     "regroup_mxfp8_reference",
     "regroup_mxfp8_triton",
-    "tile_codes",
     "tile_codes_reference",
 ]

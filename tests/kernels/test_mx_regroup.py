@@ -22,8 +22,6 @@ from mxrun.kernels.mx_regroup import (
     regroup_mxfp8,
     regroup_mxfp8_reference,
     regroup_mxfp8_triton,
-    tile_codes,
-    tile_codes_reference,
 )
 from mxrun.kernels.mxfp8_gemm import (
     ALIGNED_MIN_M,
@@ -327,16 +325,3 @@ def test_gpu_tile_aligned_experts_forward() -> None:
         x, index, weights, *cpu, ExpertActivation.MX_ROUND_UP, aligned=True
     ).float()
     assert (out - reference).norm() <= 2.0**-5 * reference.norm()
-
-
-@pytest.mark.parametrize("shape", [(200, 12), (3, 128, 8), (2, 256, 5)])
-def test_tile_codes_match_the_reference(shape) -> None:
-    """The uint8 tile codes (one reduction, what the decoded-weight kernel's mode 3 reads) are the reference's:
-    NaN blocks left out, partial edge tiles, a tile of NaN blocks only (code 0), stacks and single matrices."""
-    generator = torch.Generator().manual_seed(sum(shape))
-    codes = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
-    codes[..., :128, :4] = torch.where(codes[..., :128, :4] > 200, 255, codes[..., :128, :4])
-    codes[..., 0:128, 4:8] = 255
-    got = tile_codes(codes.view(torch.float8_e8m0fnu))
-    assert got.dtype == torch.uint8
-    assert torch.equal(got.to(torch.int32), tile_codes_reference(codes))
