@@ -32,7 +32,7 @@ import torch
 
 from mxrun.kernels.backend import cuda_major
 from mxrun.kernels.fp8_tma_gemm import tma_usable  # row alignment, sm_90+, no interpreter
-from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON, tile_order
+from mxrun.kernels.moe_wgmma_decoded import HAS_GLUON
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 if HAS_GLUON:
@@ -47,6 +47,8 @@ if HAS_GLUON:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from mxrun.kernels.moe_wgmma_decoded import tile_order  # defined only where Gluon is
 
 BLOCK_ROWS = 128
 """Layout rows per program (two consumer warp groups of 64) and the layout's BLOCK_M."""

@@ -80,7 +80,8 @@ of ``bench_moe.run`` as ``benchmarks/sweep_moe_gluon.py`` now is), against 0 (ev
 column tile): DeepSeek-V3-like at 1024 tokens mxfp8-wo 6177 -> 5487 us, fp8-channel-wo 5563 -> 4928; at 8192
 mxfp8-wo 20945 -> 18622, fp8-channel-wo 19373 -> 17274 (the down GEMM's 268 MB of activations were read once
 per column tile); Mixtral-8x7B at 16-1024 tokens and Qwen3-30B-A3B at 512-1024 within 3% either way. 16 measured
-the same as 8; 3 slots instead of 2 gained nothing there (DeepSeek at 8192, mxfp8 18361 against 18497 us)."""
+the same as 8; 3 slots instead of 2 gained nothing there (DeepSeek at 8192 with two warp groups, mxfp8 18361
+against 18497 us)."""
 
 if HAS_GLUON:
 
