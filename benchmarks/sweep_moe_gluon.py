@@ -14,6 +14,8 @@ import json
 import os
 import tempfile
 
+import torch
+
 from benchmarks import bench_moe
 from mxrun.kernels import moe_gemm, moe_wgmma_block, moe_wgmma_decoded
 
@@ -49,6 +51,13 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--json", help="write the rows here (atomically)")
     args = parser.parse_args()
+    module_name, _, name = args.setting.partition(".")
+    if module_name not in MODULES or not hasattr(MODULES[module_name], name):
+        parser.error(
+            f"--setting {args.setting!r}: expected module.NAME with module one of {', '.join(MODULES)}"
+        )
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the Gluon kernels run on sm_90)")
     rows = sweep(args.setting, args.values, args.shapes, args.tokens, args.columns, args.rep_ms, args.draws)
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
