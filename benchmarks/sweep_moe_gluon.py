@@ -22,19 +22,32 @@ from mxrun.kernels import moe_gemm, moe_wgmma_block, moe_wgmma_decoded
 MODULES = {"decoded": moe_wgmma_decoded, "block": moe_wgmma_block, "moe_gemm": moe_gemm}
 
 
+def _write(rows: list[dict], path: str) -> None:
+    """``rows`` as JSON at ``path``, atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
+        json.dump(rows, handle, indent=1)
+    os.replace(handle.name, path)
+
+
 def sweep(setting: str, values: list[int], shapes: list[str], tokens: list[int], columns: list[str],
-          rep_ms: int, draws: int) -> list[dict]:  # fmt: skip
-    """``bench_moe.run`` once per value of ``setting`` (``module.NAME``), the value restored afterwards."""
+          rep_ms: int, draws: int, json_path: str | None = None) -> list[dict]:  # fmt: skip
+    """``bench_moe.run`` of each shape once per value of ``setting`` (``module.NAME``), the value restored
+    afterwards; the rows so far are written to ``json_path`` after each run, so that a sweep cut short keeps
+    every shape it finished with all values side by side."""
     module_name, name = setting.split(".", 1)
     module = MODULES[module_name]
     saved = getattr(module, name)
     rows = []
     try:
-        for value in values:
-            setattr(module, name, value)
-            print(f"{setting} = {value}", flush=True)
-            for row in bench_moe.run(shapes, tokens, columns, rep_ms, draws):
-                rows.append({**row, "setting": setting, "value": value})
+        for shape in shapes:
+            for value in values:
+                setattr(module, name, value)
+                print(f"{setting} = {value}", flush=True)
+                for row in bench_moe.run([shape], tokens, columns, rep_ms, draws):
+                    rows.append({**row, "setting": setting, "value": value})
+                if json_path:
+                    _write(rows, json_path)
     finally:
         setattr(module, name, saved)
     return rows
@@ -58,12 +71,9 @@ def main() -> None:
         )
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (the Gluon kernels run on sm_90)")
-    rows = sweep(args.setting, args.values, args.shapes, args.tokens, args.columns, args.rep_ms, args.draws)
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:
-            json.dump(rows, handle, indent=1)
-        os.replace(handle.name, args.json)
+    sweep(
+        args.setting, args.values, args.shapes, args.tokens, args.columns, args.rep_ms, args.draws, args.json
+    )
 
 
 if __name__ == "__main__":

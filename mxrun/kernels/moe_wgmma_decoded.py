@@ -83,6 +83,20 @@ per column tile); Mixtral-8x7B at 16-1024 tokens and Qwen3-30B-A3B at 512-1024 w
 the same as 8; 3 slots instead of 2 gained nothing there (DeepSeek at 8192 with two warp groups, mxfp8 18361
 against 18497 us)."""
 
+DECODED_WGMMA_ROW_SETS = 2
+"""Weight row sets per warp group in the ungated (down) GEMM: 2 gives each program 128 weight rows per warp
+group, as the gated GEMM's gate and up rows are, so each gathered activation tile read from L2 meets twice the
+weight rows (with one set the down GEMM read 32 KB of activations and 8 KB of weights per 1 M MACs). H100,
+DeepSeek-V3-like at 8192 tokens, MXFP8: the down GEMM 6543 -> 5399 us (``benchmarks/profile_moe.py``,
+``results/moe-profile-row-sets-h100.json``); whole layers, same run each (``benchmarks/sweep_moe_gluon.py
+--setting decoded.DECODED_WGMMA_ROW_SETS --values 1 2 --shapes DeepSeek-V3-like Mixtral-8x7B Qwen3-30B-A3B
+--tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-row-sets-h100.json``):
+DeepSeek at 8192 mxfp8 18022 -> 16929 us, mxfp8-wo 18264 -> 17507; Qwen3-30B-A3B at 1024 5-6% faster;
+Mixtral-8x7B at 1024 4% faster, at 8192 fp8-channel-wo 4% slower (13301 -> 13837); 128 tokens within 1%.
+Not for
+128x128 weight blocks by default: their step's product and two scaled accumulators spill (240 bytes of stack
+in the loop, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --down --weights fp8-block``)."""
+
 if HAS_GLUON:
 
     @gluon.jit
@@ -195,22 +209,23 @@ if HAS_GLUON:
         slot,
         acc_g,
         acc_u,
-        GATED: gl.constexpr,
+        TWO_SETS: gl.constexpr,
         W_MODE: gl.constexpr,
         operand_layout: gl.constexpr,
     ):
         """One 128-K step accumulated in place (per-channel / per-tensor / MX weights): each quarter's decode
-        overlaps the MMAs issued before it; one wait at the end (the operands stay alive until then)."""
+        overlaps the MMAs issued before it; one wait at the end (the operands stay alive until then).
+        ``TWO_SETS``: the tile's second row set (the up rows, or the down GEMM's next rows) goes to ``acc_u``."""
         a0 = a_s.index(slot * 2).permute((1, 0))
         a1 = a_s.index(slot * 2 + 1).permute((1, 0))
         w_g0 = _quarter(w_s, c_s, slot, 0, 0, W_MODE, operand_layout)
         acc_g = warpgroup_mma(w_g0, a0, acc_g, is_async=True)
-        if GATED:
+        if TWO_SETS:
             w_u0 = _quarter(w_s, c_s, slot, 0, 1, W_MODE, operand_layout)
             acc_u = warpgroup_mma(w_u0, a0, acc_u, is_async=True)
         w_g1 = _quarter(w_s, c_s, slot, 1, 0, W_MODE, operand_layout)
         acc_g = warpgroup_mma(w_g1, a1, acc_g, is_async=True)
-        if GATED:
+        if TWO_SETS:
             w_u1 = _quarter(w_s, c_s, slot, 1, 1, W_MODE, operand_layout)
             acc_u = warpgroup_mma(w_u1, a1, acc_u, is_async=True)
             acc_g, acc_u, w_g0, w_g1, w_u0, w_u1 = warpgroup_mma_wait(
@@ -222,12 +237,13 @@ if HAS_GLUON:
 
     @gluon.jit
     def _block_scaled_step(
-        w_s, c_s, a_s, slot, acc_g, acc_u, partial, scale_g_ptr, scale_u_ptr, GATED: gl.constexpr,
+        w_s, c_s, a_s, slot, acc_g, acc_u, partial, scale_g_ptr, scale_u_ptr, TWO_SETS: gl.constexpr,
         W_MODE: gl.constexpr, operand_layout: gl.constexpr,
     ):  # fmt: skip
-        """One 128-K step with 128x128 weight blocks: the step is one K block and the program's 64 or 128 gate
-        (or up) rows lie in one row block (the launcher checks N), so each product is multiplied by one scale before it is added (the other
-        kernels' arithmetic). The up quarters are decoded while the gate MMAs run."""
+        """One 128-K step with 128x128 weight blocks: the step is one K block and each row set of the program
+        (64 or 128 rows) lies in one row block (the launcher checks N), so each product is multiplied by one
+        scale before it is added (the other kernels' arithmetic). The second set's quarters are decoded while
+        the first set's MMAs run."""
         a0 = a_s.index(slot * 2).permute((1, 0))
         a1 = a_s.index(slot * 2 + 1).permute((1, 0))
         scale_g = gl.load(scale_g_ptr)
@@ -235,18 +251,33 @@ if HAS_GLUON:
         product = warpgroup_mma(w_g0, a0, partial, use_acc=False, is_async=True)
         w_g1 = _quarter(w_s, c_s, slot, 1, 0, W_MODE, operand_layout)
         product = warpgroup_mma(w_g1, a1, product, is_async=True)
-        if GATED:
+        if TWO_SETS:
             scale_u = gl.load(scale_u_ptr)
             w_u0 = _quarter(w_s, c_s, slot, 0, 1, W_MODE, operand_layout)
             w_u1 = _quarter(w_s, c_s, slot, 1, 1, W_MODE, operand_layout)
         product, w_g0, w_g1 = warpgroup_mma_wait(0, deps=(product, w_g0, w_g1))
         acc_g = acc_g + product * scale_g
-        if GATED:
+        if TWO_SETS:
             product = warpgroup_mma(w_u0, a0, partial, use_acc=False, is_async=True)
             product = warpgroup_mma(w_u1, a1, product, is_async=True)
             product, w_u0, w_u1 = warpgroup_mma_wait(0, deps=(product, w_u0, w_u1))
             acc_u = acc_u + product * scale_u
         return acc_g, acc_u
+
+    @gluon.jit
+    def _store_columns(
+        acc, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base, stride_wsn,
+        CHANNEL_SCALES: gl.constexpr, MUL_ROUTING: gl.constexpr,
+    ):  # fmt: skip
+        """Write one row set's accumulator (weight rows ``offs_n`` x pairs) into the output's columns
+        ``offs_n``: per-channel (per-tensor) weight scales and routing weights applied first, where asked."""
+        n_ok = offs_n < N
+        if CHANNEL_SCALES:
+            acc = acc * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
+        if MUL_ROUTING:
+            acc = acc * routing[None, :]
+        c_ptrs = c_ptr + out_pairs.to(gl.int64)[None, :] * stride_cm + offs_n[:, None]
+        gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & pair_ok[None, :])
 
     @gluon.jit(do_not_specialize=["num_pairs", "n_rows_layout"])
     def moe_decoded_wgmma_kernel(
@@ -274,19 +305,20 @@ if HAS_GLUON:
         A_GATHER: gl.constexpr,
         W_MODE: gl.constexpr,  # 0 per-channel / per-expert (epilogue); 1 128x128 blocks (per step); 2 MXFP8
         GATED: gl.constexpr,
+        ROW_SETS: gl.constexpr,  # ungated: weight row sets of ROWS per program (2: two accumulators)
         MUL_ROUTING: gl.constexpr,
         BLOCK_M: gl.constexpr,  # layout rows (pairs of one expert): the MMA's N
         STAGES: gl.constexpr,
         GROUP_M: gl.constexpr,  # program order (tile_order)
     ):
-        """One program: 64 weight rows per warp group (and as many up rows) x BLOCK_M pairs of one expert,
-        transposed; K steps of 128."""
+        """One program: 64 weight rows per warp group (and as many up rows, or with ``ROW_SETS`` 2 the next
+        64 rows of an ungated GEMM) x BLOCK_M pairs of one expert, transposed; K steps of 128."""
         ROWS: gl.constexpr = 16 * gl.num_warps()  # 64 per warp group
         QUARTER: gl.constexpr = 64
-        W_ROWS: gl.constexpr = 2 * ROWS if GATED else ROWS  # gate rows, then up rows
-        C_ROWS: gl.constexpr = (
-            2 * ROWS
-        )  # codes, 4 bytes per thread: the down GEMM leaves the second half empty
+        TWO_SETS: gl.constexpr = GATED or ROW_SETS == 2
+        TILE_N: gl.constexpr = ROWS if GATED else ROWS * ROW_SETS  # output columns per program
+        W_ROWS: gl.constexpr = 2 * ROWS if TWO_SETS else ROWS  # first set (gate) rows, then second (up) rows
+        C_ROWS: gl.constexpr = 2 * ROWS  # codes, 4 bytes per thread: one row set leaves the second half empty
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
         )
@@ -300,7 +332,7 @@ if HAS_GLUON:
         a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
         c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
 
-        pid_m, pid_n = tile_order(n_rows_layout // BLOCK_M, gl.cdiv(N, ROWS), GROUP_M)
+        pid_m, pid_n = tile_order(n_rows_layout // BLOCK_M, gl.cdiv(N, TILE_N), GROUP_M)
         block_expert = gl.load(block_expert_ptr + pid_m)
         if block_expert >= 0:
             expert = block_expert.to(gl.int64)
@@ -324,19 +356,27 @@ if HAS_GLUON:
             a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
 
             r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
-            n = pid_n * ROWS + (r % ROWS)
-            w_rows = gl.where(r < ROWS, n, N + n)
+            if GATED:
+                n = pid_n * ROWS + (r % ROWS)
+                w_rows = gl.where(r < ROWS, n, N + n)
+            else:
+                n = pid_n * TILE_N + r
+                w_rows = n
             w_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, w_copy))
             w_base = w_ptr + expert * (stride_we // 16 * 16)
             w_rows_ptrs = w_base + w_rows.to(gl.int64)[:, None] * (stride_wn // 16 * 16) + w_cols[None, :]
             w_rows_ok = (n < N)[:, None] & (w_cols < QUARTER)[None, :]
             rc = gl.arange(0, C_ROWS, layout=gl.SliceLayout(1, c_copy))
-            nc = pid_n * ROWS + (rc % ROWS)
-            c_rows = gl.where(rc < ROWS, nc, N + nc)
+            if GATED:
+                nc = pid_n * ROWS + (rc % ROWS)
+                c_rows = gl.where(rc < ROWS, nc, N + nc)
+            else:
+                nc = pid_n * TILE_N + rc
+                c_rows = nc
             c_cols = gl.arange(0, 4, layout=gl.SliceLayout(0, c_copy))
             code_base = w_scale_ptr + expert * (stride_wse // 4 * 4)
             code_ptrs = code_base + c_rows.to(gl.int64)[:, None] * (stride_wsn // 4 * 4) + c_cols[None, :]
-            CODE_ROWS: gl.constexpr = C_ROWS if GATED else ROWS
+            CODE_ROWS: gl.constexpr = C_ROWS if TWO_SETS else ROWS
             code_rows_ok = ((nc < N) & (rc < CODE_ROWS))[:, None] & (c_cols < 4)[None, :]
 
             k_steps = K // 128
@@ -350,9 +390,12 @@ if HAS_GLUON:
             acc_g = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
             acc_u = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
             partial = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)  # W_MODE 1: one step's product
-            # W_MODE 1: the scales of the program's gate (up) row block, one per K step
-            block_scale_g = w_scale_ptr + expert * stride_wse + (pid_n * ROWS // 128) * stride_wsn
-            block_scale_u = w_scale_ptr + expert * stride_wse + ((N + pid_n * ROWS) // 128) * stride_wsn
+            # W_MODE 1: the scales of the row blocks of the program's two row sets, one per K step (a second
+            # set past N reads the last block's: its rows are zeros)
+            first_row = pid_n * TILE_N
+            second_row = N + first_row if GATED else gl.minimum(first_row + ROWS, N - 1)
+            block_scale_g = w_scale_ptr + expert * stride_wse + (first_row // 128) * stride_wsn
+            block_scale_u = w_scale_ptr + expert * stride_wse + (second_row // 128) * stride_wsn
             for kb in range(k_steps):
                 _issue_step(
                     w_s, c_s, a_s, (kb + STAGES - 1) % STAGES, kb + STAGES - 1, w_rows_ptrs, w_rows_ok,
@@ -366,36 +409,40 @@ if HAS_GLUON:
                 if W_MODE == 1:
                     acc_g, acc_u = _block_scaled_step(
                         w_s, c_s, a_s, slot, acc_g, acc_u, partial, block_scale_g + kb, block_scale_u + kb,
-                        GATED, W_MODE, operand_layout,
+                        TWO_SETS, W_MODE, operand_layout,
                     )  # fmt: skip
                 else:
-                    acc_g, acc_u = _step(w_s, c_s, a_s, slot, acc_g, acc_u, GATED, W_MODE, operand_layout)
+                    acc_g, acc_u = _step(w_s, c_s, a_s, slot, acc_g, acc_u, TWO_SETS, W_MODE, operand_layout)
             async_copy.wait_group(0)
 
             rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
             cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-            offs_n = pid_n * ROWS + gl.arange(0, ROWS, layout=rows_layout)
+            offs_n = pid_n * TILE_N + gl.arange(0, ROWS, layout=rows_layout)
             n_ok = offs_n < N
             out_pairs = gl.load(
                 sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=cols_layout)
             )
             pair_ok = out_pairs < num_pairs
+            if MUL_ROUTING:
+                routing = gl.load(routing_ptr + out_pairs, mask=pair_ok, other=0.0).to(gl.float32)
+            else:
+                routing = gl.zeros([BLOCK_M], gl.float32, cols_layout)
             scale_base = w_scale_ptr + expert * stride_wse
-            if W_MODE == 0:
-                acc_g = acc_g * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
-                if GATED:
+            if GATED:
+                if W_MODE == 0:
+                    acc_g = acc_g * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
                     acc_u = (
                         acc_u * gl.load(scale_base + (N + offs_n) * stride_wsn, mask=n_ok, other=1.0)[:, None]
                     )
-            if GATED:  # noqa: SIM108 - a constexpr branch
                 acc = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u  # SiLU(gate) * up, fp32
+                _store_columns(acc, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
+                               stride_wsn, False, MUL_ROUTING)  # fmt: skip
             else:
-                acc = acc_g
-            if MUL_ROUTING:
-                routing = gl.load(routing_ptr + out_pairs, mask=pair_ok, other=0.0)
-                acc = acc * routing.to(gl.float32)[None, :]
-            c_ptrs = c_ptr + out_pairs.to(gl.int64)[None, :] * stride_cm + offs_n[:, None]
-            gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & pair_ok[None, :])
+                _store_columns(acc_g, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
+                               stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
+                if ROW_SETS == 2:
+                    _store_columns(acc_u, offs_n + ROWS, N, out_pairs, pair_ok, routing, c_ptr, stride_cm,
+                                   scale_base, stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
 
 
 def decoded_wgmma_usable(a: torch.Tensor, k: int, block_m: int) -> bool:
@@ -424,6 +471,7 @@ def moe_decoded_wgmma_gemm(
     stages: int | None = None,
     warps: int = 4,
     group_m: int | None = None,
+    row_sets: int | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM (the contract of :func:`~mxrun.kernels.moe_gemm.moe_grouped_gemm_triton`, which
     checks the operands and calls this where :func:`decoded_wgmma_usable` holds): ``w_data`` E4M3 ``[E, N_W,
@@ -432,8 +480,10 @@ def moe_decoded_wgmma_gemm(
     K/32]`` whose every code allows the folded decode (``w_mode`` 2), ``a`` bf16 read at row
     ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
     writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
-    sharing each activation tile). ``stages``, ``group_m``: the ring's slots and the program order (defaults:
-    the module's :data:`DECODED_WGMMA_STAGES` and :data:`DECODED_WGMMA_GROUP_M`, read at each call)."""
+    sharing each activation tile). ``stages``, ``group_m``: the ring's slots and the program order;
+    ``row_sets``: weight row sets per warp group of an ungated GEMM, 1 or 2 (defaults: the module's
+    :data:`DECODED_WGMMA_STAGES`, :data:`DECODED_WGMMA_GROUP_M` and :data:`DECODED_WGMMA_ROW_SETS`, read at
+    each call)."""
     _, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
     if warps not in (4, 8) or (w_mode == 1 and n % (16 * warps)):
@@ -441,6 +491,12 @@ def moe_decoded_wgmma_gemm(
             f"moe_decoded_wgmma_gemm: {warps} warps with N={n} (4 or 8 warps; block scales need N a multiple "
             f"of 16 x warps)"
         )
+    if gated or (row_sets is None and w_mode == 1):
+        row_sets = 1
+    elif row_sets is None:
+        row_sets = DECODED_WGMMA_ROW_SETS
+    if row_sets not in (1, 2):
+        raise GemmInputError(f"moe_decoded_wgmma_gemm: row_sets={row_sets} (1 or 2)")
     if w_mode == 0:
         stride_wse, stride_wsn = w_scale.stride(0), (w_scale.stride(1) if w_scale.shape[1] > 1 else 0)
     else:
@@ -448,13 +504,13 @@ def moe_decoded_wgmma_gemm(
             w_scale = w_scale.view(torch.uint8)
         stride_wse, stride_wsn = w_scale.stride(0), w_scale.stride(1)
     n_rows_layout = sorted_pair_ids.numel()
-    grid = (n_rows_layout // block_m * -(-n // (16 * warps)),)
+    grid = (n_rows_layout // block_m * -(-n // (16 * warps * row_sets)),)
     moe_decoded_wgmma_kernel[grid](
         a, w_data, w_scale, routing_weights if routing_weights is not None else w_scale, out,
         sorted_pair_ids, block_expert, num_pairs, n_rows_layout, n, k, gather_top_k or 1,
         a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, out.stride(0),
-        A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, MUL_ROUTING=routing_weights is not None,
-        BLOCK_M=block_m, STAGES=DECODED_WGMMA_STAGES if stages is None else stages,
+        A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, ROW_SETS=row_sets,
+        MUL_ROUTING=routing_weights is not None, BLOCK_M=block_m, STAGES=DECODED_WGMMA_STAGES if stages is None else stages,
         GROUP_M=DECODED_WGMMA_GROUP_M if group_m is None else group_m, num_warps=warps,
     )  # fmt: skip
     return out
@@ -462,6 +518,7 @@ def moe_decoded_wgmma_gemm(
 
 __all__ = [
     "DECODED_WGMMA_GROUP_M",
+    "DECODED_WGMMA_ROW_SETS",
     "DECODED_WGMMA_STAGES",
     "HAS_GLUON",
     "decoded_wgmma_usable",

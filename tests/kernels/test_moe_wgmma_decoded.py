@@ -160,6 +160,38 @@ def test_gpu_two_warp_groups_match_reference(fmt, gated, block_m, k, group_m) ->
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_TENSOR, F.FP8_BLOCK, F.MXFP8])
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("row_sets", [1, 2])
+@pytest.mark.parametrize("n", [80, 384])
+def test_gpu_down_row_sets_match_reference(fmt, warps, row_sets, n) -> None:
+    """The ungated GEMM with one or two weight row sets per warp group (64 or 128 rows each) under the same
+    bound. N = 80 leaves the second set partly (4 warps) or wholly (8 warps) past N; N = 384 gives several
+    column tiles, the last one's second set past N at 8 warps with two sets (512 rows a program), so block
+    scales are read for a row block that does not exist. 128x128 blocks take N = 384 only (a set must lie in
+    one row block)."""
+    if fmt is F.FP8_BLOCK and n % 128:
+        pytest.skip("128x128 blocks need each row set inside one row block")
+    experts, k, tokens, top_k, block_m = 5, 256, 45, 2, 64
+    weights = _stack(fmt, experts, n, k, seed=81)
+    routing, index = _routing(tokens, experts, top_k, seed=82, only=[0, 1, 4])
+    x = _x(tokens * top_k, k, seed=83)
+    groups = group_tokens(index, experts, block_m)
+    sentinel = torch.finfo(torch.bfloat16).max
+    out = torch.full((tokens * top_k, n), sentinel, dtype=torch.bfloat16, device="cuda")
+    w_mode = {F.FP8_CHANNEL: 0, F.FP8_TENSOR: 0, F.FP8_BLOCK: 1, F.MXFP8: 2}[fmt]
+    moe_decoded_wgmma_gemm(
+        x, weights.data, weights.scale, w_mode, groups.sorted_pair_ids, groups.block_expert, groups.num_pairs,
+        block_m, out, gated=False, gather_top_k=None, routing_weights=routing.reshape(-1), warps=warps,
+        row_sets=row_sets,
+    )  # fmt: skip
+    reference = _gemm_reference(x, weights, index, False, False, routing)
+    assert not (out == sentinel).any(), "a column of some pair was not written"
+    _assert_one_ulp(out, reference)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_gpu_refuses_what_it_cannot_run() -> None:
     weights = _stack(F.MXFP8, 2, 128, 128, seed=0)
     _, index = _routing(3, 2, 1, seed=0)
