@@ -77,7 +77,9 @@ def compile_kernel(
     )
 
 
-def compile_gluon_kernel(block_m: int, warps: int, stages: int, weights: str, gated: bool, row_sets: int = 2):
+def compile_gluon_kernel(
+    block_m: int, warps: int, stages: int, weights: str, gated: bool, row_sets: int = 2, tail_m: int = 32
+):
     """The Gluon kernel as the launcher runs it (only K and the layout's row count specialized as multiples of
     16; the strides as the kernel's hints make them)."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -87,7 +89,7 @@ def compile_gluon_kernel(block_m: int, warps: int, stages: int, weights: str, ga
     w_mode = {**_W_MODES, "fp8-block": 1}[weights]
     constexprs = {
         "A_GATHER": gated, "W_MODE": w_mode, "GATED": gated, "ROW_SETS": row_sets, "MUL_ROUTING": not gated,
-        "BLOCK_M": block_m, "STAGES": stages, "GROUP_M": 8,
+        "BLOCK_M": block_m, "STAGES": stages, "GROUP_M": 8, "TAIL_M": tail_m if tail_m < block_m else 0,
     }  # fmt: skip
     source = _source(
         GluonASTSource,
@@ -133,10 +135,11 @@ def main() -> None:
     parser.add_argument("--down", action="store_true", help="the down GEMM (default: gate/up, SiLU fused)")
     parser.add_argument("--gluon", action="store_true", help="the Gluon decoded-weight wgmma kernel")
     parser.add_argument("--row-sets", type=int, choices=[1, 2], default=2, help="--gluon --down: row sets")
+    parser.add_argument("--tail-m", type=int, choices=[0, 16, 32, 64], default=32, help="--gluon: tail MMA N")
     args = parser.parse_args()
     if args.gluon:
         kernel = compile_gluon_kernel(
-            args.block_m, args.warps, args.stages, args.weights, not args.down, args.row_sets
+            args.block_m, args.warps, args.stages, args.weights, not args.down, args.row_sets, args.tail_m
         )
         args.block_k = 128
     elif args.weights == "fp8-block":

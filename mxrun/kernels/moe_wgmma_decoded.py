@@ -17,7 +17,10 @@ wgmma reads from registers, but Triton waits for each MMA before the next decode
   the widening's bf16x2 multiply, as :func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times` does) and issues its MMA
   asynchronously, so the next quarter's decode runs while the tensor cores work; it waits once per K step;
 * takes an expert's ``BLOCK_M`` pairs (16 to 128) as the MMA's N: 64-row blocks at ~32 pairs per expert,
-  where no expert spills.
+  where no expert spills; a block that is mostly padding (an expert's last) takes a narrower N
+  (:data:`DECODED_WGMMA_TAIL_M`);
+* in the ungated (down) GEMM, gives each warp group two sets of 64 weight rows, as the gate and up rows are in
+  the gated one (:data:`DECODED_WGMMA_ROW_SETS`), so that each activation tile read serves 128 rows.
 
 Offline (Triton 3.6, sm_90, the gated MX kernel at 64-row blocks): 185 registers, no stack, 66 KB of shared
 memory, 568 SASS instructions per 128-K step of a warp (16 HGMMAs, the decode ~5 per element pair, 4
@@ -96,6 +99,21 @@ Mixtral-8x7B at 1024 4% faster, at 8192 fp8-channel-wo 4% slower (13301 -> 13837
 Not for
 128x128 weight blocks by default: their step's product and two scaled accumulators spill (240 bytes of stack
 in the loop, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --down --weights fp8-block``)."""
+
+DECODED_WGMMA_TAIL_M = 32
+"""A layout block whose rows past this one (else past twice this one, where that is less than the block) are all
+padding, as an expert's last block often is, runs MMAs of that N instead of the block's. With about 256 pairs
+per expert and 128-row blocks (DeepSeek-V3-like at 8192 tokens) a fifth of the MMA work was padding, most of it
+in third blocks of a few rows; the narrow program still decodes its whole weight tile (556 instructions per
+step against 615, ``benchmarks/moe_gemm_sass.py --gluon``), so it saves MMAs and activation reads, not the
+decode. 0 turns it off. H100, whole layers, 0 against 32 in the same run (``benchmarks/sweep_moe_gluon.py
+--setting decoded.DECODED_WGMMA_TAIL_M --values 0 32 --shapes DeepSeek-V3-like Qwen3-30B-A3B Mixtral-8x7B
+--tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-tail-cascade-h100.json``):
+DeepSeek at 8192 mxfp8 16312 -> 15532 us, mxfp8-wo 16978 -> 16464 (fp8-channel-wo 15424 -> 15756), at 1024
+mxfp8 5160 -> 4991; Qwen3-30B-A3B at 1024 (~64 pairs per expert: the 64-row MMA) 4-5% faster; Mixtral-8x7B at
+128 mxfp8 675 -> 654; the rest within 2% (Mixtral's mxfp8 at 8192 runs the aligned path, which this does not
+touch: 8903 -> 9406 there is the run's noise). One narrow size alone (16, 32 or 64, ``...-tail-h100.json``):
+16 and 32 alike on DeepSeek at 8192, 64 best on Qwen3 at 1024, hence the two."""
 
 if HAS_GLUON:
 
@@ -279,6 +297,139 @@ if HAS_GLUON:
         c_ptrs = c_ptr + out_pairs.to(gl.int64)[None, :] * stride_cm + offs_n[:, None]
         gl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & pair_ok[None, :])
 
+    @gluon.jit
+    def _block_tile(
+        a_ptr, w_ptr, w_scale_ptr, routing_ptr, c_ptr, sorted_pairs_ptr, num_pairs, N, K, top_k, stride_ar,
+        stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, expert, pid_m, pid_n,
+        A_GATHER: gl.constexpr, W_MODE: gl.constexpr, GATED: gl.constexpr, ROW_SETS: gl.constexpr,
+        MUL_ROUTING: gl.constexpr, BLOCK_M: gl.constexpr, LAYOUT_M: gl.constexpr, STAGES: gl.constexpr,
+    ):  # fmt: skip
+        """One program's work (the kernel's arguments as they are): the first ``BLOCK_M`` rows of layout block
+        ``pid_m`` (of ``LAYOUT_M`` rows; the rest are padding when ``BLOCK_M`` is less) of ``expert``, column
+        tile ``pid_n``."""
+        ROWS: gl.constexpr = 16 * gl.num_warps()  # 64 per warp group
+        QUARTER: gl.constexpr = 64
+        TWO_SETS: gl.constexpr = GATED or ROW_SETS == 2
+        TILE_N: gl.constexpr = ROWS if GATED else ROWS * ROW_SETS  # output columns per program
+        W_ROWS: gl.constexpr = 2 * ROWS if TWO_SETS else ROWS  # first set (gate) rows, then second (up) rows
+        C_ROWS: gl.constexpr = 2 * ROWS  # codes, 4 bytes per thread: one row set leaves the second half empty
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
+        )
+        operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+        w_copy: gl.constexpr = gl.BlockedLayout(
+            [1, 16], [8, 4], [gl.num_warps(), 1], [1, 0]
+        )  # 16-byte copies
+        a_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
+        c_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
+        w_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([W_ROWS, QUARTER], gl.float8e4nv)
+        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
+        c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+
+        w_s = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, W_ROWS, QUARTER], w_shared)
+        a_s = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BLOCK_M, QUARTER], a_shared)
+        c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, C_ROWS, 4], c_shared)
+
+        # Activation rows of this block (gathered), weight rows of this column tile, their codes.
+        a_layout_rows: gl.constexpr = gl.SliceLayout(1, a_copy)
+        pairs = gl.load(sorted_pairs_ptr + pid_m * LAYOUT_M + gl.arange(0, BLOCK_M, layout=a_layout_rows))
+        a_row_ok = pairs < num_pairs
+        pairs = gl.where(a_row_ok, pairs, 0)
+        if A_GATHER:  # noqa: SIM108 - a constexpr branch
+            a_rows = pairs // top_k
+        else:
+            a_rows = pairs
+        a_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, a_copy))
+        # Row strides are multiples of 16 bytes (K % 128 == 0; the launcher checks A), written so that the
+        # compiler sees it and copies 16 bytes (4 for the codes) at a time where it did not specialize them.
+        a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // 8 * 8) + a_cols[None, :]
+        a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
+
+        r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
+        if GATED:
+            n = pid_n * ROWS + (r % ROWS)
+            w_rows = gl.where(r < ROWS, n, N + n)
+        else:
+            n = pid_n * TILE_N + r
+            w_rows = n
+        w_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, w_copy))
+        w_base = w_ptr + expert * (stride_we // 16 * 16)
+        w_rows_ptrs = w_base + w_rows.to(gl.int64)[:, None] * (stride_wn // 16 * 16) + w_cols[None, :]
+        w_rows_ok = (n < N)[:, None] & (w_cols < QUARTER)[None, :]
+        rc = gl.arange(0, C_ROWS, layout=gl.SliceLayout(1, c_copy))
+        if GATED:
+            nc = pid_n * ROWS + (rc % ROWS)
+            c_rows = gl.where(rc < ROWS, nc, N + nc)
+        else:
+            nc = pid_n * TILE_N + rc
+            c_rows = nc
+        c_cols = gl.arange(0, 4, layout=gl.SliceLayout(0, c_copy))
+        code_base = w_scale_ptr + expert * (stride_wse // 4 * 4)
+        code_ptrs = code_base + c_rows.to(gl.int64)[:, None] * (stride_wsn // 4 * 4) + c_cols[None, :]
+        CODE_ROWS: gl.constexpr = C_ROWS if TWO_SETS else ROWS
+        code_rows_ok = ((nc < N) & (rc < CODE_ROWS))[:, None] & (c_cols < 4)[None, :]
+
+        k_steps = K // 128
+        for i in gl.static_range(STAGES - 1):
+            _issue_step(
+                w_s, c_s, a_s, i, i, w_rows_ptrs, w_rows_ok, code_ptrs, code_rows_ok, a_ptrs, a_rows_ok,
+                K, W_MODE,
+            )  # fmt: skip
+            async_copy.commit_group()
+
+        acc_g = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
+        acc_u = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
+        partial = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)  # W_MODE 1: one step's product
+        # W_MODE 1: the scales of the row blocks of the program's two row sets, one per K step (a second
+        # set past N reads the last block's: its rows are zeros)
+        first_row = pid_n * TILE_N
+        second_row = N + first_row if GATED else gl.minimum(first_row + ROWS, N - 1)
+        block_scale_g = w_scale_ptr + expert * stride_wse + (first_row // 128) * stride_wsn
+        block_scale_u = w_scale_ptr + expert * stride_wse + (second_row // 128) * stride_wsn
+        for kb in range(k_steps):
+            _issue_step(
+                w_s, c_s, a_s, (kb + STAGES - 1) % STAGES, kb + STAGES - 1, w_rows_ptrs, w_rows_ok,
+                code_ptrs, code_rows_ok, a_ptrs, a_rows_ok, K, W_MODE,
+            )  # fmt: skip
+            async_copy.commit_group()
+            async_copy.wait_group(STAGES - 1)  # this thread's copies of step kb have landed
+            fence_async_shared()
+            gl.thread_barrier()  # ... and every thread's
+            slot = kb % STAGES
+            if W_MODE == 1:
+                acc_g, acc_u = _block_scaled_step(
+                    w_s, c_s, a_s, slot, acc_g, acc_u, partial, block_scale_g + kb, block_scale_u + kb,
+                    TWO_SETS, W_MODE, operand_layout,
+                )  # fmt: skip
+            else:
+                acc_g, acc_u = _step(w_s, c_s, a_s, slot, acc_g, acc_u, TWO_SETS, W_MODE, operand_layout)
+        async_copy.wait_group(0)
+
+        rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
+        offs_n = pid_n * TILE_N + gl.arange(0, ROWS, layout=rows_layout)
+        n_ok = offs_n < N
+        out_pairs = gl.load(sorted_pairs_ptr + pid_m * LAYOUT_M + gl.arange(0, BLOCK_M, layout=cols_layout))
+        pair_ok = out_pairs < num_pairs
+        if MUL_ROUTING:
+            routing = gl.load(routing_ptr + out_pairs, mask=pair_ok, other=0.0).to(gl.float32)
+        else:
+            routing = gl.zeros([BLOCK_M], gl.float32, cols_layout)
+        scale_base = w_scale_ptr + expert * stride_wse
+        if GATED:
+            if W_MODE == 0:
+                acc_g = acc_g * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
+                acc_u = acc_u * gl.load(scale_base + (N + offs_n) * stride_wsn, mask=n_ok, other=1.0)[:, None]
+            acc = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u  # SiLU(gate) * up, fp32
+            _store_columns(acc, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
+                           stride_wsn, False, MUL_ROUTING)  # fmt: skip
+        else:
+            _store_columns(acc_g, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
+                           stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
+            if ROW_SETS == 2:
+                _store_columns(acc_u, offs_n + ROWS, N, out_pairs, pair_ok, routing, c_ptr, stride_cm,
+                               scale_base, stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
+
     @gluon.jit(do_not_specialize=["num_pairs", "n_rows_layout"])
     def moe_decoded_wgmma_kernel(
         a_ptr,  # A_GATHER: [T, K] bf16 (row of pair p is p // top_k), else [S, K]; (r, k) at r*stride_ar + k
@@ -310,139 +461,44 @@ if HAS_GLUON:
         BLOCK_M: gl.constexpr,  # layout rows (pairs of one expert): the MMA's N
         STAGES: gl.constexpr,
         GROUP_M: gl.constexpr,  # program order (tile_order)
+        TAIL_M: gl.constexpr,  # 0, or blocks with only padding from this row (or twice it) on run that MMA N
     ):
         """One program: 64 weight rows per warp group (and as many up rows, or with ``ROW_SETS`` 2 the next
         64 rows of an ungated GEMM) x BLOCK_M pairs of one expert, transposed; K steps of 128."""
         ROWS: gl.constexpr = 16 * gl.num_warps()  # 64 per warp group
-        QUARTER: gl.constexpr = 64
-        TWO_SETS: gl.constexpr = GATED or ROW_SETS == 2
         TILE_N: gl.constexpr = ROWS if GATED else ROWS * ROW_SETS  # output columns per program
-        W_ROWS: gl.constexpr = 2 * ROWS if TWO_SETS else ROWS  # first set (gate) rows, then second (up) rows
-        C_ROWS: gl.constexpr = 2 * ROWS  # codes, 4 bytes per thread: one row set leaves the second half empty
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 16]
-        )
-        operand_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-        w_copy: gl.constexpr = gl.BlockedLayout(
-            [1, 16], [8, 4], [gl.num_warps(), 1], [1, 0]
-        )  # 16-byte copies
-        a_copy: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [gl.num_warps(), 1], [1, 0])
-        c_copy: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [gl.num_warps(), 1], [1, 0])
-        w_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([W_ROWS, QUARTER], gl.float8e4nv)
-        a_shared: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, QUARTER], gl.bfloat16)
-        c_shared: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-
         pid_m, pid_n = tile_order(n_rows_layout // BLOCK_M, gl.cdiv(N, TILE_N), GROUP_M)
         block_expert = gl.load(block_expert_ptr + pid_m)
         if block_expert >= 0:
             expert = block_expert.to(gl.int64)
-            w_s = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, W_ROWS, QUARTER], w_shared)
-            a_s = gl.allocate_shared_memory(gl.bfloat16, [2 * STAGES, BLOCK_M, QUARTER], a_shared)
-            c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, C_ROWS, 4], c_shared)
-
-            # Activation rows of this block (gathered), weight rows of this column tile, their codes.
-            a_layout_rows: gl.constexpr = gl.SliceLayout(1, a_copy)
-            pairs = gl.load(sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=a_layout_rows))
-            a_row_ok = pairs < num_pairs
-            pairs = gl.where(a_row_ok, pairs, 0)
-            if A_GATHER:  # noqa: SIM108 - a constexpr branch
-                a_rows = pairs // top_k
-            else:
-                a_rows = pairs
-            a_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, a_copy))
-            # Row strides are multiples of 16 bytes (K % 128 == 0; the launcher checks A), written so that the
-            # compiler sees it and copies 16 bytes (4 for the codes) at a time where it did not specialize them.
-            a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // 8 * 8) + a_cols[None, :]
-            a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
-
-            r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
-            if GATED:
-                n = pid_n * ROWS + (r % ROWS)
-                w_rows = gl.where(r < ROWS, n, N + n)
-            else:
-                n = pid_n * TILE_N + r
-                w_rows = n
-            w_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, w_copy))
-            w_base = w_ptr + expert * (stride_we // 16 * 16)
-            w_rows_ptrs = w_base + w_rows.to(gl.int64)[:, None] * (stride_wn // 16 * 16) + w_cols[None, :]
-            w_rows_ok = (n < N)[:, None] & (w_cols < QUARTER)[None, :]
-            rc = gl.arange(0, C_ROWS, layout=gl.SliceLayout(1, c_copy))
-            if GATED:
-                nc = pid_n * ROWS + (rc % ROWS)
-                c_rows = gl.where(rc < ROWS, nc, N + nc)
-            else:
-                nc = pid_n * TILE_N + rc
-                c_rows = nc
-            c_cols = gl.arange(0, 4, layout=gl.SliceLayout(0, c_copy))
-            code_base = w_scale_ptr + expert * (stride_wse // 4 * 4)
-            code_ptrs = code_base + c_rows.to(gl.int64)[:, None] * (stride_wsn // 4 * 4) + c_cols[None, :]
-            CODE_ROWS: gl.constexpr = C_ROWS if TWO_SETS else ROWS
-            code_rows_ok = ((nc < N) & (rc < CODE_ROWS))[:, None] & (c_cols < 4)[None, :]
-
-            k_steps = K // 128
-            for i in gl.static_range(STAGES - 1):
-                _issue_step(
-                    w_s, c_s, a_s, i, i, w_rows_ptrs, w_rows_ok, code_ptrs, code_rows_ok, a_ptrs, a_rows_ok,
-                    K, W_MODE,
+            # Blocks with only padding past row TAIL_M (or 2 TAIL_M, where that is less than BLOCK_M) run the
+            # MMAs of that N: an expert's last block is often a few rows.
+            WIDER_M: gl.constexpr = 2 * TAIL_M if 2 * TAIL_M < BLOCK_M else BLOCK_M
+            first_row = pid_m * BLOCK_M
+            if TAIL_M == 0:
+                _block_tile(
+                    a_ptr, w_ptr, w_scale_ptr, routing_ptr, c_ptr, sorted_pairs_ptr, num_pairs, N, K, top_k,
+                    stride_ar, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, expert, pid_m, pid_n,
+                    A_GATHER, W_MODE, GATED, ROW_SETS, MUL_ROUTING, BLOCK_M, BLOCK_M, STAGES,
                 )  # fmt: skip
-                async_copy.commit_group()
-
-            acc_g = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
-            acc_u = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)
-            partial = gl.zeros([ROWS, BLOCK_M], gl.float32, mma_layout)  # W_MODE 1: one step's product
-            # W_MODE 1: the scales of the row blocks of the program's two row sets, one per K step (a second
-            # set past N reads the last block's: its rows are zeros)
-            first_row = pid_n * TILE_N
-            second_row = N + first_row if GATED else gl.minimum(first_row + ROWS, N - 1)
-            block_scale_g = w_scale_ptr + expert * stride_wse + (first_row // 128) * stride_wsn
-            block_scale_u = w_scale_ptr + expert * stride_wse + (second_row // 128) * stride_wsn
-            for kb in range(k_steps):
-                _issue_step(
-                    w_s, c_s, a_s, (kb + STAGES - 1) % STAGES, kb + STAGES - 1, w_rows_ptrs, w_rows_ok,
-                    code_ptrs, code_rows_ok, a_ptrs, a_rows_ok, K, W_MODE,
+            elif gl.load(sorted_pairs_ptr + first_row + TAIL_M) >= num_pairs:
+                _block_tile(
+                    a_ptr, w_ptr, w_scale_ptr, routing_ptr, c_ptr, sorted_pairs_ptr, num_pairs, N, K, top_k,
+                    stride_ar, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, expert, pid_m, pid_n,
+                    A_GATHER, W_MODE, GATED, ROW_SETS, MUL_ROUTING, TAIL_M, BLOCK_M, STAGES,
                 )  # fmt: skip
-                async_copy.commit_group()
-                async_copy.wait_group(STAGES - 1)  # this thread's copies of step kb have landed
-                fence_async_shared()
-                gl.thread_barrier()  # ... and every thread's
-                slot = kb % STAGES
-                if W_MODE == 1:
-                    acc_g, acc_u = _block_scaled_step(
-                        w_s, c_s, a_s, slot, acc_g, acc_u, partial, block_scale_g + kb, block_scale_u + kb,
-                        TWO_SETS, W_MODE, operand_layout,
-                    )  # fmt: skip
-                else:
-                    acc_g, acc_u = _step(w_s, c_s, a_s, slot, acc_g, acc_u, TWO_SETS, W_MODE, operand_layout)
-            async_copy.wait_group(0)
-
-            rows_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
-            cols_layout: gl.constexpr = gl.SliceLayout(0, mma_layout)
-            offs_n = pid_n * TILE_N + gl.arange(0, ROWS, layout=rows_layout)
-            n_ok = offs_n < N
-            out_pairs = gl.load(
-                sorted_pairs_ptr + pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=cols_layout)
-            )
-            pair_ok = out_pairs < num_pairs
-            if MUL_ROUTING:
-                routing = gl.load(routing_ptr + out_pairs, mask=pair_ok, other=0.0).to(gl.float32)
+            elif WIDER_M < BLOCK_M and gl.load(sorted_pairs_ptr + first_row + WIDER_M) >= num_pairs:
+                _block_tile(
+                    a_ptr, w_ptr, w_scale_ptr, routing_ptr, c_ptr, sorted_pairs_ptr, num_pairs, N, K, top_k,
+                    stride_ar, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, expert, pid_m, pid_n,
+                    A_GATHER, W_MODE, GATED, ROW_SETS, MUL_ROUTING, WIDER_M, BLOCK_M, STAGES,
+                )  # fmt: skip
             else:
-                routing = gl.zeros([BLOCK_M], gl.float32, cols_layout)
-            scale_base = w_scale_ptr + expert * stride_wse
-            if GATED:
-                if W_MODE == 0:
-                    acc_g = acc_g * gl.load(scale_base + offs_n * stride_wsn, mask=n_ok, other=1.0)[:, None]
-                    acc_u = (
-                        acc_u * gl.load(scale_base + (N + offs_n) * stride_wsn, mask=n_ok, other=1.0)[:, None]
-                    )
-                acc = acc_g / (1.0 + gl.exp(-acc_g)) * acc_u  # SiLU(gate) * up, fp32
-                _store_columns(acc, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
-                               stride_wsn, False, MUL_ROUTING)  # fmt: skip
-            else:
-                _store_columns(acc_g, offs_n, N, out_pairs, pair_ok, routing, c_ptr, stride_cm, scale_base,
-                               stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
-                if ROW_SETS == 2:
-                    _store_columns(acc_u, offs_n + ROWS, N, out_pairs, pair_ok, routing, c_ptr, stride_cm,
-                                   scale_base, stride_wsn, W_MODE == 0, MUL_ROUTING)  # fmt: skip
+                _block_tile(
+                    a_ptr, w_ptr, w_scale_ptr, routing_ptr, c_ptr, sorted_pairs_ptr, num_pairs, N, K, top_k,
+                    stride_ar, stride_we, stride_wn, stride_wse, stride_wsn, stride_cm, expert, pid_m, pid_n,
+                    A_GATHER, W_MODE, GATED, ROW_SETS, MUL_ROUTING, BLOCK_M, BLOCK_M, STAGES,
+                )  # fmt: skip
 
 
 def decoded_wgmma_usable(a: torch.Tensor, k: int, block_m: int) -> bool:
@@ -472,6 +528,7 @@ def moe_decoded_wgmma_gemm(
     warps: int = 4,
     group_m: int | None = None,
     row_sets: int | None = None,
+    tail_m: int | None = None,
 ) -> torch.Tensor:
     """One grouped GEMM (the contract of :func:`~mxrun.kernels.moe_gemm.moe_grouped_gemm_triton`, which
     checks the operands and calls this where :func:`decoded_wgmma_usable` holds): ``w_data`` E4M3 ``[E, N_W,
@@ -481,8 +538,9 @@ def moe_decoded_wgmma_gemm(
     ``p // gather_top_k`` (or ``p``), the layout ``sorted_pair_ids`` / ``block_expert`` of ``block_m`` rows;
     writes ``out`` ``[S, N]``. ``warps``: 4 (one warp group, 64 weight rows per program) or 8 (two, 128 rows
     sharing each activation tile). ``stages``, ``group_m``: the ring's slots and the program order;
-    ``row_sets``: weight row sets per warp group of an ungated GEMM, 1 or 2 (defaults: the module's
-    :data:`DECODED_WGMMA_STAGES`, :data:`DECODED_WGMMA_GROUP_M` and :data:`DECODED_WGMMA_ROW_SETS`, read at
+    ``row_sets``: weight row sets per warp group of an ungated GEMM, 1 or 2; ``tail_m``: the MMA N of blocks
+    with nothing but padding past that row, 0 for none (defaults: the module's :data:`DECODED_WGMMA_STAGES`,
+    :data:`DECODED_WGMMA_GROUP_M`, :data:`DECODED_WGMMA_ROW_SETS` and :data:`DECODED_WGMMA_TAIL_M`, read at
     each call)."""
     _, n_w, k = w_data.shape
     n = n_w // 2 if gated else n_w
@@ -497,6 +555,9 @@ def moe_decoded_wgmma_gemm(
         row_sets = DECODED_WGMMA_ROW_SETS
     if row_sets not in (1, 2):
         raise GemmInputError(f"moe_decoded_wgmma_gemm: row_sets={row_sets} (1 or 2)")
+    tail_m = DECODED_WGMMA_TAIL_M if tail_m is None else tail_m
+    if tail_m not in (0, 16, 32, 64):
+        raise GemmInputError(f"moe_decoded_wgmma_gemm: tail_m={tail_m} (0, 16, 32 or 64)")
     if w_mode == 0:
         stride_wse, stride_wsn = w_scale.stride(0), (w_scale.stride(1) if w_scale.shape[1] > 1 else 0)
     else:
@@ -511,7 +572,8 @@ def moe_decoded_wgmma_gemm(
         a.stride(0), w_data.stride(0), w_data.stride(1), stride_wse, stride_wsn, out.stride(0),
         A_GATHER=gather_top_k is not None, W_MODE=w_mode, GATED=gated, ROW_SETS=row_sets,
         MUL_ROUTING=routing_weights is not None, BLOCK_M=block_m, STAGES=DECODED_WGMMA_STAGES if stages is None else stages,
-        GROUP_M=DECODED_WGMMA_GROUP_M if group_m is None else group_m, num_warps=warps,
+        GROUP_M=DECODED_WGMMA_GROUP_M if group_m is None else group_m,
+        TAIL_M=tail_m if tail_m < block_m else 0, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -520,6 +582,7 @@ __all__ = [
     "DECODED_WGMMA_GROUP_M",
     "DECODED_WGMMA_ROW_SETS",
     "DECODED_WGMMA_STAGES",
+    "DECODED_WGMMA_TAIL_M",
     "HAS_GLUON",
     "decoded_wgmma_usable",
     "moe_decoded_wgmma_gemm",

@@ -192,6 +192,35 @@ def test_gpu_down_row_sets_match_reference(fmt, warps, row_sets, n) -> None:
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("fmt", [F.FP8_CHANNEL, F.FP8_BLOCK, F.MXFP8])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("tail_m", [0, 16, 32, 64])
+def test_gpu_narrow_tail_blocks_match_reference(fmt, gated, tail_m) -> None:
+    """128-row blocks whose rows past ``tail_m`` (or twice it, below 128) are padding run a narrower MMA.
+    Experts of 150 pairs (a full block and one of 22 rows), 33, 32 (exactly ``tail_m`` = 32 rows), 97, 16 and
+    none, so that each narrow size meets blocks on both sides of its threshold; the same bound as full
+    blocks."""
+    counts = [150, 33, 32, 97, 16, 0]
+    experts, n, k = len(counts), 128, 256
+    generator = torch.Generator().manual_seed(91)
+    index = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])
+    index = index[torch.randperm(index.numel(), generator=generator)].reshape(-1, 1).to("cuda")
+    routing = torch.rand(index.shape, generator=generator).to("cuda") + 0.5
+    weights = _stack(fmt, experts, 2 * n if gated else n, k, seed=92)
+    x = _x(index.numel(), k, seed=93)
+    groups = group_tokens(index, experts, 128)
+    out = torch.zeros(index.numel(), n, dtype=torch.bfloat16, device="cuda")
+    moe_decoded_wgmma_gemm(
+        x, weights.data, weights.scale, {F.FP8_CHANNEL: 0, F.FP8_BLOCK: 1, F.MXFP8: 2}[fmt],
+        groups.sorted_pair_ids, groups.block_expert, groups.num_pairs, 128, out, gated=gated,
+        gather_top_k=1 if gated else None, routing_weights=None if gated else routing.reshape(-1), tail_m=tail_m,
+    )  # fmt: skip
+    reference = _gemm_reference(x, weights, index, gated, gated, None if gated else routing)
+    _assert_one_ulp(out, reference)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_gpu_refuses_what_it_cannot_run() -> None:
     weights = _stack(F.MXFP8, 2, 128, 128, seed=0)
     _, index = _routing(3, 2, 1, seed=0)
