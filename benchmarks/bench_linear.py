@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import torch
 
-from mxrun.kernels import small_m_gemm
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
@@ -47,17 +46,6 @@ SHAPES = {  # name: (K, N)
 MS = [1, 16, 64, 256, 1024, 4096, 16384]
 QUICK_SHAPES = ["8B o 4096->4096", "8B down 14336->4096", "70B qkv 8192->10240"]
 QUICK_MS = [1, 16, 256, 1024, 4096]
-
-
-def _round_pass(fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``fn()`` with the small-M kernel's MX activation rounding done as a separate pass before it (what
-    ``FUSED_MX_ROUND`` replaced), for a same-run comparison."""
-    saved = small_m_gemm.FUSED_MX_ROUND
-    small_m_gemm.FUSED_MX_ROUND = False
-    try:
-        return fn()
-    finally:
-        small_m_gemm.FUSED_MX_ROUND = saved
 
 
 def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -90,9 +78,6 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
             x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
         ),
         "mxfp8:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
-        "mxfp8:round-pass": lambda: _round_pass(
-            lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable)
-        ),
         "mxfp8-tiles": lambda: mxfp8_linear(
             *(x, tiles.data, tiles.scale_e8m0, None, "round_up"),
             weight_tile_scale=tile_scale,

@@ -213,37 +213,6 @@ def dequantize_mxfp8(
 
 
 @triton.jit
-def mx_rule(x_groups, ROUND_UP: tl.constexpr, SOFT_CAST: tl.constexpr):
-    """The MX rule on ``[R, G, GROUP]`` groups: their E8M0 codes ``[R, G]`` (int32, 255 for a group holding NaN),
-    which groups hold NaN, and the elements' E4M3 codes (uint8) at their group's scale."""
-    amax_bits = tl.max(magnitude_bits(x_groups), axis=2)
-    codes = (amax_bits >> 23) - 8
-    if ROUND_UP:
-        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    codes = tl.maximum(codes, 0)
-    block_is_nan = amax_bits > 0x7F800000
-    codes = tl.where(block_is_nan, 255, codes)
-    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
-    scaled = widen_to_fp32(x_groups) * inverse_scale[:, :, None]
-    scaled = tl.where(block_is_nan[:, :, None], float("nan"), scaled)
-    return codes, block_is_nan, e4m3_code(scaled, SOFT_CAST)
-
-
-@triton.jit
-def mx_round_rows(x, ROUND_UP: tl.constexpr, SOFT_CAST: tl.constexpr):
-    """``[R, C]`` (C a multiple of 32) rounded to its MXFP8 values with the MX rule over each row's 32-element
-    groups, as fp32 (E4M3 times 2^e, exact in bf16; NaN groups all NaN): what :func:`mx_round_triton` stores,
-    for kernels that round their activation tiles as they load them."""
-    R: tl.constexpr = x.shape[0]
-    C: tl.constexpr = x.shape[1]
-    codes, block_is_nan, q = mx_rule(tl.reshape(x, [R, C // 32, 32]), ROUND_UP, SOFT_CAST)
-    scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
-    scale = tl.where(block_is_nan, float("nan"), scale)
-    values = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
-    return tl.reshape(values, [R, C])
-
-
-@triton.jit
 def _mxfp8_quantize_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
@@ -275,7 +244,19 @@ def _mxfp8_quantize_kernel(
 
     x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
     x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
-    codes, block_is_nan, q = mx_rule(tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP]), ROUND_UP, SOFT_CAST)
+    x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP])
+    amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
+    codes = (amax_bits >> 23) - 8
+    if ROUND_UP:
+        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    codes = tl.maximum(codes, 0)
+    block_is_nan = amax_bits > 0x7F800000
+    codes = tl.where(block_is_nan, 255, codes)
+    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
+
+    scaled = widen_to_fp32(x_raw) * inverse_scale[:, :, None]
+    scaled = tl.where(block_is_nan[:, :, None], float("nan"), scaled)
+    q = e4m3_code(scaled, SOFT_CAST)
     q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
     if ROUND_ONLY:
         scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)

@@ -45,7 +45,12 @@ bf16 scale multiply, fp16 -> fp32 by integer ops instead of the conversion (1.08
 variants that keep E4M3-coded activations were measured and dropped: fp16 MMAs per 32-wide group with each
 partial product scaled (0.9-1.4x of bf16, against 1.4-1.7x rounding first), and one MMA per 128-wide step with
 the blocks re-expressed at the step's largest exponent in fp16 (slower still: the per-element shifts and
-per-step exponent handling cost more than the bf16 conversion they avoid).
+per-step exponent handling cost more than the bf16 conversion they avoid). Also measured and left out: rounding
+the activations to MXFP8 inside this kernel as each tile is loaded, instead of the separate pass (same bits,
+tested; commit 8391da1): every column block's programs then round the same activation slab again, and the
+instruction-bound loop got slower in all 14 cases (H100, ``bench_linear.py --graph --rep-ms 20 --ms 1 16
+--columns mxfp8 mxfp8:round-pass mxfp8-wo``, ``results/linear-h100-fused-mx-round.md``: 8B qkv at M = 1 18.0
+against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
@@ -59,14 +64,7 @@ import torch
 from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
-from mxrun.kernels.mxfp8_quantize import (
-    MX_BLOCK_SIZE,
-    E4m3Cast,
-    MxScaleRule,
-    mx_round_rows,
-    mx_round_triton,
-    resolve_cast,
-)
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
@@ -74,11 +72,6 @@ SMALL_M_MAX = 64
 """Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
 the MMA needs at least 16), so a new M compiles at most three variants."""
 
-
-FUSED_MX_ROUND = True
-"""MXFP8 W8A8: each program rounds the activation tiles it loads to their MXFP8 values (the MX rule needs only
-the 32 elements of a group, which a K step holds whole), instead of a separate pass over the activations
-before the GEMM; the same values either way (tested). False keeps the pass (for comparison)."""
 
 FUSED_SUM_MAX_BLOCK_M = 16
 """Up to this tile height the last split to arrive adds the partials (one launch); taller tiles leave that to
@@ -183,8 +176,6 @@ def _split_k_kernel(
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights, bf16 MMA: the same widening with the power of two folded in
-    A_MX: tl.constexpr,  # 0: activations as they are; 1 / 2: rounded to MXFP8 as loaded (floor / round-up rule)
-    SOFT_CAST: tl.constexpr,  # A_MX: E4M3 encoded with integer arithmetic (the interpreter), not the hardware
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -210,8 +201,6 @@ def _split_k_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_ok = k0 + offs_k < k_end
         a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if A_MX != 0:  # K steps and splits start at multiples of 32: every MX group lies in one tile
-            a = mx_round_rows(a, A_MX == 2, SOFT_CAST).to(a.dtype)
         b = tl.load(b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
             g_ok = k0 + offs_g * 32 < k_end
@@ -329,7 +318,6 @@ def small_m_gemm_triton(
         raise GemmInputError(f"{fn}: MXFP8 weights need K % 32 == 0 and E8M0 scales [N, K/32]")
     if bias is not None and bias.shape != (n,):
         raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
-    a_mx = 0  # the kernel's A_MX: activations rounded to MXFP8 as each tile is loaded (FUSED_MX_ROUND)
     if a.dtype in (torch.bfloat16, torch.float16):
         if a_scale is not None:
             raise GemmInputError(f"{fn}: a_scale goes with E4M3 activations only")
@@ -337,12 +325,7 @@ def small_m_gemm_triton(
         if activation_mx_rule is not None:
             if k % MX_BLOCK_SIZE:
                 raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
-            if FUSED_MX_ROUND:
-                a_mx = 2 if MxScaleRule(activation_mx_rule) is MxScaleRule.ROUND_UP else 1
-            else:
-                a = mx_round_triton(
-                    a, activation_mx_rule
-                )  # the same values as bf16/fp16: then as weight-only
+            a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
     elif a.dtype == torch.float8_e4m3fn:
         if a_scale is None or activation_mx_rule is not None or out_dtype is None:
             raise GemmInputError(
@@ -395,8 +378,6 @@ def small_m_gemm_triton(
         MMA=mma,
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=b_mx and mx_scale_fold and fast_widen and mma == 1 and fast_widen_usable(a.device),
-        A_MX=a_mx,
-        SOFT_CAST=a_mx != 0 and resolve_cast(E4m3Cast.AUTO),
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -428,7 +409,6 @@ __all__ = [
     "BF16_MMA_CONFIG",
     "DEFAULT_CONFIG",
     "FP16_MMA_CONFIG",
-    "FUSED_MX_ROUND",
     "FUSED_SUM_MAX_BLOCK_M",
     "SMALL_M_MAX",
     "SplitKConfig",

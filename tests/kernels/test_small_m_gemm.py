@@ -163,41 +163,6 @@ def test_mx_with_far_apart_block_scales(spread) -> None:
     assert_one_ulp(out, ref)
 
 
-@pytest.mark.parametrize("rule", ["round_up", "floor"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("m", "n", "k", "split_k"), [(1, 72, 544, 3), (5, 130, 800, None), (40, 96, 288, 1)])
-def test_activations_rounded_in_the_kernel_give_the_pass_bits(
-    monkeypatch, m, n, k, split_k, dtype, rule
-) -> None:
-    """MXFP8 W8A8 rounds each activation tile as it is loaded (``FUSED_MX_ROUND``): bit for bit the output of
-    the separate rounding pass, for both rules and both activation dtypes, with groups spread over 2^-30..2^10
-    (bf16; fp16's subnormals start at 2^-14, so it stays at 2^-8..2^6), a NaN group in one row, a K tail and
-    several splits."""
-    from mxrun.kernels import small_m_gemm
-
-    x, w, bias = _inputs(m, n, k, seed=23)
-    low, high = (-30, 10) if dtype == torch.bfloat16 else (-8, 6)
-    g = torch.Generator().manual_seed(24)
-    exponents = torch.randint(low, high + 1, (m, k // 32), generator=g).repeat_interleave(32, dim=1)
-    x = (x.float() * 2.0 ** exponents.float()).to(dtype)
-    x[0, 64:96] = float("nan")  # one MX group of NaN: that row's outputs are NaN both ways
-    q = quantize_mxfp8_reference(w)
-    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias.to(dtype))
-
-    def run(fused: bool) -> torch.Tensor:
-        monkeypatch.setattr(small_m_gemm, "FUSED_MX_ROUND", fused)
-        return small_m_gemm_triton(
-            a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, split_k=split_k
-        )
-
-    fused, pass_first = run(True), run(False)
-    assert fused[0].isnan().all() and not fused[1:].isnan().any()
-    assert torch.equal(fused.view(torch.int16), pass_first.view(torch.int16))
-    if m > 1:
-        ref = mxfp8_linear_reference(x[1:], q.data, q.scale_e8m0, bias.to(dtype), MxScaleRule(rule))
-        assert_one_ulp(fused[1:], ref)
-
-
 def test_default_tile_by_operand_kind() -> None:
     """fp16 MMAs (E4M3 codes, fp16 activations) and bf16 MMAs get the tiles measured best for them up to 16
     rows; decoding MX weights, and 32- or 64-row tiles, keep the default (they need the registers)."""
