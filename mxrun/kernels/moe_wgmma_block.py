@@ -48,7 +48,7 @@ if HAS_GLUON:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from mxrun.kernels.moe_wgmma_decoded import tile_order  # defined only where Gluon is
+    from mxrun.kernels.moe_wgmma_decoded import layout_rows, tile_order  # defined only where Gluon is
 
 BLOCK_ROWS = 128
 """Layout rows per program (two consumer warp groups of 64) and the layout's BLOCK_M."""
@@ -62,27 +62,6 @@ tokens within 2%; 16 measured the same as 8."""
 CONSUMER_REGS = 232
 
 if HAS_GLUON:
-
-    @gluon.jit
-    def _layout_rows(
-        sorted_pairs_ptr,
-        first,
-        num_pairs,
-        top_k,
-        ROWS: gl.constexpr,
-        layout: gl.constexpr,
-        A_GATHER: gl.constexpr,
-    ):
-        """Layout rows ``first .. first + ROWS - 1``: their pair ids (padding read as pair 0), which are real,
-        and the activation row each reads (``p // top_k`` when the tokens are gathered)."""
-        pairs = gl.load(sorted_pairs_ptr + first + gl.arange(0, ROWS, layout=layout))
-        row_ok = pairs < num_pairs
-        pairs = gl.where(row_ok, pairs, 0)
-        if A_GATHER:  # noqa: SIM108 - a constexpr branch
-            a_rows = pairs // top_k
-        else:
-            a_rows = pairs
-        return pairs, row_ok, a_rows
 
     @gluon.jit
     def _loader(
@@ -107,7 +86,7 @@ if HAS_GLUON:
         ``w_row1`` of the stack viewed as [E * N_W, K]), ``cp.async`` the 128 gathered activation rows; both
         arrive on the slot's ``ready`` barrier (each loader thread once, for its own copies)."""
         copy_layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
-        _, row_ok, a_rows = _layout_rows(
+        _, row_ok, a_rows = layout_rows(
             sorted_pairs_ptr, pid_m * 128, num_pairs, top_k, 128, gl.SliceLayout(1, copy_layout), A_GATHER
         )
         cols = gl.arange(0, 128, layout=gl.SliceLayout(0, copy_layout))
@@ -174,7 +153,7 @@ if HAS_GLUON:
         )
         rows_layout: gl.constexpr = gl.SliceLayout(1, layout)
         cols_layout: gl.constexpr = gl.SliceLayout(0, layout)
-        pairs, row_ok, a_rows = _layout_rows(
+        pairs, row_ok, a_rows = layout_rows(
             sorted_pairs_ptr, pid_m * 128 + HALF * 64, num_pairs, top_k, 64, rows_layout, A_GATHER
         )
         a_scale_rows = a_scale_ptr + a_rows.to(gl.int64) * stride_asr

@@ -96,17 +96,16 @@ DeepSeek-V3-like at 8192 tokens, MXFP8: the down GEMM 6543 -> 5399 us (``benchma
 --tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-row-sets-h100.json``):
 DeepSeek at 8192 mxfp8 18022 -> 16929 us, mxfp8-wo 18264 -> 17507; Qwen3-30B-A3B at 1024 5-6% faster;
 Mixtral-8x7B at 1024 4% faster, at 8192 fp8-channel-wo 4% slower (13301 -> 13837); 128 tokens within 1%.
-Not for
-128x128 weight blocks by default: their step's product and two scaled accumulators spill (240 bytes of stack
-in the loop, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --down --weights fp8-block``)."""
+Not for 128x128 weight blocks by default: their step's product and two scaled accumulators spill (240 bytes
+of stack in the loop, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --down --weights fp8-block``)."""
 
 DECODED_WGMMA_TAIL_M = 32
 """A layout block whose rows past this one (else past twice this one, where that is less than the block) are all
 padding, as an expert's last block often is, runs MMAs of that N instead of the block's. With about 256 pairs
 per expert and 128-row blocks (DeepSeek-V3-like at 8192 tokens) a fifth of the MMA work was padding, most of it
-in third blocks of a few rows; the narrow program still decodes its whole weight tile (556 instructions per
-step against 615, ``benchmarks/moe_gemm_sass.py --gluon``), so it saves MMAs and activation reads, not the
-decode. 0 turns it off. H100, whole layers, 0 against 32 in the same run (``benchmarks/sweep_moe_gluon.py
+in third blocks of a few rows; the narrow program still decodes its whole weight tile (559 instructions per
+step against 615, ``benchmarks/moe_gemm_sass.py --gluon --tail-m 32``), so it saves MMAs and activation
+reads, not the decode. 0 turns it off. H100, whole layers, 0 against 32 in the same run (``benchmarks/sweep_moe_gluon.py
 --setting decoded.DECODED_WGMMA_TAIL_M --values 0 32 --shapes DeepSeek-V3-like Qwen3-30B-A3B Mixtral-8x7B
 --tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-tail-cascade-h100.json``):
 DeepSeek at 8192 mxfp8 16312 -> 15532 us, mxfp8-wo 16978 -> 16464 (fp8-channel-wo 15424 -> 15756), at 1024
@@ -135,6 +134,40 @@ if HAS_GLUON:
             pid_m = first + pid % per_group % size
             pid_n = pid % per_group // size
         return pid_m, pid_n
+
+    @gluon.jit
+    def layout_rows(
+        sorted_pairs_ptr,
+        first,
+        num_pairs,
+        top_k,
+        ROWS: gl.constexpr,
+        layout: gl.constexpr,
+        A_GATHER: gl.constexpr,
+    ):
+        """Layout rows ``first .. first + ROWS - 1``: their pair ids (padding read as pair 0), which are real,
+        and the activation row each reads (``p // top_k`` when the tokens are gathered)."""
+        pairs = gl.load(sorted_pairs_ptr + first + gl.arange(0, ROWS, layout=layout))
+        row_ok = pairs < num_pairs
+        pairs = gl.where(row_ok, pairs, 0)
+        if A_GATHER:  # noqa: SIM108 - a constexpr branch
+            a_rows = pairs // top_k
+        else:
+            a_rows = pairs
+        return pairs, row_ok, a_rows
+
+    @gluon.jit
+    def _weight_rows(r, pid_n, N, ROWS: gl.constexpr, TILE_N: gl.constexpr, GATED: gl.constexpr):
+        """For a program's weight rows ``r``: the output column each serves and the stack row it reads. Gated,
+        the first ``ROWS`` are gate rows and the next ``ROWS`` the matching up rows (``N`` further down the
+        stack); else ``TILE_N`` consecutive rows."""
+        if GATED:
+            n = pid_n * ROWS + (r % ROWS)
+            rows = gl.where(r < ROWS, n, N + n)
+        else:
+            n = pid_n * TILE_N + r
+            rows = n
+        return n, rows
 
     @constexpr_function
     def _split_k_layout(linear, group):
@@ -331,38 +364,24 @@ if HAS_GLUON:
         c_s = gl.allocate_shared_memory(gl.uint8, [STAGES, C_ROWS, 4], c_shared)
 
         # Activation rows of this block (gathered), weight rows of this column tile, their codes.
-        a_layout_rows: gl.constexpr = gl.SliceLayout(1, a_copy)
-        pairs = gl.load(sorted_pairs_ptr + pid_m * LAYOUT_M + gl.arange(0, BLOCK_M, layout=a_layout_rows))
-        a_row_ok = pairs < num_pairs
-        pairs = gl.where(a_row_ok, pairs, 0)
-        if A_GATHER:  # noqa: SIM108 - a constexpr branch
-            a_rows = pairs // top_k
-        else:
-            a_rows = pairs
+        _, a_row_ok, a_rows = layout_rows(
+            sorted_pairs_ptr, pid_m * LAYOUT_M, num_pairs, top_k, BLOCK_M, gl.SliceLayout(1, a_copy), A_GATHER
+        )
         a_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, a_copy))
         # Row strides are multiples of 16 bytes (K % 128 == 0; the launcher checks A), written so that the
         # compiler sees it and copies 16 bytes (4 for the codes) at a time where it did not specialize them.
         a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * (stride_ar // 8 * 8) + a_cols[None, :]
         a_rows_ok = a_row_ok[:, None] & (a_cols < QUARTER)[None, :]  # padding rows read as zeros
 
-        r = gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy))
-        if GATED:
-            n = pid_n * ROWS + (r % ROWS)
-            w_rows = gl.where(r < ROWS, n, N + n)
-        else:
-            n = pid_n * TILE_N + r
-            w_rows = n
+        n, w_rows = _weight_rows(
+            gl.arange(0, W_ROWS, layout=gl.SliceLayout(1, w_copy)), pid_n, N, ROWS, TILE_N, GATED
+        )
         w_cols = gl.arange(0, QUARTER, layout=gl.SliceLayout(0, w_copy))
         w_base = w_ptr + expert * (stride_we // 16 * 16)
         w_rows_ptrs = w_base + w_rows.to(gl.int64)[:, None] * (stride_wn // 16 * 16) + w_cols[None, :]
         w_rows_ok = (n < N)[:, None] & (w_cols < QUARTER)[None, :]
         rc = gl.arange(0, C_ROWS, layout=gl.SliceLayout(1, c_copy))
-        if GATED:
-            nc = pid_n * ROWS + (rc % ROWS)
-            c_rows = gl.where(rc < ROWS, nc, N + nc)
-        else:
-            nc = pid_n * TILE_N + rc
-            c_rows = nc
+        nc, c_rows = _weight_rows(rc, pid_n, N, ROWS, TILE_N, GATED)
         c_cols = gl.arange(0, 4, layout=gl.SliceLayout(0, c_copy))
         code_base = w_scale_ptr + expert * (stride_wse // 4 * 4)
         code_ptrs = code_base + c_rows.to(gl.int64)[:, None] * (stride_wsn // 4 * 4) + c_cols[None, :]
