@@ -48,9 +48,9 @@ the blocks re-expressed at the step's largest exponent in fp16 (slower still: th
 per-step exponent handling cost more than the bf16 conversion they avoid). Also measured and left out: rounding
 the activations to MXFP8 inside this kernel as each tile is loaded, instead of the separate pass (same bits,
 tested; commit 8391da1): every column block's programs then round the same activation slab again, and the
-instruction-bound loop got slower in all 14 cases (H100, ``bench_linear.py --graph --rep-ms 20 --ms 1 16
---columns mxfp8 mxfp8:round-pass mxfp8-wo``, ``results/linear-h100-fused-mx-round.md``: 8B qkv at M = 1 18.0
-against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8).
+instruction-bound loop got slower in all 14 cases (H100, at that commit ``bench_linear.py --graph --rep-ms 20
+--ms 1 16 --columns mxfp8 mxfp8:round-pass mxfp8-wo``, ``results/linear-h100-fused-mx-round.md``: 8B qkv at
+M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
