@@ -25,6 +25,12 @@ FP8 over bf16 MMAs pays for at large M (``ALIGNED_MIN_M`` in :mod:`mxrun.kernels
 A recipe that sets ``tile_aligned: true`` stores the weight in this form once (:func:`align_mxfp8`: still
 MXFP8, every block of a tile carrying the tile's code) and the GEMMs take it as stored, with its tile scales
 from :func:`aligned_tile_scales`. On sm_100 the native MX MMA reads MXFP8 as it is and this step goes away.
+
+Launch: one program per 128x128 tile, 8 warps, 0.83-0.85 of a device copy's speed on the H100 at 70B and
+Mixtral-expert sizes, 0.70 on 8B qkv (6144x4096). Measured and left out (commit ee882d6, its
+``benchmarks/sweep_mx_regroup.py``, ``benchmarks/results/sweep-mx-regroup-h100.json``): persistent programs
+that walk the tiles with the next ones' loads in flight (1-4 programs per SM, 2-3 stages, 4-8 warps), slower
+everywhere (0.37-0.82 of the copy; 70B gate_up 373 us per tile against 384-755).
 """
 
 from __future__ import annotations
@@ -45,9 +51,6 @@ from mxrun.kernels.row_layout import QuantizeInputError, ceil_div
 
 _BLOCKS_PER_TILE = FP8_BLOCK // MX_BLOCK_SIZE  # E8M0 codes per tile row
 _REGROUP_WARPS = 8
-REGROUP_PERSISTENT: tuple[int, int, int] | None = None
-"""None: one program per tile. Else (programs per SM, stages, warps) of the persistent kernel, whose programs
-walk the tiles with the next ones' loads in flight."""
 
 
 def _check(data: torch.Tensor, scale_e8m0: torch.Tensor, fn: str) -> tuple[int, int]:
@@ -116,13 +119,27 @@ def regroup_mxfp8_reference(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8
 
 
 @triton.jit
-def _regroup_tile(
-    q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn, pid_b, pid_n, pid_k,
-    SOFT_CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Tile (``pid_n``, ``pid_k``) of matrix ``pid_b``: its largest finite E8M0 code, then every element
-    re-encoded at that scale."""
+def _regroup_kernel(
+    q_ptr,  # [B, N, K] float8e4nv, (b, n, k) at b*stride_qb + n*stride_qn + k
+    s_ptr,  # [B, N, K/32] uint8 E8M0, (b, n, g) at b*stride_sb + n*stride_sn + g
+    out_q_ptr,  # [B, N, K] uint8 E4M3 codes, contiguous
+    out_s_ptr,  # [B, cdiv(N, 128), cdiv(K, 128)] fp32, contiguous
+    N,
+    K,
+    stride_qb,
+    stride_qn,
+    stride_sb,
+    stride_sn,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # 128
+    BLOCK_K: tl.constexpr,  # 128
+):
+    """One program per 128x128 tile: the tile's largest finite E8M0 code, then every element re-encoded at
+    that scale."""
     G: tl.constexpr = BLOCK_K // 32
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     groups = pid_k * G + tl.arange(0, G)
@@ -152,48 +169,6 @@ def _regroup_tile(
     tl.store(out_s_ptr + (pid_b * n_tiles + pid_n) * k_tiles + pid_k, scale)
 
 
-@triton.jit
-def _regroup_kernel(
-    q_ptr,  # [B, N, K] float8e4nv, (b, n, k) at b*stride_qb + n*stride_qn + k
-    s_ptr,  # [B, N, K/32] uint8 E8M0, (b, n, g) at b*stride_sb + n*stride_sn + g
-    out_q_ptr,  # [B, N, K] uint8 E4M3 codes, contiguous
-    out_s_ptr,  # [B, cdiv(N, 128), cdiv(K, 128)] fp32, contiguous
-    N,
-    K,
-    stride_qb,
-    stride_qn,
-    stride_sb,
-    stride_sn,
-    SOFT_CAST: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # 128
-    BLOCK_K: tl.constexpr,  # 128
-):
-    """One program per 128x128 tile."""
-    _regroup_tile(
-        q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn,
-        tl.program_id(2).to(tl.int64), tl.program_id(1), tl.program_id(0), SOFT_CAST, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-
-
-@triton.jit
-def _regroup_persistent_kernel(
-    q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn, n_tiles,
-    SOFT_CAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    """The same tiles (``n_tiles`` in all, K fastest), a few programs per SM each walking them with the next
-    tiles' loads in flight (``STAGES``), so that a program's compute and stores overlap its next reads."""
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    n_row_tiles = tl.cdiv(N, BLOCK_N)
-    for t in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), num_stages=STAGES):
-        pid_k = t % k_tiles
-        pid_n = (t // k_tiles) % n_row_tiles
-        pid_b = (t // (k_tiles * n_row_tiles)).to(tl.int64)
-        _regroup_tile(
-            q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn, pid_b, pid_n,
-            pid_k, SOFT_CAST, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-
-
 def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Quantized:
     """Triton :func:`regroup_mxfp8`: the reference's bytes and scales, no host sync."""
     fn = "regroup_mxfp8_triton"
@@ -209,20 +184,22 @@ def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Qua
         device=data.device,
     )
     if data.numel():
-        args = (
-            data, codes, out, scale, n, k, data.stride(0) if data.dim() == 3 else 0, data.stride(-2),
-            codes.stride(0) if codes.dim() == 3 else 0, codes.stride(-2),
-        )  # fmt: skip
-        options = {"SOFT_CAST": resolve_cast("auto"), "BLOCK_N": FP8_BLOCK, "BLOCK_K": FP8_BLOCK}
-        k_tiles, n_tiles = ceil_div(k, FP8_BLOCK), ceil_div(n, FP8_BLOCK)
-        if REGROUP_PERSISTENT is None:
-            _regroup_kernel[(k_tiles, n_tiles, batches)](*args, **options, num_warps=_REGROUP_WARPS)
-        else:
-            programs_per_sm, stages, warps = REGROUP_PERSISTENT
-            tiles = k_tiles * n_tiles * batches
-            sms = torch.cuda.get_device_properties(data.device).multi_processor_count if data.is_cuda else 2
-            grid = (min(tiles, programs_per_sm * sms),)
-            _regroup_persistent_kernel[grid](*args, tiles, **options, STAGES=stages, num_warps=warps)
+        _regroup_kernel[(ceil_div(k, FP8_BLOCK), ceil_div(n, FP8_BLOCK), batches)](
+            data,
+            codes,
+            out,
+            scale,
+            n,
+            k,
+            data.stride(0) if data.dim() == 3 else 0,
+            data.stride(-2),
+            codes.stride(0) if codes.dim() == 3 else 0,
+            codes.stride(-2),
+            SOFT_CAST=resolve_cast("auto"),
+            BLOCK_N=FP8_BLOCK,
+            BLOCK_K=FP8_BLOCK,
+            num_warps=_REGROUP_WARPS,
+        )
     return Fp8Quantized(out.view(torch.float8_e4m3fn), scale)
 
 

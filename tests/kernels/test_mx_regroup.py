@@ -60,14 +60,9 @@ def _spread_weight(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return w
 
 
-@pytest.mark.parametrize("persistent", [None, (1, 3, 4), (2, 2, 8)])
 @pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96), (128, 128), (1, 32)])
-def test_regroup_kernel_matches_reference(monkeypatch, shape, persistent) -> None:
-    """Bytes and scales equal the reference's, with ragged N and K (K % 128 = 32), stacks, NaN blocks; one
-    program per tile, or programs walking the tiles (fewer programs than tiles: each walks several)."""
-    from mxrun.kernels import mx_regroup
-
-    monkeypatch.setattr(mx_regroup, "REGROUP_PERSISTENT", persistent)
+def test_regroup_kernel_matches_reference(shape) -> None:
+    """Bytes and scales equal the reference's, with ragged N and K (K % 128 = 32), stacks, NaN blocks."""
     q = quantize_mxfp8_reference(_spread_weight(shape, seed=1))
     q.scale_e8m0.view(-1)[-1] = 255  # a NaN block whose codes are not NaN: regrouping must make them NaN
     ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
