@@ -167,9 +167,9 @@ def test_gpu_two_warp_groups_match_reference(fmt, gated, block_m, k, group_m) ->
 def test_gpu_down_row_sets_match_reference(fmt, warps, row_sets, n) -> None:
     """The ungated GEMM with one or two weight row sets per warp group (64 or 128 rows each) under the same
     bound. N = 80 leaves the second set partly (4 warps) or wholly (8 warps) past N; N = 384 gives several
-    column tiles, the last one's second set past N at 8 warps with two sets (512 rows a program), so block
-    scales are read for a row block that does not exist. 128x128 blocks take N = 384 only (a set must lie in
-    one row block)."""
+    column tiles, and at 8 warps with two sets (256 rows a program) the last tile's second set lies wholly
+    past N, where the kernel reads the last row block's scales for rows that are all zeros. 128x128 blocks take
+    N = 384 only (a set must lie in one row block)."""
     if fmt is F.FP8_BLOCK and n % 128:
         pytest.skip("128x128 blocks need each row set inside one row block")
     experts, k, tokens, top_k, block_m = 5, 256, 45, 2, 64
