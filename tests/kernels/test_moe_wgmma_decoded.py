@@ -91,6 +91,21 @@ def test_launcher_rule_without_a_hopper_gpu() -> None:
     assert moe_block_m(256, 8, A.NONE) == 32  # the Triton kernels' rule is unchanged
 
 
+@pytest.mark.parametrize(
+    ("row_sets", "tail_m", "message"), [(3, None, "row_sets=3"), (None, 48, "tail_m=48")]
+)
+def test_launcher_refuses_unknown_row_sets_and_tail_sizes(row_sets, tail_m, message) -> None:
+    """Before any launch (so on CPU too): row sets other than 1 or 2 and narrow sizes other than 0, 16, 32 or
+    64 are named errors, not a kernel built for a tile it cannot hold."""
+    w = torch.zeros(2, 128, 128)
+    with pytest.raises(moe_gemm.GemmInputError, match=message):
+        moe_decoded_wgmma_gemm(
+            torch.zeros(4, 128), w, torch.ones(2, 128, 1), 0, torch.zeros(128, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int32), 4, 128, torch.zeros(4, 128), gated=False, gather_top_k=None,
+            row_sets=row_sets, tail_m=tail_m,
+        )  # fmt: skip
+
+
 def _foldable_every_code(weights: ExpertWeights, seed: int) -> ExpertWeights:
     """The stack with random E8M0 codes over every foldable value (0 .. MX_FOLD_MAX_CODE)."""
     from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE
