@@ -106,22 +106,29 @@ def _cuobjdump(*args: str) -> str:
     return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
 
 
-def loop_mix(sass: str) -> tuple[int, collections.Counter, int]:
-    """Instructions of the innermost loop holding the MMAs (a backward branch's range), their opcodes, and how
-    many are register moves (MOV, IMAD.MOV)."""
+def mma_loops(sass: str) -> list[list[str]]:
+    """The innermost loops holding MMAs (a backward branch's range with no such loop inside), longest first: one
+    per variant a kernel compiles into its body (the Gluon kernel's full and narrow blocks)."""
     code = [
         (int(m.group(1), 16), m.group(2).strip()) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", sass)
     ]
-    best: list[str] = []
+    ranges = []
     for address, text in code:
         target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < address:
-            body = [t for a, t in code if int(target.group(1), 16) <= a <= address]
-            if any("MMA" in t for t in body) and (not best or len(body) < len(best)):
-                best = body
-    opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
-    moves = sum(1 for t in best if re.search(r"\b(IMAD\.MOV|MOV)\b", t))
-    return len(best), opcodes, moves
+            start = int(target.group(1), 16)
+            if any("MMA" in t for a, t in code if start <= a <= address):
+                ranges.append((start, address))
+    innermost = [r for r in ranges if not any(o != r and r[0] <= o[0] and o[1] <= r[1] for o in ranges)]
+    loops = [[t for a, t in code if start <= a <= end] for start, end in innermost]
+    return sorted(loops, key=len, reverse=True)
+
+
+def loop_mix(body: list[str]) -> tuple[int, collections.Counter, int]:
+    """Instructions of one loop, their opcodes, and how many are register moves (MOV, IMAD.MOV)."""
+    opcodes = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
+    moves = sum(1 for t in body if re.search(r"\b(IMAD\.MOV|MOV)\b", t))
+    return len(body), opcodes, moves
 
 
 def main() -> None:
@@ -154,13 +161,15 @@ def main() -> None:
         cubin.flush()
         usage = re.search(r"REG:\d+ STACK:\d+", _cuobjdump("-res-usage", cubin.name))
         sass = _cuobjdump("-sass", cubin.name)
-    count, opcodes, moves = loop_mix(sass)
     print(
         f"triton {triton.__version__}, sm_90: {usage.group(0) if usage else '?'} SHARED:{kernel.metadata.shared}"
     )
     print("MMA layout:", *layouts)
-    print(f"main loop: {count} instructions per K step of {args.block_k} (per warp), {moves} register moves")
-    print("  " + ", ".join(f"{op} {n}" for op, n in opcodes.most_common(16)))
+    for i, body in enumerate(mma_loops(sass)):  # the Gluon kernel: the full block's loop, then narrow ones
+        count, opcodes, moves = loop_mix(body)
+        name = "main loop" if i == 0 else "narrower loop"
+        print(f"{name}: {count} instructions per K step of {args.block_k} (per warp), {moves} register moves")
+        print("  " + ", ".join(f"{op} {n}" for op, n in opcodes.most_common(16)))
 
 
 if __name__ == "__main__":

@@ -92,15 +92,22 @@ CONSUMER_REGS = 232
 if HAS_GLUON:
 
     @gluon.jit
-    def _tile_offsets(
-        tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
-    ):
-        """(row, column) offsets of a linear tile id, GROUP_M row tiles per column sweep (L2 reuse). Ids past
-        the last tile give unused offsets (their loads are predicated off), never a division by zero."""
+    def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
+        """(row tile, column tile) of a linear tile id, GROUP_M row tiles per column sweep (L2 reuse; the MoE
+        kernels' program order too). Ids past the last tile give unused tiles, never a division by zero."""
         group = GROUP_M * num_pid_n
         first_m = (tile // group) * GROUP_M
         size_m = max(min(num_pid_m - first_m, GROUP_M), 1)
-        return (first_m + (tile % group) % size_m) * BLOCK_M, ((tile % group) // size_m) * BLOCK_N
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @gluon.jit
+    def _tile_offsets(
+        tile, num_pid_m, num_pid_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, GROUP_M: gl.constexpr
+    ):
+        """(row, column) offsets of a linear tile id (:func:`grouped_tile`; the loads of ids past the last tile
+        are predicated off)."""
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        return pid_m * BLOCK_M, pid_n * BLOCK_N
 
     @gluon.jit
     def _step_scale(a_scale_rows, row_mask, b_scale_row, k_step, ones, BLOCK_SCALED: gl.constexpr):

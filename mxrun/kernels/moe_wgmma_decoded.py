@@ -22,9 +22,10 @@ wgmma reads from registers, but Triton waits for each MMA before the next decode
 * in the ungated (down) GEMM, gives each warp group two sets of 64 weight rows, as the gate and up rows are in
   the gated one (:data:`DECODED_WGMMA_ROW_SETS`), so that each activation tile read serves 128 rows.
 
-Offline (Triton 3.6, sm_90, the gated MX kernel at 64-row blocks): 185 registers, no stack, 66 KB of shared
-memory, 568 SASS instructions per 128-K step of a warp (16 HGMMAs, the decode ~5 per element pair, 4
-barriers). Measured and left out on an H100: three or four slots (66 -> 100 / 133 KB of shared memory;
+Offline (Triton 3.6, sm_90, the gated MX kernel at 64-row blocks, ``benchmarks/moe_gemm_sass.py --gluon
+--block-m 64 --stages 2``): 181 registers, no stack, 66 KB of shared memory, 572 SASS instructions per 128-K
+step of a warp (16 HGMMAs, the decode ~5 per element pair, 4 barriers; 185 and 568 before the row sets and
+narrow blocks, when the measurements below were made). Measured and left out on an H100: three or four slots (66 -> 100 / 133 KB of shared memory;
 Mixtral-8x7B at 128 tokens, one run, mxfp8-wo 663 -> 672 / 753 us, ``results/moe-gluon-stages-h100.json``),
 and waiting for each gate/up quarter's MMA as soon as the next one is issued, which frees its operand
 registers (147 instead of 185, three programs per SM) but moved the layer by at most 3% either way
@@ -70,7 +71,9 @@ try:  # Gluon is experimental: the package works without it
     )
     from triton.runtime.jit import constexpr_function
 
-    HAS_GLUON = HAS_TRITON
+    from mxrun.kernels.fp8_wgmma_gemm import HAS_GLUON as _WGMMA_GLUON  # its grouped_tile is shared
+
+    HAS_GLUON = HAS_TRITON and _WGMMA_GLUON
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAS_GLUON = False
 
@@ -96,16 +99,16 @@ DeepSeek-V3-like at 8192 tokens, MXFP8: the down GEMM 6543 -> 5399 us (``benchma
 --tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-row-sets-h100.json``):
 DeepSeek at 8192 mxfp8 18022 -> 16929 us, mxfp8-wo 18264 -> 17507; Qwen3-30B-A3B at 1024 5-6% faster;
 Mixtral-8x7B at 1024 4% faster, at 8192 fp8-channel-wo 4% slower (13301 -> 13837); 128 tokens within 1%.
-Not for 128x128 weight blocks by default: their step's product and two scaled accumulators spill (240 bytes
-of stack in the loop, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --down --weights fp8-block``)."""
+Not for 128x128 weight blocks by default: their step's product and two scaled accumulators spill (256 bytes
+of stack, Triton 3.6, ``benchmarks/moe_gemm_sass.py --gluon --block-m 128 --down --weights fp8-block``)."""
 
 DECODED_WGMMA_TAIL_M = 32
 """A layout block whose rows past this one (else past twice this one, where that is less than the block) are all
 padding, as an expert's last block often is, runs MMAs of that N instead of the block's. With about 256 pairs
 per expert and 128-row blocks (DeepSeek-V3-like at 8192 tokens) a fifth of the MMA work was padding, most of it
-in third blocks of a few rows; the narrow program still decodes its whole weight tile (559 instructions per
-step against 615, ``benchmarks/moe_gemm_sass.py --gluon --tail-m 32``), so it saves MMAs and activation
-reads, not the decode. 0 turns it off. H100, whole layers, 0 against 32 in the same run (``benchmarks/sweep_moe_gluon.py
+in third blocks of a few rows; the narrow program still decodes its whole weight tile (557 / 572 instructions
+per step at 32 / 64 rows against 619, ``benchmarks/moe_gemm_sass.py --gluon --block-m 128 --tail-m 32``), so it
+saves MMAs and activation reads, not the decode. 0 turns it off. H100, whole layers, 0 against 32 in the same run (``benchmarks/sweep_moe_gluon.py
 --setting decoded.DECODED_WGMMA_TAIL_M --values 0 32 --shapes DeepSeek-V3-like Qwen3-30B-A3B Mixtral-8x7B
 --tokens 128 1024 8192 --columns mxfp8 mxfp8-wo fp8-channel-wo``, ``results/moe-tail-cascade-h100.json``):
 DeepSeek at 8192 mxfp8 16312 -> 15532 us, mxfp8-wo 16978 -> 16464 (fp8-channel-wo 15424 -> 15756), at 1024
@@ -115,6 +118,7 @@ touch: 8903 -> 9406 there is the run's noise). One narrow size alone (16, 32 or 
 16 and 32 alike on DeepSeek at 8192, 64 best on Qwen3 at 1024, hence the two."""
 
 if HAS_GLUON:
+    from mxrun.kernels.fp8_wgmma_gemm import grouped_tile  # defined only where Gluon is
 
     @gluon.jit
     def tile_order(n_blocks, n_tiles, GROUP_M: gl.constexpr):
@@ -128,11 +132,7 @@ if HAS_GLUON:
             pid_m = pid % n_blocks
             pid_n = pid // n_blocks
         else:
-            per_group = GROUP_M * n_tiles
-            first = pid // per_group * GROUP_M
-            size = gl.minimum(n_blocks - first, GROUP_M)
-            pid_m = first + pid % per_group % size
-            pid_n = pid % per_group // size
+            pid_m, pid_n = grouped_tile(pid, n_blocks, n_tiles, GROUP_M)
         return pid_m, pid_n
 
     @gluon.jit
