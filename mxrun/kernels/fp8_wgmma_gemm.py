@@ -70,6 +70,7 @@ try:  # Gluon is experimental and Hopper-specific: the package works without it
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -184,12 +185,14 @@ if HAS_GLUON:
     def _consumer(
         a_s,
         b_s,
+        c_s,
         ready,
         empty,
         a_scale_ptr,
         b_scale_ptr,
         bias_ptr,
         c_ptr,
+        c_desc,
         M,
         N,
         K,
@@ -204,6 +207,7 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
+        TMA_STORE: gl.constexpr,
     ):
         """A consumer warp group: 64 rows (half ``HALF``) of each of the program's 128x128 tiles. Per
         iteration it issues two K steps' MMAs, waits for the first, releases its slot and adds it into the
@@ -254,6 +258,7 @@ if HAS_GLUON:
             step += k_steps
             _store_tile(
                 acc,
+                off_m + HALF * HALF_M,
                 offs_m,
                 row_mask,
                 off_n,
@@ -261,6 +266,8 @@ if HAS_GLUON:
                 b_scale_ptr,
                 bias_ptr,
                 c_ptr,
+                c_desc,
+                c_s.index(HALF),
                 N,
                 stride_cm,
                 layout,
@@ -268,18 +275,23 @@ if HAS_GLUON:
                 A_PER_ROW,
                 B_PER_ROW,
                 HAS_BIAS,
+                TMA_STORE,
             )
+        if TMA_STORE:
+            tma.store_wait(0)  # the last tile's stores have read their shared memory
 
     @gluon.jit
     def _consumer_wide(
         a_s,
         b_s,
+        c_s,
         ready,
         empty,
         a_scale_ptr,
         b_scale_ptr,
         bias_ptr,
         c_ptr,
+        c_desc,
         M,
         N,
         K,
@@ -291,6 +303,7 @@ if HAS_GLUON:
         HAS_BIAS: gl.constexpr,
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
+        TMA_STORE: gl.constexpr,
     ):
         """A consumer warp group of the 128x256 tile (per-tensor / per-channel scales): 64 rows times two
         128-wide parts, an fp32 accumulator for each and a single step-product register set (three 64x128
@@ -331,26 +344,37 @@ if HAS_GLUON:
             step += k_steps
             offs_m = off_m + HALF * HALF_M + gl.arange(0, HALF_M, layout=rows_layout)
             row_mask = offs_m < M
-            scales = (a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, N, stride_cm)
-            _store_tile(
-                acc_l, offs_m, row_mask, off_n, *scales, layout, False, A_PER_ROW, B_PER_ROW, HAS_BIAS
-            )
-            _store_tile(
-                acc_r,
-                offs_m,
-                row_mask,
-                off_n + BLOCK_N,
-                *scales,
-                layout,
-                False,
-                A_PER_ROW,
-                B_PER_ROW,
-                HAS_BIAS,
-            )
+            row0 = off_m + HALF * HALF_M
+            c_buf = c_s.index(HALF)
+            for part in gl.static_range(2):
+                _store_tile(
+                    acc_l if part == 0 else acc_r,
+                    row0,
+                    offs_m,
+                    row_mask,
+                    off_n + part * BLOCK_N,
+                    a_scale_ptr,
+                    b_scale_ptr,
+                    bias_ptr,
+                    c_ptr,
+                    c_desc,
+                    c_buf,
+                    N,
+                    stride_cm,
+                    layout,
+                    False,
+                    A_PER_ROW,
+                    B_PER_ROW,
+                    HAS_BIAS,
+                    TMA_STORE,
+                )
+        if TMA_STORE:
+            tma.store_wait(0)
 
     @gluon.jit
     def _store_tile(
         acc,
+        row0,
         offs_m,
         row_mask,
         off_n,
@@ -358,6 +382,8 @@ if HAS_GLUON:
         b_scale_ptr,
         bias_ptr,
         c_ptr,
+        c_desc,
+        c_buf,
         N,
         stride_cm,
         layout: gl.constexpr,
@@ -365,8 +391,13 @@ if HAS_GLUON:
         A_PER_ROW: gl.constexpr,
         B_PER_ROW: gl.constexpr,
         HAS_BIAS: gl.constexpr,
+        TMA_STORE: gl.constexpr,
     ):
-        """Per-row/per-tensor scales (block scales were applied per step), bias, cast, masked store."""
+        """Per-row/per-tensor scales (block scales were applied per step), bias, cast, store of the half tile
+        whose first row is ``row0``: with
+        ``TMA_STORE`` into this consumer's shared-memory buffer and from there by an asynchronous TMA store
+        (the hardware clips ragged edges; the next tile's MMAs start while it drains), else masked stores
+        from the registers."""
         BLOCK_N: gl.constexpr = acc.shape[1]
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         if not BLOCK_SCALED:
@@ -381,14 +412,21 @@ if HAS_GLUON:
             acc = acc * a_scale[:, None] * b_scale[None, :]
         if HAS_BIAS:
             acc = acc + gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)[None, :]
-        mask = row_mask[:, None] & (offs_n < N)[None, :]
-        ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
-        gl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+        if TMA_STORE:
+            tma.store_wait(0)  # this buffer's previous store has read it
+            c_buf.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [row0, off_n], c_buf)
+        else:
+            mask = row_mask[:, None] & (offs_n < N)[None, :]
+            ptrs = c_ptr + offs_m.to(gl.int64)[:, None] * stride_cm + offs_n[None, :]
+            gl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit(do_not_specialize=["M", "num_programs"])
     def _fp8_wgmma_gemm_kernel(
         a_desc,  # [M, K] float8e4nv, tiles [64, BLOCK_K] (each consumer's half of a 128-row tile)
         b_desc,  # [N, K] float8e4nv weight, tiles [BLOCK_N, BLOCK_K]
+        c_desc,  # [M, N] output, tiles [64, BLOCK_N] (with TMA_STORE; else None)
         a_scale_ptr,
         b_scale_ptr,
         bias_ptr,
@@ -408,6 +446,7 @@ if HAS_GLUON:
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
         B_PARTS: gl.constexpr,
+        TMA_STORE: gl.constexpr,
     ):
         """The loader and the two consumers (see the module docstring), meeting only at the slots' mbarriers:
         ``ready`` (the slot's TMA bytes landed) and ``empty`` (both consumers' MMAs on it retired)."""
@@ -416,6 +455,10 @@ if HAS_GLUON:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
         a_s = gl.allocate_shared_memory(a_desc.dtype, [2 * STAGES, HALF_M, BLOCK_K], a_desc.layout)
         b_s = gl.allocate_shared_memory(b_desc.dtype, [B_PARTS * STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+        if TMA_STORE:  # one output buffer per consumer
+            c_s = gl.allocate_shared_memory(c_desc.dtype, [2, HALF_M, BLOCK_N], c_desc.layout)
+        else:
+            c_s = a_s  # not written
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -427,12 +470,12 @@ if HAS_GLUON:
                 [
                     (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
                                B_PARTS)),
-                    (_consumer_wide, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N,
-                                      K, stride_cm, num_programs, 0, A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M,
-                                      STAGES)),
-                    (_consumer_wide, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N,
-                                      K, stride_cm, num_programs, 1, A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M,
-                                      STAGES)),
+                    (_consumer_wide, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                                      c_desc, M, N, K, stride_cm, num_programs, 0, A_PER_ROW, B_PER_ROW, HAS_BIAS,
+                                      GROUP_M, STAGES, TMA_STORE)),
+                    (_consumer_wide, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                                      c_desc, M, N, K, stride_cm, num_programs, 1, A_PER_ROW, B_PER_ROW, HAS_BIAS,
+                                      GROUP_M, STAGES, TMA_STORE)),
                 ],
                 [4, 4],  # the consumers' warps (the loader has the kernel's num_warps)
                 [CONSUMER_REGS, CONSUMER_REGS],
@@ -442,12 +485,12 @@ if HAS_GLUON:
                 [
                     (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
                                B_PARTS)),
-                    (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
-                                 stride_asm, stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED, A_PER_ROW,
-                                 B_PER_ROW, HAS_BIAS, GROUP_M, STAGES)),
-                    (_consumer, (a_s, b_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, M, N, K,
-                                 stride_asm, stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED, A_PER_ROW,
-                                 B_PER_ROW, HAS_BIAS, GROUP_M, STAGES)),
+                    (_consumer, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, c_desc,
+                                 M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED,
+                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE)),
+                    (_consumer, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, c_desc,
+                                 M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED,
+                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, CONSUMER_REGS],
@@ -541,9 +584,10 @@ def fp8_wgmma_gemm(
     b_parts = 2 if wide else 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, b_parts * block_n)
     programs = min(tiles, _sm_count(index)) if persistent else tiles
+    c_desc = output_descriptor(c, block_n)
     args = (
-        a_desc, b_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale, c, m, n, k,
-        k_groups, k_groups, c.stride(0), programs,
+        a_desc, b_desc, c_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale, c, m, n,
+        k, k_groups, k_groups, c.stride(0), programs,
     )  # fmt: skip
     flags = dict(
         BLOCK_SCALED=block_scaled,
@@ -552,6 +596,7 @@ def fp8_wgmma_gemm(
         HAS_BIAS=bias is not None,
         GROUP_M=WGMMA_GROUP_M,
         STAGES=stages,
+        TMA_STORE=c_desc is not None,
     )
     # num_warps is the loader's warp group; the two consumer warp groups come on top.
     _fp8_wgmma_gemm_kernel[(programs,)](
@@ -560,9 +605,23 @@ def fp8_wgmma_gemm(
     return c
 
 
+_TMA_STORE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def output_descriptor(c: torch.Tensor, block_n: int):
+    """The output's TMA descriptor (tiles of 64 x ``block_n``) where the epilogue can store through shared
+    memory: 2-byte outputs (a 64x128 fp32 buffer per consumer would not fit beside the 128x256 tiles' slots)
+    with 16-byte aligned rows; None otherwise (masked stores from the registers)."""
+    dtype = _TMA_STORE_DTYPES.get(c.dtype)
+    if dtype is None or (c.stride(0) * c.element_size()) % 16 or c.data_ptr() % 16:
+        return None
+    layout = gl.NVMMASharedLayout.get_default_for([WGMMA_BLOCK[0] // 2, block_n], getattr(gl, dtype))
+    return TensorDescriptor.from_tensor(c, [WGMMA_BLOCK[0] // 2, block_n], layout)
+
+
 @functools.cache
 def _operand_layout(rows: int, cols: int):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
 
 
-__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "wgmma_gemm_usable", "wide_tiles_pay"]
+__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "output_descriptor", "wgmma_gemm_usable", "wide_tiles_pay"]

@@ -289,6 +289,45 @@ def test_wgmma_block_scaled_tiny_group_stays_finite() -> None:
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
 
 
+@pytest.mark.parametrize(
+    ("n", "dtype", "tma_store"),
+    [(1040, torch.bfloat16, True), (1040, torch.float16, True), (1001, torch.bfloat16, False),
+     (1044, torch.bfloat16, False), (1040, torch.float32, False)],
+)  # fmt: skip
+def test_wgmma_output_store_choice(n, dtype, tma_store) -> None:
+    """The epilogue stores through shared memory and TMA only where TMA can write the output: 2-byte
+    elements (an fp32 buffer per consumer would not fit beside the 128x256 tiles' slots) and rows whose
+    byte stride is a multiple of 16 (1001 and 1044 bf16 columns are not); masked stores otherwise."""
+    from mxrun.kernels import fp8_wgmma_gemm as wgmma
+
+    if not wgmma.HAS_GLUON:
+        pytest.skip("Triton's Gluon is not installed")
+    assert (wgmma.output_descriptor(torch.empty(8, n, dtype=dtype), 128) is not None) is tma_store
+
+
+@needs_wgmma
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize(
+    ("n", "dtype"),
+    [(1001, torch.bfloat16), (1040, torch.float16), (1040, torch.float32), (1044, torch.float16)],
+)
+def test_wgmma_gemm_store_paths(n, dtype, wide) -> None:
+    """Both epilogues keep the bound: fp16 through TMA; fp32 outputs and rows TMA cannot address (1001 and
+    1044 columns) by masked stores; per-channel and block-scaled, 128x128 and 128x256 tiles, ragged M."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
+
+    x, w, bias = _inputs(600, n, 1040, seed=n)
+    qa, qw = quantize_fp8_reference(x, G.PER_ROW), quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, dtype)
+    args = (qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), dtype)
+    assert_one_ulp(fp8_wgmma_gemm(*args, wide=wide), ref, fp8_mma_slack(x, w))
+    if not wide:
+        qa, qw = quantize_fp8_reference(x, G.GROUP_1X128), quantize_fp8_reference(w, G.BLOCK_128X128)
+        ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, dtype)
+        args = (qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), dtype)
+        assert_one_ulp(fp8_wgmma_gemm(*args, block_scaled=True), ref, fp8_mma_slack(x, w))
+
+
 @needs_wgmma
 def test_linear_dispatch_takes_wgmma(monkeypatch) -> None:
     """fp8_linear and fp8_block_linear at M >= 512 on Hopper run the Gluon kernel, and keep the bound."""
