@@ -85,6 +85,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 WGMMA_BLOCK = (128, 128, 128)
 """The tile (M, N, K): each consumer warp group holds an fp32 accumulator and two step products of 64x128."""
 WGMMA_STAGES = 4
+WGMMA_NARROW_STAGES = 6
+"""Pipeline slots of the 128x128 per-tensor / per-channel kernel (its slots are half the 128x256 tiles', and
+the output buffers leave room for six)."""
 WGMMA_GROUP_M = 8
 CONSUMER_REGS = 232
 """Registers per thread of each consumer warp group (the loader keeps the rest of the register file)."""
@@ -537,7 +540,7 @@ def fp8_wgmma_gemm(
     *,
     block_scaled: bool = False,
     persistent: bool = True,
-    stages: int = WGMMA_STAGES,
+    stages: int | None = None,
     wide: bool | None = None,
 ) -> torch.Tensor:
     """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]``: per-row/per-tensor fp32
@@ -582,6 +585,8 @@ def fp8_wgmma_gemm(
     if wide is None:
         wide = not block_scaled and wide_tiles_pay(m, n, _sm_count(index))
     b_parts = 2 if wide else 1
+    if stages is None:
+        stages = WGMMA_STAGES if wide or block_scaled else WGMMA_NARROW_STAGES
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, b_parts * block_n)
     programs = min(tiles, _sm_count(index)) if persistent else tiles
     c_desc = output_descriptor(c, block_n)
