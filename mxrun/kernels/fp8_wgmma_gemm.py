@@ -12,8 +12,9 @@ so this kernel splits each program into three partitions that meet only at mbarr
   both consumers have released the slot;
 * two consumer warp groups each own 64 rows of the 128x128 tile: they issue two steps' MMAs into two register
   sets, wait for the first, add it into the fp32 accumulator while the second runs, then the second, and
-  release each slot as its MMAs retire; then the epilogue (scales, bias, cast, store) of their half tile
-  (128x256 tiles: see below).
+  release each slot as its MMAs retire; then the epilogue (scales, bias, cast) of their half tile (128x256
+  tiles: see below), written into the consumer's shared-memory buffer and stored from there by an
+  asynchronous TMA store, so that the next tile's MMAs start while it drains.
   The consumers are not synchronized with each other, so one's adds and epilogue overlap the other's MMAs.
 
 The same arithmetic as the Triton kernels (products promoted every 128 K, added in K order; equal error
@@ -38,8 +39,19 @@ third more operand bytes from L2 per FLOP than 256x128 (the Triton kernel's 256x
 reach about 1.0x). Per-tensor / per-channel GEMMs therefore take 128x256 tiles where those fill their waves as
 well (:func:`wide_tiles_pay`): each consumer then keeps two 64x128 accumulators and one step-product set,
 waits for each product at once, and relies on the other consumer's MMAs to cover its adds. Block scaling keeps
-128x128: its wide variant spilled registers and ran at 0.3x. 2-CTA clusters with TMA multicast of the shared
-operand would be the next step.
+128x128: its wide variant spilled registers and ran at 0.3x (again 120 bytes of stack offline with the TMA-store
+epilogue). 2-CTA clusters with TMA multicast of the shared operand would be the next step; Triton 3.6's Gluon
+has no multicast TMA load for Hopper.
+
+The epilogue was the largest part of what was left. With masked stores from the registers, both consumers of a
+tile store at once while the tensor cores idle, once per tile: a fixed cost per tile that the K = 4096 shapes
+(32 K steps per tile) felt most. Through shared memory and a TMA store (a throwaway copy of the kernel with the
+epilogue as a switch, GEMM alone, ``results/wgmma-epilogue-variants-h100.json``) per-channel went from
+0.81-0.92x of ``_scaled_mm`` to 0.93-1.06x over nine Llama shapes (4096x4096x4096 0.92 -> 1.06,
+4096x4096x6144 0.86 -> 0.99), within 4% of not storing at all; block-scaled 0.74-0.85x -> 0.79-0.95x. In the
+Linear benchmark (``bench_linear.py --graph --ms 1024 4096 16384``) fp8-channel reached 0.95x on 19 of 21
+large-M cases (11 before), fp8-tensor 19 (6), fp8-block 0.85x on 16 (5). Outputs TMA cannot write (fp32, rows
+not 16-byte aligned) keep the masked stores (:func:`output_descriptor`).
 
 Block scaling costs 12-20% over per-channel scales in this kernel, and the cost is the per-step scales: the same
 kernel taking one scale per tile (wrong arithmetic, timing only) runs at per-channel speed. Measured and left
@@ -49,6 +61,14 @@ per-call copy costs 9% at 1024), issuing the loads after both steps' MMAs, four 
 iteration, an L1 prefetch of the scale lines, and bringing the scales into each slot from the loader warp group
 by ``cp.async`` (slower, 0.73-0.82x), or into a ring per consumer two iterations ahead (0.70-0.81x); TMA boxes
 of one step's fp32 scales stopped the kernel with an illegal instruction (Triton 3.6) and were not pursued.
+With the TMA-store epilogue, Nsight Compute's stall sampling (4096x8192x10240) puts a fifth of the consumers'
+samples on the multiply of the two scales, waiting for their global loads (long scoreboard) after the first
+MMA's wait. Having the loader warp group read each row's scales four steps at a time (one 16-byte load per row),
+multiply them and write the step's 128 combined scales into the slot before publishing it (same bits) was
+slower again: 0.71-0.86x against 0.82-0.86x on the five cases of 4096 rows and more that ran undisturbed,
+interleaved in one run (``results/block-loader-scales-h100.json``, ``block_new`` against ``block_head``; that
+run's first shapes were slow for every kernel): the loader then waits on those loads and a bar.sync each step,
+and falls behind.
 Register loads "ahead" do not stay ahead: ptxas copies loop-carried registers at the loop's end and moves
 uniform loads into uniform registers right away, each waiting for the load there.
 
@@ -85,9 +105,18 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 WGMMA_BLOCK = (128, 128, 128)
 """The tile (M, N, K): each consumer warp group holds an fp32 accumulator and two step products of 64x128."""
 WGMMA_STAGES = 4
+"""Pipeline slots of the block-scaled kernel (128x128 tiles; six were within run noise of four, GEMM alone)."""
 WGMMA_NARROW_STAGES = 6
-"""Pipeline slots of the 128x128 per-tensor / per-channel kernel (its slots are half the 128x256 tiles', and
-the output buffers leave room for six)."""
+"""Pipeline slots of the 128x128 per-tensor / per-channel kernel: its slots are half the 128x256 tiles', and
+beside the output buffers six fit. On an H100 (``benchmarks/sweep_linear_setting.py --setting
+wgmma.WGMMA_NARROW_STAGES --values 4 6 --ms 1024 4096``, ``results/linear-wgmma-stages-narrow-h100.json``) the
+two Llama cases that take 128x128 tiles (8B and 70B qkv at M = 1024) went from 1.00-1.02x of ``_scaled_mm`` to
+1.03-1.15x per-channel, 0.93-1.01x to 0.98-1.09x per-tensor; the others do not use it."""
+WGMMA_WIDE_STAGES = 3
+"""Pipeline slots of the 128x256 kernel: three took 0.984x the time of four (geometric mean of 56 interleaved
+comparisons, 46 faster; single cases move +-5% between runs) over the Llama cases at M = 4096 and 16384
+(``sweep_linear_setting.py --setting wgmma.WGMMA_STAGES --values 4 3 --ms 4096 16384``, when one constant set
+both depths; ``results/linear-wgmma-stages-wide-h100.json``)."""
 WGMMA_GROUP_M = 8
 CONSUMER_REGS = 232
 """Registers per thread of each consumer warp group (the loader keeps the rest of the register file)."""
@@ -586,7 +615,7 @@ def fp8_wgmma_gemm(
         wide = not block_scaled and wide_tiles_pay(m, n, _sm_count(index))
     b_parts = 2 if wide else 1
     if stages is None:
-        stages = WGMMA_STAGES if wide or block_scaled else WGMMA_NARROW_STAGES
+        stages = WGMMA_WIDE_STAGES if wide else WGMMA_STAGES if block_scaled else WGMMA_NARROW_STAGES
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, b_parts * block_n)
     programs = min(tiles, _sm_count(index)) if persistent else tiles
     c_desc = output_descriptor(c, block_n)

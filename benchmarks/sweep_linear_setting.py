@@ -1,0 +1,101 @@
+"""Sweep one module setting of the Linear GEMMs over ``bench_linear.py`` cases, the values interleaved and
+repeated in one run (single cases move +-5% between runs; interleaving keeps drift out of the comparison),
+every case with its ``torch._scaled_mm`` anchor. This is how the Gluon kernel's pipeline depths
+(``WGMMA_NARROW_STAGES``, ``WGMMA_WIDE_STAGES``) were chosen.
+
+    PYTHONPATH=. python benchmarks/sweep_linear_setting.py --setting wgmma.WGMMA_WIDE_STAGES --values 4 3 \\
+        --ms 4096 16384 --columns scaled_mm fp8-channel fp8-tensor --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from benchmarks import bench_linear
+from benchmarks.sweep_moe_gluon import _write
+from mxrun.kernels import fp8_wgmma_gemm, mxfp8_gemm, scaled_gemm
+
+MODULES = {"wgmma": fp8_wgmma_gemm, "mxfp8": mxfp8_gemm, "scaled": scaled_gemm}
+
+
+def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], columns: list[str], rep_ms: int,
+          repeats: int, json_path: str | None = None) -> list[dict]:  # fmt: skip
+    """``bench_linear.run`` once per value and repeat (values interleaved), the setting restored afterwards;
+    rows carry ``setting``, ``value`` and ``repeat`` and are written to ``json_path`` after each run."""
+    module_name, name = setting.split(".", 1)
+    module = MODULES[module_name]
+    saved = getattr(module, name)
+    rows: list[dict] = []
+    try:
+        for repeat in range(repeats):
+            for value in values:
+                setattr(module, name, value)
+                print(f"{setting} = {value} (repeat {repeat})", flush=True)
+                for row in bench_linear.run(shapes, ms, columns, rep_ms, graph=True):
+                    rows.append({**row, "setting": setting, "value": value, "repeat": repeat})
+                if json_path:
+                    _write(rows, json_path)
+    finally:
+        setattr(module, name, saved)
+    return rows
+
+
+def summarize(rows: list[dict], values: list[int], columns: list[str]) -> None:
+    """Per case and column: each value's ratio against ``scaled_mm`` (one per repeat); then the geometric mean
+    of each value's time over the first value's, over every case, column and repeat."""
+    timed = [c for c in columns if c not in ("bf16", "scaled_mm")]
+    logs: dict[int, list[float]] = {v: [] for v in values}
+    cases = sorted(
+        {(r["shape"], r["M"]) for r in rows}, key=lambda c: (list(bench_linear.SHAPES).index(c[0]), c[1])
+    )
+    for shape, m in cases:
+        line = f"{shape:<26} M={m:>6}"
+        for column in timed:
+            for value in values:
+                runs = [r for r in rows if (r["shape"], r["M"], r["value"]) == (shape, m, value)]
+                ratios = [r["us"]["scaled_mm"] / r["us"][column] for r in runs if r["us"].get(column)]
+                line += f" | {column} {value}: " + " ".join(f"{x:.3f}" for x in ratios)
+                base = [r for r in rows if (r["shape"], r["M"], r["value"]) == (shape, m, values[0])]
+                for run, first in zip(runs, base, strict=True):
+                    if run["us"].get(column) and first["us"].get(column):
+                        logs[value].append(math.log(run["us"][column] / first["us"][column]))
+        print(line)
+    for value in values[1:]:
+        faster = sum(1 for x in logs[value] if x < 0)
+        mean = math.exp(sum(logs[value]) / max(len(logs[value]), 1))
+        print(f"value {value}: time x{mean:.3f} of value {values[0]} (geometric mean), faster in {faster} of "
+              f"{len(logs[value])}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", required=True, help="module.NAME, module one of: " + ", ".join(MODULES))
+    parser.add_argument("--values", type=int, nargs="+", required=True)
+    parser.add_argument(
+        "--shapes", nargs="+", default=list(bench_linear.SHAPES), choices=list(bench_linear.SHAPES)
+    )
+    parser.add_argument("--ms", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--columns", nargs="+", default=["scaled_mm", "fp8-channel", "fp8-tensor"])
+    parser.add_argument("--rep-ms", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="write the rows here (atomically)")
+    args = parser.parse_args()
+    module_name, _, name = args.setting.partition(".")
+    if module_name not in MODULES or not hasattr(MODULES[module_name], name):
+        parser.error(
+            f"--setting {args.setting!r}: expected module.NAME with module one of {', '.join(MODULES)}"
+        )
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    columns = list(dict.fromkeys(["scaled_mm", *args.columns]))
+    rows = sweep(
+        args.setting, args.values, args.shapes, args.ms, columns, args.rep_ms, args.repeats, args.json
+    )
+    summarize(rows, args.values, columns)
+
+
+if __name__ == "__main__":
+    main()
