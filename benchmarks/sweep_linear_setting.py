@@ -16,9 +16,14 @@ import torch
 
 from benchmarks import bench_linear
 from benchmarks.sweep_moe_gluon import _write
-from mxrun.kernels import fp8_wgmma_gemm, mxfp8_gemm, scaled_gemm
+from mxrun.kernels import fp8_quantize, fp8_wgmma_gemm, mxfp8_gemm, scaled_gemm
 
-MODULES = {"wgmma": fp8_wgmma_gemm, "mxfp8": mxfp8_gemm, "scaled": scaled_gemm}
+MODULES = {
+    "wgmma": fp8_wgmma_gemm,
+    "mxfp8": mxfp8_gemm,
+    "scaled": scaled_gemm,
+    "quantize": fp8_quantize,
+}
 
 
 def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], columns: list[str], rep_ms: int,

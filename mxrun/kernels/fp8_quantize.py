@@ -413,7 +413,7 @@ def _fp8_block_kernel(
 @triton.jit
 def _amax_bits_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
-    amax_bits_ptr,  # [1] int32, zero-initialised; receives max over all tiles of |x|'s fp32 bits
+    amax_bits_ptr,  # PARTIALS: [programs] int32, one per program; else [1] int32, zero-initialised
     R,
     K,
     stride_xb,
@@ -421,8 +421,11 @@ def _amax_bits_kernel(
     stride_xk,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PARTIALS: tl.constexpr,
 ):
-    """Whole-tensor amax as an integer atomic max on fp32 bits: order-independent, so deterministic."""
+    """Whole-tensor amax on the fp32 bits of |x| (an integer max is order-independent, so deterministic):
+    each program's tile maximum stored in its own slot (``PARTIALS``, reduced by the quantize kernel), or an
+    atomic max into one zeroed word."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -432,13 +435,17 @@ def _amax_bits_kernel(
     x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
     x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
     tile_amax_bits = tl.max(tl.max(magnitude_bits(x_raw), axis=1), axis=0)
-    tl.atomic_max(amax_bits_ptr, tile_amax_bits)
+    if PARTIALS:
+        slot = (pid_b * tl.num_programs(1) + pid_k) * tl.num_programs(0) + pid_r
+        tl.store(amax_bits_ptr + slot, tile_amax_bits)
+    else:
+        tl.atomic_max(amax_bits_ptr, tile_amax_bits)
 
 
 @triton.jit
 def _fp8_tensor_quantize_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
-    amax_bits_ptr,  # [1] int32: bits of the whole tensor's amax, from _amax_bits_kernel
+    amax_bits_ptr,  # from _amax_bits_kernel: PARTIALS int32 per program of its grid (the same as this one's)
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
     scale_ptr,  # [1] fp32, written by program (0, 0, 0)
     R,
@@ -449,12 +456,19 @@ def _fp8_tensor_quantize_kernel(
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PARTIALS: tl.constexpr,  # 0, or a power of two >= the number of programs (the same for every M)
 ):
     """Quantize one tile with the per-tensor scale, derived from the amax on the device (no host sync)."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
-    scale = _scale_from_amax_bits(tl.load(amax_bits_ptr))
+    if PARTIALS:
+        programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+        slots = tl.arange(0, PARTIALS)
+        amax_bits = tl.max(tl.load(amax_bits_ptr + slots, mask=slots < programs, other=0), axis=0)
+    else:
+        amax_bits = tl.load(amax_bits_ptr)
+    scale = _scale_from_amax_bits(amax_bits)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
@@ -529,6 +543,12 @@ class _LaunchPlan(NamedTuple):
     constexprs: dict
 
 
+TENSOR_AMAX_PARTIALS_MAX = 1024
+"""Per-tensor quantize: up to this many programs, each amax program stores its tile's maximum in its own slot
+and every quantize program reduces them all (at most this many int32 reads, from L2); beyond, the amax is one
+atomic max into a word that must be zeroed first, a third launch. 0 turns the slots off."""
+
+
 @functools.lru_cache(maxsize=4096)
 def _fp8_launch_plan(
     shape: tuple[int, ...],
@@ -588,7 +608,8 @@ def quantize_fp8_triton(
 ) -> Fp8Quantized:
     """Triton FP8 quantize with the reference's bytes and scales; no host synchronisation.
 
-    Per-tensor takes two launches (an atomic amax, then quantize); the other granularities one pass.
+    Per-tensor takes two launches (the amax, then quantize; see :data:`TENSOR_AMAX_PARTIALS_MAX`); the other
+    granularities one pass.
     """
     plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, granularity, cast, config)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
@@ -596,10 +617,18 @@ def quantize_fp8_triton(
         if plan.grid is None:
             return Fp8Quantized(data.view(torch.float8_e4m3fn), torch.ones((), device=x.device))
         scale = torch.empty((), dtype=torch.float32, device=x.device)  # written by the quantize kernel
-        amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+        programs = plan.grid[0] * plan.grid[1] * plan.grid[2]
+        slots = triton.next_power_of_2(TENSOR_AMAX_PARTIALS_MAX) if TENSOR_AMAX_PARTIALS_MAX else 0
+        partials = slots if programs <= TENSOR_AMAX_PARTIALS_MAX else 0  # one compiled variant either way
+        if partials:  # no zeroed word: one launch fewer
+            amax_bits = torch.empty(programs, dtype=torch.int32, device=x.device)
+        else:
+            amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
         tile_args = {k: v for k, v in plan.constexprs.items() if k != "SOFT_CAST"}
-        _amax_bits_kernel[plan.grid](x, amax_bits, *plan.int_args, **tile_args)
-        _fp8_tensor_quantize_kernel[plan.grid](x, amax_bits, data, scale, *plan.int_args, **plan.constexprs)
+        _amax_bits_kernel[plan.grid](x, amax_bits, *plan.int_args, **tile_args, PARTIALS=partials > 0)
+        _fp8_tensor_quantize_kernel[plan.grid](
+            x, amax_bits, data, scale, *plan.int_args, **plan.constexprs, PARTIALS=partials
+        )
         return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
     scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:

@@ -327,3 +327,21 @@ def test_invalid_inputs_are_clear_errors(x: torch.Tensor, message: str, implemen
 def test_kernel_matches_reference_other_tiles(granularity, config: TileConfig) -> None:
     x = make_input((2, 131, 300), torch.bfloat16, seed=12)
     _assert_kernel_matches_reference(x, granularity, "software", config)
+
+
+@pytest.mark.parametrize("partials_max", [0, 1, 1024])
+@pytest.mark.parametrize("peak", ["first", "last", "middle"])
+def test_per_tensor_amax_slots_and_atomic(monkeypatch, partials_max: int, peak: str) -> None:
+    """Per-tensor quantize finds the same amax whether each amax program stores its tile's maximum in its
+    own slot (every quantize program reduces them all) or takes the atomic max into a zeroed word (0, or
+    more programs than slots: 1), with the largest magnitude in the first, the last or a middle program's
+    tile of a stack whose row slicing keeps its two matrices apart in the grid (a slot indexed wrongly along
+    any grid axis would miss it or read garbage)."""
+    from mxrun.kernels import fp8_quantize
+
+    monkeypatch.setattr(fp8_quantize, "TENSOR_AMAX_PARTIALS_MAX", partials_max)
+    g = torch.Generator().manual_seed(13)  # finite values (make_input's NaNs would hide a lost maximum)
+    x = torch.randn(2, 133, 300, generator=g).to(torch.bfloat16)[:, 1:132, :]  # rows sliced: two grid batches
+    index = {"first": (0, 0, 0), "last": (1, 130, 299), "middle": (1, 64, 150)}[peak]
+    x[index] = -5000.0
+    _assert_kernel_matches_reference(x, Fp8Granularity.PER_TENSOR, "software", TileConfig(4, 64, 2))
