@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 
-import torch
-
 from benchmarks import bench_linear
-from benchmarks.sweep_moe_gluon import _write
+from benchmarks.sweep_moe_gluon import _write, check_setting
 from mxrun.kernels import fp8_quantize, fp8_wgmma_gemm, mxfp8_gemm, scaled_gemm
 
 MODULES = {
@@ -88,13 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="write the rows here (atomically)")
     args = parser.parse_args()
-    module_name, _, name = args.setting.partition(".")
-    if module_name not in MODULES or not hasattr(MODULES[module_name], name):
-        parser.error(
-            f"--setting {args.setting!r}: expected module.NAME with module one of {', '.join(MODULES)}"
-        )
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU")
+    check_setting(parser, args.setting, MODULES)
     columns = list(dict.fromkeys(["scaled_mm", *args.columns]))
     rows = sweep(
         args.setting, args.values, args.shapes, args.ms, columns, args.rep_ms, args.repeats, args.json

@@ -30,6 +30,16 @@ def _write(rows: list[dict], path: str) -> None:
     os.replace(handle.name, path)
 
 
+def check_setting(parser: argparse.ArgumentParser, setting: str, modules: dict) -> None:
+    """Exit through ``parser`` unless ``setting`` is ``module.NAME`` of one of ``modules`` and a GPU is there
+    (also used by ``sweep_linear_setting.py``)."""
+    module_name, _, name = setting.partition(".")
+    if module_name not in modules or not hasattr(modules[module_name], name):
+        parser.error(f"--setting {setting!r}: expected module.NAME with module one of {', '.join(modules)}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+
+
 def sweep(setting: str, values: list[int], shapes: list[str], tokens: list[int], columns: list[str],
           rep_ms: int, draws: int, json_path: str | None = None) -> list[dict]:  # fmt: skip
     """``bench_moe.run`` of each shape once per value of ``setting`` (``module.NAME``), the value restored
@@ -64,13 +74,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=2)
     parser.add_argument("--json", help="write the rows here (atomically)")
     args = parser.parse_args()
-    module_name, _, name = args.setting.partition(".")
-    if module_name not in MODULES or not hasattr(MODULES[module_name], name):
-        parser.error(
-            f"--setting {args.setting!r}: expected module.NAME with module one of {', '.join(MODULES)}"
-        )
-    if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU (the Gluon kernels run on sm_90)")
+    check_setting(parser, args.setting, MODULES)
     sweep(
         args.setting, args.values, args.shapes, args.tokens, args.columns, args.rep_ms, args.draws, args.json
     )
