@@ -22,7 +22,7 @@ from mxrun.kernels import moe_gemm, moe_wgmma_block, moe_wgmma_decoded
 MODULES = {"decoded": moe_wgmma_decoded, "block": moe_wgmma_block, "moe_gemm": moe_gemm}
 
 
-def _write(rows: list[dict], path: str) -> None:
+def _write(rows: object, path: str) -> None:
     """``rows`` as JSON at ``path``, atomically."""
     folder = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as handle:

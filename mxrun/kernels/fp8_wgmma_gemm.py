@@ -571,14 +571,17 @@ def fp8_wgmma_gemm(
     persistent: bool = True,
     stages: int | None = None,
     wide: bool | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]``: per-row/per-tensor fp32
     scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element), or with ``block_scaled`` 1x128
     activation groups ``[M, ceil(K/128)]`` and 128x128 weight blocks ``[ceil(N/128), ceil(K/128)]``.
     ``persistent`` launches one program per SM that walks the tiles (the next tile's loads overlap this one's
     epilogue) instead of one per tile; ``wide`` takes 128x256 tiles instead of 128x128 (per-tensor /
-    per-channel only; None: where :func:`wide_tiles_pay`). Operands it cannot take
-    (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a :class:`GemmInputError`."""
+    per-channel only; None: where :func:`wide_tiles_pay`). ``out``: an ``[M, N]`` tensor of ``out_dtype`` with
+    unit column stride to write into (e.g. a column slice of a wider output) and return, instead of a new one.
+    Operands it cannot take (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a
+    :class:`GemmInputError`."""
     from mxrun.kernels.fp8_tma_gemm import _sm_count, check_block_scales, fp8_operand_shapes
     from mxrun.kernels.scaled_gemm import GemmInputError, unit_stride
 
@@ -603,7 +606,15 @@ def fp8_wgmma_gemm(
                 f"{fn}: scales must have 1 or M={m} / 1 or N={n} elements, got {a_scale.numel()}, "
                 f"{b_scale.numel()}"
             )
-    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    if out is None:
+        c = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != a.device or out.stride(1) != 1:
+        raise GemmInputError(
+            f"{fn}: out must be a [{m}, {n}] {out_dtype} tensor on {a.device} with unit column stride, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}"
+        )
+    else:
+        c = out
     if m == 0 or n == 0:
         return c
     block_m, block_n, block_k = WGMMA_BLOCK

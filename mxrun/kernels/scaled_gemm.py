@@ -1017,18 +1017,22 @@ def fp8_block_gemm(
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-scaled GEMM of quantized operands (E4M3 ``a`` with 1x128 group scales, E4M3 ``weight`` with
     128x128 block scales) on CUDA: from ``TMA_MIN_M`` rows the Gluon kernel on Hopper, the TMA kernel on other
-    sm_90+ devices; the pointer kernel otherwise."""
+    sm_90+ devices; the pointer kernel otherwise. ``out`` (``[M, N]``, unit column stride, e.g. a column
+    slice of a wider output) receives the result: written in place by the Gluon kernel, copied otherwise."""
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 
     if a.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(a, weight):
-        return fp8_wgmma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
+        return fp8_wgmma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True, out=out)
     if a.shape[0] >= TMA_MIN_M and tma_usable(a, weight):
-        return fp8_tma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
-    return fp8_block_gemm_triton(a, a_scale, weight, weight_scale, bias, out_dtype)
+        result = fp8_tma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
+    else:
+        result = fp8_block_gemm_triton(a, a_scale, weight, weight_scale, bias, out_dtype)
+    return result if out is None else out.copy_(result)
 
 
 def fp8_weight_only_linear(
