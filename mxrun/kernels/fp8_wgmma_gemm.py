@@ -49,11 +49,12 @@ tile store at once while the tensor cores idle, once per tile: a fixed cost per 
 epilogue as a switch, GEMM alone, ``results/wgmma-epilogue-variants-h100.json``) per-channel went from
 0.81-0.92x of ``_scaled_mm`` to 0.93-1.06x over nine Llama shapes (4096x4096x4096 0.92 -> 1.06,
 4096x4096x6144 0.86 -> 0.99), within 4% of not storing at all; block-scaled 0.74-0.85x -> 0.79-0.95x. In the
-Linear benchmark (``bench_linear.py --graph --ms 1024 4096 16384``) fp8-channel reached 0.95x on 19 of 21
+Linear benchmark right after it (``results/linear-h100-tma-store-first.md``) fp8-channel reached 0.95x on 19 of 21
 large-M cases (11 before), fp8-tensor 19 (6), fp8-block 0.85x on 16 (5). Outputs TMA cannot write (fp32, rows
 not 16-byte aligned) keep the masked stores (:func:`output_descriptor`).
 
-Block scaling costs 12-20% over per-channel scales in this kernel, and the cost is the per-step scales: the same
+Block scaling costs 7-17% over per-channel scales on the same 128x128 tiles (GEMM alone with the TMA-store
+epilogue, ``results/wgmma-stages-gemm-h100.json``; 12-20% before it), and the cost is the per-step scales: the same
 kernel taking one scale per tile (wrong arithmetic, timing only) runs at per-channel speed. Measured and left
 out (``results/block-scale-loads-h100.log``): loading the scales an iteration ahead (slower on 10 of 12 shapes),
 K-major scale copies so that a step's rows are one contiguous read (+0-8% at 4096 rows between runs, but the
