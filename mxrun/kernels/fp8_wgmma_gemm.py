@@ -427,10 +427,9 @@ if HAS_GLUON:
         TMA_STORE: gl.constexpr,
     ):
         """Per-row/per-tensor scales (block scales were applied per step), bias, cast, store of the half tile
-        whose first row is ``row0``: with
-        ``TMA_STORE`` into this consumer's shared-memory buffer and from there by an asynchronous TMA store
-        (the hardware clips ragged edges; the next tile's MMAs start while it drains), else masked stores
-        from the registers."""
+        whose first row is ``row0``: with ``TMA_STORE`` into this consumer's shared-memory buffer and from there
+        by an asynchronous TMA store (the hardware clips at the output's edges; the next tile's MMAs start while
+        it drains), else masked stores from the registers."""
         BLOCK_N: gl.constexpr = acc.shape[1]
         offs_n = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         if not BLOCK_SCALED:

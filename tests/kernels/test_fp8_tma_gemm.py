@@ -329,25 +329,27 @@ def test_wgmma_gemm_store_paths(n, dtype, wide) -> None:
 
 
 @needs_wgmma
+@pytest.mark.parametrize("n", [512, 472])
 @pytest.mark.parametrize("width", [1040, 1044])
 @pytest.mark.parametrize("block_scaled", [False, True])
-def test_wgmma_gemm_writes_into_out(width, block_scaled) -> None:
-    """``out`` = columns 128..640 of a wider output (rows 2080 or 2088 bytes apart: TMA-store and masked-store
-    epilogues): the same bits as a fresh output there, the other columns untouched; a wrong ``out`` is named."""
+def test_wgmma_gemm_writes_into_out(n, width, block_scaled) -> None:
+    """``out`` = columns 128..128+N of a wider output (rows 2080 or 2088 bytes apart: TMA-store and
+    masked-store epilogues; N = 472 ends inside a tile, where the store must stop at the view's edge): the
+    same bits as a fresh output there, the other columns untouched; a wrong ``out`` is named."""
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
 
-    x, w, bias = _inputs(600, 512, 1040, seed=5)
+    x, w, bias = _inputs(600, n, 1040, seed=5)
     act, weight = (G.GROUP_1X128, G.BLOCK_128X128) if block_scaled else (G.PER_ROW, G.PER_ROW)
     qa, qw = quantize_fp8_reference(x, act), quantize_fp8_reference(w, weight)
     args = (qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), torch.bfloat16)
     fresh = fp8_wgmma_gemm(*args, block_scaled=block_scaled)
     wide = torch.full((600, width), 7.0, dtype=torch.bfloat16, device="cuda")
-    written = fp8_wgmma_gemm(*args, block_scaled=block_scaled, out=wide[:, 128:640])
-    assert written.data_ptr() == wide[:, 128:640].data_ptr()
-    assert torch.equal(wide[:, 128:640], fresh)
-    assert (wide[:, :128] == 7.0).all() and (wide[:, 640:] == 7.0).all()
-    with pytest.raises(GemmInputError, match="out must be a \\[600, 512\\]"):
-        fp8_wgmma_gemm(*args, block_scaled=block_scaled, out=wide[:, 128:600])
+    written = fp8_wgmma_gemm(*args, block_scaled=block_scaled, out=wide[:, 128 : 128 + n])
+    assert written.data_ptr() == wide[:, 128:].data_ptr()
+    assert torch.equal(wide[:, 128 : 128 + n], fresh)
+    assert (wide[:, :128] == 7.0).all() and (wide[:, 128 + n :] == 7.0).all()
+    with pytest.raises(GemmInputError, match=f"out must be a \\[600, {n}\\]"):
+        fp8_wgmma_gemm(*args, block_scaled=block_scaled, out=wide[:, 128 : 100 + n])
 
 
 @needs_wgmma
