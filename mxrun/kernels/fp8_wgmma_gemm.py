@@ -583,7 +583,7 @@ def fp8_wgmma_gemm(
     Operands it cannot take (:func:`wgmma_gemm_usable` is False: no Gluon, not sm_90, not TMA-ready) get a
     :class:`GemmInputError`."""
     from mxrun.kernels.fp8_tma_gemm import _sm_count, check_block_scales, fp8_operand_shapes
-    from mxrun.kernels.scaled_gemm import GemmInputError, unit_stride
+    from mxrun.kernels.scaled_gemm import GemmInputError, output_for, unit_stride
 
     fn = "fp8_wgmma_gemm"
     m, n, k = fp8_operand_shapes(fn, a, b)
@@ -606,15 +606,7 @@ def fp8_wgmma_gemm(
                 f"{fn}: scales must have 1 or M={m} / 1 or N={n} elements, got {a_scale.numel()}, "
                 f"{b_scale.numel()}"
             )
-    if out is None:
-        c = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.device != a.device or out.stride(1) != 1:
-        raise GemmInputError(
-            f"{fn}: out must be a [{m}, {n}] {out_dtype} tensor on {a.device} with unit column stride, got "
-            f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}"
-        )
-    else:
-        c = out
+    c = output_for(fn, out, m, n, out_dtype, a.device)
     if m == 0 or n == 0:
         return c
     block_m, block_n, block_k = WGMMA_BLOCK
@@ -660,8 +652,12 @@ def output_descriptor(c: torch.Tensor, block_n: int):
     dtype = _TMA_STORE_DTYPES.get(c.dtype)
     if dtype is None or (c.stride(0) * c.element_size()) % 16 or c.data_ptr() % 16:
         return None
-    layout = gl.NVMMASharedLayout.get_default_for([WGMMA_BLOCK[0] // 2, block_n], getattr(gl, dtype))
-    return TensorDescriptor.from_tensor(c, [WGMMA_BLOCK[0] // 2, block_n], layout)
+    return TensorDescriptor.from_tensor(c, [WGMMA_BLOCK[0] // 2, block_n], _output_layout(block_n, dtype))
+
+
+@functools.cache
+def _output_layout(cols: int, dtype: str):
+    return gl.NVMMASharedLayout.get_default_for([WGMMA_BLOCK[0] // 2, cols], getattr(gl, dtype))
 
 
 @functools.cache

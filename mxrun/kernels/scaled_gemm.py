@@ -592,6 +592,21 @@ def unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def output_for(
+    fn: str, out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A new ``[m, n]`` output, or ``out`` once checked: the GEMMs write ``out`` at unit column stride (a column
+    slice of a wider output is fine), anything else is a named error rather than a wrong or partial write."""
+    if out is None:
+        return torch.empty((m, n), dtype=dtype, device=device)
+    if out.shape != (m, n) or out.dtype != dtype or out.device != device or out.stride(1) != 1:
+        raise GemmInputError(
+            f"{fn}: out must be a [{m}, {n}] {dtype} tensor on {device} with unit column stride, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device} with strides {out.stride()}"
+        )
+    return out
+
+
 def _bias_arg(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return bias if bias is not None else like
 
@@ -1026,6 +1041,8 @@ def fp8_block_gemm(
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
 
+    if out is not None:
+        output_for("fp8_block_gemm", out, a.shape[0], weight.shape[0], out_dtype, a.device)
     if a.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(a, weight):
         return fp8_wgmma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True, out=out)
     if a.shape[0] >= TMA_MIN_M and tma_usable(a, weight):

@@ -25,7 +25,7 @@ from mxrun.kernels.scaled_gemm import (
     fp8_linear_reference,
 )
 
-from .device_cases import HAS_CUDA
+from .device_cases import HAS_CUDA, KERNEL_DEVICE
 from .test_scaled_gemm import assert_one_ulp, fp8_mma_slack
 
 G = Fp8Granularity
@@ -390,3 +390,23 @@ def test_wgmma_no_recompile_for_new_m() -> None:
     for m in (613, 640, 700, 1000):
         fp8_linear(x[:m].cuda(), *args, "token")
     assert compiled_variants(wgmma._fp8_wgmma_gemm_kernel) == before
+
+
+def test_block_gemm_out_is_checked_and_filled() -> None:
+    """``fp8_block_gemm(out=...)`` (whichever kernel runs: here the pointer kernel, or the interpreter on CPU)
+    fills a column slice of a wider output with the bits it would return, leaves the other columns alone, and
+    names an ``out`` of the wrong shape or dtype before any launch."""
+    from mxrun.kernels.scaled_gemm import fp8_block_gemm
+
+    x, w, bias = _inputs(40, 200, 256, seed=12)
+    qa, qw = quantize_fp8_reference(x, G.GROUP_1X128), quantize_fp8_reference(w, G.BLOCK_128X128)
+    args = [t.to(KERNEL_DEVICE) for t in (qa.data, qa.scale, qw.data, qw.scale, bias)]
+    fresh = fp8_block_gemm(*args, torch.bfloat16)
+    wide = torch.full((40, 300), 7.0, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    fp8_block_gemm(*args, torch.bfloat16, wide[:, 50:250])
+    assert torch.equal(wide[:, 50:250], fresh)
+    assert (wide[:, :50] == 7.0).all() and (wide[:, 250:] == 7.0).all()
+    with pytest.raises(GemmInputError, match=r"fp8_block_gemm: out must be a \[40, 200\]"):
+        fp8_block_gemm(*args, torch.bfloat16, wide[:, 50:240])
+    with pytest.raises(GemmInputError, match="out must be"):
+        fp8_block_gemm(*args, torch.bfloat16, wide[:, 50:250].float())
