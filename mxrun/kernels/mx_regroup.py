@@ -26,11 +26,15 @@ A recipe that sets ``tile_aligned: true`` stores the weight in this form once (:
 MXFP8, every block of a tile carrying the tile's code) and the GEMMs take it as stored, with its tile scales
 from :func:`aligned_tile_scales`. On sm_100 the native MX MMA reads MXFP8 as it is and this step goes away.
 
-Launch: one program per 128x128 tile, 8 warps, 0.83-0.85 of a device copy's speed on the H100 at 70B and
-Mixtral-expert sizes, 0.70 on 8B qkv (6144x4096). Measured and left out (commit ee882d6, its
+Launch: one program per 128x128 tile, 4 warps, each element re-encoded four to a 32-bit word with integer ops,
+an fp16x2 multiply and an fp16x2 -> E4M3x2 conversion (``_REENCODE_WORD``). H100, L2 flushed, against a device
+copy of the same bytes in the same run (``results/regroup-words-h100.json``, the previous kernel kept aside for
+it): 0.93-0.96 of the copy's speed on the Llama 8B/70B weights and two MoE stacks (the fp32 round trip before,
+with two conversions per element: 0.82-0.84), 0.81 on 4096x4096 (0.65; 8 warps 0.59). Same bits, checked in that
+run and by the tests (every code at every shift). Measured and left out earlier (commit ee882d6, its
 ``benchmarks/sweep_mx_regroup.py``, ``benchmarks/results/sweep-mx-regroup-h100.json``): persistent programs
 that walk the tiles with the next ones' loads in flight (1-4 programs per SM, 2-3 stages, 4-8 warps), slower
-everywhere (0.37-0.82 of the copy; 70B gate_up 373 us per tile against 384-755).
+everywhere (0.37-0.82 of the copy).
 """
 
 from __future__ import annotations
@@ -38,19 +42,18 @@ from __future__ import annotations
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton
-from mxrun.kernels.e4m3 import e4m3_code, encode_e4m3_reference
+from mxrun.kernels.e4m3 import e4m3_code, encode_e4m3_reference, fast_widen_usable
 from mxrun.kernels.fp8_quantize import FP8_BLOCK, Fp8Quantized
 from mxrun.kernels.mxfp8_quantize import (
     E8M0_NAN_CODE,
     MX_BLOCK_SIZE,
     Mxfp8Quantized,
     e8m0_to_float32,
-    resolve_cast,
 )
 from mxrun.kernels.row_layout import QuantizeInputError, ceil_div
 
 _BLOCKS_PER_TILE = FP8_BLOCK // MX_BLOCK_SIZE  # E8M0 codes per tile row
-_REGROUP_WARPS = 8
+_REGROUP_WARPS = 4
 
 
 def _check(data: torch.Tensor, scale_e8m0: torch.Tensor, fn: str) -> tuple[int, int]:
@@ -118,11 +121,64 @@ def regroup_mxfp8_reference(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8
     return Fp8Quantized(regrouped, e8m0_to_float32(tile_code.to(torch.uint8)))
 
 
+# Re-encoding four E4M3 codes (one 32-bit word of a 32-element block) at a power of two 2^-d, without the
+# conversion unit's E4M3 -> fp16 step (conversions issue at a quarter of the integer rate on Hopper; the fp32
+# round trip this replaces spent two per byte and held the kernel below the memory's speed). Each byte ``b``
+# is spread into the high byte of an fp16 half by a byte permute; ``(b << 7)`` with the sign carried from bit
+# 14 to 15 (``x + (x & 0x4000)``) are the fp16 bits of the E4M3 value times 2^-8, exactly, subnormals included
+# (E4M3 normals and subnormals land on fp16 normals and subnormals of the same significand). One fp16x2
+# multiply by 2^(8 - d) per pair (``$2``, both halves) and one RNE, saturating fp16x2 -> E4M3x2 conversion give
+# the codes. The fp16 product is exact unless it is below 2^-14, where its rounding cannot move the E4M3
+# result (those values round to zero or the smallest subnormals and sit far from E4M3's rounding midpoints);
+# a NaN multiplier (a NaN block) gives the canonical NaN 0x7F. The E4M3 NaN code (0x7F / 0xFF), which the
+# widening would read as 1.875 * 2^-8, is forced back to 0x7F at the end: ``f`` marks such bytes with 0x80,
+# ``m`` with 0x7F, and ``(r | m) & ~f`` writes them.
+_REENCODE_WORD = tl.constexpr(
+    "{ .reg .b32 z, lo, hi, t, f, m, r; .reg .b16 a, b; mov.b32 z, 0; "
+    "prmt.b32 lo, $1, z, 0x1404; shr.b32 lo, lo, 1; and.b32 t, lo, 0x40004000; add.u32 lo, lo, t; "
+    "prmt.b32 hi, $1, z, 0x3424; shr.b32 hi, hi, 1; and.b32 t, hi, 0x40004000; add.u32 hi, hi, t; "
+    "mul.rn.f16x2 lo, lo, $2; mul.rn.f16x2 hi, hi, $2; "
+    "cvt.rn.satfinite.e4m3x2.f16x2 a, lo; cvt.rn.satfinite.e4m3x2.f16x2 b, hi; mov.b32 r, {a, b}; "
+    "and.b32 t, $1, 0x7F7F7F7F; add.u32 t, t, 0x01010101; and.b32 f, t, 0x80808080; "
+    "shr.b32 m, f, 7; sub.u32 m, f, m; lop3.b32 $0, r, m, f, 0x54; }"
+)
+
+
+@triton.jit
+def _shift_multiplier(shift, block_is_nan):
+    """int32 holding fp16 2^(8 - shift) in both halves (fp16 bits: a normal up to shift 22, a subnormal up to
+    32, zero beyond), or an fp16 NaN for NaN blocks."""
+    bits = tl.where(shift <= 22, (23 - shift) << 10, 1 << tl.maximum(32 - shift, 0))
+    bits = tl.where(shift > 32, 0, bits)
+    bits = tl.where(block_is_nan, 0x7E00, bits)
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _reencode_words(words, multiplier, FAST: tl.constexpr):
+    """Four E4M3 codes per int32 word re-encoded at ``multiplier``'s power of two (see ``_REENCODE_WORD``).
+    FAST: the PTX above (CUDA sm_90+); else the same arithmetic per byte in Triton ops (the interpreter)."""
+    if FAST:
+        out = tl.inline_asm_elementwise(
+            _REENCODE_WORD, "=r,r,r", [words, multiplier], dtype=tl.int32, is_pure=True, pack=1
+        )
+    else:
+        factor = (multiplier & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        out = tl.zeros_like(words)
+        for j in tl.static_range(4):
+            b = (words >> (8 * j)) & 0xFF
+            widened = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+            code = e4m3_code((widened * factor).to(tl.float32), True).to(tl.int32)
+            code = tl.where((b & 0x7F) == 0x7F, 0x7F, code)
+            out = out | (code << (8 * j))
+    return out
+
+
 @triton.jit
 def _regroup_kernel(
-    q_ptr,  # [B, N, K] float8e4nv, (b, n, k) at b*stride_qb + n*stride_qn + k
+    q_ptr,  # [B, N, K/4] int32 words of E4M3 codes, (b, n, w) at b*stride_qb + n*stride_qn + w
     s_ptr,  # [B, N, K/32] uint8 E8M0, (b, n, g) at b*stride_sb + n*stride_sn + g
-    out_q_ptr,  # [B, N, K] uint8 E4M3 codes, contiguous
+    out_q_ptr,  # [B, N, K/4] int32 words, contiguous
     out_s_ptr,  # [B, cdiv(N, 128), cdiv(K, 128)] fp32, contiguous
     N,
     K,
@@ -130,18 +186,19 @@ def _regroup_kernel(
     stride_qn,
     stride_sb,
     stride_sn,
-    SOFT_CAST: tl.constexpr,
+    FAST: tl.constexpr,
     BLOCK_N: tl.constexpr,  # 128
     BLOCK_K: tl.constexpr,  # 128
 ):
     """One program per 128x128 tile: the tile's largest finite E8M0 code, then every element re-encoded at
-    that scale."""
+    that scale, four per 32-bit word."""
     G: tl.constexpr = BLOCK_K // 32
+    WORDS: tl.constexpr = BLOCK_K // 4
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    words = pid_k * WORDS + tl.arange(0, WORDS)
     groups = pid_k * G + tl.arange(0, G)
     row_ok = rows < N
     codes = tl.load(
@@ -149,24 +206,38 @@ def _regroup_kernel(
         mask=row_ok[:, None] & (groups < K // 32)[None, :],
         other=0,
     ).to(tl.int32)
-    tile_code = tl.max(tl.max(tl.where(codes == 255, 0, codes), axis=1), axis=0)
-    shift = tl.maximum(tile_code - codes, 0)
-    factor = tl.where(shift > 126, 0.0, ((127 - tl.minimum(shift, 126)) << 23).to(tl.float32, bitcast=True))
+    block_is_nan = codes == 255
+    tile_code = tl.max(tl.max(tl.where(block_is_nan, 0, codes), axis=1), axis=0)
+    multiplier = _shift_multiplier(tl.maximum(tile_code - codes, 0), block_is_nan)
 
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    values = tl.load(
-        q_ptr + pid_b * stride_qb + rows.to(tl.int64)[:, None] * stride_qn + cols[None, :],
+    mask = row_ok[:, None] & (words < K // 4)[None, :]
+    packed = tl.load(
+        q_ptr + pid_b * stride_qb + rows.to(tl.int64)[:, None] * stride_qn + words[None, :],
         mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    values = tl.reshape(values, [BLOCK_N, G, 32]) * factor[:, :, None]
-    values = tl.where((codes == 255)[:, :, None], float("nan"), values)
-    q = tl.reshape(e4m3_code(values, SOFT_CAST), [BLOCK_N, BLOCK_K])
-    tl.store(out_q_ptr + pid_b * N * K + rows.to(tl.int64)[:, None] * K + cols[None, :], q, mask=mask)
+        other=0,
+    )
+    packed = tl.reshape(packed, [BLOCK_N, G, WORDS // G])
+    multiplier = tl.broadcast_to(multiplier[:, :, None], [BLOCK_N, G, WORDS // G])
+    out = tl.reshape(_reencode_words(packed, multiplier, FAST), [BLOCK_N, WORDS])
+    tl.store(
+        out_q_ptr + pid_b * N * (K // 4) + rows.to(tl.int64)[:, None] * (K // 4) + words[None, :],
+        out,
+        mask=mask,
+    )
 
     scale = tl.where(tile_code == 0, 0x00400000, tile_code << 23).to(tl.float32, bitcast=True)
     n_tiles, k_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
     tl.store(out_s_ptr + (pid_b * n_tiles + pid_n) * k_tiles + pid_k, scale)
+
+
+def _as_words(data: torch.Tensor) -> torch.Tensor:
+    """The E4M3 codes as int32 words (four per word along K): a view when the strides and offset allow it, else
+    a contiguous copy (the source is never written)."""
+    codes = data.view(torch.uint8)
+    try:
+        return codes.view(torch.int32)
+    except RuntimeError:
+        return codes.clone(memory_format=torch.contiguous_format).view(torch.int32)
 
 
 def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Quantized:
@@ -184,18 +255,19 @@ def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Qua
         device=data.device,
     )
     if data.numel():
+        words = _as_words(data)
         _regroup_kernel[(ceil_div(k, FP8_BLOCK), ceil_div(n, FP8_BLOCK), batches)](
-            data,
+            words,
             codes,
-            out,
+            out.view(torch.int32),
             scale,
             n,
             k,
-            data.stride(0) if data.dim() == 3 else 0,
-            data.stride(-2),
+            words.stride(0) if words.dim() == 3 else 0,
+            words.stride(-2),
             codes.stride(0) if codes.dim() == 3 else 0,
             codes.stride(-2),
-            SOFT_CAST=resolve_cast("auto"),
+            FAST=fast_widen_usable(data.device),
             BLOCK_N=FP8_BLOCK,
             BLOCK_K=FP8_BLOCK,
             num_warps=_REGROUP_WARPS,

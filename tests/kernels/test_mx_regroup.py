@@ -72,6 +72,46 @@ def test_regroup_kernel_matches_reference(shape) -> None:
     assert ref.scale.shape == (*shape[:-2], -(-shape[-2] // 128), -(-shape[-1] // 128))
 
 
+def _every_code_at_every_shift(tile_code: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One 128x128 tile whose 512 blocks hold all 256 E4M3 codes (NaN codes 0x7F / 0xFF included) eight blocks
+    at a time, at block codes ``tile_code - d`` for every shift ``d`` from 0 to 63 (clamped at code 0); a second
+    tile repeats it with its last block NaN (code 255)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    data = codes.repeat(2 * 128 * 128 // 256).reshape(256, 128)
+    shifts = torch.arange(512) // 8  # block i holds codes 32 (i % 8) ... and shift i // 8
+    block_codes = (tile_code - shifts).clamp(min=0).to(torch.uint8).reshape(128, 4)
+    scales = torch.cat([block_codes, block_codes])
+    scales[-1, -1] = 255
+    return data.view(torch.float8_e4m3fn), scales
+
+
+@pytest.mark.parametrize("tile_code", [200, 40, 3])
+def test_regroup_kernel_every_code_and_shift(tile_code: int) -> None:
+    """Bit-exact against the reference for every E4M3 code (zeros, subnormals, NaN) at every shift down to
+    nothing left, and in a NaN block: the word-wise re-encoding (fp16 product, NaN bytes) has no blind spot."""
+    data, scales = _every_code_at_every_shift(tile_code)
+    ref = regroup_mxfp8_reference(data, scales)
+    out = regroup_mxfp8_triton(*_dev(data, scales))
+    assert torch.equal(bits(out.data), bits(ref.data))
+    assert_same_fp32(out.scale, ref.scale)
+    assert (bits(ref.data)[:128][data.view(torch.uint8)[:128] & 0x7F == 0x7F] == 0x7F).all()
+
+
+def test_regroup_kernel_reads_a_misaligned_weight() -> None:
+    """A weight view whose bytes do not start on a 4-byte boundary is read through a copy, not misread, and the
+    source is left as it was."""
+    q = quantize_mxfp8_reference(_spread_weight((130, 96), seed=3))
+    buffer = torch.zeros(130 * 96 + 1, dtype=torch.uint8)
+    buffer[1:] = q.data.view(torch.uint8).reshape(-1)
+    data, scales = _dev(buffer, q.scale_e8m0)
+    before = data.clone()
+    shifted = data[1:].view(130, 96).view(torch.float8_e4m3fn)
+    out = regroup_mxfp8_triton(shifted, scales)
+    ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    assert torch.equal(bits(out.data), bits(ref.data))
+    assert torch.equal(data, before)
+
+
 @pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96)])
 def test_regrouped_values_keep_mxfp8_within_the_bound(shape) -> None:
     """Against exact MXFP8 values: equal wherever the MXFP8 value is an E4M3 normal at the tile's scale, within
