@@ -35,6 +35,17 @@ run and by the tests (every code at every shift). Measured and left out earlier 
 ``benchmarks/sweep_mx_regroup.py``, ``benchmarks/results/sweep-mx-regroup-h100.json``): persistent programs
 that walk the tiles with the next ones' loads in flight (1-4 programs per SM, 2-3 stages, 4-8 warps), slower
 everywhere (0.37-0.82 of the copy).
+
+The aligned Linear runs this pass and its activations' 1x128 quantization in one launch when the weight goes in
+one piece (:func:`quantize_and_regroup_triton`): H100, ``benchmarks/sweep_linear_setting.py --setting
+mxfp8.SHARED_LAUNCH --values 0 1 --ms 1024 4096 --columns bf16 mxfp8 --repeats 2``
+(``results/linear-mx-shared-launch-h100.json``): 0.988x the time of two launches at M = 1024 (9 of 14 faster;
+8B ``o`` 56.9 / 53.5 -> 52.8 / 50.5 us), 1.003x at 4096.
+
+Measured and left out: regrouping inside the Gluon GEMM instead, by its loader warp group in shared memory
+between the TMA load and the wgmmas (same bits, 58 GPU tests), which would spare the pass's HBM round trip. It
+ran at 0.35-0.62x of bf16 (the pass + GEMM: 0.91-1.38x); even with the regrouping taken out, handing each slot
+through the loader cost a third against the direct TMA -> wgmma path (``results/mx-regroup-in-gemm-h100.log``).
 """
 
 from __future__ import annotations
@@ -47,13 +58,20 @@ from mxrun.kernels.fp8_quantize import FP8_BLOCK, Fp8Quantized
 from mxrun.kernels.mxfp8_quantize import (
     E8M0_NAN_CODE,
     MX_BLOCK_SIZE,
+    MX_GROUP128,
+    Mx128Quantized,
     Mxfp8Quantized,
+    MxScaleRule,
     e8m0_to_float32,
+    mx_quantize_tile,
+    mxfp8_launch_plan,
+    quantize_mx_group128_triton,
 )
 from mxrun.kernels.row_layout import QuantizeInputError, ceil_div
 
 _BLOCKS_PER_TILE = FP8_BLOCK // MX_BLOCK_SIZE  # E8M0 codes per tile row
 _REGROUP_WARPS = 4
+_ACTIVATION_GROUP = tl.constexpr(MX_GROUP128)
 
 
 def _check(data: torch.Tensor, scale_e8m0: torch.Tensor, fn: str) -> tuple[int, int]:
@@ -175,7 +193,7 @@ def _reencode_words(words, multiplier, FAST: tl.constexpr):
 
 
 @triton.jit
-def _regroup_kernel(
+def _regroup_tile(
     q_ptr,  # [B, N, K/4] int32 words of E4M3 codes, (b, n, w) at b*stride_qb + n*stride_qn + w
     s_ptr,  # [B, N, K/32] uint8 E8M0, (b, n, g) at b*stride_sb + n*stride_sn + g
     out_q_ptr,  # [B, N, K/4] int32 words, contiguous
@@ -186,17 +204,17 @@ def _regroup_kernel(
     stride_qn,
     stride_sb,
     stride_sn,
+    pid_k,
+    pid_n,
+    pid_b,
     FAST: tl.constexpr,
     BLOCK_N: tl.constexpr,  # 128
     BLOCK_K: tl.constexpr,  # 128
 ):
-    """One program per 128x128 tile: the tile's largest finite E8M0 code, then every element re-encoded at
-    that scale, four per 32-bit word."""
+    """One 128x128 tile: its largest finite E8M0 code, then every element re-encoded at that scale, four per
+    32-bit word."""
     G: tl.constexpr = BLOCK_K // 32
     WORDS: tl.constexpr = BLOCK_K // 4
-    pid_k = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     words = pid_k * WORDS + tl.arange(0, WORDS)
     groups = pid_k * G + tl.arange(0, G)
@@ -228,6 +246,74 @@ def _regroup_kernel(
     scale = tl.where(tile_code == 0, 0x00400000, tile_code << 23).to(tl.float32, bitcast=True)
     n_tiles, k_tiles = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
     tl.store(out_s_ptr + (pid_b * n_tiles + pid_n) * k_tiles + pid_k, scale)
+
+
+@triton.jit
+def _regroup_kernel(
+    q_ptr,
+    s_ptr,
+    out_q_ptr,
+    out_s_ptr,
+    N,
+    K,
+    stride_qb,
+    stride_qn,
+    stride_sb,
+    stride_sn,
+    FAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program per 128x128 tile (:func:`_regroup_tile`), grid (K tiles, N tiles, stack)."""
+    _regroup_tile(
+        q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn,
+        tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), FAST, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _quantize_and_regroup_kernel(
+    x_ptr,  # [M, K] bf16/fp16 activations, (r, k) at r*stride_xr + k*stride_xk
+    a_ptr,  # [M, K] uint8 E4M3 codes out
+    a_scale_ptr,  # [M, cdiv(K, 128)] fp32 out
+    q_ptr,  # the weight, as _regroup_tile
+    s_ptr,
+    out_q_ptr,
+    out_s_ptr,
+    M,
+    N,
+    K,
+    stride_xr,
+    stride_xk,
+    stride_qn,
+    stride_sn,
+    regroup_programs,
+    ROUND_UP: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    FAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_X: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One launch for the aligned MXFP8 path's two independent passes: programs below ``regroup_programs``
+    regroup one weight tile each (K tiles fastest), the rest quantize ``BLOCK_R x BLOCK_X`` activation tiles
+    with the MX rule over 1x128 groups (row blocks fastest). Run side by side, the short activation pass fills
+    the SMs the weight pass leaves and neither pays its own launch and tail."""
+    pid = tl.program_id(0)
+    if pid < regroup_programs:
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        _regroup_tile(
+            q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, 0, stride_qn, 0, stride_sn, pid % k_tiles, pid // k_tiles,
+            0, FAST, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+    else:
+        row_blocks = tl.cdiv(M, BLOCK_R)
+        q = pid - regroup_programs
+        mx_quantize_tile(
+            x_ptr, a_ptr, a_scale_ptr, M, K, 0, stride_xr, stride_xk, q % row_blocks, q // row_blocks, 0,
+            ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_X, _ACTIVATION_GROUP, True, False,
+        )  # fmt: skip
 
 
 def _as_words(data: torch.Tensor) -> torch.Tensor:
@@ -273,6 +359,48 @@ def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Qua
             num_warps=_REGROUP_WARPS,
         )
     return Fp8Quantized(out.view(torch.float8_e4m3fn), scale)
+
+
+def quantize_and_regroup_triton(
+    x: torch.Tensor, rule: MxScaleRule | str, data: torch.Tensor, scale_e8m0: torch.Tensor
+) -> tuple[Mx128Quantized, Fp8Quantized]:
+    """:func:`~mxrun.kernels.mxfp8_quantize.quantize_mx_group128_triton` of the activations ``x`` ``[M, K]``
+    and :func:`regroup_mxfp8_triton` of the weight ``[N, K]``, the same bytes and scales, in one launch
+    (:func:`_quantize_and_regroup_kernel`)."""
+    fn = "quantize_and_regroup_triton"
+    n, k = _check(data, scale_e8m0, fn)
+    codes = scale_e8m0.view(torch.uint8)
+    if data.dim() != 2 or x.dim() != 2 or x.shape[1] != k:
+        raise QuantizeInputError(
+            f"{fn}: needs x [M, K] and a weight [N, K] with the same K, got {tuple(x.shape)}, {tuple(data.shape)}"
+        )
+    if data.stride(-1) != 1 or codes.stride(-1) != 1:
+        raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
+    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, "auto", None, MX_GROUP128)
+    m = x.shape[0]
+    a_data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    a_scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
+    out = torch.empty(data.shape, dtype=torch.uint8, device=data.device)
+    scale = torch.empty(
+        (ceil_div(n, FP8_BLOCK), ceil_div(k, FP8_BLOCK)), dtype=torch.float32, device=data.device
+    )
+    regroup_programs = ceil_div(k, FP8_BLOCK) * ceil_div(n, FP8_BLOCK)
+    quantize_programs = 0 if plan.grid is None else plan.grid[0] * plan.grid[1]
+    if regroup_programs + quantize_programs and n * m:
+        words = _as_words(data)
+        block_r, block_x = plan.constexprs["BLOCK_R"], plan.constexprs["BLOCK_K"]
+        _quantize_and_regroup_kernel[(regroup_programs + quantize_programs,)](
+            x, a_data, a_scale, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
+            words.stride(0), codes.stride(0), regroup_programs,
+            ROUND_UP=plan.constexprs["ROUND_UP"], SOFT_CAST=plan.constexprs["SOFT_CAST"],
+            FAST=fast_widen_usable(data.device), BLOCK_R=block_r, BLOCK_X=block_x, BLOCK_N=FP8_BLOCK,
+            BLOCK_K=FP8_BLOCK, num_warps=_REGROUP_WARPS,
+        )  # fmt: skip
+    else:  # an empty side: nothing to share a launch with
+        return quantize_mx_group128_triton(x, rule), regroup_mxfp8_triton(data, scale_e8m0)
+    return Mx128Quantized(a_data.view(torch.float8_e4m3fn), a_scale), Fp8Quantized(
+        out.view(torch.float8_e4m3fn), scale
+    )
 
 
 def regroup_mxfp8(
@@ -322,6 +450,7 @@ __all__ = [
     "align_mxfp8",
     "aligned_tile_scales",
     "per_block_codes",
+    "quantize_and_regroup_triton",
     "reencode_reference",
     "regroup_mxfp8",
     "regroup_mxfp8_reference",

@@ -38,7 +38,11 @@ import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16_times, e8m0_fold_multiplier, widen_to_fp32
-from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
+from mxrun.kernels.mx_regroup import (
+    quantize_and_regroup_triton,
+    regroup_mxfp8_reference,
+    regroup_mxfp8_triton,
+)
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
@@ -86,6 +90,10 @@ H100 (``benchmarks/bench_linear.py --columns mxfp8:aligned mxfp8:cublas``, resul
 ``benchmarks/results/mx-aligned-h100.md`` and ``mx-aligned-h100-m128.log``): not slower than ``"cublas"`` at any
 shape and M tried, 1.0-1.35x at M = 128, 1.02-1.34x at M = 256-16384; its per-call weight pass moves 2 bytes
 per weight against the decode's 3, and its FP8 GEMM runs at up to twice the bf16 rate."""
+SHARED_LAUNCH = True
+"""The aligned path quantizes the activations and regroups a weight that goes in one piece in one launch
+(:func:`~mxrun.kernels.mx_regroup.quantize_and_regroup_triton`) instead of two; a setting for
+``benchmarks/sweep_linear_setting.py``."""
 MAX_DECODED_CHUNK_BYTES = 256 << 20
 """The ``"cublas"`` path decodes the weight in slices of output rows of at most this many bytes."""
 
@@ -477,14 +485,19 @@ def mxfp8_aligned_matmul(
     weight_tile_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The ``"aligned"`` W8A8 path (:data:`LARGE_M_KERNELS`): activations quantized with the MX rule over 1x128
-    groups, the weight regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`) in
-    slices of at most :data:`MAX_DECODED_CHUNK_BYTES`, then the block-scaled FP8 GEMM (TMA on Hopper). A
+    groups, the weight regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`; in
+    the same launch when the weight goes in one piece, else in slices of at most
+    :data:`MAX_DECODED_CHUNK_BYTES`), then the block-scaled FP8 GEMM (TMA on Hopper). A
     weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with its fp32
     ``weight_tile_scale`` and is multiplied as it is."""
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
-    a = quantize_mx_group128_triton(x, activation_rule)
     if weight_tile_scale is not None:
+        a = quantize_mx_group128_triton(x, activation_rule)
         return fp8_block_gemm(a.data, a.scale, weight, weight_tile_scale, bias, x.dtype)
+    if SHARED_LAUNCH and weight.numel() <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
+        a, regrouped = quantize_and_regroup_triton(x, activation_rule, weight, weight_scale_e8m0.contiguous())
+        return fp8_block_gemm(a.data, a.scale, regrouped.data, regrouped.scale, bias, x.dtype)
+    a = quantize_mx_group128_triton(x, activation_rule)
 
     def piece(
         w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None

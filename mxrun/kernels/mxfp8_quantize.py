@@ -213,7 +213,7 @@ def dequantize_mxfp8(
 
 
 @triton.jit
-def _mxfp8_quantize_kernel(
+def mx_quantize_tile(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
     scale_ptr,  # [B, R, cdiv(K, GROUP)] uint8 E8M0 codes, or fp32 2^(code - 127) (FP32_SCALE); contiguous
@@ -222,22 +222,22 @@ def _mxfp8_quantize_kernel(
     stride_xb,
     stride_xr,
     stride_xk,
+    pid_r,
+    pid_k,
+    pid_b,
     ROUND_UP: tl.constexpr,
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr = 32,
-    FP32_SCALE: tl.constexpr = False,
-    ROUND_ONLY: tl.constexpr = False,
+    GROUP: tl.constexpr,
+    FP32_SCALE: tl.constexpr,
+    ROUND_ONLY: tl.constexpr,
 ):
-    """One program quantizes a BLOCK_R x BLOCK_K tile (BLOCK_K // GROUP groups per row, each with the MX
-    rule: MXFP8 blocks with GROUP = 32, the 1x128 groups of quantize_mx_group128 with 128). ROUND_ONLY: q_ptr
-    is a [B, R, K] output of x's dtype (contiguous) that gets the quantized values (E4M3 times 2^e, NaN blocks
-    NaN), and no scales are stored."""
+    """Quantize the BLOCK_R x BLOCK_K tile (``pid_r``, ``pid_k``) of batch ``pid_b`` (int64): BLOCK_K // GROUP
+    groups per row, each with the MX rule (MXFP8 blocks with GROUP = 32, the 1x128 groups of
+    quantize_mx_group128 with 128). ROUND_ONLY: q_ptr is a [B, R, K] output of x's dtype (contiguous) that
+    gets the quantized values (E4M3 times 2^e, NaN blocks NaN), and no scales are stored."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < R)[:, None] & (cols < K)[None, :]
@@ -264,20 +264,45 @@ def _mxfp8_quantize_kernel(
         values = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
         values = tl.reshape(values, [BLOCK_R, BLOCK_K]).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + pid_b * R * K + q_offsets, values, mask=mask)
-        return
-    q = tl.reshape(q, [BLOCK_R, BLOCK_K])
-    tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
-
-    n_groups = tl.cdiv(K, GROUP)
-    group_cols = pid_k * GROUPS + tl.arange(0, GROUPS)
-    scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
-    scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
-    if FP32_SCALE:
-        scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
-        scale = tl.where(block_is_nan, float("nan"), scale)
-        tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
     else:
-        tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, codes.to(tl.uint8), mask=scale_mask)
+        q = tl.reshape(q, [BLOCK_R, BLOCK_K])
+        tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
+
+        n_groups = tl.cdiv(K, GROUP)
+        group_cols = pid_k * GROUPS + tl.arange(0, GROUPS)
+        scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
+        scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
+        if FP32_SCALE:
+            scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
+            scale = tl.where(block_is_nan, float("nan"), scale)
+            tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+        else:
+            tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, codes.to(tl.uint8), mask=scale_mask)
+
+
+@triton.jit
+def _mxfp8_quantize_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    ROUND_UP: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr = 32,
+    FP32_SCALE: tl.constexpr = False,
+    ROUND_ONLY: tl.constexpr = False,
+):
+    """One program per BLOCK_R x BLOCK_K tile (:func:`mx_quantize_tile`), grid (row blocks, K blocks, batch)."""
+    mx_quantize_tile(
+        x_ptr, q_ptr, scale_ptr, R, K, stride_xb, stride_xr, stride_xk, tl.program_id(0), tl.program_id(1),
+        tl.program_id(2).to(tl.int64), ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_K, GROUP, FP32_SCALE, ROUND_ONLY,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1024)
@@ -297,7 +322,7 @@ class _LaunchPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _mxfp8_launch_plan(
+def mxfp8_launch_plan(
     shape: tuple[int, ...],
     strides: tuple[int, ...],
     dtype: torch.dtype,
@@ -343,7 +368,7 @@ def quantize_mxfp8_triton(
 ) -> Mxfp8Quantized:
     """Triton MXFP8 quantize: the reference's bytes, one pass over the input, no host synchronisation."""
     _check_scale_dtype(scale_dtype)
-    plan = _mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config)
+    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     scale = torch.empty(plan.scale_shape, dtype=torch.uint8, device=x.device)
     if plan.grid is not None:
@@ -359,7 +384,7 @@ def quantize_mx_group128_triton(
     config: TileConfig | None = None,
 ) -> Mx128Quantized:
     """Triton :func:`quantize_mx_group128`: the reference's bytes and scales, one pass, no host sync."""
-    plan = _mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config, MX_GROUP128)
+    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config, MX_GROUP128)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:
@@ -374,7 +399,7 @@ def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:
     kernel that multiplies MX-rounded values in bf16/fp16."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise QuantizeInputError(f"mx_round_triton: x must be bfloat16 or float16, got {x.dtype}")
-    plan = _mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, E4m3Cast.AUTO, None)
+    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, E4m3Cast.AUTO, None)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if plan.grid is not None:
         _mxfp8_quantize_kernel[plan.grid](x, out, out, *plan.int_args, **plan.constexprs, ROUND_ONLY=True)

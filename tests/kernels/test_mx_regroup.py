@@ -19,6 +19,7 @@ from mxrun.kernels.fp8_quantize import dequantize_fp8, expand_fp8_scale
 from mxrun.kernels.mx_regroup import (
     align_mxfp8,
     aligned_tile_scales,
+    quantize_and_regroup_triton,
     regroup_mxfp8,
     regroup_mxfp8_reference,
     regroup_mxfp8_triton,
@@ -110,6 +111,25 @@ def test_regroup_kernel_reads_a_misaligned_weight() -> None:
     ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
     assert torch.equal(bits(out.data), bits(ref.data))
     assert torch.equal(data, before)
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(70, 300, 4128), (1, 130, 96), (300, 128, 256)])
+@pytest.mark.parametrize("rule", ["round_up", "floor"])
+def test_quantize_and_regroup_in_one_launch(m, n, k, rule) -> None:
+    """The shared launch gives the bytes and scales of the two kernels it replaces (and so of their references):
+    ragged M, N and K, a strided activation view, NaN activations and a NaN weight block."""
+    x = torch.randn(m, 2 * k, dtype=torch.bfloat16)[:, ::2] * 3
+    x[0, 5] = float("nan")
+    q = quantize_mxfp8_reference(_spread_weight((n, k), seed=8))
+    q.scale_e8m0.view(-1)[-1] = 255
+    xd, data, codes = _dev(x, q.data, q.scale_e8m0)
+    a, regrouped = quantize_and_regroup_triton(xd, rule, data, codes)
+    a_ref = quantize_mx_group128_reference(x, rule)
+    w_ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    assert torch.equal(bits(a.data), bits(a_ref.data))
+    assert_same_fp32(a.scale, a_ref.scale)
+    assert torch.equal(bits(regrouped.data), bits(w_ref.data))
+    assert_same_fp32(regrouped.scale, w_ref.scale)
 
 
 @pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96)])
