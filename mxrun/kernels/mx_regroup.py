@@ -376,8 +376,10 @@ def quantize_and_regroup_triton(
         )
     if data.stride(-1) != 1 or codes.stride(-1) != 1:
         raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
-    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, "auto", None, MX_GROUP128)
     m = x.shape[0]
+    if not (m and n and k):  # an empty side: nothing to share a launch with
+        return quantize_mx_group128_triton(x, rule), regroup_mxfp8_triton(data, scale_e8m0)
+    plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, "auto", None, MX_GROUP128)
     a_data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     a_scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     out = torch.empty(data.shape, dtype=torch.uint8, device=data.device)
@@ -385,22 +387,16 @@ def quantize_and_regroup_triton(
         (ceil_div(n, FP8_BLOCK), ceil_div(k, FP8_BLOCK)), dtype=torch.float32, device=data.device
     )
     regroup_programs = ceil_div(k, FP8_BLOCK) * ceil_div(n, FP8_BLOCK)
-    quantize_programs = 0 if plan.grid is None else plan.grid[0] * plan.grid[1]
-    if regroup_programs + quantize_programs and n * m:
-        words = _as_words(data)
-        block_r, block_x = plan.constexprs["BLOCK_R"], plan.constexprs["BLOCK_K"]
-        _quantize_and_regroup_kernel[(regroup_programs + quantize_programs,)](
-            x, a_data, a_scale, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
-            words.stride(0), codes.stride(0), regroup_programs,
-            ROUND_UP=plan.constexprs["ROUND_UP"], SOFT_CAST=plan.constexprs["SOFT_CAST"],
-            FAST=fast_widen_usable(data.device), BLOCK_R=block_r, BLOCK_X=block_x, BLOCK_N=FP8_BLOCK,
-            BLOCK_K=FP8_BLOCK, num_warps=_REGROUP_WARPS,
-        )  # fmt: skip
-    else:  # an empty side: nothing to share a launch with
-        return quantize_mx_group128_triton(x, rule), regroup_mxfp8_triton(data, scale_e8m0)
-    return Mx128Quantized(a_data.view(torch.float8_e4m3fn), a_scale), Fp8Quantized(
-        out.view(torch.float8_e4m3fn), scale
-    )
+    words = _as_words(data)
+    _quantize_and_regroup_kernel[(regroup_programs + plan.grid[0] * plan.grid[1],)](
+        x, a_data, a_scale, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
+        words.stride(0), codes.stride(0), regroup_programs,
+        ROUND_UP=plan.constexprs["ROUND_UP"], SOFT_CAST=plan.constexprs["SOFT_CAST"],
+        FAST=fast_widen_usable(data.device), BLOCK_R=plan.constexprs["BLOCK_R"],
+        BLOCK_X=plan.constexprs["BLOCK_K"], BLOCK_N=FP8_BLOCK, BLOCK_K=FP8_BLOCK, num_warps=_REGROUP_WARPS,
+    )  # fmt: skip
+    activations = Mx128Quantized(a_data.view(torch.float8_e4m3fn), a_scale)
+    return activations, Fp8Quantized(out.view(torch.float8_e4m3fn), scale)
 
 
 def regroup_mxfp8(

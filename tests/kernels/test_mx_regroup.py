@@ -132,6 +132,24 @@ def test_quantize_and_regroup_in_one_launch(m, n, k, rule) -> None:
     assert_same_fp32(regrouped.scale, w_ref.scale)
 
 
+def test_quantize_and_regroup_empty_sides_and_bad_inputs() -> None:
+    """No rows: the weight is still regrouped (and nothing is launched for the activations); a K mismatch or a
+    stack is named."""
+    q = quantize_mxfp8_reference(_spread_weight((130, 96), seed=9))
+    data, codes = _dev(q.data, q.scale_e8m0)
+    a, regrouped = quantize_and_regroup_triton(
+        torch.zeros(0, 96, device=data.device), "round_up", data, codes
+    )
+    assert a.data.shape == (0, 96) and a.scale.shape == (0, 1)
+    assert torch.equal(bits(regrouped.data), bits(regroup_mxfp8_reference(q.data, q.scale_e8m0).data))
+    with pytest.raises(QuantizeInputError, match="same K"):
+        quantize_and_regroup_triton(torch.zeros(4, 64, device=data.device), "round_up", data, codes)
+    with pytest.raises(QuantizeInputError, match="same K"):
+        quantize_and_regroup_triton(
+            torch.zeros(4, 96, device=data.device), "round_up", data[None], codes[None]
+        )
+
+
 @pytest.mark.parametrize("shape", [(300, 4128), (3, 130, 96)])
 def test_regrouped_values_keep_mxfp8_within_the_bound(shape) -> None:
     """Against exact MXFP8 values: equal wherever the MXFP8 value is an E4M3 normal at the tile's scale, within
