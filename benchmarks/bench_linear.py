@@ -15,6 +15,12 @@ Times are medians of ``triton.testing.do_bench`` (which clears L2 before each ca
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
 the GPU time, so ``--graph`` times CUDA-graph replays instead (what a serving engine runs; L2 not flushed). TFLOP/s = 2 M N K / time. Ratios are against bf16 and against scaled_mm.
 
+Replayed back to back, one layer's weights stay in the H100's 50 MB L2 where they fit (a bf16 4096x4096 weight
+is 32 MB); in a model's forward each layer's weights come from DRAM, because the layers between evict them.
+``--graph --cold-weights`` keeps every column's weights cold the way a forward does: each column gets enough
+copies of its weights (same values, other memory; at least two, and twice the L2 in FP8 bytes) and the replayed
+calls go round them, while the activations, written just before as in a forward, stay warm.
+
     PYTHONPATH=. python benchmarks/bench_linear.py --quick --json out.json --markdown out.md --plot out.png
 """
 
@@ -113,7 +119,33 @@ def _check(name: str, y: torch.Tensor, ref: torch.Tensor) -> float:
     return rel
 
 
-def run(shapes: list[str], ms: list[int], columns: list[str] | None, rep_ms: int, graph: bool) -> list[dict]:
+def weight_copies(n: int, k: int) -> int:
+    """Copies of an [N, K] layer's weights for ``--cold-weights``: their FP8 bytes (the smallest form timed)
+    at least twice the L2, and at least two, so no call finds the weights the call before it left in L2."""
+    l2_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(2, -(-2 * l2_bytes // (n * k)))
+
+
+def _rotating(fns: list[Callable[[], torch.Tensor]]) -> Callable[[], torch.Tensor]:
+    """One callable that runs ``fns`` in turn, call after call (captured in a CUDA graph, the turn is fixed)."""
+    turn = [0]
+
+    def call() -> torch.Tensor:
+        fn = fns[turn[0] % len(fns)]
+        turn[0] += 1
+        return fn()
+
+    return call
+
+
+def run(
+    shapes: list[str],
+    ms: list[int],
+    columns: list[str] | None,
+    rep_ms: int,
+    graph: bool,
+    cold_weights: bool = False,
+) -> list[dict]:
     import triton.testing
 
     rows = []
@@ -121,11 +153,15 @@ def run(shapes: list[str], ms: list[int], columns: list[str] | None, rep_ms: int
         k, n = SHAPES[shape]
         g = torch.Generator(device="cuda").manual_seed(0)
         w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        copies = [w] + [w.clone() for _ in range(weight_copies(n, k) - 1)] if cold_weights else [w]
         for m in ms:
             x = torch.randn(m, k, device="cuda", generator=g).to(torch.bfloat16)
-            fns = _columns(x, w)
-            ref = fns["bf16"]()
+            sets = [_columns(x, w_copy) for w_copy in copies]
+            fns = {name: _rotating([s[name] for s in sets]) for name in sets[0]} if cold_weights else sets[0]
+            ref = sets[0]["bf16"]()
             row: dict = {"shape": shape, "M": m, "N": n, "K": k, "us": {}, "tflops": {}, "rel_err": {}}
+            if cold_weights:
+                row["weight_copies"] = len(copies)
             for name, fn in fns.items():
                 if columns and name not in columns and name != "bf16":
                     continue
@@ -150,9 +186,9 @@ def run(shapes: list[str], ms: list[int], columns: list[str] | None, rep_ms: int
                 + ")",
                 flush=True,
             )
-            del x, fns, ref
+            del x, fns, sets, ref
             _ = smm
-        del w
+        del w, copies
         torch.cuda.empty_cache()
     return rows
 
@@ -271,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time CUDA-graph replays (no host launch overhead; L2 is not flushed between them)",
     )
+    parser.add_argument(
+        "--cold-weights",
+        action="store_true",
+        help="with --graph: go round copies of each column's weights so they come from DRAM, as in a forward",
+    )
     parser.add_argument("--json")
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
@@ -280,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
     ms = args.ms or (QUICK_MS if args.quick else MS)
-    rows = run(shapes, ms, args.columns, args.rep_ms, args.graph)
+    if args.cold_weights and not args.graph:
+        parser.error("--cold-weights goes with --graph (without it, do_bench flushes L2 before each call)")
+    rows = run(shapes, ms, args.columns, args.rep_ms, args.graph, args.cold_weights)
     meta = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,

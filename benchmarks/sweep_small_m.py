@@ -7,6 +7,10 @@ W8A8 (E4M3 codes, fp16 MMA), MXFP8 W8A8 (activations rounded first), FP8 per-cha
     PYTHONPATH=. python benchmarks/sweep_small_m.py --json sweep.json \
         --shapes 4096,6144 4096,28672 14336,4096 8192,57344 28672,8192 --ms 1 16 \
         --tiles 64,128,4,3 64,128,4,4 32,128,4,3 64,256,4,3 128,128,8,3 --targets 528 1056 --register-caps 0 80
+
+``--cold-weights`` goes round copies of each weight (as ``bench_linear.py --cold-weights`` does), so that the
+weights come from DRAM as in a model's forward rather than from L2 (where a replayed layer's FP8 weight of up to
+about 50 MB stays otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 
+from benchmarks.bench_linear import _rotating, weight_copies
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_linear
@@ -76,6 +81,11 @@ def main() -> None:
         action="store_true",
         help="also time MX schemes with the scales folded into the widening",
     )
+    parser.add_argument(
+        "--cold-weights",
+        action="store_true",
+        help="go round copies of each weight (twice the L2 in FP8 bytes) so it comes from DRAM, as in a forward",
+    )
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
@@ -83,55 +93,23 @@ def main() -> None:
     rows = []
     for k, n in shapes:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
-        mx = quantize_mxfp8(w)
+        weights = [w] + [w.clone() for _ in range(weight_copies(n, k) - 1)] if args.cold_weights else [w]
+        channels = [quantize_fp8(w_copy, Fp8Granularity.PER_ROW) for w_copy in weights]
+        mxs = [quantize_mxfp8(w_copy) for w_copy in weights]
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = graph_us(lambda x=x, w=w: torch.matmul(x, w.t()))
+            bf16 = graph_us(_rotating([lambda x=x, w=w_copy: torch.matmul(x, w.t()) for w_copy in weights]))
             xq = quantize_fp8(x, Fp8Granularity.PER_ROW)
             quant_us = graph_us(lambda x=x: quantize_fp8(x, Fp8Granularity.PER_ROW))
-            linear_us = graph_us(lambda x=x, q=channel: fp8_linear(x, q.data, q.scale, None, "token"))
+            linear_us = graph_us(
+                _rotating([lambda x=x, q=q: fp8_linear(x, q.data, q.scale, None, "token") for q in channels])
+            )
             print(f"{k}->{n} M={m} bf16 {bf16:.1f} us; per-token quantize alone {quant_us:.1f} us; "
                   f"fp8_linear (quantize + split-K) {linear_us:.1f} us x{bf16 / linear_us:.2f}")  # fmt: skip
             best: dict[str, tuple[float, str]] = {}
             for tile, target, cap in itertools.product(tiles, args.targets, caps):
                 cfg = SplitKConfig(*tile, target_programs=target, max_registers=cap)
-                runs = {
-                    "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
-                        q.data,
-                        wq.data,
-                        a_scale=q.scale,
-                        weight_scale=wq.scale,
-                        out_dtype=torch.bfloat16,
-                        config=cfg,
-                    ),
-                    "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
-                        x,
-                        q.data,
-                        weight_scale_e8m0=q.scale_e8m0,
-                        activation_mx_rule="round_up",
-                        config=cfg,
-                        fast_widen=fast_widen,
-                        mx_scale_fold=fold,
-                    ),
-                    "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True: small_m_gemm_triton(
-                        x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen
-                    ),
-                    "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
-                        x,
-                        q.data,
-                        weight_scale_e8m0=q.scale_e8m0,
-                        config=cfg,
-                        fast_widen=fast_widen,
-                        mx_scale_fold=fold,
-                    ),
-                }
-                if args.compare_widen:  # the same launches with Triton's own E4M3 conversions
-                    for name in ("mxfp8-w8a8", "fp8-channel-wo", "mxfp8-wo"):
-                        runs[f"{name} (triton widen)"] = functools.partial(runs[name], fast_widen=False)
-                if args.compare_fold:  # every code of a quantized bf16 weight is far below MX_FOLD_MAX_CODE
-                    for name in ("mxfp8-w8a8", "mxfp8-wo"):
-                        runs[f"{name} (fold)"] = functools.partial(runs[name], fold=True)
+                runs = _runs_over_copies(cfg, x, xq, channels, mxs, args)
                 for name, fn in runs.items():
                     if args.schemes and name not in args.schemes:
                         continue
@@ -155,7 +133,55 @@ def main() -> None:
                 print(f"    default {r['scheme']} {r['us']:.1f} us x{r['x_bf16']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "cold_weights": args.cold_weights, "rows": rows},
+                      f, indent=1)  # fmt: skip
+
+
+def _runs_over_copies(cfg, x, xq, channels, mxs, args) -> dict[str, Callable[[], object]]:
+    """Each scheme's launch with tile ``cfg``, going round the weight copies (one copy: always the same)."""
+    per_copy = [_runs(cfg, x, xq, channel, mx, args) for channel, mx in zip(channels, mxs, strict=True)]
+    return {name: _rotating([runs[name] for runs in per_copy]) for name in per_copy[0]}
+
+
+def _runs(cfg, x, xq, channel, mx, args) -> dict[str, Callable[[], object]]:
+    """The launches timed for one tile and one copy of the weights."""
+    runs = {
+        "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
+            q.data,
+            wq.data,
+            a_scale=q.scale,
+            weight_scale=wq.scale,
+            out_dtype=torch.bfloat16,
+            config=cfg,
+        ),
+        "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
+            x,
+            q.data,
+            weight_scale_e8m0=q.scale_e8m0,
+            activation_mx_rule="round_up",
+            config=cfg,
+            fast_widen=fast_widen,
+            mx_scale_fold=fold,
+        ),
+        "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True: small_m_gemm_triton(
+            x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen
+        ),
+        "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
+            x,
+            q.data,
+            weight_scale_e8m0=q.scale_e8m0,
+            config=cfg,
+            fast_widen=fast_widen,
+            mx_scale_fold=fold,
+        ),
+    }
+    if args.compare_widen:  # the same launches with Triton's own E4M3 conversions
+        for name in ("mxfp8-w8a8", "fp8-channel-wo", "mxfp8-wo"):
+            runs[f"{name} (triton widen)"] = functools.partial(runs[name], fast_widen=False)
+    if args.compare_fold:  # every code of a quantized bf16 weight is far below MX_FOLD_MAX_CODE
+        for name in ("mxfp8-w8a8", "mxfp8-wo"):
+            runs[f"{name} (fold)"] = functools.partial(runs[name], fold=True)
+    return runs
 
 
 if __name__ == "__main__":

@@ -23,3 +23,15 @@ def test_goal_lines_count_cases_and_name_the_worst() -> None:
     assert lines[1].startswith("fp8-channel M <= 16: >= 1.7x bf16: met (1/1 cases meet it; worst 1.82x")
     assert lines[2].startswith("fp8-block M >= 1024: >= 0.85x scaled_mm: met (2/2")
     assert len(lines) == 3  # columns absent from the rows give no line
+
+
+def test_rotating_goes_round_the_copies() -> None:
+    """--cold-weights: each call takes the next copy's callable, wrapping around, so consecutive calls (and the
+    calls a CUDA graph captures) read different weights."""
+    from benchmarks.bench_linear import _rotating
+
+    seen: list[int] = []
+    call = _rotating([lambda i=i: seen.append(i) for i in range(3)])
+    for _ in range(7):
+        call()
+    assert seen == [0, 1, 2, 0, 1, 2, 0]

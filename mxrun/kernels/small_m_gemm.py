@@ -50,7 +50,10 @@ the activations to MXFP8 inside this kernel as each tile is loaded, instead of t
 tested; commit 8391da1): every column block's programs then round the same activation slab again, and the
 instruction-bound loop got slower in all 14 cases (H100, at that commit ``bench_linear.py --graph --rep-ms 20
 --ms 1 16 --columns mxfp8 mxfp8:round-pass mxfp8-wo``, ``results/linear-h100-fused-mx-round.md``: 8B qkv at
-M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8).
+M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8). Nor
+was MXFP8 activation codes met with the weight in an fp16 MMA, both relative to a per-row reference scale (exact
+within 14 binades of it; one conversion and one multiply per weight pair): 1.00-1.06x the folded path's time
+(``results/sweep-small-m-relative-h100.json``; see docs/linear-history.md).
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
