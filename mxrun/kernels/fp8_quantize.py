@@ -71,6 +71,19 @@ FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
 # sweep-fp8-quantize-2048-warps-h100.json, --rows 2048); the copy itself moves only 2.0-2.7 TB/s there.
 _MAX_ROW_IN_REGISTERS = 16384  # longest per-row row (padded to a power of two) held whole in registers
 _ROW_MAX_WARPS = 8
+# Decode: up to ROW_CHUNKS_MAX_ROWS rows longer than ROW_CHUNKS_MIN_COLS (too long to hold whole in registers)
+# take _fp8_row_chunks_kernel, each row's conversions shared by programs of _ROW_CHUNK columns, instead of one
+# program's two passes. H100, CUDA-graph replays (benchmarks/sweep_fp8_row_chunks.py,
+# benchmarks/results/fp8-quantize-row-chunks-h100.log): 1 x 28672 6.49 -> 4.04 us, 16 x 28672 6.83 -> 4.81. In the
+# per-token W8A8 Linear, same process (``--linear``, results/fp8-row-chunks-linear-h100.log): 70B down 91.7 ->
+# 89.3 us at M = 1, 93.6 -> 91.4 at 16. Rows of 14336 columns (held whole) were faster alone with it (3.38 ->
+# 2.85 us at M = 1) but the Linear got slower (8B down 29.8 -> 30.2 us, 31.1 -> 31.6), so they keep the
+# whole-row kernel; at 64 rows it was slower alone too.
+ROW_CHUNKS_MAX_ROWS = 16
+ROW_CHUNKS_MIN_COLS = _MAX_ROW_IN_REGISTERS
+_ROW_CHUNK = 2048
+_ROW_CHUNKS_AMAX_STEP = 4096
+_ROW_CHUNKS_WARPS = 4
 _BLOCK_STRIP_K = 128  # columns of 128x128 blocks one program does in turn
 _BLOCK_WARPS = 8  # 16 measured 0.81-0.85 of copy on H100, 8 0.89-0.97 (sweep_fp8_quantize.py --only block)
 
@@ -311,6 +324,18 @@ def _fp8_row_pieces_kernel(
 
 
 @triton.jit
+def _row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The magnitude bits of each row's amax (BLOCK_R rows at ``x_rows``), read BLOCK_K columns at a time."""
+    amax_bits = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        x_raw = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
+        amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_raw), axis=1))
+    return amax_bits
+
+
+@triton.jit
 def _fp8_long_row_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
@@ -332,14 +357,7 @@ def _fp8_long_row_kernel(
     row_mask = rows < R
     x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
 
-    amax_bits = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        mask = row_mask[:, None] & (cols < K)[None, :]
-        x_raw = tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0)
-        chunk_amax_bits = tl.max(magnitude_bits(x_raw), axis=1)
-        amax_bits = tl.maximum(amax_bits, chunk_amax_bits)
-    scale = _scale_from_amax_bits(amax_bits)
+    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
     tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
     pre, divisor, reciprocal = scale_division_setup(scale)
     pre, divisor, reciprocal = pre[:, None], divisor[:, None], reciprocal[:, None]
@@ -351,6 +369,44 @@ def _fp8_long_row_kernel(
         x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
         q = e4m3_code(divide_by_scale(x, pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + cols[None, :], q, mask=mask)
+
+
+@triton.jit
+def _fp8_row_chunks_kernel(
+    x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
+    q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
+    scale_ptr,  # [B, R] fp32, contiguous
+    R,
+    K,
+    stride_xb,
+    stride_xr,
+    stride_xk,
+    SOFT_CAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # columns per step of the amax loop
+    CHUNK: tl.constexpr,  # columns this program quantizes
+):
+    """Per-row scales for a few long rows (decode): every program of a row finds the whole row's amax itself
+    (a max over the row, which each of them reads, mostly from L2), then quantizes only its CHUNK of the columns.
+    One program per row would do all of a long row's conversions alone; here cdiv(K, CHUNK) programs share
+    them, with nothing passed between programs (each computes the same scale from the same bytes)."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+
+    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
+    if pid_k == 0:
+        tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+    pre, divisor, reciprocal = scale_division_setup(scale)
+
+    cols = pid_k * CHUNK + tl.arange(0, CHUNK)
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
+    q = e4m3_code(divide_by_scale(x, pre[:, None], divisor[:, None], reciprocal[:, None]), SOFT_CAST)
+    tl.store(q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K + cols[None, :], q, mask=mask)
 
 
 @triton.jit
@@ -536,7 +592,9 @@ class _LaunchPlan(NamedTuple):
     """Everything about a launch that depends only on shape, strides, dtype and options (cached: host time
     per call is what bounds small shapes)."""
 
-    kernel_name: str  # "tensor" (two launches), "block", "row_group", "row_pieces" or "long_row"
+    kernel_name: (
+        str  # "tensor" (two launches), "block", "row_group", "row_pieces", "row_chunks" or "long_row"
+    )
     scale_shape: tuple[int, ...]
     grid: tuple[int, int, int] | None  # None: empty input, nothing to launch
     int_args: tuple[int, ...]
@@ -547,6 +605,12 @@ TENSOR_AMAX_PARTIALS_MAX = 1024
 """Per-tensor quantize: up to this many programs, each amax program stores its tile's maximum in its own slot
 and every quantize program reduces them all (at most this many int32 reads, from L2); beyond, the amax is one
 atomic max into a word that must be zeroed first, a third launch. 0 turns the slots off."""
+
+
+def _row_chunks_apply(rows: int, cols: int) -> bool:
+    """Whether a per-row quantize of ``rows`` rows (batches included) of ``cols`` columns takes
+    :func:`_fp8_row_chunks_kernel` (few, long rows: the decode case)."""
+    return rows <= ROW_CHUNKS_MAX_ROWS and cols > ROW_CHUNKS_MIN_COLS
 
 
 @functools.lru_cache(maxsize=4096)
@@ -587,7 +651,11 @@ def _fp8_launch_plan(
         constexprs["GROUP_K"] = FP8_BLOCK
     else:
         scale_shape = (*shape[:-1], 1)
-        if tile.block_k >= view.cols:
+        if config is None and _row_chunks_apply(view.rows * view.batches, view.cols):
+            kernel_name, grid = "row_chunks", (view.rows, ceil_div(view.cols, _ROW_CHUNK), view.batches)
+            constexprs.update(BLOCK_R=1, BLOCK_K=_ROW_CHUNKS_AMAX_STEP, CHUNK=_ROW_CHUNK)
+            constexprs["num_warps"] = _ROW_CHUNKS_WARPS
+        elif tile.block_k >= view.cols:
             kernel_name = "row_pieces"
             del constexprs["BLOCK_K"]
             pieces = fp8_row_pieces(view.cols)
@@ -641,6 +709,7 @@ _KERNELS = {
     "block": _fp8_block_kernel,
     "row_group": _fp8_row_group_kernel,
     "row_pieces": _fp8_row_pieces_kernel,
+    "row_chunks": _fp8_row_chunks_kernel,
     "long_row": _fp8_long_row_kernel,
 }
 

@@ -142,6 +142,27 @@ def test_whole_row_kernel_with_several_pieces(cols: int) -> None:
     _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software")
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(1, 16400), (3, 28672), (16, 17000)])
+def test_few_long_rows_share_each_row_between_programs(rows: int, cols: int) -> None:
+    """Decode-sized inputs (up to 16 rows of more than 16384 columns) take the kernel whose programs each find
+    the whole row's amax and quantize one chunk of it: the reference's bytes and scales, with the amax in the
+    last, partly masked chunk of one row and in the first chunk of another; batches count as rows."""
+    from mxrun.kernels.fp8_quantize import _fp8_launch_plan
+
+    x = make_input((rows, cols), torch.bfloat16, seed=9)
+    x[-1, cols - 1] = 900.0
+    x[0, 0] = -700.0
+    plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, "per_row", "software", None)
+    assert plan.kernel_name == "row_chunks"
+    _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software")
+    batched = make_input((2, 8, cols), torch.bfloat16, seed=10)  # 16 rows in two batches
+    _assert_kernel_matches_reference(batched, Fp8Granularity.PER_ROW, "software")
+    many = make_input((17, cols), torch.bfloat16, seed=11)  # one row too many: whole rows or two passes
+    assert _fp8_launch_plan(tuple(many.shape), tuple(many.stride()), many.dtype, "per_row", "software", None)[
+        0
+    ] in ("row_pieces", "long_row")
+
+
 @gpu_only
 def test_long_rows_on_gpu_default_config() -> None:
     x = make_input((33, 40000), torch.bfloat16, seed=7).cuda()
