@@ -592,9 +592,7 @@ class _LaunchPlan(NamedTuple):
     """Everything about a launch that depends only on shape, strides, dtype and options (cached: host time
     per call is what bounds small shapes)."""
 
-    kernel_name: (
-        str  # "tensor" (two launches), "block", "row_group", "row_pieces", "row_chunks" or "long_row"
-    )
+    kernel_name: str  # "tensor" (two launches) or a key of _KERNELS
     scale_shape: tuple[int, ...]
     grid: tuple[int, int, int] | None  # None: empty input, nothing to launch
     int_args: tuple[int, ...]
