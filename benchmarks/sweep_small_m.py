@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.bench_linear import _rotating, weight_copies
-from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
-from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
+from mxrun.kernels.fp8_quantize import Fp8Granularity, Fp8Quantized, quantize_fp8
+from mxrun.kernels.mxfp8_quantize import Mxfp8Quantized, quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_linear
 from mxrun.kernels.small_m_gemm import SplitKConfig, small_m_gemm_triton
 
@@ -137,13 +137,27 @@ def main() -> None:
                       f, indent=1)  # fmt: skip
 
 
-def _runs_over_copies(cfg, x, xq, channels, mxs, args) -> dict[str, Callable[[], object]]:
+def _runs_over_copies(
+    cfg: SplitKConfig,
+    x: torch.Tensor,
+    xq: Fp8Quantized,
+    channels: list[Fp8Quantized],
+    mxs: list[Mxfp8Quantized],
+    args: argparse.Namespace,
+) -> dict[str, Callable[[], object]]:
     """Each scheme's launch with tile ``cfg``, going round the weight copies (one copy: always the same)."""
     per_copy = [_runs(cfg, x, xq, channel, mx, args) for channel, mx in zip(channels, mxs, strict=True)]
     return {name: _rotating([runs[name] for runs in per_copy]) for name in per_copy[0]}
 
 
-def _runs(cfg, x, xq, channel, mx, args) -> dict[str, Callable[[], object]]:
+def _runs(
+    cfg: SplitKConfig,
+    x: torch.Tensor,
+    xq: Fp8Quantized,
+    channel: Fp8Quantized,
+    mx: Mxfp8Quantized,
+    args: argparse.Namespace,
+) -> dict[str, Callable[[], object]]:
     """The launches timed for one tile and one copy of the weights."""
     runs = {
         "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
