@@ -53,7 +53,15 @@ instruction-bound loop got slower in all 14 cases (H100, at that commit ``bench_
 M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8). Nor
 was MXFP8 activation codes met with the weight in an fp16 MMA, both relative to a per-row reference scale (exact
 within 14 binades of it; one conversion and one multiply per weight pair): 1.00-1.06x the folded path's time
-(``results/sweep-small-m-relative-h100.json``; see docs/linear-history.md).
+(``results/sweep-small-m-relative-h100.json``; see docs/linear-history.md). Nor was computing the product
+transposed, the weight tile on Hopper's ``wgmma`` 64-row side and the activations on its 16-wide side (prototype
+at commit e75d084, ``results/swap-ab-small-m-h100.log``): E4M3 codes then reach the tensor cores from shared
+memory with no widening (``m64n16k32``), but with its best tile the GEMM took 0.93-1.04x this one's time
+(geometric mean 1.00; the best of four tiles per case 0.93-0.99x), and Hopper's narrow FP8 accumulator over a
+whole slab lost precision (relative error 1-3e-3 against at most 1e-4; promoting every step: 0.96-1.07x, still
+7-9e-4); MXFP8 codes with one ``wgmma`` per 32-wide group and its product scaled took 1.22-1.82x the folded
+decode's time (each group's result is waited for before it is scaled), and the folded MX decode feeding a bf16
+``wgmma`` 0.99-1.16x.
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
