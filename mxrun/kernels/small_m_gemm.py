@@ -61,7 +61,10 @@ memory with no widening (``m64n16k32``), but with its best tile the GEMM took 0.
 whole slab lost precision (relative error 1-3e-3 against at most 1e-4; promoting every step: 0.96-1.07x, still
 7-9e-4); MXFP8 codes with one ``wgmma`` per 32-wide group and its product scaled took 1.22-1.82x the folded
 decode's time (each group's result is waited for before it is scaled), and the folded MX decode feeding a bf16
-``wgmma`` 0.99-1.16x.
+``wgmma`` 0.99-1.16x. Nor did reading the E8M0 scales as the 32-bit words that hold them, which Triton then
+pipelines with ``cp.async`` instead of waiting inside each step for the byte load and moving its result between
+layouts (117 -> 90 registers, same bits): slower in 12 of 14 cases (8B qkv at M = 1 12.6 -> 15.3 us; only 8B
+down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``.
 
 128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
 """
