@@ -1,0 +1,80 @@
+"""What issue 5 asks of every quantized Linear on the GPU beyond its numbers: a forward never synchronizes with
+the host, and a new batch size M compiles nothing as long as it falls in a size class already seen.
+
+The size classes, by design: the small-M split-K kernel takes tiles of 16, 32 or 64 rows (``block_m_for``),
+the tile kernels take ``m_bucket(M)``, and Triton itself compiles one variant for an integer argument equal to 1
+and one for a multiple of 16 (its specialization) unless the kernel opts out. The warm-up runs one M of each
+kind in each class; the second round's M are new, in the same classes, and must find every kernel compiled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+import pytest
+import torch
+from torch import nn
+
+import mxrun.kernels
+from mxrun.engine.methods import QuantizedLinear, method_for
+from mxrun.engine.schemes import PRESETS, preset_scheme
+
+from .device_cases import HAS_CUDA
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]
+
+K, N = 512, 384
+# warm-up: per size class one M equal to 1 (split-K), one a multiple of 16 and one not
+WARM_M = (1, 16, 3, 32, 17, 64, 33, 208, 200, 1024, 600, 4096, 3000)
+# new M in the same classes: split-K 16-row (5, 11), 32-row (29), 64-row (50); m_bucket 256 (250),
+# 1024 (700, 1000), 4096 (4000)
+NEW_M = (5, 11, 29, 50, 250, 700, 1000, 4000)
+
+
+def _jit_kernels() -> list:
+    """Every Triton / Gluon kernel defined in ``mxrun.kernels`` (objects that keep per-device caches)."""
+    kernels = []
+    for info in pkgutil.iter_modules(mxrun.kernels.__path__):
+        module = importlib.import_module(f"mxrun.kernels.{info.name}")
+        kernels += [obj for obj in vars(module).values() if hasattr(obj, "device_caches")]
+    return kernels
+
+
+def _compiled(kernels: list) -> int:
+    return sum(len(entry[0]) for kernel in kernels for entry in kernel.device_caches.values())
+
+
+def _forward_without_sync(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = layer(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("scheme_name", sorted(PRESETS))
+def test_no_host_sync_and_no_recompile_within_a_size_class(scheme_name: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    linear = nn.Linear(K, N, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
+    linear = linear.to(device="cuda", dtype=torch.bfloat16)
+    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="t.proj")
+    layer.load_weight(linear.weight.data)
+    x = torch.randn(max(WARM_M + NEW_M), K, generator=g).to(device="cuda", dtype=torch.bfloat16)
+    kernels = _jit_kernels()
+    assert kernels, "no Triton kernels found in mxrun.kernels"
+
+    for m in WARM_M:
+        out = _forward_without_sync(layer, x[:m])
+        assert out.shape == (m, N) and bool(torch.isfinite(out).all())
+    before = _compiled(kernels)
+    assert before > 0, "the warm-up compiled nothing that this count sees"
+    for m in NEW_M:
+        out = _forward_without_sync(layer, x[:m])
+        assert out.shape == (m, N)
+    assert _compiled(kernels) == before, f"{scheme_name}: a new M in a seen size class compiled a kernel"
