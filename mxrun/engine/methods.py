@@ -33,7 +33,7 @@ from mxrun.engine.schemes import (
     WeightGranularity,
 )
 from mxrun.kernels.backend import Backend, resolve_backend
-from mxrun.kernels.e4m3 import encode_e4m3_reference, mx_scales_foldable
+from mxrun.kernels.e4m3 import encode_e4m3_reference, mx_scales_foldable, mx_scales_foldable_f16
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -238,17 +238,26 @@ def cached_tile_scales(owner: nn.Module, codes: torch.Tensor, n: int, k: int, na
 
 
 def cached_mx_foldable(
-    owner: nn.Module, codes: torch.Tensor, data: torch.Tensor, name: str = "weight"
+    owner: nn.Module,
+    codes: torch.Tensor,
+    data: torch.Tensor,
+    name: str = "weight",
+    activation_dtype: torch.dtype = torch.bfloat16,
 ) -> bool:
-    """:func:`~mxrun.kernels.e4m3.mx_scales_foldable` of ``owner``'s MXFP8 weight ``name`` (E8M0 ``codes``, E4M3
-    ``data``), read off once per loaded value of both (keyed as :func:`cached_tile_scales`) so that forwards do
-    not sync the host."""
+    """Whether ``owner``'s MXFP8 weight ``name`` (E8M0 ``codes``, E4M3 ``data``) lets the small-M kernel fold its
+    powers of two for activations of ``activation_dtype``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable`
+    (bf16) or :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` (fp16). Both are read off once per loaded
+    value of the tensors (keyed as :func:`cached_tile_scales`), so that forwards do not sync the host."""
     cache = owner.__dict__.setdefault("_mx_foldable", {})
     key = tuple((t._version, t.data_ptr(), t.device) for t in (codes, data))
     hit = cache.get(name)
     if hit is None or hit[0] != key:
-        hit = cache[name] = (key, mx_scales_foldable(codes, data))
-    return hit[1]
+        by_dtype = {
+            torch.bfloat16: mx_scales_foldable(codes, data),
+            torch.float16: mx_scales_foldable_f16(codes),
+        }
+        hit = cache[name] = (key, by_dtype)
+    return hit[1].get(activation_dtype, False)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -418,7 +427,9 @@ class MxFp8Method(QuantMethod):
     def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         tile_scale = self._tile_scale(layer) if self.tile_aligned and x.is_cuda else None
         foldable = x.is_cuda and x.shape[0] <= SMALL_M_MAX
-        foldable = foldable and cached_mx_foldable(layer, layer.weight_scale_e8m0, layer.weight)
+        foldable = foldable and cached_mx_foldable(
+            layer, layer.weight_scale_e8m0, layer.weight, activation_dtype=x.dtype
+        )
         return mxfp8_linear(
             x,
             layer.weight,
@@ -426,7 +437,8 @@ class MxFp8Method(QuantMethod):
             bias,
             self.activation_rule,
             weight_tile_scale=tile_scale,
-            weight_scales_foldable=foldable,
+            weight_scales_foldable=foldable and x.dtype == torch.bfloat16,
+            weight_scales_foldable_f16=foldable and x.dtype == torch.float16,
         )
 
 

@@ -135,6 +135,31 @@ MX_FOLD_MAX_CODE = 142
 """Largest E8M0 code (2^15) whose folded multiplier 2^(e - 15) is a bf16 normal."""
 
 
+MX_FOLD16_MIN_CODE = 113
+MX_FOLD16_MAX_CODE = 134
+"""E8M0 codes whose power of two times every E4M3 value is an fp16 value (2^-14 ... 2^7: 448 * 2^7 = 57344 is
+below fp16's largest, and E4M3's smallest step 2^-9 times 2^-14 is above fp16's 2^-24), with a normal fp16
+multiplier."""
+
+
+@triton.jit
+def e4m3_to_f16_times(codes, codes_e8m0):
+    """float8e4nv codes times their MX power of two in fp16, exactly, for E8M0 codes in [MX_FOLD16_MIN_CODE,
+    MX_FOLD16_MAX_CODE]: one conversion per pair and one fp16x2 multiply (CUDA only)."""
+    multiplier = ((codes_e8m0.to(tl.int32) - 112) << 10).to(tl.int16).to(tl.float16, bitcast=True)
+    return tl.inline_asm_elementwise(
+        "mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [codes.to(tl.float16), multiplier], dtype=tl.float16,
+        is_pure=True, pack=2,
+    )  # fmt: skip
+
+
+def mx_scales_foldable_f16(scale_e8m0: torch.Tensor) -> bool:
+    """Whether every E8M0 code lies in [MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE] (reads them back: once per
+    loaded weight)."""
+    codes = scale_e8m0.view(torch.uint8)
+    return bool(((codes >= MX_FOLD16_MIN_CODE) & (codes <= MX_FOLD16_MAX_CODE)).all())
+
+
 @triton.jit
 def e8m0_fold_multiplier(codes):
     """bf16 2^(e - 15) for E8M0 codes e <= MX_FOLD_MAX_CODE: the multiplier of :func:`e4m3_to_bf16_times`."""

@@ -37,7 +37,13 @@ from collections.abc import Callable
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16_times, e8m0_fold_multiplier, widen_to_fp32
+from mxrun.kernels.e4m3 import (
+    e4m3_code,
+    e4m3_to_bf16_times,
+    e4m3_to_f16_times,
+    e8m0_fold_multiplier,
+    widen_to_fp32,
+)
 from mxrun.kernels.mx_regroup import (
     quantize_and_regroup_triton,
     regroup_mxfp8_reference,
@@ -171,10 +177,13 @@ def mx_decode_weight(w, codes, FOLD: tl.constexpr, K_LAST: tl.constexpr):
     """An E4M3 weight tile times its E8M0 powers of two, exactly: ``w`` ``[BLOCK_K, BLOCK_N]`` with ``codes``
     ``[BLOCK_K / 32, BLOCK_N]``, or with ``K_LAST`` ``[BLOCK_N, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K / 32]``. FOLD
     (sm_90+, codes and elements allowed by :func:`~mxrun.kernels.e4m3.mx_scales_foldable`): bf16 from the E4M3
-    widening with each power of two on its multiply; else fp32, then whatever the MMA takes (the same values)."""
+    widening with each power of two on its multiply; FOLD == 2 (not with K_LAST; codes allowed by
+    :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16, one conversion and one multiply per pair; else
+    fp32, then whatever the MMA takes (the same values)."""
     if K_LAST:
         BLOCK_N: tl.constexpr = w.shape[0]
         BLOCK_K: tl.constexpr = w.shape[1]
+        tl.static_assert(FOLD != 2, "the fp16 fold is for [BLOCK_K, BLOCK_N] tiles")
         if FOLD:
             multiplier = tl.broadcast_to(
                 e8m0_fold_multiplier(codes)[:, :, None], [BLOCK_N, BLOCK_K // 32, 32]
@@ -186,7 +195,10 @@ def mx_decode_weight(w, codes, FOLD: tl.constexpr, K_LAST: tl.constexpr):
     else:
         BLOCK_K: tl.constexpr = w.shape[0]
         BLOCK_N: tl.constexpr = w.shape[1]
-        if FOLD:
+        if FOLD == 2:
+            codes_k = tl.broadcast_to(codes[:, None, :], [BLOCK_K // 32, 32, BLOCK_N])
+            out = e4m3_to_f16_times(w, tl.reshape(codes_k, [BLOCK_K, BLOCK_N]))
+        elif FOLD:
             multiplier = tl.broadcast_to(
                 e8m0_fold_multiplier(codes)[:, None, :], [BLOCK_K // 32, 32, BLOCK_N]
             )
@@ -705,13 +717,15 @@ def mxfp8_linear(
     large_m_kernel: str | None = None,
     weight_tile_scale: torch.Tensor | None = None,
     weight_scales_foldable: bool = False,
+    weight_scales_foldable_f16: bool = False,
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
     ``weight_tile_scale``: the weight is tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and
     these are its fp32 tile scales; the aligned path then skips its per-call regrouping.
     ``weight_scales_foldable``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight, known by
     the caller (it reads them back once per loaded weight): the small-M kernel then folds each power of two into
-    the E4M3 widening (same values, fewer instructions).
+    the E4M3 widening (same values, fewer instructions). ``weight_scales_foldable_f16``:
+    :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`, the same for fp16 activations.
 
     Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
     (:mod:`mxrun.kernels.small_m_gemm`, activations MX-rounded once before it); above,
@@ -728,6 +742,7 @@ def mxfp8_linear(
             activation_mx_rule=activation_rule,
             bias=bias,
             mx_scale_fold=weight_scales_foldable,
+            mx_scale_fold16=weight_scales_foldable_f16,
         )
     kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
     if kernel not in LARGE_M_KERNELS:

@@ -32,12 +32,16 @@ W8A8 Linear at M = 1-16 went from 0.61-1.82x to 1.01-1.99x of bf16 cuBLAS (per-t
 0.75-1.88x (per-tensor) with this, the single launch and the tiles below. bf16 activations and E4M3 weights
 meet in a bf16 MMA, the weight widened by :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`. An MXFP8 weight takes the
 same widening with its power of two folded into the widening's one bf16x2 multiply
-(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`) when the weight allows it (``mx_scale_fold``: scale codes up to
-2^15 and no NaN element, which the caller checks once per loaded weight), else a decode through fp32. Both give the same bits
-(tested); the fold saves the fp32 round trip: 232 of 1848 instructions of the default tile, and the fp32 path's
-register spills (ptxas, sm_90). H100, same run (``bench_linear.py --graph --rep-ms 20 --ms 1 16 --columns mxfp8
-mxfp8:unfolded mxfp8-wo mxfp8-wo:unfolded``, ``results/linear-h100-mx-fold.md``): MXFP8 W8A8 at M = 1 and 16
-0.73-1.75x of bf16 folded against 0.72-1.72x (13 of 14 cases faster, by up to 4%). Other MX decodes measured
+(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`) when the weight allows it (``mx_scale_fold``: scale codes up
+to 2^15 and no NaN element, which the caller checks once per loaded weight), else a decode through fp32. Both
+give the same bits (tested); the fold saves the fp32 round trip: 232 of 1848 instructions of the default tile,
+and the fp32 path's register spills (ptxas, sm_90). H100, same run (``bench_linear.py --graph --rep-ms 20 --ms
+1 16 --columns mxfp8 mxfp8:unfolded mxfp8-wo mxfp8-wo:unfolded``, ``results/linear-h100-mx-fold.md``): MXFP8
+W8A8 at M = 1 and 16 0.73-1.75x of bf16 folded against 0.72-1.72x (13 of 14 cases faster, by up to 4%). With
+fp16 activations the weight becomes fp16 by the one conversion and an fp16x2 multiply by its power of two
+(:func:`~mxrun.kernels.e4m3.e4m3_to_f16_times`, ``mx_scale_fold16``: codes 113-134), instead of the fp32
+decode: same bits, 3-15% less time on the seven Llama shapes at M = 1 and 16
+(``benchmarks/small_m_mx_fp16.py``, ``results/small-m-mx-fp16-h100.log``). Other MX decodes for bf16 measured
 slower (same-run sweeps of five decode shapes at M = 1 and 16): the integer widening followed by a separate
 bf16 scale multiply, fp16 -> fp32 by integer ops instead of the conversion (1.08-1.42x of bf16 against
 1.38-1.66x), and one MMA per 32-wide group with the product scaled instead of the weight (1.06-1.41x against
@@ -189,7 +193,7 @@ def _split_k_kernel(
     FUSED_SUM: tl.constexpr,  # the last split to arrive adds the partials (else _split_k_sum_kernel does)
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
-    MX_FOLD: tl.constexpr,  # MX weights, bf16 MMA: the same widening with the power of two folded in
+    MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -279,6 +283,17 @@ def split_k_for(n: int, k: int, config: SplitKConfig = DEFAULT_CONFIG) -> int:
     return max(1, min(want, steps // 2, 32))
 
 
+def _mx_fold(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: torch.device) -> int:
+    """The kernel's MX_FOLD: 1 for bf16 activations on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable`
+    allows, 2 for fp16 ones on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` allows (both PTX for
+    sm_90+), else 0 (the fp32 decode)."""
+    if not (b_mx and fast_widen_usable(device)):
+        return 0
+    if mma == 1 and fold_bf16:
+        return 1
+    return 2 if mma == 2 and fold_f16 else 0
+
+
 def _scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int:
     if scale is None:
         return 0
@@ -305,6 +320,7 @@ def small_m_gemm_triton(
     config: SplitKConfig | None = None,
     fast_widen: bool = True,
     mx_scale_fold: bool = False,
+    mx_scale_fold16: bool = False,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -314,7 +330,10 @@ def small_m_gemm_triton(
     ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values).
     ``mx_scale_fold=True`` promises that every E8M0 code is at most ``MX_FOLD_MAX_CODE`` and no element is NaN
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`, checked once per loaded weight by the caller): MX weights
-    meeting bf16 activations are then decoded by the fast widening with their power of two folded in."""
+    meeting bf16 activations are then decoded by the fast widening with their power of two folded in.
+    ``mx_scale_fold16=True`` promises every code lies in ``[MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE]``
+    (:func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16 activations then meet the weight converted to
+    fp16 and multiplied by its power of two in fp16 (two instructions per pair instead of the fp32 decode)."""
     fn = "small_m_gemm_triton"
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
@@ -391,7 +410,7 @@ def small_m_gemm_triton(
         FUSED_SUM=fused_sum,
         MMA=mma,
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
-        MX_FOLD=b_mx and mx_scale_fold and fast_widen and mma == 1 and fast_widen_usable(a.device),
+        MX_FOLD=_mx_fold(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

@@ -338,3 +338,9 @@ def test_mx_foldable_flag_is_read_once_per_loaded_value(monkeypatch) -> None:
     data.view(torch.uint8)[1, 3] = 0xFF  # a NaN element: the widening would not keep it NaN
     assert methods.cached_mx_foldable(owner, codes, data) is False
     assert len(calls) == 3
+    # fp16 activations ask the fp16 fold's question of the same cached read: codes 113-134, NaN elements allowed
+    assert methods.cached_mx_foldable(owner, codes, data, activation_dtype=torch.float16) is True
+    codes[0, 0] = 112
+    assert methods.cached_mx_foldable(owner, codes, data, activation_dtype=torch.float16) is False
+    assert methods.cached_mx_foldable(owner, codes, data, activation_dtype=torch.float32) is False
+    assert len(calls) == 4

@@ -189,21 +189,32 @@ needs_sm90 = pytest.mark.skipif(
     ("m", "n", "k"), [(1, 72, 544), (5, 130, 800), (16, 64, 512), (40, 96, 288), (7, 4096, 14336)]
 )
 @pytest.mark.parametrize("codes", ["every", "realistic"])
-def test_mx_scale_fold_gives_the_same_bits(m, n, k, split_k, codes) -> None:
-    """MX weights whose power of two is folded into the E4M3 widening's multiply give bit for bit the output
-    of the fp32 decode (both form exactly E4M3 * 2^(e - 127) in bf16): over every foldable E8M0 code (0-142,
-    subnormal and huge weights included) and over the codes real weights have, with MX-rounded activations,
-    bias, ragged N and K and any split."""
-    from mxrun.kernels.e4m3 import MX_FOLD_MAX_CODE
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mx_scale_fold_gives_the_same_bits(m, n, k, split_k, codes, dtype) -> None:
+    """MX weights whose power of two is folded into the E4M3 conversion give bit for bit the output of the fp32
+    decode (all form exactly E4M3 * 2^(e - 127) in the MMA's type): bf16 activations over every code the bf16
+    fold takes (0-142, subnormal and huge weights included), fp16 ones over every code the fp16 fold takes
+    (113-134), and both over the codes real weights have, with MX-rounded activations, bias, ragged N and K
+    and any split."""
+    from mxrun.kernels.e4m3 import (
+        MX_FOLD16_MAX_CODE,
+        MX_FOLD16_MIN_CODE,
+        MX_FOLD_MAX_CODE,
+        mx_scales_foldable,
+        mx_scales_foldable_f16,
+    )
 
-    x, w, bias = _inputs(m, n, k, seed=21)
+    fp16 = dtype == torch.float16
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=21)
     q = quantize_mxfp8_reference(w)
     g = torch.Generator().manual_seed(22)
     if codes == "every":  # any E8M0 code makes a valid MXFP8 weight; small activations keep outputs finite
-        scales = torch.randint(0, MX_FOLD_MAX_CODE + 1, q.scale_e8m0.shape, generator=g, dtype=torch.uint8)
-        x = x * 2.0**-20
+        low, high = (MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE) if fp16 else (0, MX_FOLD_MAX_CODE)
+        scales = torch.randint(low, high + 1, q.scale_e8m0.shape, generator=g, dtype=torch.uint8)
+        x = x * (2.0**-16 if fp16 else 2.0**-20)
     else:
         scales = q.scale_e8m0
+    assert mx_scales_foldable_f16(scales) if fp16 else mx_scales_foldable(scales, q.data)
     a, b, s, bias_d = _dev(x, q.data, scales, bias)
     run = lambda fold: small_m_gemm_triton(  # noqa: E731
         a,
@@ -212,12 +223,31 @@ def test_mx_scale_fold_gives_the_same_bits(m, n, k, split_k, codes) -> None:
         activation_mx_rule="round_up",
         bias=bias_d,
         split_k=split_k,
-        mx_scale_fold=fold,
+        mx_scale_fold=fold and not fp16,
+        mx_scale_fold16=fold and fp16,
     )
     folded, plain = run(True), run(False)
     assert torch.equal(folded.view(torch.int16), plain.view(torch.int16))
     if codes == "realistic":
         assert_one_ulp(folded, mxfp8_linear_reference(x, q.data, scales, bias, MxScaleRule.ROUND_UP))
+
+
+def test_mx_scales_foldable_f16() -> None:
+    """The fp16 fold takes E8M0 codes 113-134 (2^-14 ... 2^7): below, E4M3's smallest step would fall under
+    fp16's; above, 448 times the scale would pass fp16's largest value."""
+    from mxrun.kernels.e4m3 import MX_FOLD16_MAX_CODE, MX_FOLD16_MIN_CODE, mx_scales_foldable_f16
+
+    assert (MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE) == (113, 134)
+    assert torch.finfo(torch.float16).max >= 448.0 * 2.0 ** (MX_FOLD16_MAX_CODE - 127)
+    assert torch.finfo(torch.float16).max < 448.0 * 2.0 ** (MX_FOLD16_MAX_CODE + 1 - 127)
+    assert (
+        2.0**-9 * 2.0 ** (MX_FOLD16_MIN_CODE - 127) >= 2.0**-24
+    )  # the smallest E4M3 subnormal, times the scale
+    codes = torch.arange(MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE + 1, dtype=torch.uint8)
+    assert mx_scales_foldable_f16(codes)
+    assert mx_scales_foldable_f16(codes.view(torch.float8_e8m0fnu))
+    for outside in (0, MX_FOLD16_MIN_CODE - 1, MX_FOLD16_MAX_CODE + 1, 255):
+        assert not mx_scales_foldable_f16(torch.cat([codes, torch.tensor([outside], dtype=torch.uint8)]))
 
 
 def test_mx_scales_foldable() -> None:
