@@ -82,6 +82,11 @@ def main() -> None:
         help="also time MX schemes with the scales folded into the widening",
     )
     parser.add_argument(
+        "--weight-tma",
+        action="store_true",
+        help="also time every scheme with its weight read by TMA (name suffix ' (tma)')",
+    )
+    parser.add_argument(
         "--cold-weights",
         action="store_true",
         help="go round copies of each weight (twice the L2 in FP8 bytes) so it comes from DRAM, as in a forward",
@@ -160,15 +165,16 @@ def _runs(
 ) -> dict[str, Callable[[], object]]:
     """The launches timed for one tile and one copy of the weights."""
     runs = {
-        "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel: small_m_gemm_triton(
+        "fp8-w8a8 (codes)": lambda cfg=cfg, q=xq, wq=channel, tma=False: small_m_gemm_triton(
             q.data,
             wq.data,
             a_scale=q.scale,
             weight_scale=wq.scale,
             out_dtype=torch.bfloat16,
             config=cfg,
+            weight_tma=tma,
         ),
-        "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
+        "mxfp8-w8a8": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False, tma=False: small_m_gemm_triton(
             x,
             q.data,
             weight_scale_e8m0=q.scale_e8m0,
@@ -176,17 +182,19 @@ def _runs(
             config=cfg,
             fast_widen=fast_widen,
             mx_scale_fold=fold,
+            weight_tma=tma,
         ),
-        "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True: small_m_gemm_triton(
-            x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen
+        "fp8-channel-wo": lambda x=x, cfg=cfg, q=channel, fast_widen=True, tma=False: small_m_gemm_triton(
+            x, q.data, weight_scale=q.scale, config=cfg, fast_widen=fast_widen, weight_tma=tma
         ),
-        "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False: small_m_gemm_triton(
+        "mxfp8-wo": lambda x=x, cfg=cfg, q=mx, fast_widen=True, fold=False, tma=False: small_m_gemm_triton(
             x,
             q.data,
             weight_scale_e8m0=q.scale_e8m0,
             config=cfg,
             fast_widen=fast_widen,
             mx_scale_fold=fold,
+            weight_tma=tma,
         ),
     }
     if args.compare_widen:  # the same launches with Triton's own E4M3 conversions
@@ -195,6 +203,9 @@ def _runs(
     if args.compare_fold:  # every code of a quantized bf16 weight is far below MX_FOLD_MAX_CODE
         for name in ("mxfp8-w8a8", "mxfp8-wo"):
             runs[f"{name} (fold)"] = functools.partial(runs[name], fold=True)
+    if args.weight_tma:
+        for name in list(runs):
+            runs[f"{name} (tma)"] = functools.partial(runs[name], tma=True)
     return runs
 
 
