@@ -56,16 +56,29 @@ def _forward_without_sync(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tens
     return out
 
 
+def _layer(linear: nn.Linear, scheme_name: str) -> QuantizedLinear:
+    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="t.proj")
+    layer.load_weight(linear.weight.data)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("scheme_name", sorted(PRESETS))
-def test_no_host_sync_and_no_recompile_within_a_size_class(scheme_name: str) -> None:
+def test_no_host_sync_and_no_recompile_within_a_size_class(scheme_name: str, dtype: torch.dtype) -> None:
+    """Also checks each new M's output against the CPU reference path on the same weights: the kernels and
+    the reference quantize to the same codes, so they differ only by fp32 summation order, the output's
+    rounding and, for default MXFP8 above 64 rows, the aligned path's regrouping (at most 2^-17.8 of a tile's
+    largest magnitude per operand element); 2^-8 of the output's norm bounds all of these, while a wrong
+    scale or decode (an fp16 fold off by a power of two) moves the output by far more."""
     g = torch.Generator().manual_seed(3)
     linear = nn.Linear(K, N, bias=True)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-    linear = linear.to(device="cuda", dtype=torch.bfloat16)
-    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="t.proj")
-    layer.load_weight(linear.weight.data)
-    x = torch.randn(max(WARM_M + NEW_M), K, generator=g).to(device="cuda", dtype=torch.bfloat16)
+    linear = linear.to(dtype)
+    reference = _layer(linear, scheme_name)
+    layer = _layer(linear.to("cuda"), scheme_name)
+    x_cpu = torch.randn(max(WARM_M + NEW_M), K, generator=g).to(dtype)
+    x = x_cpu.to("cuda")
     kernels = _jit_kernels()
     assert kernels, "no Triton kernels found in mxrun.kernels"
 
@@ -74,7 +87,12 @@ def test_no_host_sync_and_no_recompile_within_a_size_class(scheme_name: str) -> 
         assert out.shape == (m, N) and bool(torch.isfinite(out).all())
     before = _compiled(kernels)
     assert before > 0, "the warm-up compiled nothing that this count sees"
+    outputs = {}
     for m in NEW_M:
-        out = _forward_without_sync(layer, x[:m])
-        assert out.shape == (m, N)
+        outputs[m] = _forward_without_sync(layer, x[:m])
+        assert outputs[m].shape == (m, N) and outputs[m].dtype == dtype
     assert _compiled(kernels) == before, f"{scheme_name}: a new M in a seen size class compiled a kernel"
+    for m, out in outputs.items():
+        expected = reference(x_cpu[:m]).float()
+        relative = ((out.cpu().float() - expected).norm() / expected.norm()).item()
+        assert relative <= 2.0**-8, f"{scheme_name} {dtype} M={m}: {relative:.2e} from the CPU reference"
