@@ -39,13 +39,17 @@ SHAPES = {"8B o 4096->4096": (4096, 4096), "8B down 14336->4096": (14336, 4096)}
 KINDS = ("normal", "outliers", "student-t")
 
 
+def _student_t3(shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    """Student's t with 3 degrees of freedom from ``g`` alone: a normal over the root of a chi-square(3) / 3."""
+    chi_square = torch.randn((3, *shape), generator=g).square().sum(0)
+    return torch.randn(shape, generator=g) / (chi_square / 3).sqrt()
+
+
 def make_data(kind: str, m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """bf16 activations ``[m, k]`` and weight ``[n, k]`` of one kind (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     if kind == "student-t":
-        t = torch.distributions.StudentT(torch.tensor(3.0))
-        torch.manual_seed(seed)
-        x, w = t.sample((m, k)), t.sample((n, k)) * 0.02
+        x, w = _student_t3((m, k), g), _student_t3((n, k), g) * 0.02
     else:
         x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * 0.02
         if kind == "outliers":
