@@ -9,7 +9,8 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), ``mxfp8-tiles``
   (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
-  crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
+  crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
+  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -52,6 +53,7 @@ SHAPES = {  # name: (K, N)
 MS = [1, 16, 64, 256, 1024, 4096, 16384]
 QUICK_SHAPES = ["8B o 4096->4096", "8B down 14336->4096", "70B qkv 8192->10240"]
 QUICK_MS = [1, 16, 256, 1024, 4096]
+DECODE_MIN_ROWS = 65  # `activations: {min_rows: 65}`: above the split-K kernel's 64 rows, W8A8
 
 
 def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -84,6 +86,10 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
             x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
         ),
         "mxfp8:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8-w8a16-decode": lambda: mxfp8_linear(
+            *(x, mx.data, mx.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
+            weight_scales_foldable=foldable,
+        ),
         "mxfp8-tiles": lambda: mxfp8_linear(
             *(x, tiles.data, tiles.scale_e8m0, None, "round_up"),
             weight_tile_scale=tile_scale,
@@ -237,6 +243,8 @@ GOALS = [  # issue 5: (column, rows the goal is about, anchor column, at least t
     ("mxfp8", "M <= 16", "bf16", 1.7),
     ("mxfp8-tiles", "M >= 1024", "bf16", 1.0),
     ("mxfp8-tiles", "M <= 16", "bf16", 1.7),
+    ("mxfp8-w8a16-decode", "M >= 1024", "bf16", 1.0),
+    ("mxfp8-w8a16-decode", "M <= 16", "bf16", 1.7),
 ]
 _ROWS = {"M >= 1024": lambda m: m >= 1024, "M <= 16": lambda m: m <= 16}
 

@@ -18,6 +18,7 @@ parser, so serving code can use it without jsonschema or RE2.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -69,6 +70,19 @@ class QuantMethod(ABC):
 
     def __init__(self, scheme: Scheme) -> None:
         self.scheme = scheme
+        self._below_min_rows: QuantMethod | None = None
+
+    def for_rows(self, rows: int) -> QuantMethod:
+        """The method that serves a call of ``rows`` rows: this one, or below the scheme's
+        ``activations.min_rows`` its weight-only twin (W8A16), which reads the same buffers: the W8A8 and
+        weight-only methods of a family hold the weight alike and differ only in their forward."""
+        acts = self.scheme.activations
+        if acts is None or acts.quantizes(rows):
+            return self
+        if self._below_min_rows is None:
+            weight_only = dataclasses.replace(self.scheme, activations=None)
+            self._below_min_rows = METHODS[(self.family, True)](weight_only)
+        return self._below_min_rows
 
     def check(self, layer_name: str, out_features: int, in_features: int) -> None:
         """Raise :class:`UnsupportedSchemeError` if this method cannot serve a weight of this shape."""
@@ -573,7 +587,7 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
-        y = self.method.apply(self, x2, self.bias)
+        y = self.method.for_rows(x2.shape[0]).apply(self, x2, self.bias)
         return y.reshape(*leading, self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

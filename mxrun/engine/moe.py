@@ -314,8 +314,12 @@ class QuantizedExperts(nn.Module):
         x = hidden_states.reshape(-1, self.hidden_dim)
         if x.dtype != self.dtype:
             x = x.to(self.dtype)
+        acts = self.scheme.activations
+        # below the scheme's `min_rows` the activations stay bf16/fp16: weight-only (W8A16)
+        quantized = acts is None or acts.quantizes(x.shape[0])
+        activation = self.activation if quantized else ExpertActivation.NONE
         tile_scales = None
-        if self.scheme.weights.tile_aligned and self.activation.is_mx and x.is_cuda:
+        if self.scheme.weights.tile_aligned and activation.is_mx and x.is_cuda:
             tile_scales = tuple(
                 cached_tile_scales(
                     self, self.weights(p).scale, *getattr(self, p).shape[1:], f"{self.layer_name}.{p}"
@@ -334,7 +338,7 @@ class QuantizedExperts(nn.Module):
             top_k_weights.reshape(x.shape[0], -1),
             self.weights("gate_up_proj"),
             self.weights("down_proj"),
-            self.activation,
+            activation,
             tile_scales=tile_scales,
             mx_scales_foldable=foldable,
         )

@@ -73,8 +73,11 @@ def _report(error: ValidationError, source_map: SourceMap, out: DiagnosticList) 
     kind = error.validator
     where = _where(path)
     if kind == "oneOf" and error.context:
-        # Pick the alternative the value was closest to (e.g. a skip mapping with a typo, not "not a string").
-        candidates = [e for e in error.context if e.validator != "type"] or list(error.context)
+        # Pick the alternative the value was closest to (e.g. a skip mapping with a typo, not "not a string"):
+        # a branch whose type the value has, so leave out the branches that refuse the value's own type (an
+        # integer field written as a string inside a mapping is that field's error, not "must be null").
+        candidates = [e for e in error.context if e.validator != "type" or e.relative_path]
+        candidates = candidates or list(error.context)
         _report(best_match(candidates), source_map, out)
         return
     if kind == "additionalProperties" and isinstance(error.instance, dict):

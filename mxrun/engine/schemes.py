@@ -112,6 +112,9 @@ class ActivationQuant:
     """Elements per scale along K; only for ``group`` (default 128) and ``mx`` (always 32)."""
     scale_rule: ScaleRule | None = None
     """Only for ``mx``."""
+    min_rows: int | None = None
+    """Calls with fewer rows keep their activations unquantized (the scheme's weight-only method serves them,
+    W8A16); None (the default, and what ``min_rows: 1`` resolves to) quantizes every call."""
 
     def to_json(self) -> dict[str, Any]:
         return _drop_none(
@@ -120,8 +123,13 @@ class ActivationQuant:
                 "granularity": self.granularity.value,
                 "group_size": self.group_size,
                 "scale_rule": self.scale_rule.value if self.scale_rule else None,
+                "min_rows": self.min_rows,
             }
         )
+
+    def quantizes(self, rows: int) -> bool:
+        """Whether a call with ``rows`` rows (tokens) quantizes its activations (``min_rows``)."""
+        return self.min_rows is None or rows >= self.min_rows
 
 
 @dataclass(frozen=True)
@@ -357,6 +365,8 @@ def build_scheme(
             granularity=a_gran,
             group_size=group_size,
             scale_rule=scale_rule,
+            # 1 is the default (every call quantized): kept out of plans and fingerprints
+            min_rows=int(activations["min_rows"]) if activations.get("min_rows", 1) > 1 else None,
         )
 
     policy = spec.get("on_unsupported")

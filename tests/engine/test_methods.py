@@ -344,3 +344,25 @@ def test_mx_foldable_flag_is_read_once_per_loaded_value(monkeypatch) -> None:
     assert methods.cached_mx_foldable(owner, codes, data, activation_dtype=torch.float16) is False
     assert methods.cached_mx_foldable(owner, codes, data, activation_dtype=torch.float32) is False
     assert len(calls) == 4
+
+
+W8A8_PRESETS = [name for name in PRESET_NAMES if not preset_scheme(name).weight_only]
+
+
+@pytest.mark.parametrize("scheme_name", W8A8_PRESETS)
+def test_min_rows_runs_smaller_calls_weight_only(scheme_name: str) -> None:
+    """``activations: {min_rows: 8}``: calls of fewer than 8 rows (leading dimensions flattened) give exactly the
+    weight-only preset's output on the same weights (W8A16), calls of 8 or more exactly the W8A8 preset's;
+    the weight is quantized once, the same for both."""
+    scheme, problems = build_scheme("decode", {"preset": scheme_name, "activations": {"min_rows": 8}})
+    assert problems == []
+    x, linear = _data("outliers", 8, torch.bfloat16, seed=13)
+    layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.proj")
+    layer.load_weight(linear.weight.data)
+    w8a8 = _quantized(scheme_name, linear)
+    weight_only = _quantized(f"{scheme_name}-weight-only", linear)
+    assert torch.equal(layer.weight, w8a8.weight)
+    small = x[:6].reshape(2, 3, K)
+    assert torch.equal(layer(small), weight_only(small))
+    assert not torch.equal(layer(small), w8a8(small))  # the activations' rounding shows
+    assert torch.equal(layer(x), w8a8(x))

@@ -377,6 +377,33 @@ def test_tile_aligned_experts_hold_regrouped_mxfp8() -> None:
     assert torch.equal(dequantize_mxfp8(aligned.gate_up_proj, codes), regrouped.data.float() * tile)
 
 
+@pytest.mark.parametrize("preset", ["fp8-channel", "mxfp8"])
+def test_min_rows_runs_fewer_tokens_weight_only(preset: str) -> None:
+    """Experts under ``activations: {min_rows: 5}``: fewer tokens give exactly the weight-only preset's output
+    (W8A16), 5 or more exactly the W8A8 preset's."""
+    from mxrun.engine.schemes import build_scheme, preset_scheme
+
+    source = _model("qwen3_moe").model.layers[0].mlp.experts
+    scheme, _ = build_scheme("decode", {"preset": preset, "activations": {"min_rows": 5}})
+    made = {}
+    for name, s in (
+        ("decode", scheme),
+        ("w8a8", preset_scheme(preset)),
+        ("wo", preset_scheme(f"{preset}-weight-only")),
+    ):
+        made[name] = QuantizedExperts.from_module(source, s, "e")
+        for param in ("gate_up_proj", "down_proj"):
+            made[name].load_fused(param, getattr(source, param).data)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, HIDDEN, generator=g).to(torch.bfloat16)
+    index = torch.randint(0, 4, (5, 2), generator=g)
+    weights = torch.rand(5, 2, generator=g).to(torch.bfloat16)
+    run = lambda name, n: made[name](hidden[:n], index[:n], weights[:n])  # noqa: E731
+    assert torch.equal(run("decode", 4), run("wo", 4))
+    assert not torch.equal(run("decode", 4), run("w8a8", 4))
+    assert torch.equal(run("decode", 5), run("w8a8", 5))
+
+
 @pytest.mark.parametrize("recipe", ["fp8-dynamic", "fp8-channel", "fp8-block", "mxfp8", "mixed-moe"])
 def test_builtin_recipes_skip_gpt_oss_routers(recipe: str) -> None:
     """GPT-OSS calls its router ``mlp.router`` (a GptOssTopKRouter, not an nn.Linear, though its weight looks

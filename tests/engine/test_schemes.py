@@ -62,6 +62,19 @@ def test_tile_aligned_is_recorded_only_when_set() -> None:
     assert "tile_aligned" not in plain.weights.to_json()
 
 
+def test_min_rows_is_recorded_only_above_one() -> None:
+    """``activations.min_rows`` changes what a call computes below it, so a value above 1 is part of the scheme
+    (plans, fingerprints, exports); 1 is the default (every call quantized) and leaves the scheme as without it."""
+    decode, problems = build_scheme("x", {"preset": "mxfp8", "activations": {"min_rows": 65}})
+    assert problems == [] and decode.activations.min_rows == 65
+    assert decode.activations.to_json()["min_rows"] == 65
+    assert decode.activations.scale_rule is ScaleRule.ROUND_UP  # the preset's other fields kept
+    assert [decode.activations.quantizes(rows) for rows in (1, 64, 65, 4096)] == [False, False, True, True]
+    plain, _ = build_scheme("x", {"preset": "mxfp8", "activations": {"min_rows": 1}})
+    assert plain == build_scheme("x", {"preset": "mxfp8"})[0]
+    assert "min_rows" not in plain.activations.to_json() and plain.activations.quantizes(1)
+
+
 def test_activations_null_makes_weight_only() -> None:
     scheme, _ = build_scheme("x", {"preset": "fp8-channel", "activations": None})
     assert scheme.weight_only and scheme.family is SchemeFamily.FP8_CHANNEL

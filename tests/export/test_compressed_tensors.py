@@ -103,3 +103,13 @@ def test_edited_config_that_disagrees_with_the_record_is_refused() -> None:
     group["input_activations"]["dynamic"] = False
     with pytest.raises(CtSchemeError, match="static activation scales"):
         scheme_from_ct("group_0", group)
+
+
+def test_min_rows_needs_the_mxrun_record() -> None:
+    """``activations.min_rows`` survives export and reload through mxrun's record; compressed-tensors cannot say
+    it, so without the record every call is quantized."""
+    scheme, _ = build_scheme("decode", {"preset": "fp8-channel", "activations": {"min_rows": 65}})
+    qc = build_quantization_config([(scheme, ["x"])], [], {})
+    group = qc["config_groups"]["group_0"]
+    assert scheme_from_ct("group_0", group, qc["mxrun"]["groups"]["group_0"]).activations.min_rows == 65
+    assert scheme_from_ct("group_0", group).activations.min_rows is None
