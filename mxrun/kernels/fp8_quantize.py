@@ -607,7 +607,10 @@ atomic max into a word that must be zeroed first, a third launch. 0 turns the sl
 Measured and left out: the quantize kernel as a programmatic dependent launch of the amax kernel, loading its
 tile before it waits for the amax (H100, per-tensor W8A8 Linear, ``results/tensor-quantize-pdl-h100.log``):
 0.1-0.7 us faster at M = 1 and 16 (14 of 14 cases, no goal case crossed), mixed at 1024, slower at 4096 on 5
-of 7 shapes (8B qkv 192.8 -> 206.4 us: the waiting quantize programs hold SM slots the amax still needs)."""
+of 7 shapes (8B qkv 192.8 -> 206.4 us: the waiting quantize programs hold SM slots the amax still needs). Nor
+did the quantize programs visiting the tiles in the amax kernel's reverse order, so that an activation larger
+than the L2 is read again first where the amax left it (H100, four Llama shapes at M = 1024-16384, two
+interleaved repeats: time x1.008, faster in 8 of 24, ``results/tensor-quantize-reversed-h100.log``)."""
 
 
 def _row_chunks_apply(rows: int, cols: int) -> bool:
