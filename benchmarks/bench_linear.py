@@ -10,7 +10,9 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
-  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``.
+  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``;
+  for the small-M crossovers, tile kernels at any M (the dispatchers take split-K up to 64 rows):
+  ``fp8-channel:tile``, ``fp8-channel-wo:tile``, ``mxfp8:dequant-tile``, ``mxfp8-wo:dequant-tile``.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -37,9 +39,15 @@ import torch
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
-from mxrun.kernels.mxfp8_gemm import mxfp8_linear
+from mxrun.kernels.mxfp8_gemm import mxfp8_dequant_gemm_triton, mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
-from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
+from mxrun.kernels.scaled_gemm import (
+    fp8_block_linear,
+    fp8_gemm_triton,
+    fp8_linear,
+    fp8_weight_only_linear,
+    fp8_weight_only_triton,
+)
 
 SHAPES = {  # name: (K, N)
     "8B qkv 4096->6144": (4096, 6144),
@@ -114,6 +122,17 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
             x, mx.data, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
         ),
         "mxfp8-wo:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, None),
+        # tile kernels at any M (the dispatchers take split-K up to 64 rows): for the crossovers
+        "fp8-channel:tile": lambda: fp8_gemm_triton(
+            *quantize_fp8(x, Fp8Granularity.PER_ROW), channel.data, channel.scale, None, x.dtype
+        ),
+        "fp8-channel-wo:tile": lambda: fp8_weight_only_triton(
+            x, channel.data, channel.scale, Fp8Granularity.PER_ROW, None
+        ),
+        "mxfp8:dequant-tile": lambda: mxfp8_dequant_gemm_triton(
+            x, mx.data, mx.scale_e8m0, None, activation_rule="round_up"
+        ),
+        "mxfp8-wo:dequant-tile": lambda: mxfp8_dequant_gemm_triton(x, mx.data, mx.scale_e8m0, None),
     }
 
 

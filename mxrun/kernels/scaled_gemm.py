@@ -56,7 +56,17 @@ from mxrun.kernels.mxfp8_quantize import resolve_cast
 from mxrun.kernels.scale_division import divide_by_scale, scale_division_setup
 
 FUSED_QUANT_MAX_M = 64
-"""Up to this many rows, W8A8 per-token / per-tensor activation quantization runs inside the GEMM."""
+"""Up to this many rows, W8A8 per-token / per-tensor activation quantization runs inside the GEMM (for inputs
+whose rows are not K-contiguous; contiguous ones quantize first, see :data:`W8A8_SPLIT_K_MAX_M`)."""
+W8A8_SPLIT_K_MAX_M = 32
+"""Up to this many rows the FP8 W8A8 Linear (per-token / per-tensor activations) runs the split-K kernel of
+:mod:`mxrun.kernels.small_m_gemm` (32-row tiles at most); from one more, quantize once and the tile kernel, as
+above 64 rows. H100, per-token, CUDA-graph replays, the seven Llama shapes (``bench_linear.py --graph --ms 16 32
+64 128 256 512``, ``results/linear-h100-mid-m.md``, where ``fp8-channel:tile`` is the tile kernel forced): at
+M = 64 the tile kernel took the split-K kernel's 0.49-1.41x of bf16 to 0.59-1.89x on 6 of 7 shapes (8B
+``down`` 1.02 -> 0.97); at M = 32 the split-K kernel won on 4 (8B ``qkv`` 1.74 against 1.48), tied on 2 and
+lost on 70B ``gate_up`` (1.75 against 1.88). Rows 33-64 take the split-K kernel's 64-row tile and the tile
+kernel's 64-row bucket, as at M = 64."""
 M_BUCKET_CAP = 4096
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -973,8 +983,8 @@ def fp8_linear(
 ) -> torch.Tensor:
     """W8A8 Linear with a per-tensor (0-dim scale) or per-channel (``[N, 1]``) FP8 weight and dynamic
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
-    its dtype. Triton on CUDA, the torch reference elsewhere. Up to 64 rows: activation quantization, then the
-    split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, quantize once and run the tile kernel (from
+    its dtype. Triton on CUDA, the torch reference elsewhere. Up to :data:`W8A8_SPLIT_K_MAX_M` rows: activation
+    quantization, then the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, the tile kernel (from
     512 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA kernel of
     :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+). (The tile kernel with the quantization fused in, measured
     0.06-0.5x of bf16 at M <= 64, only serves strided inputs now.)"""
@@ -986,7 +996,8 @@ def fp8_linear(
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
-    if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+    unit_k = weight.stride(1) == 1 and x.stride(1) == 1
+    if x.shape[0] <= min(W8A8_SPLIT_K_MAX_M, SMALL_M_MAX) and unit_k:
         quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
         return small_m_gemm_triton(
             quantized.data,
@@ -996,7 +1007,7 @@ def fp8_linear(
             bias=bias,
             out_dtype=x.dtype,
         )
-    if x.shape[0] <= FUSED_QUANT_MAX_M:
+    if x.shape[0] <= FUSED_QUANT_MAX_M and not unit_k:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
     if x.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
@@ -1080,6 +1091,7 @@ def fp8_weight_only_linear(
 __all__ = [
     "FUSED_QUANT_MAX_M",
     "MAX_DECODE_CHUNK_BYTES",
+    "W8A8_SPLIT_K_MAX_M",
     "GemmConfig",
     "GemmInputError",
     "fp8_block_gemm",

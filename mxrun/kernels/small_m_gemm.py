@@ -87,8 +87,9 @@ from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
 SMALL_M_MAX = 64
-"""Up to this many rows the Linear dispatchers use the split-K kernel; one program holds all rows (16, 32 or 64:
-the MMA needs at least 16), so a new M compiles at most three variants."""
+"""Up to this many rows the Linear dispatchers use the split-K kernel (FP8 W8A8 up to
+:data:`~mxrun.kernels.scaled_gemm.W8A8_SPLIT_K_MAX_M` only); one program holds all rows (16, 32 or 64: the MMA
+needs at least 16), so a new M compiles at most three variants."""
 
 
 FUSED_SUM_MAX_BLOCK_M = 16
