@@ -328,7 +328,9 @@ def _tma_loadable(weight: torch.Tensor, config: SplitKConfig) -> bool:
     )
 
 
-def _weight_descriptor(weight: torch.Tensor, config: SplitKConfig):
+def _weight_descriptor(weight: torch.Tensor, config: SplitKConfig) -> object:
+    """The weight's TMA descriptor in ``[block_n, block_k]`` boxes (host side: built per call, a few
+    microseconds of Python; a CUDA graph captures it with the launch)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
@@ -374,7 +376,9 @@ def small_m_gemm_triton(
     meeting bf16 activations are then decoded by the fast widening with their power of two folded in.
     ``mx_scale_fold16=True`` promises every code lies in ``[MX_FOLD16_MIN_CODE, MX_FOLD16_MAX_CODE]``
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16 activations then meet the weight converted to
-    fp16 and multiplied by its power of two in fp16 (two instructions per pair instead of the fp32 decode)."""
+    fp16 and multiplied by its power of two in fp16 (two instructions per pair instead of the fp32 decode).
+    ``weight_tma``: read the weight tiles by TMA (True), by pointers (False), or as :data:`WEIGHT_TMA` says
+    (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked."""
     fn = "small_m_gemm_triton"
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
