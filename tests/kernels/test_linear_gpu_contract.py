@@ -18,7 +18,7 @@ from torch import nn
 
 import mxrun.kernels
 from mxrun.engine.methods import QuantizedLinear, method_for
-from mxrun.engine.schemes import PRESETS, preset_scheme
+from mxrun.engine.schemes import PRESETS, Scheme, build_scheme, preset_scheme
 
 from .device_cases import HAS_CUDA
 
@@ -56,14 +56,26 @@ def _forward_without_sync(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tens
     return out
 
 
+# beside the presets, MXFP8 with `activations: {min_rows: 65}` (weight-only below 65 rows, W8A8 from 65)
+SCHEMES = [*sorted(PRESETS), "mxfp8:min_rows=65"]
+
+
+def _scheme(name: str) -> Scheme:
+    if name == "mxfp8:min_rows=65":
+        scheme, problems = build_scheme("mxfp8-decode", {"preset": "mxfp8", "activations": {"min_rows": 65}})
+        assert not problems
+        return scheme
+    return preset_scheme(name)
+
+
 def _layer(linear: nn.Linear, scheme_name: str) -> QuantizedLinear:
-    layer = QuantizedLinear.from_linear(linear, method_for(preset_scheme(scheme_name)), layer_name="t.proj")
+    layer = QuantizedLinear.from_linear(linear, method_for(_scheme(scheme_name)), layer_name="t.proj")
     layer.load_weight(linear.weight.data)
     return layer
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("scheme_name", sorted(PRESETS))
+@pytest.mark.parametrize("scheme_name", SCHEMES)
 def test_no_host_sync_and_no_recompile_within_a_size_class(scheme_name: str, dtype: torch.dtype) -> None:
     """Also checks each new M's output against the CPU reference path on the same weights: the kernels and
     the reference quantize to the same codes, so they differ only by fp32 summation order, the output's
