@@ -31,6 +31,8 @@ class Explanation:
     """Rules whose pattern matches and whose kind admits the layer, in precedence order."""
     kind_filtered: tuple[Rule, ...]
     """Rules whose pattern matches but whose ``kind`` excludes this layer's kind."""
+    scheme_summary: str = ""
+    """What the winning rule's scheme computes (:meth:`~mxrun.engine.schemes.Scheme.describe`), if known."""
 
     @property
     def winner(self) -> Rule | None:
@@ -58,6 +60,8 @@ class Explanation:
                 f"  rule     {rule.name!r} '{rule.pattern}' at {rule.origin}: name matches, but kind "
                 f"{self.kind.value!r} is not in [{kinds}]"
             )
+        if self.winner is not None and self.scheme_summary:
+            out.append(f"  scheme   {self.winner.scheme!r}: {self.scheme_summary}")
         if not self.skips and not self.matched:
             out.append("  no rule matches: the layer stays unquantized")
         return out
@@ -87,4 +91,7 @@ class Matcher:
                 (matched if rule.admits(kind) else filtered).append(rule)
             elif skips[index - n_rules].admits(kind):
                 skipped.append(skips[index - n_rules])
-        return Explanation(name, kind, tuple(skipped), tuple(matched), tuple(filtered))
+        summary = ""
+        if matched and not skipped and matched[0].scheme in self.recipe.schemes:
+            summary = self.recipe.schemes[matched[0].scheme].describe()
+        return Explanation(name, kind, tuple(skipped), tuple(matched), tuple(filtered), summary)

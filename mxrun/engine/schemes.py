@@ -152,6 +152,31 @@ class Scheme:
     def weight_only(self) -> bool:
         return self.activations is None
 
+    def describe(self) -> str:
+        """One line on what the scheme computes (``mxrun explain``): the weight and activation scales, and where
+        ``min_rows`` switches to weight-only."""
+        w = self.weights
+        if w.granularity is WeightGranularity.MX:
+            extra = ", tile-aligned" if w.tile_aligned else ""
+            weights = f"MXFP8 weights (E8M0 per 32, {(w.scale_rule or ScaleRule.ROUND_UP).value}{extra})"
+        elif w.granularity is WeightGranularity.BLOCK:
+            rows, cols = w.block_size or (128, 128)
+            weights = f"FP8 weights, one scale per {rows}x{cols} block"
+        else:
+            weights = f"FP8 weights, one scale per {'tensor' if w.granularity is WeightGranularity.TENSOR else 'output channel'}"
+        acts = self.activations
+        if acts is None:
+            return f"{weights}; activations stay bf16/fp16 (weight-only)"
+        if acts.granularity is ActivationGranularity.MX:
+            activations = f"MXFP8 activations ({(acts.scale_rule or ScaleRule.ROUND_UP).value})"
+        elif acts.granularity is ActivationGranularity.GROUP:
+            activations = f"FP8 activations, one scale per 1x{acts.group_size or 128} group"
+        else:
+            activations = f"FP8 activations, one scale per {acts.granularity.value}"
+        if acts.min_rows:
+            activations += f", from {acts.min_rows} rows (fewer rows run weight-only)"
+        return f"{weights}; {activations}"
+
     def cannot_serve(self, layer: Layer) -> str | None:
         """Why this scheme cannot quantize ``layer`` (``None`` when it can)."""
         n, k = layer.out_features, layer.in_features

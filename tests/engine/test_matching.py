@@ -38,6 +38,26 @@ def test_first_matching_rule_wins_and_explanation_says_why() -> None:
     assert "'experts' comes earlier (first match wins)" in text
 
 
+def test_explanation_says_what_the_scheme_computes() -> None:
+    """The winner's scheme in one line, ``min_rows`` included; nothing for a skipped layer."""
+    from mxrun.engine.schemes import build_scheme
+
+    decode, _ = build_scheme("decode", {"preset": "mxfp8", "activations": {"min_rows": 65}})
+    recipe = _recipe([Rule("all", ".*", "decode")], [SkipRule("lm_head")])
+    recipe = Recipe(**{**vars(recipe), "schemes": {**recipe.schemes, "decode": decode}})
+    text = "\n".join(Matcher(recipe).explain("model.layers.0.mlp.down_proj", LINEAR).lines())
+    assert "scheme   'decode': MXFP8 weights (E8M0 per 32, round_up); MXFP8 activations (round_up)" in text
+    assert "from 65 rows (fewer rows run weight-only)" in text
+    assert "scheme   " not in "\n".join(Matcher(recipe).explain("lm_head", LINEAR).lines())
+    block = preset_scheme("fp8-block").describe()
+    assert block == "FP8 weights, one scale per 128x128 block; FP8 activations, one scale per 1x128 group"
+    assert (
+        preset_scheme("fp8-channel-weight-only")
+        .describe()
+        .endswith("activations stay bf16/fp16 (weight-only)")
+    )
+
+
 def test_skip_wins_over_an_earlier_rule() -> None:
     why = Matcher(_recipe([Rule("all", ".*", "mxfp8")], [SkipRule("lm_head")])).explain("lm_head", LINEAR)
     assert why.winner is None and why.skips
