@@ -31,19 +31,22 @@ def _time(fn: Callable[[], object], calls: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3 / calls
 
 
-def _codes_gemm(xq, xs, wd, ws, **kw):
+def _codes_gemm(xq: torch.Tensor, xs: torch.Tensor, wd: torch.Tensor, ws: torch.Tensor, **kw) -> torch.Tensor:
+    """FP8 W8A8: E4M3 activation codes with per-token scales, per-channel weight."""
     return small_m_gemm_triton(xq, wd, a_scale=xs, weight_scale=ws, out_dtype=torch.bfloat16, **kw)
 
 
-def _wo_gemm(x, wd, ws, **kw):
+def _wo_gemm(x: torch.Tensor, wd: torch.Tensor, ws: torch.Tensor, **kw) -> torch.Tensor:
+    """FP8 per-channel weight-only: bf16 activations."""
     return small_m_gemm_triton(x, wd, weight_scale=ws, **kw)
 
 
-def _mx_gemm(x, fold, wd, ws, **kw):
+def _mx_gemm(x: torch.Tensor, fold: bool, wd: torch.Tensor, ws: torch.Tensor, **kw) -> torch.Tensor:
+    """MXFP8 weight-only: bf16 activations, the folded decode where the weight allows it."""
     return small_m_gemm_triton(x, wd, weight_scale_e8m0=ws, mx_scale_fold=fold, **kw)
 
 
-def _in_turn(call, weights, kw):
+def _in_turn(call: Callable[..., torch.Tensor], weights: list, kw: dict) -> list[torch.Tensor]:
     """One call per copy of the weight (cold: each reads its weight from DRAM)."""
     return [call(*wt, **kw) for wt in weights]
 
