@@ -81,6 +81,7 @@ import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
+from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
@@ -317,15 +318,9 @@ def _mx_fold(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: torc
 
 
 def _tma_loadable(weight: torch.Tensor, config: SplitKConfig) -> bool:
-    """Whether TMA can read ``weight`` in ``config``'s tiles: sm_90+, a 16-byte aligned base and row stride,
-    boxes of at most 256 per side."""
-    return (
-        weight.is_cuda
-        and torch.cuda.get_device_capability(weight.device)[0] >= 9
-        and weight.data_ptr() % 16 == 0
-        and weight.stride(0) % 16 == 0
-        and max(config.block_n, config.block_k) <= 256
-    )
+    """Whether TMA can read ``weight`` in ``config``'s tiles: what :func:`~mxrun.kernels.fp8_tma_gemm.tma_usable`
+    asks of any TMA operand, and boxes of at most 256 per side."""
+    return tma_usable(weight) and max(config.block_n, config.block_k) <= 256
 
 
 def _weight_descriptor(weight: torch.Tensor, config: SplitKConfig) -> object:
