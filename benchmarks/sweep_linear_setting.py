@@ -14,13 +14,14 @@ import math
 
 from benchmarks import bench_linear
 from benchmarks.sweep_moe_gluon import _write, check_setting
-from mxrun.kernels import fp8_quantize, fp8_wgmma_gemm, mxfp8_gemm, scaled_gemm
+from mxrun.kernels import fp8_quantize, fp8_wgmma_gemm, mid_m_gemm, mxfp8_gemm, scaled_gemm
 
 MODULES = {
     "wgmma": fp8_wgmma_gemm,
     "mxfp8": mxfp8_gemm,
     "scaled": scaled_gemm,
     "quantize": fp8_quantize,
+    "mid": mid_m_gemm,
 }
 
 

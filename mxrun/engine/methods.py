@@ -42,6 +42,7 @@ from mxrun.kernels.fp8_quantize import (
     quantize_fp8,
     quantize_fp8_reference,
 )
+from mxrun.kernels.mid_m_gemm import MX_MID_M_MAX
 from mxrun.kernels.mx_regroup import (
     align_mxfp8,
     aligned_tile_scales,
@@ -52,7 +53,6 @@ from mxrun.kernels.mx_regroup import (
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import fp8_block_linear, fp8_linear, fp8_weight_only_linear
-from mxrun.kernels.small_m_gemm import SMALL_M_MAX
 
 ORIGINAL_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -440,7 +440,7 @@ class MxFp8Method(QuantMethod):
 
     def apply(self, layer: QuantizedLinear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         tile_scale = self._tile_scale(layer) if self.tile_aligned and x.is_cuda else None
-        foldable = x.is_cuda and x.shape[0] <= SMALL_M_MAX
+        foldable = x.is_cuda and x.shape[0] <= MX_MID_M_MAX  # the split-K and mid-M kernels use it
         foldable = foldable and cached_mx_foldable(
             layer, layer.weight_scale_e8m0, layer.weight, activation_dtype=x.dtype
         )

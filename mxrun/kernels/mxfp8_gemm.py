@@ -25,8 +25,9 @@ A fourth, **aligned** (:func:`mxfp8_aligned_matmul`, W8A8 at large M), trades ex
 operands re-expressed at one power-of-two scale per 128 K (:mod:`mxrun.kernels.mx_regroup` bounds the change),
 then the block-scaled FP8 GEMM.
 
-:func:`mxfp8_linear` picks by M: up to 64 rows the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`,
-above it :func:`large_m_kernel_for` (see :data:`LARGE_M_KERNELS`).
+:func:`mxfp8_linear` picks by M: up to 32 rows the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`, up to
+256 the mid-M kernel of :mod:`mxrun.kernels.mid_m_gemm` (W8A8 on activations MX-rounded first; where TMA can read
+the operands, else the split-K kernel up to 64), above :func:`large_m_kernel_for` (see :data:`LARGE_M_KERNELS`).
 Kernels share the launch rules of :mod:`mxrun.kernels.scaled_gemm` (M buckets, no host sync, ragged tails).
 """
 
@@ -727,14 +728,37 @@ def mxfp8_linear(
     the E4M3 widening (same values, fewer instructions). ``weight_scales_foldable_f16``:
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`, the same for fp16 activations.
 
-    Triton on CUDA, the torch reference elsewhere. Up to 64 rows both take the split-K kernel
-    (:mod:`mxrun.kernels.small_m_gemm`, activations MX-rounded once before it); above,
-    :func:`large_m_kernel_for` (``large_m_kernel`` overrides it: one of :data:`LARGE_M_KERNELS`)."""
+    Triton on CUDA, the torch reference elsewhere. Both W8A16 and W8A8 (activations MX-rounded once first) take
+    the mid-M kernel from :data:`~mxrun.kernels.mid_m_gemm.MID_M_MIN` to
+    :data:`~mxrun.kernels.mid_m_gemm.MX_MID_M_MAX` rows where TMA can read the operands
+    (:mod:`mxrun.kernels.mid_m_gemm`), the split-K kernel with fewer rows (and up to 64 where the mid-M kernel
+    does not run; :mod:`mxrun.kernels.small_m_gemm`); above, :func:`large_m_kernel_for`. ``large_m_kernel``
+    (one of :data:`LARGE_M_KERNELS`) forces the kernel above 64 rows and keeps the mid-M kernel out, as does a
+    stored tile-aligned weight in W8A8 above 64 rows (its aligned GEMM runs FP8 MMAs with no per-call
+    regrouping)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
-    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
+    from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
+    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
-    if x.shape[0] <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+    m = x.shape[0]
+    # a stored tile-aligned weight in W8A8: above 64 rows its aligned GEMM runs FP8 MMAs with no regrouping
+    stored_tiles = weight_tile_scale is not None and activation_rule is not None and m > SMALL_M_MAX
+    if (
+        large_m_kernel is None
+        and not stored_tiles
+        and MID_M_MIN <= m <= MX_MID_M_MAX
+        and mid_m_usable(x, weight)
+    ):
+        return mid_m_gemm_triton(
+            x,
+            weight,
+            weight_scale_e8m0=weight_scale_e8m0,
+            activation_mx_rule=activation_rule,
+            bias=bias,
+            mx_scale_fold=weight_scales_foldable,
+        )
+    if m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
         return small_m_gemm_triton(
             x,
             weight,

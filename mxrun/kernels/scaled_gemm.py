@@ -20,8 +20,10 @@ activation's dtype. Three families, each a Triton kernel beside the plain-torch 
 * **W8A16 weight-only** (:func:`fp8_weight_only_linear`): the E4M3 weight is widened in registers to the
   activation's dtype (exact: every E4M3 value is a bf16 and an fp16 value) and fed to a bf16/fp16 MMA with
   fp32 accumulation; per-tensor / per-channel scales are applied in the epilogue, 128x128 block scales per
-  K step. Above 64 rows on CUDA, per-tensor / per-channel weights instead take :func:`fp8_decode_matmul`
-  (widen once per call, cuBLAS with an fp32 result, one-pass scale + bias + cast).
+  K step. On CUDA, per-tensor / per-channel weights instead take the split-K kernel up to 32 rows, the mid-M
+  kernel (:mod:`mxrun.kernels.mid_m_gemm`: the weight as the MMA's register operand) up to 512 where TMA can
+  read the operands, and above :func:`fp8_decode_matmul` (widen once per call, cuBLAS with an fp32 result,
+  one-pass scale + bias + cast).
 
 Launch rules shared by every kernel here (and by :mod:`mxrun.kernels.mxfp8_gemm`):
 
@@ -1072,15 +1074,20 @@ def fp8_weight_only_linear(
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
     """W8A16 Linear: FP8 weight (per-tensor, per-channel or 128x128 blocks), bf16/fp16 activations. Per-tensor /
-    per-channel weights: up to 64 rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), above it
+    per-channel weights: from :data:`~mxrun.kernels.mid_m_gemm.MID_M_MIN` to
+    :data:`~mxrun.kernels.mid_m_gemm.MID_M_MAX` rows the mid-M kernel (:mod:`mxrun.kernels.mid_m_gemm`, where
+    TMA can read the operands), fewer rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), more
     :func:`fp8_decode_matmul` on CUDA (1.4-2.0x the in-register kernel at M >= 1024 on an H100,
     benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the in-register kernel."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_weight_only_reference(x, weight, weight_scale, granularity, bias)
-    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
+    from mxrun.kernels.mid_m_gemm import MID_M_MAX, MID_M_MIN, mid_m_gemm_triton, mid_m_usable
+    from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
     per_block = Fp8Granularity(granularity) is Fp8Granularity.BLOCK_128X128
     if not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
+        if MID_M_MIN <= x.shape[0] <= MID_M_MAX and mid_m_usable(x, weight):
+            return mid_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
         if x.shape[0] <= SMALL_M_MAX:
             return small_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
         if x.is_cuda and weight_scale.is_contiguous():

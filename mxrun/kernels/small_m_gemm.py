@@ -306,6 +306,34 @@ def split_k_for(n: int, k: int, config: SplitKConfig = DEFAULT_CONFIG) -> int:
     return max(1, min(want, steps // 2, 32))
 
 
+def sum_splits(
+    partials: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c: torch.Tensor,
+) -> None:
+    """``c`` = the fp32 ``partials`` ``[splits, M, N]`` added in split order (deterministic), times the scales
+    that factor out of K (per tensor or per row / column), plus bias, cast to ``c``'s dtype."""
+    splits, m, n = partials.shape
+    _split_k_sum_kernel[(triton.cdiv(n, 128), triton.cdiv(m, 16))](
+        partials,
+        a_scale.reshape(-1) if a_scale is not None else c,
+        weight_scale.reshape(-1) if weight_scale is not None else c,
+        bias if bias is not None else c,
+        c,
+        m,
+        n,
+        SPLIT_K=splits,
+        A_SCALE=scale_mode(a_scale, m, "activation", "sum_splits"),
+        B_SCALE=scale_mode(weight_scale, n, "weight", "sum_splits"),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=128,
+        num_warps=4,
+    )
+
+
 def _mx_fold(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: torch.device) -> int:
     """The kernel's MX_FOLD: 1 for bf16 activations on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable`
     allows, 2 for fp16 ones on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` allows (both PTX for
@@ -331,7 +359,8 @@ def _weight_descriptor(weight: torch.Tensor, config: SplitKConfig) -> object:
     return TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
 
 
-def _scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int:
+def scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int:
+    """The kernels' scale mode of ``scale`` for an operand of ``rows`` rows: 0 none, 1 per tensor, 2 per row."""
     if scale is None:
         return 0
     if scale.dtype != torch.float32:
@@ -406,8 +435,8 @@ def small_m_gemm_triton(
             )
     else:
         raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
-    a_scale_mode = _scale_mode(a_scale, m, "activation", fn)
-    b_scale_mode = _scale_mode(weight_scale, n, "weight", fn)
+    a_scale_mode = scale_mode(a_scale, m, "activation", fn)
+    b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
@@ -463,22 +492,7 @@ def small_m_gemm_triton(
         **extra,
     )
     if splits > 1 and not fused_sum:
-        _split_k_sum_kernel[(triton.cdiv(n, 128), triton.cdiv(m, 16))](
-            partials,
-            a_scale.reshape(-1) if a_scale is not None else c,
-            weight_scale.reshape(-1) if weight_scale is not None else c,
-            bias if bias is not None else c,
-            c,
-            m,
-            n,
-            SPLIT_K=splits,
-            A_SCALE=a_scale_mode,
-            B_SCALE=b_scale_mode,
-            HAS_BIAS=bias is not None,
-            BLOCK_M=16,
-            BLOCK_N=128,
-            num_warps=4,
-        )
+        sum_splits(partials, a_scale, weight_scale, bias, c)
     return c
 
 
@@ -490,6 +504,8 @@ __all__ = [
     "SMALL_M_MAX",
     "SplitKConfig",
     "default_config",
+    "scale_mode",
     "small_m_gemm_triton",
     "split_k_for",
+    "sum_splits",
 ]

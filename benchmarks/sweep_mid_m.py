@@ -1,0 +1,108 @@
+"""Tiles of the mid-M W8A16 kernel (:mod:`mxrun.kernels.mid_m_gemm`), GEMM alone, CUDA-graph replays, on the
+seven Llama shapes of ``bench_linear.py``: FP8 per-channel and MXFP8 weights (folded decode) with bf16
+activations, each tile with two program targets, beside bf16 cuBLAS. Every output is checked against the
+reference first (a tile that computes wrong is reported and not timed). Prints each case's best tile and, per
+tile, the geometric mean of its time over the best tile's.
+
+    PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections.abc import Callable
+
+import torch
+import triton.testing
+from bench_linear import SHAPES
+
+from mxrun.kernels.e4m3 import mx_scales_foldable
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
+from mxrun.kernels.mid_m_gemm import MidMConfig, mid_m_gemm_triton
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
+from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
+
+TILES = [  # (block_n, block_m, block_k, num_warps, num_stages)
+    (64, 64, 128, 4, 4),
+    (64, 128, 128, 4, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 8, 4),
+    (128, 128, 128, 8, 3),
+]
+TARGETS = [132, 264]
+
+
+def _time(fn: Callable[[], object]) -> float:
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=15, return_mode="median") * 1e3
+
+
+def _correct(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Finite and within 1% of the reference's largest magnitude everywhere (a wrong tile is far off)."""
+    out, ref = out.float(), ref.float()
+    return bool(torch.isfinite(out).all()) and float((out - ref).abs().max()) <= 0.01 * float(ref.abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--json", help="write every timing here")
+    args = parser.parse_args()
+    print(
+        f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call"
+    )
+    rows = []
+    torch.manual_seed(0)
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
+        mx = quantize_mxfp8(w)
+        fold = mx_scales_foldable(mx.scale_e8m0, mx.data)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            kinds = {
+                "fp8-channel": (
+                    {"weight_scale": channel.scale},
+                    channel.data,
+                    x.float() @ (channel.data.float() * channel.scale).T,
+                ),
+                "mxfp8": (
+                    {"weight_scale_e8m0": mx.scale_e8m0, "mx_scale_fold": fold},
+                    mx.data,
+                    mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None),
+                ),
+            }
+            bf16 = _time(lambda x=x, w=w: torch.matmul(x, w.T))
+            for kind, (kwargs, data, ref) in kinds.items():
+                times = {}
+                for tile, target in itertools.product(TILES, TARGETS):
+                    config = MidMConfig(*tile, target_programs=target)
+
+                    def call(x=x, data=data, kwargs=kwargs, config=config) -> torch.Tensor:
+                        return mid_m_gemm_triton(x, data, config=config, **kwargs)
+
+                    if not _correct(call(), ref):
+                        print(f"WRONG {name} M={m} {kind} {tile} target {target}")
+                        continue
+                    times[(tile, target)] = _time(call)
+                best = min(times, key=times.get)
+                rows.append({"shape": name, "M": m, "kind": kind, "bf16_us": bf16,
+                             "us": {f"{t}:{g}": v for (t, g), v in times.items()}})  # fmt: skip
+                print(f"{name:<24} M={m:>4} {kind:<12} bf16 {bf16:7.1f} us | best {times[best]:7.1f} us "
+                      f"({bf16 / times[best]:.2f}x) {best[0]} target {best[1]}", flush=True)  # fmt: skip
+    for kind in ("fp8-channel", "mxfp8"):
+        print(f"\n{kind}: time of each tile over each case's best, geometric mean")
+        cases = [r for r in rows if r["kind"] == kind]
+        for key in cases[0]["us"]:
+            logs = [math.log(r["us"][key] / min(r["us"].values())) for r in cases if key in r["us"]]
+            print(f"  {key:<32} x{math.exp(sum(logs) / len(logs)):.3f} ({len(logs)} cases)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

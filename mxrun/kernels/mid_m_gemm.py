@@ -1,0 +1,277 @@
+"""W8A16 GEMM for the rows between decode and large batches (33-512), where the weight's bytes still set the time
+but one program can no longer hold every row.
+
+Above the split-K kernel's range (:mod:`mxrun.kernels.small_m_gemm`) the weight-only Linear used to widen its
+FP8 / MXFP8 weight to a bf16 copy per call and hand that to cuBLAS: five bytes of traffic per weight where bf16
+moves two, so at M = 128 it ran at 0.37-0.43x of bf16 (H100, ``results/linear-h100-mid-m.md``). The tile
+kernels that widen in registers were no better, because Hopper's ``wgmma`` reads its B operand from shared
+memory only: the widened weight went back there before every MMA.
+
+Here the product is computed transposed, ``C^T = W A^T``: the weight tile is the MMA's A operand, which
+``wgmma`` takes from registers. Both operands arrive by TMA into a pipelined ring of shared-memory slots; each
+program loads its E4M3 weight tile from its slot straight into the MMA's register layout, widens it there
+(:func:`~mxrun.kernels.e4m3.e4m3_to_bf16`, or the MX decode with its powers of two), and multiplies it with the
+activation tile, which stays in shared memory. Each weight byte is read from memory once per 128-row tile of
+activations, and nothing goes back to shared memory.
+
+One rule the kernel has to keep by hand: an asynchronous ``wgmma`` reads its register operand while it runs, and
+PTX leaves it undefined to overwrite those registers before the MMA has been waited for. Triton 3.6 pipelines the
+MMAs of one K step into the next, so with ``tl.dot(w, a, acc)`` the next step's widening overwrote registers
+that MMAs still in flight were reading: wrong outputs, Inf among them, depending on timing (H100, a prototype
+with 3 and 4 pipeline slots, TMA or pointer loads; 2 slots passed but compile to the same register reuse;
+``results/mid-m-register-race-h100.log``). The loop therefore adds each
+step's product into the accumulator through a multiply by a run-time 1.0 (:func:`_mid_m_kernel`), which Triton
+cannot fold into the MMA's accumulator: the step's MMAs are waited for before the next widening starts (in the
+SASS: one ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` per step). Tested on the GPU against the reference.
+
+K is split across programs where the tiles alone would leave SMs idle (as in the split-K kernel); the fp32
+partials are then added in split order by :func:`~mxrun.kernels.small_m_gemm.sum_splits`, so results do not
+change between runs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
+from mxrun.kernels.fp8_tma_gemm import tma_usable
+from mxrun.kernels.mxfp8_gemm import mx_decode_weight
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
+from mxrun.kernels.scaled_gemm import GemmInputError, m_bucket
+
+MID_M_MIN = 33
+"""From this many rows the weight-only Linears (and MXFP8 W8A8, after rounding its activations) take this kernel
+instead of the split-K one, where :func:`mid_m_usable`. H100, interleaved in one run, the seven Llama shapes at
+M = 17, 24 and 32 (``benchmarks/sweep_linear_setting.py --setting mid.MID_M_MIN --values 65 17 --ms 17 24 32
+--columns fp8-channel-wo mxfp8-wo mxfp8 --repeats 1``, ``results/mid-m-min-h100.log``): this kernel there took
+x1.23 the split-K kernel's time (faster in 10 of 63 cases), so the split-K kernel keeps up to 32 rows."""
+
+MID_M_MAX = 512
+"""Up to this many rows for FP8 weight-only (per tensor / per channel); above it :func:`fp8_decode_matmul`
+(decode + cuBLAS). Same kind of sweep at M = 48-512 (``--setting mid.MID_M_MAX --values 0 512 --ms 48 64 128 256
+512``, ``results/mid-m-on-off-h100.log``): FP8 weight-only faster in all 35 cases, x0.35 the time at M = 128
+(0.37-0.43x -> 0.98-1.37x of bf16), x0.81 at 512."""
+
+MX_MID_M_MAX = 256
+"""Up to this many rows for MXFP8 (W8A16, and W8A8 on MX-rounded activations); above it the decode + cuBLAS path
+(W8A16) and the aligned FP8 GEMM (W8A8). Same sweep: MXFP8 weight-only faster in all 28 cases at M = 48-256
+(x0.41 the time at 128), no better at 512 (x1.00, faster in 4 of 7); W8A8 faster in all 28 at M = 48-256 (x0.60 at
+128, x0.86 at 256) but x1.40 the aligned path's time at 512 (slower in all 7)."""
+
+
+class MidMConfig(NamedTuple):
+    """Tile and split policy. ``block_n``: weight rows per program (the MMA's M side: 64 per warp group);
+    ``block_m``: activation rows (the MMA's N side); ``target_programs``: how many (tile x K split) programs to
+    aim for."""
+
+    block_n: int = 64
+    block_m: int = 128
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    target_programs: int = 2 * 132
+
+
+# H100, GEMM alone, the seven Llama shapes at M = 64, 128 and 256, FP8 per-channel and MXFP8 weights, five tiles x
+# two program targets (benchmarks/sweep_mid_m.py, results/sweep-mid-m-h100.log): per M, these two had the lowest
+# geometric mean of time over each case's best (x1.004-1.010) and were best in 4-6 of 7 cases.
+SHORT_CONFIG = MidMConfig(block_m=64, num_stages=4)
+TALL_CONFIG = MidMConfig()
+
+
+def config_for(m: int) -> MidMConfig:
+    """The tile :func:`mid_m_gemm_triton` takes for ``m`` rows unless given one."""
+    return SHORT_CONFIG if m <= 64 else TALL_CONFIG
+
+
+def mid_m_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the Linear dispatchers may send ``x @ weight^T`` here: both operands readable by TMA (sm_90+,
+    a real GPU, 16-byte aligned rows)."""
+    return tma_usable(x, weight)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _mid_m_kernel(
+    a_desc,  # tensor descriptor of the [M, K] bf16/fp16 activations, [BLOCK_M, BLOCK_K] boxes
+    w_desc,  # tensor descriptor of the [N, K] float8e4nv weight, [BLOCK_N, BLOCK_K] boxes
+    bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
+    p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
+    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]
+    bias_ptr,
+    c_ptr,  # [M, N] output, contiguous
+    M,
+    N,
+    K,
+    K_PER_SPLIT,  # multiple of BLOCK_K
+    stride_bsn,
+    step_one,  # 1.0 at run time: see the module docstring
+    B_MX: tl.constexpr,
+    B_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
+    FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
+    MX_FOLD: tl.constexpr,  # MX weights, bf16 MMA: the power of two folded into that widening
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # multiple of 32
+):
+    """One program: BLOCK_N output columns x BLOCK_M rows over one K slab, computed transposed (the weight tile
+    is the MMA's register operand). Program ids run over the row tiles first, so the programs that share a
+    weight tile run together and it is read from DRAM once."""
+    G: tl.constexpr = BLOCK_K // 32
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    off_m = (pid % row_tiles) * BLOCK_M
+    off_n = (pid // row_tiles) * BLOCK_N
+    pid_k = tl.program_id(1)
+    k_begin = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_g = tl.arange(0, G)
+    bs_rows = bs_ptr + offs_n.to(tl.int64)[:, None] * stride_bsn
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w = w_desc.load([off_n, k0])
+        a = a_desc.load([off_m, k0])
+        if B_MX:  # E4M3 times its power of two, exact; groups past K read as code 127 (2^0) on zero weights
+            g = k0 // 32 + offs_g
+            codes = tl.load(bs_rows + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=127)
+            wv = mx_decode_weight(w, codes, MX_FOLD, True)
+        elif MMA == 1:
+            wv = e4m3_to_bf16(w, FAST_WIDEN)
+        else:
+            wv = w
+        if MMA == 0:
+            acc = tl.dot(wv.to(tl.float32), a.to(tl.float32).T, acc, input_precision="ieee")
+        else:  # the step's MMAs waited for before the next widening: see the module docstring
+            acc += tl.dot(wv.to(a.dtype), a.T) * step_one
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    tile_ok = n_ok[:, None] & (offs_m < M)[None, :]
+    if SPLIT_K == 1:
+        if B_SCALE == 1:
+            acc = acc * tl.load(b_scale_ptr)
+        elif B_SCALE == 2:
+            acc = acc * tl.load(b_scale_ptr + offs_n, mask=n_ok, other=1.0)[:, None]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+        out = c_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(out, acc.to(c_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        out = p_ptr + pid_k.to(tl.int64) * M * N + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.store(out, acc, mask=tile_ok)
+
+
+def split_k_for(m: int, n: int, k: int, config: MidMConfig) -> int:
+    """Splits of K so that tiles x splits is about ``config.target_programs``, each split at least four K steps
+    long; at most 16. Counted for ``m_bucket(m)`` rows, so that every M of a size class gets the same split
+    (a split count is a compiled variant)."""
+    tiles = triton.cdiv(m_bucket(m), config.block_m) * triton.cdiv(n, config.block_n)
+    steps = triton.cdiv(k, config.block_k)
+    return max(1, min(config.target_programs // tiles, steps // 4, 16))
+
+
+def mid_m_gemm_triton(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    weight_scale: torch.Tensor | None = None,
+    weight_scale_e8m0: torch.Tensor | None = None,
+    activation_mx_rule: MxScaleRule | str | None = None,
+    bias: torch.Tensor | None = None,
+    split_k: int | None = None,
+    config: MidMConfig | None = None,
+    mx_scale_fold: bool = False,
+) -> torch.Tensor:
+    """``y = a (W s_w)^T + bias`` with bf16/fp16 ``a`` ``[M, K]`` (optionally MX-rounded first with
+    ``activation_mx_rule``: MXFP8 W8A8) and an E4M3 weight ``[N, K]`` with exactly one of ``weight_scale``
+    (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``); any M, meant for 33-512
+    (:data:`MID_M_MIN`, :data:`MID_M_MAX`, :data:`MX_MID_M_MAX`).
+    ``mx_scale_fold``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight (bf16
+    activations then decode MX weights with the folded widening). Both operands must suit TMA
+    (:func:`mid_m_usable`), or this runs under the interpreter."""
+    from mxrun.kernels.small_m_gemm import scale_mode, sum_splits  # small_m_gemm imports the scaled GEMMs
+
+    fn = "mid_m_gemm_triton"
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
+        raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
+    n, k = weight.shape
+    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1 or a.dtype not in (torch.bfloat16, torch.float16):
+        raise GemmInputError(
+            f"{fn}: A must be a K-contiguous bf16/fp16 [M, K={k}] tensor, got {tuple(a.shape)}"
+        )
+    if (weight_scale is None) == (weight_scale_e8m0 is None):
+        raise GemmInputError(f"{fn}: give exactly one of weight_scale and weight_scale_e8m0")
+    b_mx = weight_scale_e8m0 is not None
+    if (b_mx or activation_mx_rule is not None) and k % MX_BLOCK_SIZE:
+        raise GemmInputError(f"{fn}: MXFP8 operands need K % 32 == 0, got K={k}")
+    if b_mx and weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE):
+        raise GemmInputError(f"{fn}: MXFP8 weights need E8M0 scales [N, K/32]")
+    if bias is not None and bias.shape != (n,):
+        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
+    interpreting = triton_interpreting()
+    if not (interpreting or mid_m_usable(a, weight)):
+        raise GemmInputError(f"{fn}: needs sm_90+ and 16-byte aligned K-contiguous operands (TMA)")
+    if activation_mx_rule is not None:
+        a = mx_round_triton(a, activation_mx_rule)  # the same values in bf16/fp16: then as weight-only
+    b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
+    m = a.shape[0]
+    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    config = config or config_for(m)
+    splits = split_k or split_k_for(m, n, k, config)
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
+    splits = triton.cdiv(k, k_per_split)  # no empty splits
+    partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    mma = 0 if interpreting else 1 if a.dtype == torch.bfloat16 else 2
+    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    _mid_m_kernel[(tiles, splits)](
+        TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
+        TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+        bs,
+        partials,
+        weight_scale.reshape(-1) if weight_scale is not None else c,
+        bias if bias is not None else c,
+        c,
+        m,
+        n,
+        k,
+        k_per_split,
+        bs.stride(0),
+        1.0,
+        B_MX=b_mx,
+        B_SCALE=b_scale_mode,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=splits,
+        MMA=mma,
+        FAST_WIDEN=fast_widen_usable(a.device),
+        MX_FOLD=1 if b_mx and mma == 1 and mx_scale_fold and fast_widen_usable(a.device) else 0,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if splits > 1:
+        sum_splits(partials, None, weight_scale, bias, c)
+    return c
+
+
+__all__ = [
+    "MID_M_MAX",
+    "MID_M_MIN",
+    "MX_MID_M_MAX",
+    "MidMConfig",
+    "config_for",
+    "mid_m_gemm_triton",
+    "mid_m_usable",
+    "split_k_for",
+]

@@ -1,0 +1,149 @@
+"""The mid-M W8A16 GEMM (weight tile as the MMA's register operand) against the plain-torch references of every
+scheme it serves: FP8 weight-only per-tensor / per-channel with bf16 and fp16 activations, MXFP8 weight-only and
+W8A8 (activations MX-rounded first) with both scale rules, with bias, ragged M and N, K not a multiple of the K
+step, several splits; on the GPU also through the Linear dispatchers at the sizes they send here.
+
+Tolerance: one output ulp, as in test_scaled_gemm.py. Every product is exact in fp32 (E4M3 values times a power
+of two, bf16/fp16 activations), bf16/fp16 MMAs accumulate in fp32 and the splits are added in fp32 in split
+order, so only the summation order differs from the references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
+from mxrun.kernels.mid_m_gemm import (
+    MID_M_MAX,
+    MID_M_MIN,
+    MX_MID_M_MAX,
+    config_for,
+    mid_m_gemm_triton,
+    split_k_for,
+)
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear, mxfp8_linear_reference
+from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8_reference
+from mxrun.kernels.scaled_gemm import GemmInputError, fp8_weight_only_linear, fp8_weight_only_reference
+
+from .device_cases import HAS_CUDA, KERNEL_DEVICE, gpu_only
+from .test_scaled_gemm import _dev, _inputs, assert_one_ulp
+
+G = Fp8Granularity
+# (M, N, K): ragged M and N, K = 544 and 800 end inside a 128-wide step, 288 is shorter than four steps
+SHAPES = [(33, 72, 544), (70, 130, 800), (130, 64, 288)]
+GPU_SHAPES = [(128, 4096, 4096), (250, 6144, 4096), (96, 10240, 8192), (40, 4096, 14336), (512, 4096, 14336)]
+
+
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("granularity", [G.PER_ROW, G.PER_TENSOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_fp8_weight_only(m, n, k, granularity, dtype, split_k) -> None:
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=31)
+    q = quantize_fp8_reference(w, granularity)
+    ref = fp8_weight_only_reference(x, q.data, q.scale, granularity, bias)
+    a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    assert_one_ulp(mid_m_gemm_triton(a, b, weight_scale=s, bias=bias_d, split_k=split_k), ref)
+
+
+@pytest.mark.parametrize("split_k", [None, 2])
+@pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_mxfp8(m, n, k, rule, split_k) -> None:
+    x, w, bias = _inputs(m, n, k, seed=32)
+    q = quantize_mxfp8_reference(w)
+    ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
+    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    out = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, split_k=split_k)
+    assert_one_ulp(out, ref)
+
+
+def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
+    x, w, _ = _inputs(40, 96, 1024, seed=33)
+    q = quantize_fp8_reference(w, G.PER_ROW)
+    a, b, s = _dev(x, q.data, q.scale)
+    one = mid_m_gemm_triton(a, b, weight_scale=s, split_k=1)
+    three = mid_m_gemm_triton(a, b, weight_scale=s, split_k=3)
+    assert_one_ulp(three, one)
+    assert torch.equal(three, mid_m_gemm_triton(a, b, weight_scale=s, split_k=3))
+
+
+def test_tiles_and_splits() -> None:
+    """64-row tiles up to 64 rows, 128 above; splits only where the tiles leave SMs idle."""
+    assert config_for(64).block_m == 64 and config_for(65).block_m == 128
+    assert split_k_for(128, 4096, 4096, config_for(128)) == 4  # 64 tiles, 264 programs wanted
+    assert split_k_for(512, 57344, 8192, config_for(512)) == 1  # 3584 tiles already
+    assert split_k_for(128, 4096, 256, config_for(128)) == 1  # two K steps: no split
+    assert MID_M_MIN <= 64 < MX_MID_M_MAX <= MID_M_MAX
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"no_scale": True}, "exactly one of"),
+        ({"codes": True}, "bf16/fp16"),
+        ({"k": 100, "mx": True}, "K % 32 == 0"),
+        ({"bias": 3}, "bias must be"),
+    ],
+)
+def test_bad_inputs(kwargs, message) -> None:
+    k = kwargs.get("k", 128)
+    x = torch.randn(40, k, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    w = torch.randn(64, k, device=KERNEL_DEVICE).to(torch.float8_e4m3fn)
+    scale = {"weight_scale": torch.ones(64, 1, device=KERNEL_DEVICE)}
+    if kwargs.get("mx"):
+        scale = {"weight_scale_e8m0": torch.full((64, 4), 127, dtype=torch.uint8, device=KERNEL_DEVICE)}
+    if kwargs.get("no_scale"):
+        scale = {}
+    if kwargs.get("codes"):
+        x = x.to(torch.float8_e4m3fn)
+    bias = torch.ones(kwargs["bias"], device=KERNEL_DEVICE) if "bias" in kwargs else None
+    with pytest.raises(GemmInputError, match=message):
+        mid_m_gemm_triton(x, w, bias=bias, **scale)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), GPU_SHAPES)
+def test_dispatchers_at_llama_shapes(m, n, k, dtype) -> None:
+    """Through the Linear dispatchers (which send these M here on an H100) at Llama shapes, several launches
+    of each: many programs per SM and splits, where the register operand's lifetime matters (see the module
+    docstring: without the per-step wait, outputs came out wrong, Inf among them)."""
+    from mxrun.kernels.e4m3 import mx_scales_foldable
+
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=34)
+    qc = quantize_fp8_reference(w, G.PER_ROW)
+    ref = fp8_weight_only_reference(x, qc.data, qc.scale, G.PER_ROW, bias)
+    args = _dev(x, qc.data, qc.scale)
+    for _ in range(3):
+        assert_one_ulp(fp8_weight_only_linear(*args, G.PER_ROW, _dev(bias)[0], backend="triton"), ref)
+    if m > MX_MID_M_MAX:
+        return  # MXFP8 takes the decode + cuBLAS and aligned paths there (tested in test_mxfp8_gemm.py)
+    qm = quantize_mxfp8_reference(w)
+    xd, wd, sd, bias_d = _dev(x, qm.data, qm.scale_e8m0, bias)
+    fold = mx_scales_foldable(sd, wd)
+    for rule in (None, MxScaleRule.ROUND_UP):
+        ref = mxfp8_linear_reference(x, qm.data, qm.scale_e8m0, bias, rule)
+        for _ in range(2):
+            out = mxfp8_linear(xd, wd, sd, bias_d, rule, backend="triton", weight_scales_foldable=fold)
+            assert_one_ulp(out, ref)
+
+
+@gpu_only
+def test_mx_fold_gives_the_same_bits() -> None:
+    """The folded MX decode and the fp32 one form the same bf16 weights: the same output bits."""
+    x, w, _ = _inputs(200, 4096, 4096, seed=35)
+    q = quantize_mxfp8_reference(w)
+    a, b, s = _dev(x, q.data, q.scale_e8m0)
+    folded = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, mx_scale_fold=True)
+    assert torch.equal(folded, mid_m_gemm_triton(a, b, weight_scale_e8m0=s))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on the GPU the dispatchers send these rows here")
+def test_cpu_interpreter_dispatchers_keep_their_paths() -> None:
+    """Under the interpreter TMA is not usable, so the dispatchers keep the split-K / decode paths (the kernel
+    itself is tested directly above)."""
+    from mxrun.kernels.mid_m_gemm import mid_m_usable
+
+    x = torch.zeros(64, 128, dtype=torch.bfloat16)
+    assert not mid_m_usable(x, torch.zeros(64, 128).to(torch.float8_e4m3fn))
