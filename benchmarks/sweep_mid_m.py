@@ -4,7 +4,7 @@ activations, each tile with two program targets, beside bf16 cuBLAS. Every outpu
 reference first (a tile that computes wrong is reported and not timed). Prints each case's best tile and, per
 tile, the geometric mean of its time over the best tile's.
 
-    PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--json out.json]
+    PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--tiles 64,128,128,4,3 ...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,7 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--json", help="write every timing here")
+    parser.add_argument(
+        "--tiles",
+        nargs="+",
+        help="tiles to try instead of TILES, each 'block_n,block_m,block_k,warps,stages'",
+    )
+    parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="program targets to try")
     args = parser.parse_args()
+    tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
     print(
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call"
     )
@@ -78,7 +85,7 @@ def main() -> None:
             bf16 = _time(lambda x=x, w=w: torch.matmul(x, w.T))
             for kind, (kwargs, data, ref) in kinds.items():
                 times = {}
-                for tile, target in itertools.product(TILES, TARGETS):
+                for tile, target in itertools.product(tiles, args.targets):
                     config = MidMConfig(*tile, target_programs=target)
 
                     def call(x=x, data=data, kwargs=kwargs, config=config) -> torch.Tensor:
