@@ -78,8 +78,8 @@ class MidMConfig(NamedTuple):
 # H100, GEMM alone, the seven Llama shapes at M = 64, 128 and 256, FP8 per-channel and MXFP8 weights, five tiles x
 # two program targets (benchmarks/sweep_mid_m.py, results/sweep-mid-m-h100.log): per M, these two had the lowest
 # geometric mean of time over each case's best (x1.004-1.010) and were best in 4-6 of 7 cases. At M = 128-512
-# (results/sweep-mid-m-stages-h100.log) two slots, which let two or three programs share an SM, took x1.26 the
-# time, 128x128 tiles on two warp groups x1.70, about three programs per SM x1.08; 256-row tiles spill (ptxas).
+# (results/sweep-mid-m-stages-h100.log) two slots, which let two or three programs share an SM, took x1.26-1.27 the
+# time, 128x128 tiles on two warp groups x1.70, about three programs per SM x1.08-1.10; 256-row tiles spill.
 SHORT_CONFIG = MidMConfig(block_m=64, num_stages=4)
 TALL_CONFIG = MidMConfig()
 
