@@ -88,9 +88,10 @@ from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
 SMALL_M_MAX = 64
-"""Up to this many rows the Linear dispatchers use the split-K kernel (FP8 W8A8 up to
-:data:`~mxrun.kernels.scaled_gemm.W8A8_SPLIT_K_MAX_M` only); one program holds all rows (16, 32 or 64: the MMA
-needs at least 16), so a new M compiles at most three variants."""
+"""Up to this many rows the split-K kernel takes any M; the Linear dispatchers send it up to 32 rows where the
+mid-M kernel (:mod:`mxrun.kernels.mid_m_gemm`) can run and FP8 W8A8 up to
+:data:`~mxrun.kernels.scaled_gemm.W8A8_SPLIT_K_MAX_M`. One program holds all rows (16, 32 or 64: the MMA needs at
+least 16), so a new M compiles at most three variants."""
 
 
 FUSED_SUM_MAX_BLOCK_M = 16
