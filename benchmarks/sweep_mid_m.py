@@ -1,10 +1,11 @@
 """Tiles of the mid-M W8A16 kernel (:mod:`mxrun.kernels.mid_m_gemm`), GEMM alone, CUDA-graph replays, on the
-seven Llama shapes of ``bench_linear.py``: FP8 per-channel and MXFP8 weights (folded decode) with bf16
-activations, each tile with two program targets, beside bf16 cuBLAS. Every output is checked against the
-reference first (a tile that computes wrong is reported and not timed). Prints each case's best tile and, per
-tile, the geometric mean of its time over the best tile's.
+seven Llama shapes of ``bench_linear.py``: FP8 per-channel and MXFP8 weights (folded decode, and the fp32
+decode for comparison) with bf16 or fp16 activations, each tile with two program targets, beside cuBLAS in the
+activations' dtype. Every output is checked against the reference first (a tile that computes wrong is reported
+and not timed). Prints each case's best tile; per tile, the geometric mean of its time over each case's best; and
+the folded MX decode's best time over the fp32 decode's.
 
-    PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--tiles 64,128,128,4,3 ...] [--json out.json]
+    PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--tiles 64,128,128,4,3 ...] [--dtype fp16]
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import triton.testing
 from bench_linear import SHAPES
 
-from mxrun.kernels.e4m3 import mx_scales_foldable
+from mxrun.kernels.e4m3 import mx_scales_foldable, mx_scales_foldable_f16
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mid_m_gemm import MidMConfig, mid_m_gemm_triton
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
@@ -56,20 +57,24 @@ def main() -> None:
         help="tiles to try instead of TILES, each 'block_n,block_m,block_k,warps,stages'",
     )
     parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="program targets to try")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="the activations' dtype")
     args = parser.parse_args()
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     print(
         f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; us per call"
     )
     rows = []
     torch.manual_seed(0)
     for name, (k, n) in SHAPES.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
         mx = quantize_mxfp8(w)
-        fold = mx_scales_foldable(mx.scale_e8m0, mx.data)
+        fold = {"mx_scale_fold": mx_scales_foldable(mx.scale_e8m0, mx.data)}
+        if dtype == torch.float16:
+            fold = {"mx_scale_fold16": mx_scales_foldable_f16(mx.scale_e8m0)}
         for m in args.ms:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
             kinds = {
                 "fp8-channel": (
                     {"weight_scale": channel.scale},
@@ -77,7 +82,12 @@ def main() -> None:
                     x.float() @ (channel.data.float() * channel.scale).T,
                 ),
                 "mxfp8": (
-                    {"weight_scale_e8m0": mx.scale_e8m0, "mx_scale_fold": fold},
+                    {"weight_scale_e8m0": mx.scale_e8m0, **fold},
+                    mx.data,
+                    mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None),
+                ),
+                "mxfp8-fp32-decode": (
+                    {"weight_scale_e8m0": mx.scale_e8m0},
                     mx.data,
                     mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None),
                 ),
@@ -98,14 +108,20 @@ def main() -> None:
                 best = min(times, key=times.get)
                 rows.append({"shape": name, "M": m, "kind": kind, "bf16_us": bf16,
                              "us": {f"{t}:{g}": v for (t, g), v in times.items()}})  # fmt: skip
-                print(f"{name:<24} M={m:>4} {kind:<12} bf16 {bf16:7.1f} us | best {times[best]:7.1f} us "
+                print(f"{name:<24} M={m:>4} {kind:<12} cuBLAS {bf16:7.1f} us | best {times[best]:7.1f} us "
                       f"({bf16 / times[best]:.2f}x) {best[0]} target {best[1]}", flush=True)  # fmt: skip
-    for kind in ("fp8-channel", "mxfp8"):
+    for kind in ("fp8-channel", "mxfp8", "mxfp8-fp32-decode"):
         print(f"\n{kind}: time of each tile over each case's best, geometric mean")
         cases = [r for r in rows if r["kind"] == kind]
         for key in cases[0]["us"]:
             logs = [math.log(r["us"][key] / min(r["us"].values())) for r in cases if key in r["us"]]
             print(f"  {key:<32} x{math.exp(sum(logs) / len(logs)):.3f} ({len(logs)} cases)")
+    folded = {(r["shape"], r["M"]): min(r["us"].values()) for r in rows if r["kind"] == "mxfp8"}
+    fp32 = {(r["shape"], r["M"]): min(r["us"].values()) for r in rows if r["kind"] == "mxfp8-fp32-decode"}
+    logs = [math.log(folded[c] / fp32[c]) for c in folded if c in fp32]
+    if logs:
+        print(f"\nfolded MX decode: x{math.exp(sum(logs) / len(logs)):.3f} the fp32 decode's time (best tiles, "
+              f"geometric mean), faster in {sum(1 for v in logs if v < 0)} of {len(logs)}")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

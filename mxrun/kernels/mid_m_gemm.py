@@ -12,7 +12,11 @@ Here the product is computed transposed, ``C^T = W A^T``: the weight tile is the
 program loads its E4M3 weight tile from its slot straight into the MMA's register layout, widens it there
 (:func:`~mxrun.kernels.e4m3.e4m3_to_bf16`, or the MX decode with its powers of two), and multiplies it with the
 activation tile, which stays in shared memory. Each weight byte is read from memory once per 128-row tile of
-activations, and nothing goes back to shared memory.
+activations, and nothing goes back to shared memory. MX weights that allow it take the split-K kernel's folded
+decodes (the power of two on the bf16 widening's multiply; for fp16 one conversion and one fp16 multiply per
+pair): H100, GEMM alone, M = 64-256 on the seven Llama shapes, x0.95 (bf16, faster in 19 of 21) and x0.90 (fp16,
+21 of 21) the fp32 decode's time (``benchmarks/sweep_mid_m.py --dtype bf16|fp16``,
+``results/sweep-mid-m-fold-{bf16,fp16}-h100.log``).
 
 One rule the kernel has to keep by hand: an asynchronous ``wgmma`` reads its register operand while it runs, and
 PTX leaves it undefined to overwrite those registers before the MMA has been waited for. Triton 3.6 pipelines the
@@ -116,7 +120,7 @@ def _mid_m_kernel(
     SPLIT_K: tl.constexpr,
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
-    MX_FOLD: tl.constexpr,  # MX weights, bf16 MMA: the power of two folded into that widening
+    MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -188,15 +192,17 @@ def mid_m_gemm_triton(
     split_k: int | None = None,
     config: MidMConfig | None = None,
     mx_scale_fold: bool = False,
+    mx_scale_fold16: bool = False,
 ) -> torch.Tensor:
     """``y = a (W s_w)^T + bias`` with bf16/fp16 ``a`` ``[M, K]`` (optionally MX-rounded first with
     ``activation_mx_rule``: MXFP8 W8A8) and an E4M3 weight ``[N, K]`` with exactly one of ``weight_scale``
     (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``); any M, meant for 33-512
     (:data:`MID_M_MIN`, :data:`MID_M_MAX`, :data:`MX_MID_M_MAX`).
-    ``mx_scale_fold``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight (bf16
-    activations then decode MX weights with the folded widening). Both operands must suit TMA
+    ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
+    :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
+    weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit TMA
     (:func:`mid_m_usable`), or this runs under the interpreter."""
-    from mxrun.kernels.small_m_gemm import scale_mode, sum_splits  # small_m_gemm imports the scaled GEMMs
+    from mxrun.kernels.small_m_gemm import mx_fold_mode, scale_mode, sum_splits  # it imports the scaled GEMMs
 
     fn = "mid_m_gemm_triton"
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
@@ -255,7 +261,7 @@ def mid_m_gemm_triton(
         SPLIT_K=splits,
         MMA=mma,
         FAST_WIDEN=fast_widen_usable(a.device),
-        MX_FOLD=1 if b_mx and mma == 1 and mx_scale_fold and fast_widen_usable(a.device) else 0,
+        MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold, mx_scale_fold16, a.device),
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

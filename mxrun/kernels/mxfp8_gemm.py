@@ -178,14 +178,16 @@ def mx_decode_weight(w, codes, FOLD: tl.constexpr, K_LAST: tl.constexpr):
     """An E4M3 weight tile times its E8M0 powers of two, exactly: ``w`` ``[BLOCK_K, BLOCK_N]`` with ``codes``
     ``[BLOCK_K / 32, BLOCK_N]``, or with ``K_LAST`` ``[BLOCK_N, BLOCK_K]`` and ``[BLOCK_N, BLOCK_K / 32]``. FOLD
     (sm_90+, codes and elements allowed by :func:`~mxrun.kernels.e4m3.mx_scales_foldable`): bf16 from the E4M3
-    widening with each power of two on its multiply; FOLD == 2 (not with K_LAST; codes allowed by
+    widening with each power of two on its multiply; FOLD == 2 (codes allowed by
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16, one conversion and one multiply per pair; else
     fp32, then whatever the MMA takes (the same values)."""
     if K_LAST:
         BLOCK_N: tl.constexpr = w.shape[0]
         BLOCK_K: tl.constexpr = w.shape[1]
-        tl.static_assert(FOLD != 2, "the fp16 fold is for [BLOCK_K, BLOCK_N] tiles")
-        if FOLD:
+        if FOLD == 2:
+            codes_k = tl.broadcast_to(codes[:, :, None], [BLOCK_N, BLOCK_K // 32, 32])
+            out = e4m3_to_f16_times(w, tl.reshape(codes_k, [BLOCK_N, BLOCK_K]))
+        elif FOLD:
             multiplier = tl.broadcast_to(
                 e8m0_fold_multiplier(codes)[:, :, None], [BLOCK_N, BLOCK_K // 32, 32]
             )
@@ -757,6 +759,7 @@ def mxfp8_linear(
             activation_mx_rule=activation_rule,
             bias=bias,
             mx_scale_fold=weight_scales_foldable,
+            mx_scale_fold16=weight_scales_foldable_f16,
         )
     if m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
         return small_m_gemm_triton(

@@ -335,7 +335,7 @@ def sum_splits(
     )
 
 
-def _mx_fold(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: torch.device) -> int:
+def mx_fold_mode(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: torch.device) -> int:
     """The kernel's MX_FOLD: 1 for bf16 activations on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable`
     allows, 2 for fp16 ones on a weight :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` allows (both PTX for
     sm_90+), else 0 (the fp32 decode)."""
@@ -483,7 +483,7 @@ def small_m_gemm_triton(
         FUSED_SUM=fused_sum,
         MMA=mma,
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
-        MX_FOLD=_mx_fold(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
+        MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
@@ -505,6 +505,7 @@ __all__ = [
     "SMALL_M_MAX",
     "SplitKConfig",
     "default_config",
+    "mx_fold_mode",
     "scale_mode",
     "small_m_gemm_triton",
     "split_k_for",

@@ -130,12 +130,21 @@ def test_dispatchers_at_llama_shapes(m, n, k, dtype) -> None:
 
 
 @gpu_only
-def test_mx_fold_gives_the_same_bits() -> None:
-    """The folded MX decode and the fp32 one form the same bf16 weights: the same output bits."""
-    x, w, _ = _inputs(200, 4096, 4096, seed=35)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mx_fold_gives_the_same_bits(dtype) -> None:
+    """The folded MX decodes (bf16: the powers of two in the widening's multiply; fp16: one conversion and one
+    fp16 multiply per pair) and the fp32 one form the same weights in the MMA's type: the same output bits."""
+    from mxrun.kernels.e4m3 import mx_scales_foldable, mx_scales_foldable_f16
+
+    x, w, _ = _inputs(200, 4096, 4096, dtype=dtype, seed=35)
     q = quantize_mxfp8_reference(w)
     a, b, s = _dev(x, q.data, q.scale_e8m0)
-    folded = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, mx_scale_fold=True)
+    if dtype == torch.bfloat16:
+        assert mx_scales_foldable(s, b)
+        folded = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, mx_scale_fold=True)
+    else:
+        assert mx_scales_foldable_f16(s)
+        folded = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, mx_scale_fold16=True)
     assert torch.equal(folded, mid_m_gemm_triton(a, b, weight_scale_e8m0=s))
 
 
