@@ -746,23 +746,18 @@ def mxfp8_linear(
     m = x.shape[0]
     # a stored tile-aligned weight in W8A8: above 64 rows its aligned GEMM runs FP8 MMAs with no regrouping
     stored_tiles = weight_tile_scale is not None and activation_rule is not None and m > SMALL_M_MAX
+    few_rows = None
     if (
         large_m_kernel is None
         and not stored_tiles
         and MID_M_MIN <= m <= MX_MID_M_MAX
         and mid_m_usable(x, weight)
     ):
-        return mid_m_gemm_triton(
-            x,
-            weight,
-            weight_scale_e8m0=weight_scale_e8m0,
-            activation_mx_rule=activation_rule,
-            bias=bias,
-            mx_scale_fold=weight_scales_foldable,
-            mx_scale_fold16=weight_scales_foldable_f16,
-        )
-    if m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
-        return small_m_gemm_triton(
+        few_rows = mid_m_gemm_triton
+    elif m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+        few_rows = small_m_gemm_triton
+    if few_rows is not None:
+        return few_rows(
             x,
             weight,
             weight_scale_e8m0=weight_scale_e8m0,
