@@ -26,7 +26,9 @@ with 3 and 4 pipeline slots, TMA or pointer loads; 2 slots passed but compile to
 ``results/mid-m-register-race-h100.log``). The loop therefore adds each
 step's product into the accumulator through a multiply by a run-time 1.0 (:func:`_mid_m_kernel`), which Triton
 cannot fold into the MMA's accumulator: the step's MMAs are waited for before the next widening starts (in the
-SASS: one ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` per step). Tested on the GPU against the reference.
+SASS: one ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` per step). Tested on the GPU against the reference, and without one:
+``tests/kernels/test_mid_m_gemm.py`` compiles the kernel for sm_90 and checks that every ``wgmma.wait_group`` in
+its PTX waits for all groups (with ``tl.dot(w, a, acc)`` Triton 3.9 leaves one in flight, Triton 3.6 seven).
 
 K is split across programs where the tiles alone would leave SMs idle (as in the split-K kernel); the fp32
 partials are then added in split order by :func:`~mxrun.kernels.small_m_gemm.sum_splits`, so results do not

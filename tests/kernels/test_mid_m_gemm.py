@@ -9,6 +9,12 @@ order, so only the summation order differs from the references."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -146,6 +152,23 @@ def test_mx_fold_gives_the_same_bits(dtype) -> None:
         assert mx_scales_foldable_f16(s)
         folded = mid_m_gemm_triton(a, b, weight_scale_e8m0=s, mx_scale_fold16=True)
     assert torch.equal(folded, mid_m_gemm_triton(a, b, weight_scale_e8m0=s))
+
+
+def test_every_k_step_waits_for_its_mmas() -> None:
+    """The register-operand rule of the module docstring, checked where the race cannot be seen: in the PTX
+    that Triton generates for sm_90 (compiled without a GPU, in a process outside the interpreter), every
+    ``wgmma.wait_group`` waits for all groups, for both dtypes, both weight kinds and folds, both tiles, with and
+    without splits. With ``acc = tl.dot(w, a.T, acc)`` instead, Triton 3.6 left 7 groups in flight across the
+    loop (``wait_group 7``; wrong outputs on an H100) and Triton 3.9 leaves 1."""
+    cases = ["bf16,0,0,128,1", "bf16,1,1,64,2", "fp16,1,2,256,1", "fp16,0,0,40,3"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("sm90_ptx.py")
+    done = subprocess.run([sys.executable, str(script), *cases], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    waits = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(waits) == len(cases)
+    for case, found in zip(cases, waits, strict=True):
+        assert found and set(found) == {0}, (case, found)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on the GPU the dispatchers send these rows here")

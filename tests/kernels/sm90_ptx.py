@@ -1,0 +1,63 @@
+"""Compile :func:`mxrun.kernels.mid_m_gemm._mid_m_kernel` for sm_90 without a GPU and print the pending counts of
+its ``wgmma.wait_group`` instructions, one JSON list per case given on the command line.
+
+Run as a script, in a process without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives functions
+that cannot be compiled): ``python tests/kernels/sm90_ptx.py bf16,0,0,128,1 ...`` where each case is
+``dtype,weight_mx,fold,m,split_k``. Used by ``test_mid_m_gemm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from triton.runtime.jit import mangle_type
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from mxrun.kernels.mid_m_gemm import _mid_m_kernel, config_for
+
+
+def wgmma_waits(dtype: str, weight_mx: bool, fold: int, m: int, split_k: int) -> list[int]:
+    """The ``N`` of every ``wgmma.wait_group.sync.aligned N`` in the kernel's sm_90 PTX for ``m`` rows' tile."""
+    config = config_for(m)
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    act = torch.empty(256, 4096, dtype=torch_dtype)
+    weight = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
+    constants = {
+        "B_MX": weight_mx, "B_SCALE": 0 if weight_mx else 2, "HAS_BIAS": True, "SPLIT_K": split_k,
+        "MMA": 1 if dtype == "bf16" else 2, "FAST_WIDEN": True, "MX_FOLD": fold,
+        "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
+    }  # fmt: skip
+    pointers = {"bs_ptr": "*u8", "p_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": f"*{dtype}"}
+    pointers["c_ptr"] = f"*{dtype}"
+    names = _mid_m_kernel.arg_names
+    signature, attrs = {}, {}
+    for i, name in enumerate(names):
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name == "a_desc":
+            signature[name] = mangle_type(TensorDescriptor.from_tensor(act, [config.block_m, config.block_k]))
+        elif name == "w_desc":
+            signature[name] = mangle_type(
+                TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k])
+            )
+        elif name in pointers:
+            signature[name], attrs[(i,)] = pointers[name], [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name == "step_one" else "i32"
+    source = ASTSource(_mid_m_kernel, signature, {(names.index(n),): v for n, v in constants.items()}, attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    ptx = compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    if "wgmma.mma_async" not in ptx:
+        raise AssertionError("no wgmma in the kernel's PTX")
+    return [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", ptx)]
+
+
+if __name__ == "__main__":
+    for case in sys.argv[1:]:
+        dtype, weight_mx, fold, m, split_k = case.split(",")
+        print(json.dumps(wgmma_waits(dtype, weight_mx == "1", int(fold), int(m), int(split_k))))
