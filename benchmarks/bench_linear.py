@@ -10,9 +10,9 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
-  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo`` and ``mxfp8-wo``;
-  for the small-M crossovers, tile kernels at any M (the dispatchers take split-K up to 64 rows):
-  ``fp8-channel:tile``, ``fp8-channel-wo:tile``, ``mxfp8:dequant-tile``, ``mxfp8-wo:dequant-tile``.
+  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
+  and ``mxfp8-wo``; for the crossovers, tile kernels at any M: ``fp8-channel:tile``, ``fp8-channel-wo:tile``,
+  ``fp8-block-wo:tile``, ``mxfp8:dequant-tile``, ``mxfp8-wo:dequant-tile``.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -118,6 +118,9 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-channel-wo": lambda: fp8_weight_only_linear(
             x, channel.data, channel.scale, Fp8Granularity.PER_ROW, None
         ),
+        "fp8-block-wo": lambda: fp8_weight_only_linear(
+            x, block.data, block.scale, Fp8Granularity.BLOCK_128X128, None
+        ),
         "mxfp8-wo": lambda: mxfp8_linear(
             x, mx.data, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
         ),
@@ -128,6 +131,9 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         ),
         "fp8-channel-wo:tile": lambda: fp8_weight_only_triton(
             x, channel.data, channel.scale, Fp8Granularity.PER_ROW, None
+        ),
+        "fp8-block-wo:tile": lambda: fp8_weight_only_triton(
+            x, block.data, block.scale, Fp8Granularity.BLOCK_128X128, None
         ),
         "mxfp8:dequant-tile": lambda: mxfp8_dequant_gemm_triton(
             x, mx.data, mx.scale_e8m0, None, activation_rule="round_up"

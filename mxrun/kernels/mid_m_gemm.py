@@ -30,6 +30,9 @@ SASS: one ``WARPGROUP.DEPBAR.LE gsb0, 0x0`` per step). Tested on the GPU against
 ``tests/kernels/test_mid_m_gemm.py`` compiles the kernel for sm_90 and checks that every ``wgmma.wait_group`` in
 its PTX waits for all groups (with ``tl.dot(w, a, acc)`` Triton 3.9 leaves one in flight, Triton 3.6 seven).
 
+128x128 block-scaled weights fit the same loop: with 128-wide K steps and 64-row weight tiles each step lies in
+one block, and its product is added into the accumulator times that block's scale instead of the 1.0.
+
 K is split across programs where the tiles alone would leave SMs idle (as in the split-K kernel); the fp32
 partials are then added in split order by :func:`~mxrun.kernels.small_m_gemm.sum_splits`, so results do not
 change between runs.
@@ -56,8 +59,8 @@ M = 17, 24 and 32 (``benchmarks/sweep_linear_setting.py --setting mid.MID_M_MIN 
 x1.23 the split-K kernel's time (faster in 10 of 63 cases), so the split-K kernel keeps up to 32 rows."""
 
 MID_M_MAX = 512
-"""Up to this many rows for FP8 weight-only (per tensor / per channel); above it :func:`fp8_decode_matmul`
-(decode + cuBLAS). Same kind of sweep at M = 48-512 (``--setting mid.MID_M_MAX --values 0 512 --ms 48 64 128 256
+"""Up to this many rows for FP8 weight-only (per tensor / per channel, and 128x128 blocks); above it
+:func:`fp8_decode_matmul` (decode + cuBLAS; blocks: the in-register tile kernel). Same kind of sweep at M = 48-512 (``--setting mid.MID_M_MAX --values 0 512 --ms 48 64 128 256
 512``, ``results/mid-m-on-off-h100.log``): FP8 weight-only faster in all 35 cases, x0.35 the time at M = 128
 (0.37-0.43x -> 0.98-1.37x of bf16), x0.81 at 512."""
 
@@ -107,14 +110,14 @@ def _mid_m_kernel(
     w_desc,  # tensor descriptor of the [N, K] float8e4nv weight, [BLOCK_N, BLOCK_K] boxes
     bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
     p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
-    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]
+    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]; 3: fp32 128x128 blocks [cdiv(N,128), cdiv(K,128)]
     bias_ptr,
     c_ptr,  # [M, N] output, contiguous
     M,
     N,
     K,
     K_PER_SPLIT,  # multiple of BLOCK_K
-    stride_bsn,
+    stride_bsn,  # row stride of the E8M0 codes (B_MX) or of the block scales (B_SCALE 3)
     step_one,  # 1.0 at run time: see the module docstring
     B_MX: tl.constexpr,
     B_SCALE: tl.constexpr,
@@ -154,10 +157,13 @@ def _mid_m_kernel(
             wv = e4m3_to_bf16(w, FAST_WIDEN)
         else:
             wv = w
+        step_scale = step_one
+        if B_SCALE == 3:  # this step's 128 K lie in one weight block (BLOCK_K 128, BLOCK_N divides 128)
+            step_scale = tl.load(b_scale_ptr + (off_n // 128) * stride_bsn + k0 // 128)
         if MMA == 0:
-            acc = tl.dot(wv.to(tl.float32), a.to(tl.float32).T, acc, input_precision="ieee")
+            acc += tl.dot(wv.to(tl.float32), a.to(tl.float32).T, input_precision="ieee") * step_scale
         else:  # the step's MMAs waited for before the next widening: see the module docstring
-            acc += tl.dot(wv.to(a.dtype), a.T) * step_one
+            acc += tl.dot(wv.to(a.dtype), a.T) * step_scale
     offs_m = off_m + tl.arange(0, BLOCK_M)
     tile_ok = n_ok[:, None] & (offs_m < M)[None, :]
     if SPLIT_K == 1:
@@ -189,6 +195,7 @@ def mid_m_gemm_triton(
     *,
     weight_scale: torch.Tensor | None = None,
     weight_scale_e8m0: torch.Tensor | None = None,
+    weight_block_scale: torch.Tensor | None = None,
     activation_mx_rule: MxScaleRule | str | None = None,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
@@ -198,7 +205,8 @@ def mid_m_gemm_triton(
 ) -> torch.Tensor:
     """``y = a (W s_w)^T + bias`` with bf16/fp16 ``a`` ``[M, K]`` (optionally MX-rounded first with
     ``activation_mx_rule``: MXFP8 W8A8) and an E4M3 weight ``[N, K]`` with exactly one of ``weight_scale``
-    (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``); any M, meant for 33-512
+    (fp32, per tensor or ``[N, 1]``), ``weight_scale_e8m0`` (``[N, K/32]``) and ``weight_block_scale`` (fp32
+    128x128 blocks, ``[cdiv(N, 128), cdiv(K, 128)]``, applied to each K step's product); any M, meant for 33-512
     (:data:`MID_M_MIN`, :data:`MID_M_MAX`, :data:`MX_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
@@ -214,9 +222,18 @@ def mid_m_gemm_triton(
         raise GemmInputError(
             f"{fn}: A must be a K-contiguous bf16/fp16 [M, K={k}] tensor, got {tuple(a.shape)}"
         )
-    if (weight_scale is None) == (weight_scale_e8m0 is None):
-        raise GemmInputError(f"{fn}: give exactly one of weight_scale and weight_scale_e8m0")
+    if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
+        raise GemmInputError(
+            f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
+        )
     b_mx = weight_scale_e8m0 is not None
+    blocks = (triton.cdiv(n, 128), triton.cdiv(k, 128))
+    if weight_block_scale is not None and (
+        weight_block_scale.shape != blocks or weight_block_scale.dtype != torch.float32
+    ):
+        raise GemmInputError(
+            f"{fn}: 128x128 block scales must be fp32 {blocks}, got {tuple(weight_block_scale.shape)}"
+        )
     if (b_mx or activation_mx_rule is not None) and k % MX_BLOCK_SIZE:
         raise GemmInputError(f"{fn}: MXFP8 operands need K % 32 == 0, got K={k}")
     if b_mx and weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE):
@@ -228,12 +245,14 @@ def mid_m_gemm_triton(
         raise GemmInputError(f"{fn}: needs sm_90+ and 16-byte aligned K-contiguous operands (TMA)")
     if activation_mx_rule is not None:
         a = mx_round_triton(a, activation_mx_rule)  # the same values in bf16/fp16: then as weight-only
-    b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
+    b_scale_mode = 3 if weight_block_scale is not None else scale_mode(weight_scale, n, "weight", fn)
     m = a.shape[0]
     c = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0 or n == 0:
         return c
     config = config or config_for(m)
+    if b_scale_mode == 3 and (config.block_k != 128 or 128 % config.block_n):
+        raise GemmInputError(f"{fn}: 128x128 block scales need block_k 128 and a block_n that divides 128")
     splits = split_k or split_k_for(m, n, k, config)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # no empty splits
@@ -242,20 +261,26 @@ def mid_m_gemm_triton(
 
     mma = 0 if interpreting else 1 if a.dtype == torch.bfloat16 else 2
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
+    if weight_block_scale is not None:
+        weight_block_scale = weight_block_scale.contiguous()
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     _mid_m_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
         bs,
         partials,
-        weight_scale.reshape(-1) if weight_scale is not None else c,
+        weight_scale.reshape(-1)
+        if weight_scale is not None
+        else weight_block_scale
+        if b_scale_mode == 3
+        else c,
         bias if bias is not None else c,
         c,
         m,
         n,
         k,
         k_per_split,
-        bs.stride(0),
+        weight_block_scale.stride(0) if b_scale_mode == 3 else bs.stride(0),
         1.0,
         B_MX=b_mx,
         B_SCALE=b_scale_mode,

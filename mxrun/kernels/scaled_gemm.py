@@ -1078,13 +1078,19 @@ def fp8_weight_only_linear(
     :data:`~mxrun.kernels.mid_m_gemm.MID_M_MAX` rows the mid-M kernel (:mod:`mxrun.kernels.mid_m_gemm`, where
     TMA can read the operands), fewer rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), more
     :func:`fp8_decode_matmul` on CUDA (1.4-2.0x the in-register kernel at M >= 1024 on an H100,
-    benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the in-register kernel."""
+    benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the mid-M kernel for the same
+    rows (each K step's product times its block's scale), the in-register tile kernel for the others: H100,
+    ``bench_linear.py --graph --rep-ms 10 --ms 1 16 48 128 512 1024 --columns fp8-block-wo fp8-block-wo:tile``
+    (``results/linear-h100-block-wo-mid-m.md``), the mid-M kernel faster on all 21 cases at M = 48-512 (0.25-1.01x
+    -> 0.57-1.70x of bf16), slower on 6 of 7 at M = 16."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_weight_only_reference(x, weight, weight_scale, granularity, bias)
     from mxrun.kernels.mid_m_gemm import MID_M_MAX, MID_M_MIN, mid_m_gemm_triton, mid_m_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
     per_block = Fp8Granularity(granularity) is Fp8Granularity.BLOCK_128X128
+    if per_block and MID_M_MIN <= x.shape[0] <= MID_M_MAX and mid_m_usable(x, weight):
+        return mid_m_gemm_triton(x, weight, weight_block_scale=weight_scale, bias=bias)
     if not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
         if MID_M_MIN <= x.shape[0] <= MID_M_MAX and mid_m_usable(x, weight):
             return mid_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)

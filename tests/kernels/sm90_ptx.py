@@ -2,8 +2,9 @@
 its ``wgmma.wait_group`` instructions, one JSON list per case given on the command line.
 
 Run as a script, in a process without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives functions
-that cannot be compiled): ``python tests/kernels/sm90_ptx.py bf16,0,0,128,1 ...`` where each case is
-``dtype,weight_mx,fold,m,split_k``. Used by ``test_mid_m_gemm.py``.
+that cannot be compiled): ``python tests/kernels/sm90_ptx.py bf16,channel,0,128,1 ...`` where each case is
+``dtype,weights,fold,m,split_k`` with weights one of ``channel``, ``block`` and ``mx``. Used by
+``test_mid_m_gemm.py``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from mxrun.kernels.mid_m_gemm import _mid_m_kernel, config_for
 
 
-def wgmma_waits(dtype: str, weight_mx: bool, fold: int, m: int, split_k: int) -> list[int]:
+def wgmma_waits(dtype: str, weights: str, fold: int, m: int, split_k: int) -> list[int]:
     """The ``N`` of every ``wgmma.wait_group.sync.aligned N`` in the kernel's sm_90 PTX for ``m`` rows' tile."""
     config = config_for(m)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
     act = torch.empty(256, 4096, dtype=torch_dtype)
     weight = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
     constants = {
-        "B_MX": weight_mx, "B_SCALE": 0 if weight_mx else 2, "HAS_BIAS": True, "SPLIT_K": split_k,
+        "B_MX": weights == "mx", "B_SCALE": {"mx": 0, "channel": 2, "block": 3}[weights], "HAS_BIAS": True,
+        "SPLIT_K": split_k,
         "MMA": 1 if dtype == "bf16" else 2, "FAST_WIDEN": True, "MX_FOLD": fold,
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
     }  # fmt: skip
@@ -59,5 +61,5 @@ def wgmma_waits(dtype: str, weight_mx: bool, fold: int, m: int, split_k: int) ->
 
 if __name__ == "__main__":
     for case in sys.argv[1:]:
-        dtype, weight_mx, fold, m, split_k = case.split(",")
-        print(json.dumps(wgmma_waits(dtype, weight_mx == "1", int(fold), int(m), int(split_k))))
+        dtype, weights, fold, m, split_k = case.split(",")
+        print(json.dumps(wgmma_waits(dtype, weights, int(fold), int(m), int(split_k))))

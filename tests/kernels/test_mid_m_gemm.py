@@ -52,6 +52,19 @@ def test_fp8_weight_only(m, n, k, granularity, dtype, split_k) -> None:
     assert_one_ulp(mid_m_gemm_triton(a, b, weight_scale=s, bias=bias_d, split_k=split_k), ref)
 
 
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (40, 300, 416)])
+def test_fp8_block_weight_only(m, n, k, dtype, split_k) -> None:
+    """128x128 weight blocks: each 128-wide K step's product times its block's scale (N and K ending inside a
+    block, a 64-row tile in either half of a block)."""
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=36)
+    q = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_weight_only_reference(x, q.data, q.scale, G.BLOCK_128X128, bias)
+    a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    assert_one_ulp(mid_m_gemm_triton(a, b, weight_block_scale=s, bias=bias_d, split_k=split_k), ref)
+
+
 @pytest.mark.parametrize("split_k", [None, 2])
 @pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
@@ -87,6 +100,7 @@ def test_tiles_and_splits() -> None:
     ("kwargs", "message"),
     [
         ({"no_scale": True}, "exactly one of"),
+        ({"blocks": (1, 2)}, "block scales must be fp32"),
         ({"codes": True}, "bf16/fp16"),
         ({"k": 100, "mx": True}, "K % 32 == 0"),
         ({"bias": 3}, "bias must be"),
@@ -101,6 +115,8 @@ def test_bad_inputs(kwargs, message) -> None:
         scale = {"weight_scale_e8m0": torch.full((64, 4), 127, dtype=torch.uint8, device=KERNEL_DEVICE)}
     if kwargs.get("no_scale"):
         scale = {}
+    if "blocks" in kwargs:
+        scale = {"weight_block_scale": torch.ones(kwargs["blocks"], device=KERNEL_DEVICE)}
     if kwargs.get("codes"):
         x = x.to(torch.float8_e4m3fn)
     bias = torch.ones(kwargs["bias"], device=KERNEL_DEVICE) if "bias" in kwargs else None
@@ -123,6 +139,12 @@ def test_dispatchers_at_llama_shapes(m, n, k, dtype) -> None:
     args = _dev(x, qc.data, qc.scale)
     for _ in range(3):
         assert_one_ulp(fp8_weight_only_linear(*args, G.PER_ROW, _dev(bias)[0], backend="triton"), ref)
+    qb = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_weight_only_reference(x, qb.data, qb.scale, G.BLOCK_128X128, bias)
+    out = fp8_weight_only_linear(
+        *_dev(x, qb.data, qb.scale), G.BLOCK_128X128, _dev(bias)[0], backend="triton"
+    )
+    assert_one_ulp(out, ref)
     if m > MX_MID_M_MAX:
         return  # MXFP8 takes the decode + cuBLAS and aligned paths there (tested in test_mxfp8_gemm.py)
     qm = quantize_mxfp8_reference(w)
@@ -157,10 +179,16 @@ def test_mx_fold_gives_the_same_bits(dtype) -> None:
 def test_every_k_step_waits_for_its_mmas() -> None:
     """The register-operand rule of the module docstring, checked where the race cannot be seen: in the PTX
     that Triton generates for sm_90 (compiled without a GPU, in a process outside the interpreter), every
-    ``wgmma.wait_group`` waits for all groups, for both dtypes, both weight kinds and folds, both tiles, with and
+    ``wgmma.wait_group`` waits for all groups, for both dtypes, every weight kind and fold, both tiles, with and
     without splits. With ``acc = tl.dot(w, a.T, acc)`` instead, Triton 3.6 left 7 groups in flight across the
     loop (``wait_group 7``; wrong outputs on an H100) and Triton 3.9 leaves 1."""
-    cases = ["bf16,0,0,128,1", "bf16,1,1,64,2", "fp16,1,2,256,1", "fp16,0,0,40,3"]
+    cases = [
+        "bf16,channel,0,128,1",
+        "bf16,mx,1,64,2",
+        "fp16,mx,2,256,1",
+        "fp16,channel,0,40,3",
+        "bf16,block,0,128,2",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).with_name("sm90_ptx.py")
     done = subprocess.run([sys.executable, str(script), *cases], env=env, capture_output=True, text=True)
