@@ -210,8 +210,8 @@ def mid_m_gemm_triton(
     (:data:`MID_M_MIN`, :data:`MID_M_MAX`, :data:`MX_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
-    weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit TMA
-    (:func:`mid_m_usable`), or this runs under the interpreter."""
+    weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
+    TMA (:func:`mid_m_usable`), or this runs under the interpreter."""
     from mxrun.kernels.small_m_gemm import mx_fold_mode, scale_mode, sum_splits  # it imports the scaled GEMMs
 
     fn = "mid_m_gemm_triton"
@@ -261,26 +261,24 @@ def mid_m_gemm_triton(
 
     mma = 0 if interpreting else 1 if a.dtype == torch.bfloat16 else 2
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
-    if weight_block_scale is not None:
-        weight_block_scale = weight_block_scale.contiguous()
+    if b_scale_mode == 3:  # the block scales, and their row stride in the E8M0 codes' place
+        scales, stride_bsn = weight_block_scale.contiguous(), blocks[1]
+    else:
+        scales, stride_bsn = weight_scale.reshape(-1) if weight_scale is not None else c, bs.stride(0)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     _mid_m_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
         TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
         bs,
         partials,
-        weight_scale.reshape(-1)
-        if weight_scale is not None
-        else weight_block_scale
-        if b_scale_mode == 3
-        else c,
+        scales,
         bias if bias is not None else c,
         c,
         m,
         n,
         k,
         k_per_split,
-        weight_block_scale.stride(0) if b_scale_mode == 3 else bs.stride(0),
+        stride_bsn,
         1.0,
         B_MX=b_mx,
         B_SCALE=b_scale_mode,
