@@ -1,11 +1,13 @@
 """The mid-M W8A16 GEMM (weight tile as the MMA's register operand) against the plain-torch references of every
-scheme it serves: FP8 weight-only per-tensor / per-channel with bf16 and fp16 activations, MXFP8 weight-only and
-W8A8 (activations MX-rounded first) with both scale rules, with bias, ragged M and N, K not a multiple of the K
-step, several splits; on the GPU also through the Linear dispatchers at the sizes they send here.
+scheme it serves: FP8 weight-only per-tensor / per-channel / 128x128 blocks with bf16 and fp16 activations, MXFP8
+weight-only and W8A8 (activations MX-rounded first) with both scale rules, with bias, ragged M and N, K not a
+multiple of the K step, several splits; on the GPU also through the Linear dispatchers at the sizes they send
+here. Without a GPU, the kernel's sm_90 PTX is checked for the per-step wait its register operand needs.
 
 Tolerance: one output ulp, as in test_scaled_gemm.py. Every product is exact in fp32 (E4M3 values times a power
 of two, bf16/fp16 activations), bf16/fp16 MMAs accumulate in fp32 and the splits are added in fp32 in split
-order, so only the summation order differs from the references."""
+order, so only the summation order differs from the references (block scales multiply each step's fp32 sum
+instead of each weight, a difference of fp32 roundings)."""
 
 from __future__ import annotations
 
