@@ -202,10 +202,23 @@ def test_every_k_step_waits_for_its_mmas() -> None:
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on the GPU the dispatchers send these rows here")
-def test_cpu_interpreter_dispatchers_keep_their_paths() -> None:
-    """Under the interpreter TMA is not usable, so the dispatchers keep the split-K / decode paths (the kernel
-    itself is tested directly above)."""
+def test_cpu_interpreter_dispatchers_keep_their_paths(monkeypatch) -> None:
+    """Under the interpreter TMA is not usable, so the dispatchers keep the split-K kernel for 33-64 rows and
+    never call the mid-M kernel (which is tested directly above)."""
+    from mxrun.kernels import mid_m_gemm
     from mxrun.kernels.mid_m_gemm import mid_m_usable
+    from mxrun.kernels.small_m_gemm import small_m_gemm_triton
 
-    x = torch.zeros(64, 128, dtype=torch.bfloat16)
-    assert not mid_m_usable(x, torch.zeros(64, 128).to(torch.float8_e4m3fn))
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dispatcher sent rows to the mid-M kernel without TMA")
+
+    monkeypatch.setattr(mid_m_gemm, "mid_m_gemm_triton", refuse)
+
+    x, w, _ = _inputs(40, 72, 544, seed=37)
+    qc = quantize_fp8_reference(w, G.PER_ROW)
+    assert not mid_m_usable(x, qc.data)
+    out = fp8_weight_only_linear(x, qc.data, qc.scale, G.PER_ROW, None, backend="triton")
+    assert torch.equal(out, small_m_gemm_triton(x, qc.data, weight_scale=qc.scale))
+    qm = quantize_mxfp8_reference(w)
+    out = mxfp8_linear(x, qm.data, qm.scale_e8m0, None, None, backend="triton")
+    assert torch.equal(out, small_m_gemm_triton(x, qm.data, weight_scale_e8m0=qm.scale_e8m0))
