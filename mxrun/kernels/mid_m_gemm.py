@@ -1,5 +1,5 @@
-"""W8A16 GEMM for the rows between decode and large batches (33-512), where the weight's bytes still set the time
-but one program can no longer hold every row.
+"""W8A16 (and FP8 W8A8) GEMM for the rows between decode and large batches (33-512), where the weight's bytes still
+set the time but one program can no longer hold every row.
 
 Above the split-K kernel's range (:mod:`mxrun.kernels.small_m_gemm`) the weight-only Linear used to widen its
 FP8 / MXFP8 weight to a bf16 copy per call and hand that to cuBLAS: five bytes of traffic per weight where bf16
@@ -32,6 +32,14 @@ its PTX waits for all groups (with ``tl.dot(w, a, acc)`` Triton 3.9 leaves one i
 
 128x128 block-scaled weights fit the same loop: with 128-wide K steps and 64-row weight tiles each step lies in
 one block, and its product is added into the accumulator times that block's scale instead of the 1.0.
+
+FP8 W8A8 fits it too: E4M3 activation codes (quantized once beforehand; per-token / per-tensor scales, or 1x128
+groups beside 128x128 weight blocks) and the E4M3 weight tile both go from shared memory into an FP8 ``wgmma``
+(no widening and no register operand), each 128-wide K step's product is added into the fp32 accumulator (the
+promotion every 128 K of mxrun's other FP8 GEMMs; block-scaled, times the step's weight-block scale and each
+row's group scale), and per-token / per-tensor scales come after the K sum. What it has over the W8A8 tile
+kernels at these rows is the split of K: their 64x128 tiles, one program each, leave most SMs idle on layers
+with few output columns (:data:`W8A8_TILE_FILL`).
 
 K is split across programs where the tiles alone would leave SMs idle (as in the split-K kernel); the fp32
 partials are then added in split order by :func:`~mxrun.kernels.small_m_gemm.sum_splits`, so results do not
@@ -71,6 +79,33 @@ MX_MID_M_MAX = 256
 128, x0.86 at 256) but x1.40 the aligned path's time at 512 (slower in all 7)."""
 
 
+W8A8_MID_M_MAX = 256
+"""FP8 W8A8 (E4M3 activation codes with per-token / per-tensor scales) may take this kernel from
+:data:`MID_M_MIN` up to this many rows, after quantizing its activations once: where :func:`w8a8_takes_mid_m`."""
+
+BLOCK_W8A8_MID_M_MAX = 256
+"""The same for FP8 W8A8 with 128x128 weight blocks and 1x128 activation groups."""
+
+W8A8_TILE_FILL = 0.7
+"""The W8A8 tile kernels (64x128 tiles up to 256 rows, one program per tile, K not split) leave the rows to this
+kernel where their tiles would occupy fewer than this fraction of the SMs (8B ``o`` and ``down`` up to 128 rows,
+8B and 70B ``qkv`` and 70B ``down`` up to 64). H100, interleaved in one run, the seven Llama shapes at M = 48-512,
+this kernel at every M against the tile kernels (``benchmarks/sweep_linear_setting.py --setting
+mid.W8A8_MID_M_MAX --values 0 512 --ms 48 64 128 256 512 --columns scaled_mm fp8-channel fp8-tensor --repeats 1``,
+``results/w8a8-mid-m-h100.log``): where the tile kernel had up to 80 tiles this kernel was faster in all 20
+cases (x0.66-0.98 the time); from 96 tiles it was mixed (x0.76-1.12; slower on 8B and 70B ``qkv`` at 128 rows,
+8B ``o`` and 70B ``down`` at 256, 8B ``gate_up`` at 48-128), and at 512 rows the Gluon kernel was faster in 12
+of 14. With this rule (``--values 0 256 --ms 48 64 128 256``,
+``results/w8a8-mid-m-rule-h100.log``) the 12 cases it picks took x0.81 the time per-token (all faster; 8B
+``down`` at 48-128 rows 0.97-1.06x -> 1.39-1.48x of bf16, 8B ``o`` 0.58-0.97x -> 0.77-1.13x) and x0.84
+per-tensor; the others ran the same code (x0.998-1.003). Block-scaled, this kernel at every M against the block
+tile kernel (``--setting mid.W8A8_TILE_FILL --values 0 100 --columns scaled_mm fp8-block``,
+``results/block-w8a8-mid-m-h100.log``): x0.75 the time on the same 12 cases (all faster; 0.48-1.36x ->
+0.69-1.75x of bf16), slower on 8B ``gate_up`` at 48-128 rows (up to x1.27) and 70B ``gate_up`` at 48-64."""
+
+_VALUE_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class MidMConfig(NamedTuple):
     """Tile and split policy. ``block_n``: weight rows per program (the MMA's M side: 64 per warp group);
     ``block_m``: activation rows (the MMA's N side); ``target_programs``: how many (tile x K split) programs to
@@ -98,6 +133,25 @@ def config_for(m: int) -> MidMConfig:
     return SHORT_CONFIG if m <= 64 else TALL_CONFIG
 
 
+def w8a8_takes_mid_m(codes: torch.Tensor, weight: torch.Tensor, max_rows: int) -> bool:
+    """Whether an FP8 W8A8 dispatcher sends these quantized activations here: :data:`MID_M_MIN` to
+    ``max_rows`` rows, TMA can read the operands, and the tile kernel's 64-row x 128-column tiles would keep
+    fewer than :data:`W8A8_TILE_FILL` of the SMs busy. Counted for ``m_bucket(M)`` rows, so that every M of a
+    size class takes the same kernel (no new compile for a new M)."""
+    m = codes.shape[0]
+    if not (MID_M_MIN <= m <= max_rows and mid_m_usable(codes, weight)):
+        return False
+    tiles = triton.cdiv(m_bucket(m), 64) * triton.cdiv(weight.shape[0], 128)
+    return tiles < W8A8_TILE_FILL * _sms(codes.device)
+
+
+def _sms(device: torch.device) -> int:
+    """The SM count of a CUDA device."""
+    from mxrun.kernels.fp8_tma_gemm import _sm_count
+
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def mid_m_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the Linear dispatchers may send ``x @ weight^T`` here: both operands readable by TMA (sm_90+,
     a real GPU, 16-byte aligned rows)."""
@@ -111,6 +165,7 @@ def _mid_m_kernel(
     bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
     p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
     b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]; 3: fp32 128x128 blocks [cdiv(N,128), cdiv(K,128)]
+    a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]; 3: fp32 1x128 groups [M, cdiv(K,128)], row stride stride_asm
     bias_ptr,
     c_ptr,  # [M, N] output, contiguous
     M,
@@ -118,12 +173,14 @@ def _mid_m_kernel(
     K,
     K_PER_SPLIT,  # multiple of BLOCK_K
     stride_bsn,  # row stride of the E8M0 codes (B_MX) or of the block scales (B_SCALE 3)
+    stride_asm,  # row stride of the activations' 1x128 group scales (A_SCALE 3)
     step_one,  # 1.0 at run time: see the module docstring
     B_MX: tl.constexpr,
     B_SCALE: tl.constexpr,
+    A_SCALE: tl.constexpr,  # E4M3 activation codes (W8A8): 1 per tensor, 2 per row, 3 per 1x128 group; 0 values
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
-    MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
+    MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16, 3: E4M3
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     BLOCK_M: tl.constexpr,
@@ -143,8 +200,11 @@ def _mid_m_kernel(
     k_end = tl.minimum(k_begin + K_PER_SPLIT, K)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
     offs_g = tl.arange(0, G)
     bs_rows = bs_ptr + offs_n.to(tl.int64)[:, None] * stride_bsn
+    as_rows = a_scale_ptr + offs_m.to(tl.int64) * stride_asm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         w = w_desc.load([off_n, k0])
@@ -161,16 +221,25 @@ def _mid_m_kernel(
         if B_SCALE == 3:  # this step's 128 K lie in one weight block (BLOCK_K 128, BLOCK_N divides 128)
             step_scale = tl.load(b_scale_ptr + (off_n // 128) * stride_bsn + k0 // 128)
         if MMA == 0:
-            acc += tl.dot(wv.to(tl.float32), a.to(tl.float32).T, input_precision="ieee") * step_scale
+            step = tl.dot(wv.to(tl.float32), a.to(tl.float32).T, input_precision="ieee")
+        elif MMA == 3:  # E4M3 codes on both sides, from shared memory: each step's product promoted to fp32
+            step = tl.dot(w, a.T)
         else:  # the step's MMAs waited for before the next widening: see the module docstring
-            acc += tl.dot(wv.to(a.dtype), a.T) * step_scale
-    offs_m = off_m + tl.arange(0, BLOCK_M)
-    tile_ok = n_ok[:, None] & (offs_m < M)[None, :]
+            step = tl.dot(wv.to(a.dtype), a.T)
+        if A_SCALE == 3:  # and B_SCALE 3: the step's weight-block scale times each row's group scale
+            acc += step * (step_scale * tl.load(as_rows + k0 // 128, mask=m_ok, other=0.0))[None, :]
+        else:
+            acc += step * step_scale
+    tile_ok = n_ok[:, None] & m_ok[None, :]
     if SPLIT_K == 1:
         if B_SCALE == 1:
             acc = acc * tl.load(b_scale_ptr)
         elif B_SCALE == 2:
             acc = acc * tl.load(b_scale_ptr + offs_n, mask=n_ok, other=1.0)[:, None]
+        if A_SCALE == 1:
+            acc = acc * tl.load(a_scale_ptr)
+        elif A_SCALE == 2:
+            acc = acc * tl.load(a_scale_ptr + offs_m, mask=m_ok, other=1.0)[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         out = c_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
@@ -197,6 +266,8 @@ def mid_m_gemm_triton(
     weight_scale_e8m0: torch.Tensor | None = None,
     weight_block_scale: torch.Tensor | None = None,
     activation_mx_rule: MxScaleRule | str | None = None,
+    a_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
     bias: torch.Tensor | None = None,
     split_k: int | None = None,
     config: MidMConfig | None = None,
@@ -208,6 +279,10 @@ def mid_m_gemm_triton(
     (fp32, per tensor or ``[N, 1]``), ``weight_scale_e8m0`` (``[N, K/32]``) and ``weight_block_scale`` (fp32
     128x128 blocks, ``[cdiv(N, 128), cdiv(K, 128)]``, applied to each K step's product); any M, meant for 33-512
     (:data:`MID_M_MIN`, :data:`MID_M_MAX`, :data:`MX_MID_M_MAX`).
+    FP8 W8A8: ``a`` E4M3 codes with ``a_scale`` (fp32, per tensor or per row ``[M, 1]`` beside ``weight_scale``;
+    1x128 groups ``[M, cdiv(K, 128)]`` beside ``weight_block_scale``) and the result in ``out_dtype``; the two
+    E4M3 tiles meet in an FP8 MMA straight from shared memory, each 128-wide K step's product added into the
+    fp32 accumulator (:data:`W8A8_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
     weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
@@ -218,10 +293,18 @@ def mid_m_gemm_triton(
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
     n, k = weight.shape
-    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1 or a.dtype not in (torch.bfloat16, torch.float16):
+    codes = a.dtype == torch.float8_e4m3fn
+    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1 or not (codes or a.dtype in _VALUE_DTYPES):
         raise GemmInputError(
-            f"{fn}: A must be a K-contiguous bf16/fp16 [M, K={k}] tensor, got {tuple(a.shape)}"
+            f"{fn}: A must be a K-contiguous bf16/fp16 (or E4M3 with a_scale) [M, K={k}] tensor, "
+            f"got {a.dtype} {tuple(a.shape)}"
         )
+    if codes != (a_scale is not None):
+        raise GemmInputError(f"{fn}: E4M3 activations need their a_scale, bf16/fp16 ones take none")
+    if codes and (weight_scale_e8m0 is not None or activation_mx_rule is not None):
+        raise GemmInputError(f"{fn}: E4M3 activation codes meet FP8 weights with fp32 scales only")
+    if codes and out_dtype not in _VALUE_DTYPES:
+        raise GemmInputError(f"{fn}: E4M3 activations need out_dtype bf16 or fp16, got {out_dtype}")
     if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
         raise GemmInputError(
             f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
@@ -247,7 +330,17 @@ def mid_m_gemm_triton(
         a = mx_round_triton(a, activation_mx_rule)  # the same values in bf16/fp16: then as weight-only
     b_scale_mode = 3 if weight_block_scale is not None else scale_mode(weight_scale, n, "weight", fn)
     m = a.shape[0]
-    c = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    a_scale_mode, stride_asm = 0, 0
+    if codes and b_scale_mode == 3:
+        if a_scale.shape != (m, blocks[1]) or a_scale.dtype != torch.float32:
+            raise GemmInputError(
+                f"{fn}: beside 128x128 weight blocks the activations need fp32 1x128 group scales "
+                f"{(m, blocks[1])}, got {a_scale.dtype} {tuple(a_scale.shape)}"
+            )
+        a_scale_mode, stride_asm = 3, a_scale.stride(0)
+    elif codes:
+        a_scale_mode = scale_mode(a_scale, m, "activation", fn)
+    c = torch.empty((m, n), dtype=out_dtype if codes else a.dtype, device=a.device)
     if m == 0 or n == 0:
         return c
     config = config or config_for(m)
@@ -259,7 +352,7 @@ def mid_m_gemm_triton(
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    mma = 0 if interpreting else 1 if a.dtype == torch.bfloat16 else 2
+    mma = 0 if interpreting else 3 if codes else 1 if a.dtype == torch.bfloat16 else 2
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
     if b_scale_mode == 3:  # the block scales, and their row stride in the E8M0 codes' place
         scales, stride_bsn = weight_block_scale.contiguous(), blocks[1]
@@ -272,6 +365,7 @@ def mid_m_gemm_triton(
         bs,
         partials,
         scales,
+        (a_scale.contiguous() if a_scale_mode == 3 else a_scale.reshape(-1)) if codes else c,
         bias if bias is not None else c,
         c,
         m,
@@ -279,9 +373,11 @@ def mid_m_gemm_triton(
         k,
         k_per_split,
         stride_bsn,
+        stride_asm,
         1.0,
         B_MX=b_mx,
         B_SCALE=b_scale_mode,
+        A_SCALE=a_scale_mode,
         HAS_BIAS=bias is not None,
         SPLIT_K=splits,
         MMA=mma,
@@ -294,17 +390,20 @@ def mid_m_gemm_triton(
         num_stages=config.num_stages,
     )
     if splits > 1:
-        sum_splits(partials, None, weight_scale, bias, c)
+        sum_splits(partials, a_scale if a_scale_mode in (1, 2) else None, weight_scale, bias, c)
     return c
 
 
 __all__ = [
+    "BLOCK_W8A8_MID_M_MAX",
     "MID_M_MAX",
     "MID_M_MIN",
     "MX_MID_M_MAX",
+    "W8A8_MID_M_MAX",
     "MidMConfig",
     "config_for",
     "mid_m_gemm_triton",
     "mid_m_usable",
     "split_k_for",
+    "w8a8_takes_mid_m",
 ]

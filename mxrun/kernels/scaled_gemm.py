@@ -988,14 +988,17 @@ def fp8_linear(
     its dtype. Triton on CUDA, the torch reference elsewhere. Up to :data:`W8A8_SPLIT_K_MAX_M` rows: activation
     quantization, then the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, the tile kernel (from
     512 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA kernel of
-    :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+). (The tile kernel with the quantization fused in, measured
-    0.06-0.5x of bf16 at M <= 64, only serves strided inputs now.)"""
+    :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+), except where its tiles would leave SMs idle and the mid-M
+    kernel splits K instead (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
+    :data:`~mxrun.kernels.mid_m_gemm.W8A8_MID_M_MAX` rows). (The tile kernel with the quantization fused in,
+    measured 0.06-0.5x of bf16 at M <= 64, only serves strided inputs now.)"""
     if activation not in _ACT_GRANULARITY:
         raise GemmInputError(f"fp8_linear: activation must be 'tensor' or 'token', got {activation!r}")
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
+    from mxrun.kernels.mid_m_gemm import W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     unit_k = weight.stride(1) == 1 and x.stride(1) == 1
@@ -1012,6 +1015,15 @@ def fp8_linear(
     if x.shape[0] <= FUSED_QUANT_MAX_M and not unit_k:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
+    if w8a8_takes_mid_m(quantized.data, weight, W8A8_MID_M_MAX):
+        return mid_m_gemm_triton(
+            quantized.data,
+            weight,
+            a_scale=quantized.scale,
+            weight_scale=weight_scale,
+            bias=bias,
+            out_dtype=x.dtype,
+        )
     if x.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
         return fp8_wgmma_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
     if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
@@ -1030,11 +1042,24 @@ def fp8_block_linear(
 ) -> torch.Tensor:
     """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then
     :func:`fp8_block_gemm` (from 512 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
-    rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``)."""
+    rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``), or the mid-M kernel where the
+    block tile kernel would leave SMs idle (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
+    :data:`~mxrun.kernels.mid_m_gemm.BLOCK_W8A8_MID_M_MAX` rows)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
+    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
     quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
+    if w8a8_takes_mid_m(quantized.data, weight, BLOCK_W8A8_MID_M_MAX):
+        return mid_m_gemm_triton(
+            quantized.data,
+            weight,
+            a_scale=quantized.scale,
+            weight_block_scale=weight_scale,
+            bias=bias,
+            out_dtype=x.dtype,
+        )
     return fp8_block_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
 
 

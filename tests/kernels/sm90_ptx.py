@@ -3,7 +3,8 @@ its ``wgmma.wait_group`` instructions, one JSON list per case given on the comma
 
 Run as a script, in a process without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives functions
 that cannot be compiled): ``python tests/kernels/sm90_ptx.py bf16,channel,0,128,1 ...`` where each case is
-``dtype,weights,fold,m,split_k`` with weights one of ``channel``, ``block`` and ``mx``. Used by
+``dtype,weights,fold,m,split_k`` with dtype ``bf16``, ``fp16`` or ``e4m3`` (W8A8: activation codes, per-row or
+1x128 group scales, a bf16 output) and weights one of ``channel``, ``block`` and ``mx``. Used by
 ``test_mid_m_gemm.py``.
 """
 
@@ -25,17 +26,19 @@ from mxrun.kernels.mid_m_gemm import _mid_m_kernel, config_for
 def wgmma_waits(dtype: str, weights: str, fold: int, m: int, split_k: int) -> list[int]:
     """The ``N`` of every ``wgmma.wait_group.sync.aligned N`` in the kernel's sm_90 PTX for ``m`` rows' tile."""
     config = config_for(m)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
+    codes = dtype == "e4m3"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "e4m3": torch.float8_e4m3fn}[dtype]
     act = torch.empty(256, 4096, dtype=torch_dtype)
     weight = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
     constants = {
         "B_MX": weights == "mx", "B_SCALE": {"mx": 0, "channel": 2, "block": 3}[weights], "HAS_BIAS": True,
-        "SPLIT_K": split_k,
-        "MMA": 1 if dtype == "bf16" else 2, "FAST_WIDEN": True, "MX_FOLD": fold,
+        "A_SCALE": (3 if weights == "block" else 2) if codes else 0, "SPLIT_K": split_k,
+        "MMA": {"bf16": 1, "fp16": 2, "e4m3": 3}[dtype], "FAST_WIDEN": True, "MX_FOLD": fold,
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
     }  # fmt: skip
-    pointers = {"bs_ptr": "*u8", "p_ptr": "*fp32", "b_scale_ptr": "*fp32", "bias_ptr": f"*{dtype}"}
-    pointers["c_ptr"] = f"*{dtype}"
+    out = "bf16" if codes else dtype
+    pointers = {"bs_ptr": "*u8", "p_ptr": "*fp32", "b_scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
+    pointers["bias_ptr"] = pointers["c_ptr"] = f"*{out}"
     names = _mid_m_kernel.arg_names
     signature, attrs = {}, {}
     for i, name in enumerate(names):

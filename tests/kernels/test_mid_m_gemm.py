@@ -22,19 +22,31 @@ import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
 from mxrun.kernels.mid_m_gemm import (
+    BLOCK_W8A8_MID_M_MAX,
     MID_M_MAX,
     MID_M_MIN,
     MX_MID_M_MAX,
+    W8A8_MID_M_MAX,
     config_for,
     mid_m_gemm_triton,
     split_k_for,
 )
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear, mxfp8_linear_reference
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8_reference
-from mxrun.kernels.scaled_gemm import GemmInputError, fp8_weight_only_linear, fp8_weight_only_reference
+from mxrun.kernels.scaled_gemm import (
+    GemmInputError,
+    fp8_block_gemm_reference,
+    fp8_block_linear,
+    fp8_block_linear_reference,
+    fp8_gemm_reference,
+    fp8_linear,
+    fp8_linear_reference,
+    fp8_weight_only_linear,
+    fp8_weight_only_reference,
+)
 
 from .device_cases import HAS_CUDA, KERNEL_DEVICE, gpu_only
-from .test_scaled_gemm import _dev, _inputs, assert_one_ulp
+from .test_scaled_gemm import _dev, _inputs, assert_one_ulp, fp8_mma_slack
 
 G = Fp8Granularity
 # (M, N, K): ragged M and N, K = 544 and 800 end inside a 128-wide step, 288 is shorter than four steps
@@ -79,6 +91,41 @@ def test_mxfp8(m, n, k, rule, split_k) -> None:
     assert_one_ulp(out, ref)
 
 
+@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("weight_granularity", "activation_granularity"),
+    [(G.PER_ROW, G.PER_ROW), (G.PER_TENSOR, G.PER_TENSOR), (G.PER_ROW, G.PER_TENSOR)],
+)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_fp8_w8a8_codes(m, n, k, weight_granularity, activation_granularity, dtype, split_k) -> None:
+    """E4M3 activation codes (per token / per tensor) and E4M3 weights in one FP8 MMA per K step; the scales
+    applied after the K sum. On the GPU the wgmma accumulator's allowance of test_scaled_gemm.py applies."""
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=38)
+    qa = quantize_fp8_reference(x, activation_granularity)
+    qw = quantize_fp8_reference(w, weight_granularity)
+    ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, dtype)
+    a, sa, b, sb, bias_d = _dev(qa.data, qa.scale, qw.data, qw.scale, bias)
+    out = mid_m_gemm_triton(a, b, a_scale=sa, weight_scale=sb, bias=bias_d, out_dtype=dtype, split_k=split_k)
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
+@pytest.mark.parametrize("split_k", [None, 2])
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (40, 300, 416)])
+def test_fp8_block_w8a8_codes(m, n, k, split_k) -> None:
+    """128x128 weight blocks and 1x128 activation groups: each K step's FP8 product times the step's weight
+    block scale and each row's group scale."""
+    x, w, bias = _inputs(m, n, k, seed=39)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    qw = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    a, sa, b, sb, bias_d = _dev(qa.data, qa.scale, qw.data, qw.scale, bias)
+    out = mid_m_gemm_triton(
+        a, b, a_scale=sa, weight_block_scale=sb, bias=bias_d, out_dtype=torch.bfloat16, split_k=split_k
+    )
+    assert_one_ulp(out, ref, fp8_mma_slack(x, w))
+
+
 def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
     x, w, _ = _inputs(40, 96, 1024, seed=33)
     q = quantize_fp8_reference(w, G.PER_ROW)
@@ -96,6 +143,30 @@ def test_tiles_and_splits() -> None:
     assert split_k_for(512, 57344, 8192, config_for(512)) == 1  # 3584 tiles already
     assert split_k_for(128, 4096, 256, config_for(128)) == 1  # two K steps: no split
     assert MID_M_MIN <= 64 < MX_MID_M_MAX <= MID_M_MAX
+    assert MID_M_MIN <= 64 < min(W8A8_MID_M_MAX, BLOCK_W8A8_MID_M_MAX)
+
+
+def test_w8a8_rows_go_where_the_tile_kernel_would_leave_sms_idle(monkeypatch) -> None:
+    """The W8A8 dispatch rule on an H100's 132 SMs (TMA taken as usable): the mid-M kernel where the tile
+    kernel's 64x128 tiles for ``m_bucket(M)`` rows number fewer than 0.7 x 132, the same for every M of a
+    bucket, never below MID_M_MIN or above the given maximum."""
+    from mxrun.kernels import mid_m_gemm
+
+    monkeypatch.setattr(mid_m_gemm, "mid_m_usable", lambda *tensors: True)
+    monkeypatch.setattr(mid_m_gemm, "_sms", lambda device: 132)
+
+    def takes(m: int, n: int, max_rows: int = 256) -> bool:
+        codes = torch.empty(m, 128, dtype=torch.float8_e4m3fn)
+        return mid_m_gemm.w8a8_takes_mid_m(codes, torch.empty(n, 128, dtype=torch.float8_e4m3fn), max_rows)
+
+    assert all(takes(m, 4096) for m in range(MID_M_MIN, 129))  # 8B o / down: 32 or 64 tiles
+    assert not any(takes(m, 4096) for m in range(129, 257))  # 128 tiles
+    assert takes(64, 6144) and not takes(65, 6144)  # 48 tiles, then 96
+    assert takes(33, 10240) and not takes(100, 10240)  # 80, then 160
+    assert not takes(48, 28672)  # 224 tiles
+    assert takes(128, 3072) and not takes(130, 3072)  # 48 tiles, then 96 for the bucket (72 for 130 rows)
+    assert not takes(MID_M_MIN - 1, 4096) and not takes(100, 4096, max_rows=64)
+    assert W8A8_MID_M_MAX <= 256 and BLOCK_W8A8_MID_M_MAX <= 256  # the tile rule counts 64-row tiles
 
 
 @pytest.mark.parametrize(
@@ -103,7 +174,13 @@ def test_tiles_and_splits() -> None:
     [
         ({"no_scale": True}, "exactly one of"),
         ({"blocks": (1, 2)}, "block scales must be fp32"),
-        ({"codes": True}, "bf16/fp16"),
+        ({"codes": True}, "need their a_scale"),
+        ({"a_scale": True}, "need their a_scale"),
+        ({"codes": True, "a_scale": True}, "out_dtype bf16 or fp16"),
+        ({"codes": True, "a_scale": True, "mx": True, "out": True}, "fp32 scales only"),
+        ({"codes": True, "a_scale": True, "blocks": (1, 2), "k": 256, "out": True}, "1x128 group scales"),
+        ({"codes": True, "a_scale": 7, "out": True}, "1 or 40 elements"),
+        ({"float32": True}, "bf16/fp16"),
         ({"k": 100, "mx": True}, "K % 32 == 0"),
         ({"bias": 3}, "bias must be"),
     ],
@@ -121,6 +198,13 @@ def test_bad_inputs(kwargs, message) -> None:
         scale = {"weight_block_scale": torch.ones(kwargs["blocks"], device=KERNEL_DEVICE)}
     if kwargs.get("codes"):
         x = x.to(torch.float8_e4m3fn)
+    if kwargs.get("float32"):
+        x = x.float()
+    if "a_scale" in kwargs:  # True: per row; a number: that many elements
+        rows = 40 if kwargs["a_scale"] is True else kwargs["a_scale"]
+        scale["a_scale"] = torch.ones(rows, 1, device=KERNEL_DEVICE)
+    if kwargs.get("out"):
+        scale["out_dtype"] = torch.bfloat16
     bias = torch.ones(kwargs["bias"], device=KERNEL_DEVICE) if "bias" in kwargs else None
     with pytest.raises(GemmInputError, match=message):
         mid_m_gemm_triton(x, w, bias=bias, **scale)
@@ -147,6 +231,15 @@ def test_dispatchers_at_llama_shapes(m, n, k, dtype) -> None:
         *_dev(x, qb.data, qb.scale), G.BLOCK_128X128, _dev(bias)[0], backend="triton"
     )
     assert_one_ulp(out, ref)
+    slack = fp8_mma_slack(x, w)
+    for activation in ("token", "tensor"):  # W8A8 (the mid-M kernel up to W8A8_MID_M_MAX rows)
+        ref = fp8_linear_reference(x, qc.data, qc.scale, bias, activation)
+        for _ in range(2):
+            assert_one_ulp(fp8_linear(*args, _dev(bias)[0], activation, backend="triton"), ref, slack)
+    ref = fp8_block_linear_reference(x, qb.data, qb.scale, bias)
+    for _ in range(2):
+        out = fp8_block_linear(*_dev(x, qb.data, qb.scale, bias), backend="triton")
+        assert_one_ulp(out, ref, slack)
     if m > MX_MID_M_MAX:
         return  # MXFP8 takes the decode + cuBLAS and aligned paths there (tested in test_mxfp8_gemm.py)
     qm = quantize_mxfp8_reference(w)
@@ -183,7 +276,8 @@ def test_every_k_step_waits_for_its_mmas() -> None:
     that Triton generates for sm_90 (compiled without a GPU, in a process outside the interpreter), every
     ``wgmma.wait_group`` waits for all groups, for both dtypes, every weight kind and fold, both tiles, with and
     without splits. With ``acc = tl.dot(w, a.T, acc)`` instead, Triton 3.6 left 7 groups in flight across the
-    loop (``wait_group 7``; wrong outputs on an H100) and Triton 3.9 leaves 1."""
+    loop (``wait_group 7``; wrong outputs on an H100) and Triton 3.9 leaves 1. The W8A8 cases (E4M3 codes from
+    shared memory, no register operand) must wait too: each step's FP8 product is promoted to fp32 on its own."""
     cases = [
         "bf16,channel,0,128,1",
         "bf16,mx,1,64,2",
@@ -222,3 +316,8 @@ def test_cpu_interpreter_dispatchers_keep_their_paths(monkeypatch) -> None:
     qm = quantize_mxfp8_reference(w)
     out = mxfp8_linear(x, qm.data, qm.scale_e8m0, None, None, backend="triton")
     assert torch.equal(out, small_m_gemm_triton(x, qm.data, weight_scale_e8m0=qm.scale_e8m0))
+    ref = fp8_linear_reference(x, qc.data, qc.scale, None, "token")
+    assert_one_ulp(fp8_linear(x, qc.data, qc.scale, None, "token", backend="triton"), ref)
+    qb = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_block_linear_reference(x, qb.data, qb.scale, None)
+    assert_one_ulp(fp8_block_linear(x, qb.data, qb.scale, None, backend="triton"), ref)
