@@ -507,7 +507,18 @@ def mxfp8_aligned_matmul(
     ``weight_tile_scale`` and is multiplied as it is."""
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
     if weight_tile_scale is not None:
+        from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+
         a = quantize_mx_group128_triton(x, activation_rule)
+        if w8a8_takes_mid_m(a.data, weight, BLOCK_W8A8_MID_M_MAX):  # as FP8 blocks (fp8_block_linear)
+            return mid_m_gemm_triton(
+                a.data,
+                weight,
+                a_scale=a.scale,
+                weight_block_scale=weight_tile_scale,
+                bias=bias,
+                out_dtype=x.dtype,
+            )
         return fp8_block_gemm(a.data, a.scale, weight, weight_tile_scale, bias, x.dtype)
     if SHARED_LAUNCH and weight.numel() <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
         a, regrouped = quantize_and_regroup_triton(x, activation_rule, weight, weight_scale_e8m0.contiguous())
@@ -740,12 +751,29 @@ def mxfp8_linear(
     regrouping)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
-    from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
+    from mxrun.kernels.mid_m_gemm import (
+        MID_M_MIN,
+        MX_MID_M_MAX,
+        MX_W8A8_MID_M_MAX,
+        mid_m_gemm_triton,
+        mid_m_usable,
+    )
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
     m = x.shape[0]
     # a stored tile-aligned weight in W8A8: above 64 rows its aligned GEMM runs FP8 MMAs with no regrouping
     stored_tiles = weight_tile_scale is not None and activation_rule is not None and m > SMALL_M_MAX
+    if (
+        large_m_kernel is None
+        and activation_rule is not None
+        and not stored_tiles
+        and ALIGNED_MIN_M <= m <= MX_W8A8_MID_M_MAX
+        and mid_m_usable(x, weight)
+    ):  # the aligned path's numerics, the weight regrouped in the GEMM's registers instead of by a pass
+        a = quantize_mx_group128_triton(x, activation_rule)
+        return mid_m_gemm_triton(
+            a.data, weight, weight_scale_e8m0=weight_scale_e8m0, a_scale=a.scale, bias=bias, out_dtype=x.dtype
+        )
     few_rows = None
     if (
         large_m_kernel is None
