@@ -55,7 +55,6 @@ import torch
 from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_tma_gemm import tma_usable
-from mxrun.kernels.mx_regroup import regroup_codes, regroup_multiplier
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError, m_bucket
@@ -86,13 +85,6 @@ W8A8_MID_M_MAX = 256
 
 BLOCK_W8A8_MID_M_MAX = 256
 """The same for FP8 W8A8 with 128x128 weight blocks and 1x128 activation groups."""
-
-MX_W8A8_MID_M_MAX = 0
-"""MXFP8 W8A8 from :data:`~mxrun.kernels.mxfp8_gemm.ALIGNED_MIN_M` up to this many rows: activations quantized
-with the MX rule over 1x128 groups, the weight regrouped in registers (the aligned path's numerics without its
-per-call regrouping pass). Off: H100, against the paths it would replace (``benchmarks/sweep_linear_setting.py
---setting mid.MX_W8A8_MID_M_MAX --values 0 512 --shapes ... --ms 128 256 512 --columns scaled_mm mxfp8``,
-``results/mx-w8a8-regroup-mid-m-h100.log``) it took x1.51 the time, slower in all 12 cases."""
 
 W8A8_TILE_FILL = 0.7
 """The W8A8 tile kernels (64x128 tiles up to 256 rows, one program per tile, K not split) leave the rows to this
@@ -170,7 +162,7 @@ def mid_m_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def _mid_m_kernel(
     a_desc,  # tensor descriptor of the [M, K] bf16/fp16 activations, [BLOCK_M, BLOCK_K] boxes
     w_desc,  # tensor descriptor of the [N, K] float8e4nv weight, [BLOCK_N, BLOCK_K] boxes
-    bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g (regrouped in registers with A_SCALE 3)
+    bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
     p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
     b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]; 3: fp32 128x128 blocks [cdiv(N,128), cdiv(K,128)]
     a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]; 3: fp32 1x128 groups [M, cdiv(K,128)], row stride stride_asm
@@ -213,30 +205,13 @@ def _mid_m_kernel(
     offs_g = tl.arange(0, G)
     bs_rows = bs_ptr + offs_n.to(tl.int64)[:, None] * stride_bsn
     as_rows = a_scale_ptr + offs_m.to(tl.int64) * stride_asm
-    tile_rows = (off_n // 128) * 128 + tl.arange(0, 128)  # the 128x128 weight tile's rows (REGROUP)
-    tile_codes_rows = bs_ptr + tile_rows.to(tl.int64)[:, None] * stride_bsn
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         w = w_desc.load([off_n, k0])
         a = a_desc.load([off_m, k0])
-        if B_MX:
+        if B_MX:  # E4M3 times its power of two, exact; groups past K read as code 127 (2^0) on zero weights
             g = k0 // 32 + offs_g
             codes = tl.load(bs_rows + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=127)
-        if B_MX and A_SCALE == 3:  # the aligned path's regrouping, in registers: see the module docstring
-            tile = tl.load(
-                tile_codes_rows + g[None, :], mask=(tile_rows < N)[:, None] & (g < K // 32)[None, :], other=0
-            ).to(tl.int32)
-            tile_code = tl.max(tl.max(tl.where(tile == 255, 0, tile), axis=1), axis=0)
-            codes = codes.to(tl.int32)
-            multiplier = regroup_multiplier(tl.maximum(tile_code - codes, 0), codes == 255)
-            multiplier = tl.reshape(
-                tl.broadcast_to(multiplier[:, :, None], [BLOCK_N, G, 32]), [BLOCK_N, BLOCK_K]
-            )
-            w = regroup_codes(w, multiplier, FAST_WIDEN)
-            tile_scale = tl.where(tile_code == 0, 0x00400000, tile_code << 23).to(tl.float32, bitcast=True)
-        if (
-            B_MX and A_SCALE == 0
-        ):  # E4M3 times its power of two, exact; groups past K: code 127 on zero weights
             wv = mx_decode_weight(w, codes, MX_FOLD, True)
         elif MMA == 1:
             wv = e4m3_to_bf16(w, FAST_WIDEN)
@@ -245,8 +220,6 @@ def _mid_m_kernel(
         step_scale = step_one
         if B_SCALE == 3:  # this step's 128 K lie in one weight block (BLOCK_K 128, BLOCK_N divides 128)
             step_scale = tl.load(b_scale_ptr + (off_n // 128) * stride_bsn + k0 // 128)
-        if B_MX and A_SCALE == 3:
-            step_scale = tile_scale
         if MMA == 0:
             step = tl.dot(wv.to(tl.float32), a.to(tl.float32).T, input_precision="ieee")
         elif MMA == 3:  # E4M3 codes on both sides, from shared memory: each step's product promoted to fp32
@@ -309,11 +282,7 @@ def mid_m_gemm_triton(
     FP8 W8A8: ``a`` E4M3 codes with ``a_scale`` (fp32, per tensor or per row ``[M, 1]`` beside ``weight_scale``;
     1x128 groups ``[M, cdiv(K, 128)]`` beside ``weight_block_scale``) and the result in ``out_dtype``; the two
     E4M3 tiles meet in an FP8 MMA straight from shared memory, each 128-wide K step's product added into the
-    fp32 accumulator (:data:`W8A8_MID_M_MAX`). MXFP8 W8A8 on the aligned path's terms: ``a`` E4M3 codes with
-    1x128 group scales (:func:`~mxrun.kernels.mxfp8_quantize.quantize_mx_group128_triton`) beside
-    ``weight_scale_e8m0``: each weight tile is regrouped in registers to its 128x128 tile's largest scale
-    (:func:`~mxrun.kernels.mx_regroup.regroup_mxfp8`'s arithmetic), then as with 128x128 blocks
-    (:data:`MX_W8A8_MID_M_MAX`).
+    fp32 accumulator (:data:`W8A8_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
     weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
@@ -332,8 +301,8 @@ def mid_m_gemm_triton(
         )
     if codes != (a_scale is not None):
         raise GemmInputError(f"{fn}: E4M3 activations need their a_scale, bf16/fp16 ones take none")
-    if codes and activation_mx_rule is not None:
-        raise GemmInputError(f"{fn}: E4M3 activation codes are quantized already: no activation_mx_rule")
+    if codes and (weight_scale_e8m0 is not None or activation_mx_rule is not None):
+        raise GemmInputError(f"{fn}: E4M3 activation codes meet FP8 weights with fp32 scales only")
     if codes and out_dtype not in _VALUE_DTYPES:
         raise GemmInputError(f"{fn}: E4M3 activations need out_dtype bf16 or fp16, got {out_dtype}")
     if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
@@ -362,12 +331,11 @@ def mid_m_gemm_triton(
     b_scale_mode = 3 if weight_block_scale is not None else scale_mode(weight_scale, n, "weight", fn)
     m = a.shape[0]
     a_scale_mode, stride_asm = 0, 0
-    tiled = b_scale_mode == 3 or (codes and b_mx)  # 128-K steps scaled per 128x128 tile (MX: regrouped)
-    if codes and tiled:
+    if codes and b_scale_mode == 3:
         if a_scale.shape != (m, blocks[1]) or a_scale.dtype != torch.float32:
             raise GemmInputError(
-                f"{fn}: beside 128x128 weight blocks or MXFP8 weights the activations need fp32 1x128 group "
-                f"scales {(m, blocks[1])}, got {a_scale.dtype} {tuple(a_scale.shape)}"
+                f"{fn}: beside 128x128 weight blocks the activations need fp32 1x128 group scales "
+                f"{(m, blocks[1])}, got {a_scale.dtype} {tuple(a_scale.shape)}"
             )
         a_scale_mode, stride_asm = 3, a_scale.stride(0)
     elif codes:
@@ -376,8 +344,8 @@ def mid_m_gemm_triton(
     if m == 0 or n == 0:
         return c
     config = config or config_for(m)
-    if tiled and (config.block_k != 128 or 128 % config.block_n):
-        raise GemmInputError(f"{fn}: 128x128 tile scales need block_k 128 and a block_n that divides 128")
+    if b_scale_mode == 3 and (config.block_k != 128 or 128 % config.block_n):
+        raise GemmInputError(f"{fn}: 128x128 block scales need block_k 128 and a block_n that divides 128")
     splits = split_k or split_k_for(m, n, k, config)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # no empty splits

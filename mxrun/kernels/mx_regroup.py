@@ -192,47 +192,6 @@ def _reencode_words(words, multiplier, FAST: tl.constexpr):
     return out
 
 
-# The same re-encoding for E4M3 tiles already in registers (the mid-M GEMM regroups its weight tile on the way to
-# the MMA): four codes (``$1``) widened to fp16 by the conversion unit (exact), times the fp16 2^-shift of their
-# block (``$2``, ``$3``), and rounded back by the RNE, saturating conversion; exact by the argument above (the
-# product is an fp16 normal, hence exact, wherever the E4M3 result is not zero). A NaN code or a NaN multiplier
-# (a NaN block) gives NaN.
-_REGROUP_CODES = tl.constexpr(
-    "{ .reg .b16 c0, c1, a, b; .reg .b32 lo, hi; mov.b32 {c0, c1}, $1; "
-    "cvt.rn.f16x2.e4m3x2 lo, c0; cvt.rn.f16x2.e4m3x2 hi, c1; "
-    "mul.rn.f16x2 lo, lo, $2; mul.rn.f16x2 hi, hi, $3; "
-    "cvt.rn.satfinite.e4m3x2.f16x2 a, lo; cvt.rn.satfinite.e4m3x2.f16x2 b, hi; mov.b32 $0, {a, b}; }"
-)
-
-
-@triton.jit
-def regroup_multiplier(shift, block_is_nan):
-    """fp16 ``2^-shift`` (a normal up to shift 14, a subnormal up to 24, zero beyond), NaN for NaN blocks: the
-    per-block factor of :func:`regroup_codes`, computed before it is spread over the block's 32 codes."""
-    bits = tl.where(shift <= 14, (15 - shift) << 10, 1 << tl.maximum(24 - shift, 0))
-    bits = tl.where(shift > 24, 0, bits)
-    bits = tl.where(block_is_nan, 0x7E00, bits)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def regroup_codes(codes, multiplier, FAST: tl.constexpr):
-    """float8e4nv ``codes`` of MXFP8 blocks re-encoded at ``2^shift`` times their block's scale, as
-    :func:`reencode_reference` (``E4M3(v * 2^-shift)``, RNE; NaN blocks become NaN), with ``multiplier`` the
-    block's :func:`regroup_multiplier` spread to the codes' shape. FAST (CUDA sm_90+): two conversions and one
-    fp16x2 multiply per pair; else fp32 arithmetic and the integer RNE encoder (the interpreter, whose fp16 ->
-    E4M3 conversion does not round to nearest even, nor reads the NaN code as NaN)."""
-    if FAST:
-        out = tl.inline_asm_elementwise(
-            _REGROUP_CODES, "=r,r,r,r", [codes, multiplier], dtype=tl.float8e4nv, is_pure=True, pack=4
-        )
-    else:
-        is_nan = (codes.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F
-        value = tl.where(is_nan, float("nan"), codes.to(tl.float32) * multiplier.to(tl.float32))
-        out = e4m3_code(value, True).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
-    return out
-
-
 @triton.jit
 def _regroup_tile(
     q_ptr,  # [B, N, K/4] int32 words of E4M3 codes, (b, n, w) at b*stride_qb + n*stride_qn + w
@@ -489,8 +448,6 @@ __all__ = [
     "per_block_codes",
     "quantize_and_regroup_triton",
     "reencode_reference",
-    "regroup_codes",
-    "regroup_multiplier",
     "regroup_mxfp8",
     "regroup_mxfp8_reference",
     "regroup_mxfp8_triton",

@@ -52,6 +52,7 @@ from mxrun.kernels.mx_regroup import (
 )
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
+    Mx128Quantized,
     MxScaleRule,
     dequantize_mxfp8,
     mx_round_triton,
@@ -491,6 +492,25 @@ def mxfp8_decode_matmul(
     return _over_weight_slices(x, weight, weight_scale_e8m0, bias, 2, piece)
 
 
+def _aligned_gemm(
+    a: Mx128Quantized,
+    weight: torch.Tensor,
+    tile_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The aligned path's block-scaled product of the whole weight: the mid-M kernel where FP8 block W8A8 takes
+    it (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`: the tile kernel would leave SMs idle), else
+    :func:`~mxrun.kernels.scaled_gemm.fp8_block_gemm`."""
+    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+
+    if w8a8_takes_mid_m(a.data, weight, BLOCK_W8A8_MID_M_MAX):
+        return mid_m_gemm_triton(
+            a.data, weight, a_scale=a.scale, weight_block_scale=tile_scale, bias=bias, out_dtype=out_dtype
+        )
+    return fp8_block_gemm(a.data, a.scale, weight, tile_scale, bias, out_dtype)
+
+
 def mxfp8_aligned_matmul(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -502,27 +522,16 @@ def mxfp8_aligned_matmul(
     """The ``"aligned"`` W8A8 path (:data:`LARGE_M_KERNELS`): activations quantized with the MX rule over 1x128
     groups, the weight regrouped per call to 128x128 power-of-two tiles (:mod:`mxrun.kernels.mx_regroup`; in
     the same launch when the weight goes in one piece, else in slices of at most
-    :data:`MAX_DECODED_CHUNK_BYTES`), then the block-scaled FP8 GEMM (TMA on Hopper). A
-    weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with its fp32
-    ``weight_tile_scale`` and is multiplied as it is."""
+    :data:`MAX_DECODED_CHUNK_BYTES`), then the block-scaled FP8 GEMM (TMA on Hopper; the mid-M kernel where FP8
+    block W8A8 takes it). A weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with
+    its fp32 ``weight_tile_scale`` and is multiplied as it is."""
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
     if weight_tile_scale is not None:
-        from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
-
         a = quantize_mx_group128_triton(x, activation_rule)
-        if w8a8_takes_mid_m(a.data, weight, BLOCK_W8A8_MID_M_MAX):  # as FP8 blocks (fp8_block_linear)
-            return mid_m_gemm_triton(
-                a.data,
-                weight,
-                a_scale=a.scale,
-                weight_block_scale=weight_tile_scale,
-                bias=bias,
-                out_dtype=x.dtype,
-            )
-        return fp8_block_gemm(a.data, a.scale, weight, weight_tile_scale, bias, x.dtype)
+        return _aligned_gemm(a, weight, weight_tile_scale, bias, x.dtype)
     if SHARED_LAUNCH and weight.numel() <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
         a, regrouped = quantize_and_regroup_triton(x, activation_rule, weight, weight_scale_e8m0.contiguous())
-        return fp8_block_gemm(a.data, a.scale, regrouped.data, regrouped.scale, bias, x.dtype)
+        return _aligned_gemm(a, regrouped.data, regrouped.scale, bias, x.dtype)
     a = quantize_mx_group128_triton(x, activation_rule)
 
     def piece(
@@ -751,29 +760,12 @@ def mxfp8_linear(
     regrouping)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
-    from mxrun.kernels.mid_m_gemm import (
-        MID_M_MIN,
-        MX_MID_M_MAX,
-        MX_W8A8_MID_M_MAX,
-        mid_m_gemm_triton,
-        mid_m_usable,
-    )
+    from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
     m = x.shape[0]
     # a stored tile-aligned weight in W8A8: above 64 rows its aligned GEMM runs FP8 MMAs with no regrouping
     stored_tiles = weight_tile_scale is not None and activation_rule is not None and m > SMALL_M_MAX
-    if (
-        large_m_kernel is None
-        and activation_rule is not None
-        and not stored_tiles
-        and ALIGNED_MIN_M <= m <= MX_W8A8_MID_M_MAX
-        and mid_m_usable(x, weight)
-    ):  # the aligned path's numerics, the weight regrouped in the GEMM's registers instead of by a pass
-        a = quantize_mx_group128_triton(x, activation_rule)
-        return mid_m_gemm_triton(
-            a.data, weight, weight_scale_e8m0=weight_scale_e8m0, a_scale=a.scale, bias=bias, out_dtype=x.dtype
-        )
     few_rows = None
     if (
         large_m_kernel is None

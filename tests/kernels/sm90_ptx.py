@@ -3,9 +3,9 @@ its ``wgmma.wait_group`` instructions, one JSON list per case given on the comma
 
 Run as a script, in a process without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives functions
 that cannot be compiled): ``python tests/kernels/sm90_ptx.py bf16,channel,0,128,1 ...`` where each case is
-``dtype,weights,fold,m,split_k`` with dtype ``bf16``, ``fp16`` or ``e4m3`` (W8A8: activation codes, per-row
-scales, or 1x128 group scales beside block or MX weights; a bf16 output) and weights one of ``channel``,
-``block`` and ``mx``. Used by ``test_mid_m_gemm.py``.
+``dtype,weights,fold,m,split_k`` with dtype ``bf16``, ``fp16`` or ``e4m3`` (W8A8: activation codes, per-row or
+1x128 group scales, a bf16 output) and weights one of ``channel``, ``block`` and ``mx``. Used by
+``test_mid_m_gemm.py``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def wgmma_waits(dtype: str, weights: str, fold: int, m: int, split_k: int) -> li
     weight = torch.empty(4096, 4096, dtype=torch.float8_e4m3fn)
     constants = {
         "B_MX": weights == "mx", "B_SCALE": {"mx": 0, "channel": 2, "block": 3}[weights], "HAS_BIAS": True,
-        "A_SCALE": (3 if weights in ("block", "mx") else 2) if codes else 0, "SPLIT_K": split_k,
+        "A_SCALE": (3 if weights == "block" else 2) if codes else 0, "SPLIT_K": split_k,
         "MMA": {"bf16": 1, "fp16": 2, "e4m3": 3}[dtype], "FAST_WIDEN": True, "MX_FOLD": fold,
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
     }  # fmt: skip

@@ -15,21 +15,14 @@ import pytest
 import torch
 
 from mxrun.kernels import mxfp8_gemm
-from mxrun.kernels.backend import tl, triton
-from mxrun.kernels.e4m3 import fast_widen_usable
 from mxrun.kernels.fp8_quantize import dequantize_fp8, expand_fp8_scale
 from mxrun.kernels.mx_regroup import (
     align_mxfp8,
     aligned_tile_scales,
-    per_block_codes,
     quantize_and_regroup_triton,
-    reencode_reference,
-    regroup_codes,
-    regroup_multiplier,
     regroup_mxfp8,
     regroup_mxfp8_reference,
     regroup_mxfp8_triton,
-    tile_codes_reference,
 )
 from mxrun.kernels.mxfp8_gemm import (
     ALIGNED_MIN_M,
@@ -103,34 +96,6 @@ def test_regroup_kernel_every_code_and_shift(tile_code: int) -> None:
     assert torch.equal(bits(out.data), bits(ref.data))
     assert_same_fp32(out.scale, ref.scale)
     assert (bits(ref.data)[:128][data.view(torch.uint8)[:128] & 0x7F == 0x7F] == 0x7F).all()
-
-
-@triton.jit
-def _regroup_codes_kernel(q_ptr, shift_ptr, nan_ptr, out_ptr, COLS: tl.constexpr, FAST: tl.constexpr):
-    """32 rows of ``COLS`` codes per program through :func:`regroup_codes`."""
-    offs = (tl.program_id(0) * 32 + tl.arange(0, 32))[:, None] * COLS + tl.arange(0, COLS)[None, :]
-    multiplier = regroup_multiplier(tl.load(shift_ptr + offs), tl.load(nan_ptr + offs) != 0)
-    out = regroup_codes(tl.load(q_ptr + offs), multiplier, FAST)
-    tl.store(out_ptr + offs, out)
-
-
-@pytest.mark.parametrize("tile_code", [200, 40, 3])
-def test_regroup_in_registers_every_code_and_shift(tile_code: int) -> None:
-    """The in-register re-encoding of the mid-M GEMM (two conversions and an fp16 multiply on sm_90+, the
-    integer encoder in the interpreter): the reference's bytes for every code at every shift and in a NaN
-    block."""
-    data, scales = _every_code_at_every_shift(tile_code)
-    target = per_block_codes(tile_codes_reference(scales), *data.shape)
-    ref = reencode_reference(data, scales, target)
-    codes = scales.to(torch.int32)
-    shift = (target - codes).clamp(min=0).repeat_interleave(32, dim=1)
-    nan = (codes == 255).to(torch.int32).repeat_interleave(32, dim=1)
-    q, shift_d, nan_d = _dev(data, shift.contiguous(), nan.contiguous())
-    out = torch.empty_like(q)
-    _regroup_codes_kernel[(data.shape[0] // 32,)](
-        q, shift_d, nan_d, out, COLS=data.shape[1], FAST=fast_widen_usable(q.device)
-    )
-    assert torch.equal(bits(out), bits(ref))
 
 
 def test_regroup_kernel_reads_a_misaligned_weight() -> None:
@@ -387,20 +352,15 @@ def test_dispatcher_choice_and_errors() -> None:
     KERNEL_DEVICE == "cpu", reason="the default large-M choice needs CUDA rows >= ALIGNED_MIN_M"
 )
 def test_dispatcher_default_is_aligned_at_large_m() -> None:
-    """From ALIGNED_MIN_M rows the default W8A8 computes the aligned path's numerics: up to MX_W8A8_MID_M_MAX
-    rows in the mid-M kernel (the weight regrouped in its registers), beyond by the regrouping pass and the
-    block-scaled GEMM, the very kernel ``large_m_kernel="aligned"`` names."""
-    from mxrun.kernels.mid_m_gemm import MX_W8A8_MID_M_MAX
+    """Above the mid-M kernel's MXFP8 rows the default W8A8 kernel is the aligned one (from ALIGNED_MIN_M rows
+    where the mid-M kernel cannot run)."""
+    from mxrun.kernels.mid_m_gemm import MX_MID_M_MAX
 
-    for m in (ALIGNED_MIN_M, MX_W8A8_MID_M_MAX + 1):
-        x, w, bias = _inputs(m, 256, 512, seed=26)
-        q = quantize_mxfp8_reference(w)
-        args = _dev(x, q.data, q.scale_e8m0, bias)
-        default = mxfp8_linear(*args, "round_up")
-        ref = mxfp8_aligned_linear_reference(x, q.data, q.scale_e8m0, bias, "round_up")
-        assert_one_ulp(default, ref, fp8_mma_slack(x, w))
-        if m > MX_W8A8_MID_M_MAX:
-            assert torch.equal(default, mxfp8_linear(*args, "round_up", large_m_kernel="aligned"))
+    x, w, bias = _inputs(MX_MID_M_MAX + 1, 256, 512, seed=26)
+    q = quantize_mxfp8_reference(w)
+    args = _dev(x, q.data, q.scale_e8m0, bias)
+    default = mxfp8_linear(*args, "round_up")
+    assert torch.equal(default, mxfp8_linear(*args, "round_up", large_m_kernel="aligned"))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the method's CUDA forward")
