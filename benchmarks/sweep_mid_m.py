@@ -1,11 +1,13 @@
-"""Tiles of the mid-M W8A16 kernel (:mod:`mxrun.kernels.mid_m_gemm`), GEMM alone, CUDA-graph replays, on the
-seven Llama shapes of ``bench_linear.py``: FP8 per-channel and MXFP8 weights (folded decode, and the fp32
-decode for comparison) with bf16 or fp16 activations, each tile with two program targets, beside cuBLAS in the
+"""Tiles of the mid-M kernel (:mod:`mxrun.kernels.mid_m_gemm`), GEMM alone, CUDA-graph replays, on the seven
+Llama shapes of ``bench_linear.py``: FP8 per-channel and MXFP8 weights (folded decode, and the fp32 decode for
+comparison) with bf16 or fp16 activations, or (``--kinds fp8-codes fp8-block-codes``) the W8A8 operands, E4M3
+activation codes per token or in 1x128 groups; each tile with two program targets, beside cuBLAS in the
 activations' dtype. Every output is checked against the reference first (a tile that computes wrong is reported
 and not timed). Prints each case's best tile; per tile, the geometric mean of its time over each case's best; and
 the folded MX decode's best time over the fp32 decode's.
 
     PYTHONPATH=. python3 benchmarks/sweep_mid_m.py [--ms 64 128 256] [--tiles 64,128,128,4,3 ...] [--dtype fp16]
+        [--kinds fp8-channel mxfp8 mxfp8-fp32-decode fp8-codes fp8-block-codes]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mid_m_gemm import MidMConfig, mid_m_gemm_triton
 from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
 from mxrun.kernels.mxfp8_quantize import quantize_mxfp8
+from mxrun.kernels.scaled_gemm import fp8_block_gemm_reference, fp8_gemm_reference
 
 TILES = [  # (block_n, block_m, block_k, num_warps, num_stages)
     (64, 64, 128, 4, 4),
@@ -34,6 +37,7 @@ TILES = [  # (block_n, block_m, block_k, num_warps, num_stages)
     (128, 128, 128, 8, 3),
 ]
 TARGETS = [132, 264]
+KINDS = ["fp8-channel", "mxfp8", "mxfp8-fp32-decode", "fp8-codes", "fp8-block-codes"]
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -58,6 +62,7 @@ def main() -> None:
     )
     parser.add_argument("--targets", type=int, nargs="+", default=TARGETS, help="program targets to try")
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="the activations' dtype")
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=KINDS[:3], help="operand kinds to time")
     args = parser.parse_args()
     tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles] if args.tiles else TILES
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -69,37 +74,49 @@ def main() -> None:
     for name, (k, n) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
         channel = quantize_fp8(w, Fp8Granularity.PER_ROW)
+        blocks = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
         mx = quantize_mxfp8(w)
         fold = {"mx_scale_fold": mx_scales_foldable(mx.scale_e8m0, mx.data)}
         if dtype == torch.float16:
             fold = {"mx_scale_fold16": mx_scales_foldable_f16(mx.scale_e8m0)}
         for m in args.ms:
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            kinds = {
+            mx_ref = mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None)
+            token = quantize_fp8(x, Fp8Granularity.PER_ROW)
+            groups = quantize_fp8(x, Fp8Granularity.GROUP_1X128)
+            kinds = {  # activations, keywords, weight, reference
                 "fp8-channel": (
+                    x,
                     {"weight_scale": channel.scale},
                     channel.data,
                     x.float() @ (channel.data.float() * channel.scale).T,
                 ),
-                "mxfp8": (
-                    {"weight_scale_e8m0": mx.scale_e8m0, **fold},
-                    mx.data,
-                    mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None),
+                "mxfp8": (x, {"weight_scale_e8m0": mx.scale_e8m0, **fold}, mx.data, mx_ref),
+                "mxfp8-fp32-decode": (x, {"weight_scale_e8m0": mx.scale_e8m0}, mx.data, mx_ref),
+                "fp8-codes": (
+                    token.data,
+                    {"a_scale": token.scale, "weight_scale": channel.scale, "out_dtype": dtype},
+                    channel.data,
+                    fp8_gemm_reference(token.data, token.scale, channel.data, channel.scale, None, dtype),
                 ),
-                "mxfp8-fp32-decode": (
-                    {"weight_scale_e8m0": mx.scale_e8m0},
-                    mx.data,
-                    mxfp8_linear_reference(x, mx.data, mx.scale_e8m0, None, None),
+                "fp8-block-codes": (
+                    groups.data,
+                    {"a_scale": groups.scale, "weight_block_scale": blocks.scale, "out_dtype": dtype},
+                    blocks.data,
+                    fp8_block_gemm_reference(
+                        groups.data, groups.scale, blocks.data, blocks.scale, None, dtype
+                    ),
                 ),
             }
             bf16 = _time(lambda x=x, w=w: torch.matmul(x, w.T))
-            for kind, (kwargs, data, ref) in kinds.items():
+            for kind in args.kinds:
+                a, kwargs, data, ref = kinds[kind]
                 times = {}
                 for tile, target in itertools.product(tiles, args.targets):
                     config = MidMConfig(*tile, target_programs=target)
 
-                    def call(x=x, data=data, kwargs=kwargs, config=config) -> torch.Tensor:
-                        return mid_m_gemm_triton(x, data, config=config, **kwargs)
+                    def call(a=a, data=data, kwargs=kwargs, config=config) -> torch.Tensor:
+                        return mid_m_gemm_triton(a, data, config=config, **kwargs)
 
                     if not _correct(call(), ref):
                         print(f"WRONG {name} M={m} {kind} {tile} target {target}")
@@ -110,7 +127,7 @@ def main() -> None:
                              "us": {f"{t}:{g}": v for (t, g), v in times.items()}})  # fmt: skip
                 print(f"{name:<24} M={m:>4} {kind:<12} cuBLAS {bf16:7.1f} us | best {times[best]:7.1f} us "
                       f"({bf16 / times[best]:.2f}x) {best[0]} target {best[1]}", flush=True)  # fmt: skip
-    for kind in ("fp8-channel", "mxfp8", "mxfp8-fp32-decode"):
+    for kind in args.kinds:
         print(f"\n{kind}: time of each tile over each case's best, geometric mean")
         cases = [r for r in rows if r["kind"] == kind]
         for key in cases[0]["us"]:
