@@ -14,9 +14,10 @@ import math
 
 from benchmarks import bench_linear
 from benchmarks.sweep_moe_gluon import _write, check_setting
-from mxrun.kernels import fp8_quantize, fp8_wgmma_gemm, mid_m_gemm, mxfp8_gemm, scaled_gemm
+from mxrun.kernels import fp8_quantize, fp8_tma_gemm, fp8_wgmma_gemm, mid_m_gemm, mxfp8_gemm, scaled_gemm
 
 MODULES = {
+    "tma": fp8_tma_gemm,
     "wgmma": fp8_wgmma_gemm,
     "mxfp8": mxfp8_gemm,
     "scaled": scaled_gemm,

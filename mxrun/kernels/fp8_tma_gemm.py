@@ -46,7 +46,8 @@ from mxrun.kernels.scaled_gemm import (
 )
 
 TMA_MIN_M = 512
-"""From this many rows, the W8A8 dispatchers use the TMA kernels on Hopper."""
+"""From this many rows the W8A8 dispatchers use this kernel where the Gluon kernel cannot run (sm_90+ devices
+other than sm_90; on sm_90 :data:`~mxrun.kernels.fp8_wgmma_gemm.WGMMA_MIN_M` rows take the Gluon kernel)."""
 
 
 @cache

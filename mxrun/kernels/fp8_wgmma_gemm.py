@@ -118,6 +118,15 @@ WGMMA_WIDE_STAGES = 3
 comparisons, 46 faster; single cases move +-5% between runs) over the Llama cases at M = 4096 and 16384
 (``sweep_linear_setting.py --setting wgmma.WGMMA_STAGES --values 4 3 --ms 4096 16384``, when one constant set
 both depths; ``results/linear-wgmma-stages-wide-h100.json``)."""
+WGMMA_MIN_M = 129
+"""From this many rows (the ``m_bucket`` of 256) the W8A8 dispatchers run this kernel on sm_90 (per-tensor,
+per-channel and 128x128 blocks). It was 512, where the persistent Triton TMA
+kernel came in; this kernel is faster from fewer rows. H100, interleaved in one run against the tile kernels
+that had these rows, the seven Llama shapes (``benchmarks/sweep_linear_setting.py --setting tma.TMA_MIN_M
+--values 512 129 --ms 160 256 384 --columns scaled_mm fp8-channel fp8-tensor fp8-block --repeats 1``, when one
+constant set both thresholds; ``results/wgmma-min-m-h100.log``): x0.76 the time, faster in 55 of 63; at 384
+rows x0.58-0.60 (per-channel 0.60-1.05x -> 1.03-1.72x of bf16, blocks 0.49-0.89x -> 0.92-1.49x), at 256
+x0.77-0.85, at 160 x0.88-0.96 (slower on 8B ``o`` at 160 and 256 rows and 70B ``qkv`` at 160, by 3-24%)."""
 WGMMA_GROUP_M = 8
 CONSUMER_REGS = 232
 """Registers per thread of each consumer warp group (the loader keeps the rest of the register file)."""
@@ -665,4 +674,11 @@ def _operand_layout(rows: int, cols: int):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
 
 
-__all__ = ["HAS_GLUON", "fp8_wgmma_gemm", "output_descriptor", "wgmma_gemm_usable", "wide_tiles_pay"]
+__all__ = [
+    "HAS_GLUON",
+    "WGMMA_MIN_M",
+    "fp8_wgmma_gemm",
+    "output_descriptor",
+    "wgmma_gemm_usable",
+    "wide_tiles_pay",
+]

@@ -79,17 +79,19 @@ MX_MID_M_MAX = 256
 128, x0.86 at 256) but x1.40 the aligned path's time at 512 (slower in all 7)."""
 
 
-W8A8_MID_M_MAX = 256
+W8A8_MID_M_MAX = 128
 """FP8 W8A8 (E4M3 activation codes with per-token / per-tensor scales) may take this kernel from
-:data:`MID_M_MIN` up to this many rows, after quantizing its activations once: where :func:`w8a8_takes_mid_m`."""
+:data:`MID_M_MIN` up to this many rows, after quantizing its activations once: where :func:`w8a8_takes_mid_m`.
+From one more the Gluon kernel takes the rows on sm_90 (:data:`~mxrun.kernels.fp8_wgmma_gemm.WGMMA_MIN_M`), which
+this rule was not measured against."""
 
-BLOCK_W8A8_MID_M_MAX = 256
+BLOCK_W8A8_MID_M_MAX = 128
 """The same for FP8 W8A8 with 128x128 weight blocks and 1x128 activation groups."""
 
 W8A8_TILE_FILL = 0.7
-"""The W8A8 tile kernels (64x128 tiles up to 256 rows, one program per tile, K not split) leave the rows to this
-kernel where their tiles would occupy fewer than this fraction of the SMs (8B ``o`` and ``down`` up to 128 rows,
-8B and 70B ``qkv`` and 70B ``down`` up to 64). H100, interleaved in one run, the seven Llama shapes at M = 48-512,
+"""The W8A8 tile kernels (64x128 tiles, one program per tile, K not split; up to 128 rows on sm_90) leave the
+rows to this kernel where their tiles would occupy fewer than this fraction of the SMs (8B ``o`` and ``down`` up to
+128 rows, 8B and 70B ``qkv`` and 70B ``down`` up to 64). H100, interleaved in one run, the seven Llama shapes at M = 48-512,
 this kernel at every M against the tile kernels (``benchmarks/sweep_linear_setting.py --setting
 mid.W8A8_MID_M_MAX --values 0 512 --ms 48 64 128 256 512 --columns scaled_mm fp8-channel fp8-tensor --repeats 1``,
 ``results/w8a8-mid-m-h100.log``): where the tile kernel had up to 80 tiles this kernel was faster in all 20

@@ -11,9 +11,10 @@ activation's dtype. Three families, each a Triton kernel beside the plain-torch 
   computes the amax of its rows, then quantizes the bf16/fp16 tile it loads in registers, bit-identical to
   :func:`~mxrun.kernels.fp8_quantize.quantize_fp8_per_token`. One launch instead of two, which is what small
   M is made of. For larger M the activation is quantized once by the quantize kernel and read as FP8; from
-  ``TMA_MIN_M`` = 512 rows the GEMM is the warp-specialized Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm`
-  on sm_90, the TMA-fed persistent kernel of :mod:`mxrun.kernels.fp8_tma_gemm` on other sm_90+ devices (same
-  numerics), the kernels here elsewhere; block scaling takes the same route.
+  ``WGMMA_MIN_M`` = 129 rows the GEMM is the warp-specialized Gluon kernel of
+  :mod:`mxrun.kernels.fp8_wgmma_gemm` on sm_90, from ``TMA_MIN_M`` = 512 the TMA-fed persistent kernel of
+  :mod:`mxrun.kernels.fp8_tma_gemm` on other sm_90+ devices (same numerics), the kernels here elsewhere; block
+  scaling takes the same route.
 * **W8A8 block** (:func:`fp8_block_linear`, :func:`fp8_block_gemm`): 128x128 weight tiles and 1x128
   activation groups; ``BLOCK_K = 128`` so each K step has one activation scale per row and one weight scale
   per 128 output columns, applied to that step's partial product (``acc += dot * s_a s_w``).
@@ -987,8 +988,8 @@ def fp8_linear(
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
     its dtype. Triton on CUDA, the torch reference elsewhere. Up to :data:`W8A8_SPLIT_K_MAX_M` rows: activation
     quantization, then the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, the tile kernel (from
-    512 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, else the TMA kernel of
-    :mod:`mxrun.kernels.fp8_tma_gemm` on sm_90+), except where its tiles would leave SMs idle and the mid-M
+    129 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, from 512 the TMA kernel of
+    :mod:`mxrun.kernels.fp8_tma_gemm` on other sm_90+), except where its tiles would leave SMs idle and the mid-M
     kernel splits K instead (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
     :data:`~mxrun.kernels.mid_m_gemm.W8A8_MID_M_MAX` rows). (The tile kernel with the quantization fused in,
     measured 0.06-0.5x of bf16 at M <= 64, only serves strided inputs now.)"""
@@ -997,7 +998,7 @@ def fp8_linear(
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
-    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
+    from mxrun.kernels.fp8_wgmma_gemm import WGMMA_MIN_M, fp8_wgmma_gemm, wgmma_gemm_usable
     from mxrun.kernels.mid_m_gemm import W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
@@ -1024,7 +1025,7 @@ def fp8_linear(
             bias=bias,
             out_dtype=x.dtype,
         )
-    if x.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
+    if x.shape[0] >= WGMMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
         return fp8_wgmma_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
     if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
         return fp8_tma_gemm(
@@ -1041,7 +1042,7 @@ def fp8_block_linear(
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
     """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then
-    :func:`fp8_block_gemm` (from 512 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
+    :func:`fp8_block_gemm` (from 129 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
     rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``), or the mid-M kernel where the
     block tile kernel would leave SMs idle (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
     :data:`~mxrun.kernels.mid_m_gemm.BLOCK_W8A8_MID_M_MAX` rows)."""
@@ -1073,15 +1074,16 @@ def fp8_block_gemm(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-scaled GEMM of quantized operands (E4M3 ``a`` with 1x128 group scales, E4M3 ``weight`` with
-    128x128 block scales) on CUDA: from ``TMA_MIN_M`` rows the Gluon kernel on Hopper, the TMA kernel on other
-    sm_90+ devices; the pointer kernel otherwise. ``out`` (``[M, N]``, unit column stride, e.g. a column
-    slice of a wider output) receives the result: written in place by the Gluon kernel, copied otherwise."""
+    128x128 block scales) on CUDA: from ``WGMMA_MIN_M`` rows the Gluon kernel on Hopper, from ``TMA_MIN_M`` the
+    TMA kernel on other sm_90+ devices; the pointer kernel otherwise. ``out`` (``[M, N]``, unit column stride,
+    e.g. a column slice of a wider output) receives the result: written in place by the Gluon kernel, copied
+    otherwise."""
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
-    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, wgmma_gemm_usable
+    from mxrun.kernels.fp8_wgmma_gemm import WGMMA_MIN_M, fp8_wgmma_gemm, wgmma_gemm_usable
 
     if out is not None:
         output_for("fp8_block_gemm", out, a.shape[0], weight.shape[0], out_dtype, a.device)
-    if a.shape[0] >= TMA_MIN_M and wgmma_gemm_usable(a, weight):
+    if a.shape[0] >= WGMMA_MIN_M and wgmma_gemm_usable(a, weight):
         return fp8_wgmma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True, out=out)
     if a.shape[0] >= TMA_MIN_M and tma_usable(a, weight):
         result = fp8_tma_gemm(a, a_scale, weight, weight_scale, bias, out_dtype, block_scaled=True)
