@@ -120,8 +120,8 @@ comparisons, 46 faster; single cases move +-5% between runs) over the Llama case
 both depths; ``results/linear-wgmma-stages-wide-h100.json``)."""
 WGMMA_MIN_M = 129
 """From this many rows (the ``m_bucket`` of 256) the W8A8 dispatchers run this kernel on sm_90 (per-tensor,
-per-channel and 128x128 blocks). It was 512, where the persistent Triton TMA
-kernel came in; this kernel is faster from fewer rows. H100, interleaved in one run against the tile kernels
+per-channel and 128x128 blocks). It was 512, where the persistent Triton TMA kernel came in; this kernel is
+faster from fewer rows. H100, interleaved in one run against the tile kernels
 that had these rows, the seven Llama shapes (``benchmarks/sweep_linear_setting.py --setting tma.TMA_MIN_M
 --values 512 129 --ms 160 256 384 --columns scaled_mm fp8-channel fp8-tensor fp8-block --repeats 1``, when one
 constant set both thresholds; ``results/wgmma-min-m-h100.log``): x0.76 the time, faster in 55 of 63; at 384

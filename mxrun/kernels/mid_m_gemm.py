@@ -147,6 +147,22 @@ def w8a8_takes_mid_m(codes: torch.Tensor, weight: torch.Tensor, max_rows: int) -
     return tiles < W8A8_TILE_FILL * _sms(codes.device)
 
 
+def w8a8_on_mid_m(
+    codes: torch.Tensor,
+    a_scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    max_rows: int,
+    **weight_scales: torch.Tensor,
+) -> torch.Tensor | None:
+    """An FP8 W8A8 dispatcher's product on this kernel where :func:`w8a8_takes_mid_m`, else None (the caller's
+    tile kernels). ``weight_scales``: ``weight_scale`` or ``weight_block_scale``."""
+    if not w8a8_takes_mid_m(codes, weight, max_rows):
+        return None
+    return mid_m_gemm_triton(codes, weight, a_scale=a_scale, bias=bias, out_dtype=out_dtype, **weight_scales)
+
+
 def _sms(device: torch.device) -> int:
     """The SM count of a CUDA device."""
     from mxrun.kernels.fp8_tma_gemm import _sm_count
@@ -407,5 +423,6 @@ __all__ = [
     "mid_m_gemm_triton",
     "mid_m_usable",
     "split_k_for",
+    "w8a8_on_mid_m",
     "w8a8_takes_mid_m",
 ]

@@ -502,13 +502,12 @@ def _aligned_gemm(
     """The aligned path's block-scaled product of the whole weight: the mid-M kernel where FP8 block W8A8 takes
     it (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`: the tile kernel would leave SMs idle), else
     :func:`~mxrun.kernels.scaled_gemm.fp8_block_gemm`."""
-    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
 
-    if w8a8_takes_mid_m(a.data, weight, BLOCK_W8A8_MID_M_MAX):
-        return mid_m_gemm_triton(
-            a.data, weight, a_scale=a.scale, weight_block_scale=tile_scale, bias=bias, out_dtype=out_dtype
-        )
-    return fp8_block_gemm(a.data, a.scale, weight, tile_scale, bias, out_dtype)
+    mid = w8a8_on_mid_m(
+        a.data, a.scale, weight, bias, out_dtype, BLOCK_W8A8_MID_M_MAX, weight_block_scale=tile_scale
+    )
+    return mid if mid is not None else fp8_block_gemm(a.data, a.scale, weight, tile_scale, bias, out_dtype)
 
 
 def mxfp8_aligned_matmul(

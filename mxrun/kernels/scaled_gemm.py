@@ -999,7 +999,7 @@ def fp8_linear(
         return fp8_linear_reference(x, weight, weight_scale, bias, activation)
     from mxrun.kernels.fp8_tma_gemm import TMA_MIN_M, fp8_tma_gemm, tma_usable  # imports this module
     from mxrun.kernels.fp8_wgmma_gemm import WGMMA_MIN_M, fp8_wgmma_gemm, wgmma_gemm_usable
-    from mxrun.kernels.mid_m_gemm import W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+    from mxrun.kernels.mid_m_gemm import W8A8_MID_M_MAX, w8a8_on_mid_m
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # imports this module
 
     unit_k = weight.stride(1) == 1 and x.stride(1) == 1
@@ -1016,15 +1016,11 @@ def fp8_linear(
     if x.shape[0] <= FUSED_QUANT_MAX_M and not unit_k:
         return fp8_gemm_triton(x, None, weight, weight_scale, bias, fused_activation=activation)
     quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
-    if w8a8_takes_mid_m(quantized.data, weight, W8A8_MID_M_MAX):
-        return mid_m_gemm_triton(
-            quantized.data,
-            weight,
-            a_scale=quantized.scale,
-            weight_scale=weight_scale,
-            bias=bias,
-            out_dtype=x.dtype,
-        )
+    mid = w8a8_on_mid_m(
+        quantized.data, quantized.scale, weight, bias, x.dtype, W8A8_MID_M_MAX, weight_scale=weight_scale
+    )
+    if mid is not None:
+        return mid
     if x.shape[0] >= WGMMA_MIN_M and wgmma_gemm_usable(quantized.data, weight):
         return fp8_wgmma_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
     if x.shape[0] >= TMA_MIN_M and tma_usable(quantized.data, weight):
@@ -1048,19 +1044,21 @@ def fp8_block_linear(
     :data:`~mxrun.kernels.mid_m_gemm.BLOCK_W8A8_MID_M_MAX` rows)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
-    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, mid_m_gemm_triton, w8a8_takes_mid_m
+    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
 
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
     quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
-    if w8a8_takes_mid_m(quantized.data, weight, BLOCK_W8A8_MID_M_MAX):
-        return mid_m_gemm_triton(
-            quantized.data,
-            weight,
-            a_scale=quantized.scale,
-            weight_block_scale=weight_scale,
-            bias=bias,
-            out_dtype=x.dtype,
-        )
+    mid = w8a8_on_mid_m(
+        quantized.data,
+        quantized.scale,
+        weight,
+        bias,
+        x.dtype,
+        BLOCK_W8A8_MID_M_MAX,
+        weight_block_scale=weight_scale,
+    )
+    if mid is not None:
+        return mid
     return fp8_block_gemm(quantized.data, quantized.scale, weight, weight_scale, bias, x.dtype)
 
 
