@@ -105,8 +105,6 @@ tile kernel (``--setting mid.W8A8_TILE_FILL --values 0 100 --columns scaled_mm f
 ``results/block-w8a8-mid-m-h100.log``): x0.75 the time on the same 12 cases (all faster; 0.48-1.36x ->
 0.69-1.75x of bf16), slower on 8B ``gate_up`` at 48-128 rows (up to x1.27) and 70B ``gate_up`` at 48-64."""
 
-_VALUE_DTYPES = (torch.bfloat16, torch.float16)
-
 
 class MidMConfig(NamedTuple):
     """Tile and split policy. ``block_n``: weight rows per program (the MMA's M side: 64 per warp group);
@@ -305,24 +303,18 @@ def mid_m_gemm_triton(
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
     weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
     TMA (:func:`mid_m_usable`), or this runs under the interpreter."""
-    from mxrun.kernels.small_m_gemm import mx_fold_mode, scale_mode, sum_splits  # it imports the scaled GEMMs
+    from mxrun.kernels.small_m_gemm import (  # it imports the scaled GEMMs
+        check_operands,
+        mx_fold_mode,
+        scale_mode,
+        sum_splits,
+    )
 
     fn = "mid_m_gemm_triton"
-    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
-        raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
-    n, k = weight.shape
+    n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     codes = a.dtype == torch.float8_e4m3fn
-    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1 or not (codes or a.dtype in _VALUE_DTYPES):
-        raise GemmInputError(
-            f"{fn}: A must be a K-contiguous bf16/fp16 (or E4M3 with a_scale) [M, K={k}] tensor, "
-            f"got {a.dtype} {tuple(a.shape)}"
-        )
-    if codes != (a_scale is not None):
-        raise GemmInputError(f"{fn}: E4M3 activations need their a_scale, bf16/fp16 ones take none")
-    if codes and (weight_scale_e8m0 is not None or activation_mx_rule is not None):
+    if codes and weight_scale_e8m0 is not None:
         raise GemmInputError(f"{fn}: E4M3 activation codes meet FP8 weights with fp32 scales only")
-    if codes and out_dtype not in _VALUE_DTYPES:
-        raise GemmInputError(f"{fn}: E4M3 activations need out_dtype bf16 or fp16, got {out_dtype}")
     if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
         raise GemmInputError(
             f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
@@ -339,8 +331,6 @@ def mid_m_gemm_triton(
         raise GemmInputError(f"{fn}: MXFP8 operands need K % 32 == 0, got K={k}")
     if b_mx and weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE):
         raise GemmInputError(f"{fn}: MXFP8 weights need E8M0 scales [N, K/32]")
-    if bias is not None and bias.shape != (n,):
-        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
     interpreting = triton_interpreting()
     if not (interpreting or mid_m_usable(a, weight)):
         raise GemmInputError(f"{fn}: needs sm_90+ and 16-byte aligned K-contiguous operands (TMA)")
@@ -358,7 +348,7 @@ def mid_m_gemm_triton(
         a_scale_mode, stride_asm = 3, a_scale.stride(0)
     elif codes:
         a_scale_mode = scale_mode(a_scale, m, "activation", fn)
-    c = torch.empty((m, n), dtype=out_dtype if codes else a.dtype, device=a.device)
+    c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
     config = config or config_for(m)

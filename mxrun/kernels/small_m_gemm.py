@@ -373,6 +373,41 @@ def scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int
     raise GemmInputError(f"{fn}: the {what} scale must have 1 or {rows} elements, got {tuple(scale.shape)}")
 
 
+def check_operands(
+    fn: str,
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    a_scale: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    activation_mx_rule: MxScaleRule | str | None,
+    bias: torch.Tensor | None,
+) -> tuple[int, int, torch.dtype]:
+    """The operands the W8A16 / W8A8 launchers share (this kernel's and the mid-M kernel's): a K-contiguous E4M3
+    weight ``[N, K]``; activations ``[M, K]``, K-contiguous, either bf16/fp16 values (no ``a_scale``; the
+    output in their dtype) or E4M3 codes with ``a_scale`` and ``out_dtype`` (no ``activation_mx_rule``); a bias
+    ``[N]``. Returns ``(N, K, output dtype)``; raises :class:`GemmInputError` naming ``fn`` otherwise."""
+    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
+        raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
+    n, k = weight.shape
+    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1:
+        raise GemmInputError(f"{fn}: A must be a K-contiguous [M, K={k}] tensor, got {tuple(a.shape)}")
+    if bias is not None and bias.shape != (n,):
+        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
+    if a.dtype in (torch.bfloat16, torch.float16):
+        if a_scale is not None:
+            raise GemmInputError(f"{fn}: a_scale goes with E4M3 activations only")
+        if activation_mx_rule is not None and k % MX_BLOCK_SIZE:
+            raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
+        return n, k, a.dtype
+    if a.dtype == torch.float8_e4m3fn:
+        if a_scale is None or activation_mx_rule is not None or out_dtype is None:
+            raise GemmInputError(
+                f"{fn}: E4M3 activations need a_scale and out_dtype (and no activation_mx_rule)"
+            )
+        return n, k, out_dtype
+    raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
+
+
 def small_m_gemm_triton(
     a: torch.Tensor,
     weight: torch.Tensor,
@@ -405,11 +440,7 @@ def small_m_gemm_triton(
     ``weight_tma``: read the weight tiles by TMA (True), by pointers (False), or as :data:`WEIGHT_TMA` says
     (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked."""
     fn = "small_m_gemm_triton"
-    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
-        raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
-    n, k = weight.shape
-    if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1:
-        raise GemmInputError(f"{fn}: A must be a K-contiguous [M, K={k}] tensor, got {tuple(a.shape)}")
+    n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
     if m > SMALL_M_MAX:
         raise GemmInputError(f"{fn}: at most {SMALL_M_MAX} rows, got {m}")
@@ -419,23 +450,8 @@ def small_m_gemm_triton(
         k % MX_BLOCK_SIZE or weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE)
     ):
         raise GemmInputError(f"{fn}: MXFP8 weights need K % 32 == 0 and E8M0 scales [N, K/32]")
-    if bias is not None and bias.shape != (n,):
-        raise GemmInputError(f"{fn}: bias must be [N={n}], got {tuple(bias.shape)}")
-    if a.dtype in (torch.bfloat16, torch.float16):
-        if a_scale is not None:
-            raise GemmInputError(f"{fn}: a_scale goes with E4M3 activations only")
-        out_dtype = a.dtype
-        if activation_mx_rule is not None:
-            if k % MX_BLOCK_SIZE:
-                raise GemmInputError(f"{fn}: MXFP8 activations need K % 32 == 0, got K={k}")
-            a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
-    elif a.dtype == torch.float8_e4m3fn:
-        if a_scale is None or activation_mx_rule is not None or out_dtype is None:
-            raise GemmInputError(
-                f"{fn}: E4M3 activations need a_scale and out_dtype (and no activation_mx_rule)"
-            )
-    else:
-        raise GemmInputError(f"{fn}: activations must be bfloat16, float16 or float8_e4m3fn, got {a.dtype}")
+    if activation_mx_rule is not None:
+        a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
     a_scale_mode = scale_mode(a_scale, m, "activation", fn)
     b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -504,6 +520,7 @@ __all__ = [
     "FUSED_SUM_MAX_BLOCK_M",
     "SMALL_M_MAX",
     "SplitKConfig",
+    "check_operands",
     "default_config",
     "mx_fold_mode",
     "scale_mode",
