@@ -7,7 +7,8 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   per-token activation quantization it needs (mxrun's Triton quantize kernel, the fastest one at hand);
 * each mxrun scheme through its dispatcher, activation quantization included: ``fp8-tensor``,
   ``fp8-channel``, ``fp8-block``, ``mxfp8`` (W8A8; its M crossover decides the kernel), ``mxfp8-tiles``
-  (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``), the MXFP8 W8A8
+  (the same with the weight stored tile-aligned, a recipe's ``tile_aligned: true``; ``mxfp8-tiles-w8a16-decode``
+  that weight under ``activations: {min_rows: 65}``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
   64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
@@ -100,6 +101,11 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         ),
         "mxfp8-tiles": lambda: mxfp8_linear(
             *(x, tiles.data, tiles.scale_e8m0, None, "round_up"),
+            weight_tile_scale=tile_scale,
+            weight_scales_foldable=tiles_foldable,
+        ),
+        "mxfp8-tiles-w8a16-decode": lambda: mxfp8_linear(
+            *(x, tiles.data, tiles.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
             weight_tile_scale=tile_scale,
             weight_scales_foldable=tiles_foldable,
         ),
@@ -270,6 +276,8 @@ GOALS = [  # issue 5: (column, rows the goal is about, anchor column, at least t
     ("mxfp8-tiles", "M <= 16", "bf16", 1.7),
     ("mxfp8-w8a16-decode", "M >= 1024", "bf16", 1.0),
     ("mxfp8-w8a16-decode", "M <= 16", "bf16", 1.7),
+    ("mxfp8-tiles-w8a16-decode", "M >= 1024", "bf16", 1.0),
+    ("mxfp8-tiles-w8a16-decode", "M <= 16", "bf16", 1.7),
 ]
 _ROWS = {"M >= 1024": lambda m: m >= 1024, "M <= 16": lambda m: m <= 16}
 

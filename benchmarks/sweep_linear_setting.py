@@ -14,7 +14,15 @@ import math
 
 from benchmarks import bench_linear
 from benchmarks.sweep_moe_gluon import _write, check_setting
-from mxrun.kernels import fp8_quantize, fp8_tma_gemm, fp8_wgmma_gemm, mid_m_gemm, mxfp8_gemm, scaled_gemm
+from mxrun.kernels import (
+    fp8_quantize,
+    fp8_tma_gemm,
+    fp8_wgmma_gemm,
+    mid_m_gemm,
+    mxfp8_gemm,
+    scaled_gemm,
+    small_m_gemm,
+)
 
 MODULES = {
     "tma": fp8_tma_gemm,
@@ -23,6 +31,7 @@ MODULES = {
     "scaled": scaled_gemm,
     "quantize": fp8_quantize,
     "mid": mid_m_gemm,
+    "small": small_m_gemm,
 }
 
 

@@ -102,6 +102,18 @@ SHARED_LAUNCH = True
 """The aligned path quantizes the activations and regroups a weight that goes in one piece in one launch
 (:func:`~mxrun.kernels.mx_regroup.quantize_and_regroup_triton`) instead of two; a setting for
 ``benchmarks/sweep_linear_setting.py``."""
+FEW_ROWS_TILES_AS_BLOCKS = True
+"""A weight stored tile-aligned (one E8M0 scale per 128x128 tile) meets the split-K and mid-M kernels as an FP8
+weight with 128x128 power-of-two block scales (its fp32 tile scales): the E4M3 codes widen as FP8 weights do and
+each K step's product is multiplied by its tile's power of two, instead of every element being decoded with its
+own scale; the same exact products. False decodes it as any MXFP8 weight (a setting for
+``benchmarks/sweep_linear_setting.py``)."""
+TILES_W8A8_ALIGNED_AT_EVERY_M = True
+"""W8A8 on a weight stored tile-aligned takes the aligned path at every M, as above 64 rows: activations
+quantized over 1x128 groups with the MX scale rule, E4M3 codes meeting the weight's in the block-scaled product
+(the split-K kernel up to :data:`~mxrun.kernels.scaled_gemm.BLOCK_SPLIT_K_MAX_M` rows); False rounds them to
+their MXFP8 values below 65 rows and multiplies those in bf16 (a setting for
+``benchmarks/sweep_linear_setting.py``)."""
 MAX_DECODED_CHUNK_BYTES = 256 << 20
 """The ``"cublas"`` path decodes the weight in slices of output rows of at most this many bytes."""
 
@@ -499,11 +511,18 @@ def _aligned_gemm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The aligned path's block-scaled product of the whole weight: the mid-M kernel where FP8 block W8A8 takes
-    it (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`: the tile kernel would leave SMs idle), else
+    """The aligned path's block-scaled product of the whole weight, as FP8 block W8A8 takes it: the split-K
+    kernel up to :data:`~mxrun.kernels.scaled_gemm.BLOCK_SPLIT_K_MAX_M` rows, the mid-M kernel where
+    :func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m` says the tile kernel would leave SMs idle, else
     :func:`~mxrun.kernels.scaled_gemm.fp8_block_gemm`."""
     from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
+    from mxrun.kernels.scaled_gemm import BLOCK_SPLIT_K_MAX_M
+    from mxrun.kernels.small_m_gemm import small_m_gemm_triton  # imports this module
 
+    if a.data.shape[0] <= BLOCK_SPLIT_K_MAX_M:
+        return small_m_gemm_triton(
+            a.data, weight, a_scale=a.scale, weight_block_scale=tile_scale, bias=bias, out_dtype=out_dtype
+        )
     mid = w8a8_on_mid_m(
         a.data, a.scale, weight, bias, out_dtype, BLOCK_W8A8_MID_M_MAX, weight_block_scale=tile_scale
     )
@@ -743,7 +762,8 @@ def mxfp8_linear(
 ) -> torch.Tensor:
     """MXFP8 Linear: W8A8 with ``activation_rule`` (the MX scale rule for the activations), W8A16 without.
     ``weight_tile_scale``: the weight is tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) and
-    these are its fp32 tile scales; the aligned path then skips its per-call regrouping.
+    these are its fp32 tile scales; the aligned path then skips its per-call regrouping, and the split-K and
+    mid-M kernels take the weight as 128x128 block-scaled FP8 (:data:`FEW_ROWS_TILES_AS_BLOCKS`).
     ``weight_scales_foldable``: :func:`~mxrun.kernels.e4m3.mx_scales_foldable` of the weight, known by
     the caller (it reads them back once per loaded weight): the small-M kernel then folds each power of two into
     the E4M3 widening (same values, fewer instructions). ``weight_scales_foldable_f16``:
@@ -754,17 +774,20 @@ def mxfp8_linear(
     :data:`~mxrun.kernels.mid_m_gemm.MX_MID_M_MAX` rows where TMA can read the operands
     (:mod:`mxrun.kernels.mid_m_gemm`), the split-K kernel with fewer rows (and up to 64 where the mid-M kernel
     does not run; :mod:`mxrun.kernels.small_m_gemm`); above, :func:`large_m_kernel_for`. ``large_m_kernel``
-    (one of :data:`LARGE_M_KERNELS`) forces the kernel above 64 rows and keeps the mid-M kernel out, as does a
-    stored tile-aligned weight in W8A8 above 64 rows (its aligned GEMM runs FP8 MMAs with no per-call
-    regrouping)."""
+    (one of :data:`LARGE_M_KERNELS`) forces the kernel above 64 rows and keeps the mid-M kernel out. A weight
+    stored tile-aligned in W8A8 takes the aligned path at every M (:data:`TILES_W8A8_ALIGNED_AT_EVERY_M`: FP8
+    MMAs on its codes as stored, no per-call regrouping)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
     from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
     m = x.shape[0]
-    # a stored tile-aligned weight in W8A8: above 64 rows its aligned GEMM runs FP8 MMAs with no regrouping
-    stored_tiles = weight_tile_scale is not None and activation_rule is not None and m > SMALL_M_MAX
+    # a stored tile-aligned weight in W8A8: its aligned GEMM runs FP8 MMAs with no regrouping
+    stored_tiles = weight_tile_scale is not None and activation_rule is not None
+    stored_tiles = stored_tiles and (m > SMALL_M_MAX or TILES_W8A8_ALIGNED_AT_EVERY_M)
+    if stored_tiles and large_m_kernel is None:
+        return mxfp8_aligned_matmul(x, weight, weight_scale_e8m0, bias, activation_rule, weight_tile_scale)
     few_rows = None
     if (
         large_m_kernel is None
@@ -776,15 +799,15 @@ def mxfp8_linear(
     elif m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
         few_rows = small_m_gemm_triton
     if few_rows is not None:
-        return few_rows(
-            x,
-            weight,
-            weight_scale_e8m0=weight_scale_e8m0,
-            activation_mx_rule=activation_rule,
-            bias=bias,
-            mx_scale_fold=weight_scales_foldable,
-            mx_scale_fold16=weight_scales_foldable_f16,
-        )
+        if weight_tile_scale is not None and FEW_ROWS_TILES_AS_BLOCKS:
+            weight_scales = {"weight_block_scale": weight_tile_scale}
+        else:
+            weight_scales = {
+                "weight_scale_e8m0": weight_scale_e8m0,
+                "mx_scale_fold": weight_scales_foldable,
+                "mx_scale_fold16": weight_scales_foldable_f16,
+            }
+        return few_rows(x, weight, activation_mx_rule=activation_rule, bias=bias, **weight_scales)
     kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
     if kernel not in LARGE_M_KERNELS:
         raise GemmInputError(f"mxfp8_linear: large_m_kernel must be one of {LARGE_M_KERNELS}, got {kernel!r}")
@@ -808,9 +831,11 @@ def mxfp8_linear(
 
 __all__ = [
     "ALIGNED_MIN_M",
+    "FEW_ROWS_TILES_AS_BLOCKS",
     "LARGE_M_KERNELS",
     "MAX_DECODED_CHUNK_BYTES",
     "MX_W8A8_MIN_M",
+    "TILES_W8A8_ALIGNED_AT_EVERY_M",
     "large_m_kernel_for",
     "mxfp8_aligned_linear_reference",
     "mxfp8_aligned_matmul",

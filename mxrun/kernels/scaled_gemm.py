@@ -70,6 +70,11 @@ M = 64 the tile kernel took the split-K kernel's 0.49-1.41x of bf16 to 0.59-1.89
 ``down`` 1.02 -> 0.97); at M = 32 the split-K kernel won on 4 (8B ``qkv`` 1.74 against 1.48), tied on 2 and
 lost on 70B ``gate_up`` (1.75 against 1.88). Rows 33-64 take the split-K kernel's 64-row tile and the tile
 kernel's 64-row bucket, as at M = 64."""
+BLOCK_SPLIT_K_MAX_M = 32
+"""Up to this many rows 128x128 block weights (W8A8 with 1x128 activation groups, and weight-only) run the
+split-K kernel of :mod:`mxrun.kernels.small_m_gemm`, each K step's product times its block's scales (they took
+the tile kernels before; 0 restores that); from :data:`~mxrun.kernels.mid_m_gemm.MID_M_MIN` rows the mid-M
+kernel where it can run, as for the other weights."""
 M_BUCKET_CAP = 4096
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -1037,7 +1042,8 @@ def fp8_block_linear(
     bias: torch.Tensor | None,
     backend: Backend | str = Backend.AUTO,
 ) -> torch.Tensor:
-    """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then
+    """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then up to
+    :data:`BLOCK_SPLIT_K_MAX_M` rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), else
     :func:`fp8_block_gemm` (from 129 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
     rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``), or the mid-M kernel where the
     block tile kernel would leave SMs idle (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
@@ -1045,9 +1051,19 @@ def fp8_block_linear(
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
     from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
+    from mxrun.kernels.small_m_gemm import small_m_gemm_triton  # imports this module
 
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
     quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
+    if x.shape[0] <= BLOCK_SPLIT_K_MAX_M and weight.stride(1) == 1:
+        return small_m_gemm_triton(
+            quantized.data,
+            weight,
+            a_scale=quantized.scale,
+            weight_block_scale=weight_scale,
+            bias=bias,
+            out_dtype=x.dtype,
+        )
     mid = w8a8_on_mid_m(
         quantized.data,
         quantized.scale,
@@ -1104,7 +1120,8 @@ def fp8_weight_only_linear(
     TMA can read the operands), fewer rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), more
     :func:`fp8_decode_matmul` on CUDA (1.4-2.0x the in-register kernel at M >= 1024 on an H100,
     benchmarks/bench_linear.py); 128x128 blocks (scales that change along K) take the mid-M kernel for the same
-    rows (each K step's product times its block's scale), the in-register tile kernel for the others: H100,
+    rows (each K step's product times its block's scale), the split-K kernel up to :data:`BLOCK_SPLIT_K_MAX_M`
+    rows (the same per-step scaling), the in-register tile kernel for the others: H100,
     ``bench_linear.py --graph --rep-ms 10 --ms 1 16 48 128 512 1024 --columns fp8-block-wo fp8-block-wo:tile``
     (``results/linear-h100-block-wo-mid-m.md``), the mid-M kernel faster on all 21 cases at M = 48-512 (0.25-1.01x
     -> 0.57-1.70x of bf16), slower on 6 of 7 at M = 16."""
@@ -1116,6 +1133,9 @@ def fp8_weight_only_linear(
     per_block = Fp8Granularity(granularity) is Fp8Granularity.BLOCK_128X128
     if per_block and MID_M_MIN <= x.shape[0] <= MID_M_MAX and mid_m_usable(x, weight):
         return mid_m_gemm_triton(x, weight, weight_block_scale=weight_scale, bias=bias)
+    unit_k = weight.stride(1) == 1 and x.stride(1) == 1
+    if per_block and x.shape[0] <= min(BLOCK_SPLIT_K_MAX_M, SMALL_M_MAX) and unit_k:
+        return small_m_gemm_triton(x, weight, weight_block_scale=weight_scale, bias=bias)
     if not per_block and weight.stride(1) == 1 and x.stride(1) == 1:
         if MID_M_MIN <= x.shape[0] <= MID_M_MAX and mid_m_usable(x, weight):
             return mid_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias)
@@ -1127,6 +1147,7 @@ def fp8_weight_only_linear(
 
 
 __all__ = [
+    "BLOCK_SPLIT_K_MAX_M",
     "FUSED_QUANT_MAX_M",
     "MAX_DECODE_CHUNK_BYTES",
     "W8A8_SPLIT_K_MAX_M",

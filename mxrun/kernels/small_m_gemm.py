@@ -70,7 +70,14 @@ pipelines with ``cp.async`` instead of waiting inside each step for the byte loa
 layouts (117 -> 90 registers, same bits): slower in 12 of 14 cases (8B qkv at M = 1 12.6 -> 15.3 us; only 8B
 down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``.
 
-128x128 block weights keep the tile kernels (their small-M speed is not a goal of issue 5).
+128x128 block weights (FP8 blocks, and MXFP8 stored tile-aligned with its power-of-two tile scales) run here too:
+a program's columns lie in one block row and each 128-wide part of a K step in one block, so each part's product
+(a fresh MMA) is added into the accumulator times its block's scale, and, beside E4M3 activation codes, each
+row's 1x128 group scale; at most 64 rows, that multiply is cheap beside the widening. H100, the seven Llama
+shapes, interleaved in one run against the tile kernels they took before (``benchmarks/sweep_linear_setting.py
+--setting scaled.BLOCK_SPLIT_K_MAX_M --values 0 32 --ms 1 16 32 --columns scaled_mm fp8-block fp8-block-wo
+--repeats 1``, ``results/block-split-k-h100.log``): x0.67 the time, faster in 38 of 42 (FP8 block W8A8 at M = 1
+0.71-0.79x -> 1.02-2.02x of ``_scaled_mm``; the four slower are ``gate_up`` layers at 16-32 rows, by 2-14%).
 """
 
 from __future__ import annotations
@@ -127,6 +134,13 @@ class SplitKConfig(NamedTuple):
 DEFAULT_CONFIG = SplitKConfig()
 FP16_MMA_CONFIG = SplitKConfig(block_k=256, max_registers=80)
 BF16_MMA_CONFIG = SplitKConfig(block_n=32, target_programs=8 * 132, max_registers=80)
+BLOCK_FP16_MMA_STEP = 128
+"""K step of 128x128 weight blocks meeting an fp16 MMA (E4M3 activation codes, fp16 activations; the tile of
+:data:`FP16_MMA_CONFIG` otherwise): each step runs one MMA per 128-wide block it covers, each product scaled
+by its block's scales. 256 (two blocks a step, as the codes kernel's 64x256 tile) took x0.999 the time of 128
+on the seven Llama shapes at M = 1 and 16, FP8 block W8A8 (H100, ``benchmarks/sweep_linear_setting.py
+--setting small.BLOCK_FP16_MMA_STEP --values 128 256 --ms 1 16 --columns scaled_mm fp8-block --repeats 1``,
+``results/block-split-k-step-h100.log``)."""
 
 
 WEIGHT_TMA = True
@@ -144,13 +158,17 @@ SM). Each kind's best tile with and without TMA (``benchmarks/sweep_small_m.py -
 slower."""
 
 
-def default_config(activation_dtype: torch.dtype, mx_weight: bool, m: int = 1) -> SplitKConfig:
+def default_config(
+    activation_dtype: torch.dtype, mx_weight: bool, m: int = 1, block_weight: bool = False
+) -> SplitKConfig:
     """The tile :func:`small_m_gemm_triton` uses unless given one: by the MMA's type and the weight's scales
     for up to 16 rows (what the sweep measured; their register caps would spill with 32- or 64-row tiles),
-    :data:`DEFAULT_CONFIG` beyond."""
+    :data:`DEFAULT_CONFIG` beyond; 128x128 weight blocks meeting an fp16 MMA take :data:`BLOCK_FP16_MMA_STEP`."""
     if mx_weight or block_m_for(m) > 16:
         return DEFAULT_CONFIG
-    return BF16_MMA_CONFIG if activation_dtype == torch.bfloat16 else FP16_MMA_CONFIG
+    if activation_dtype == torch.bfloat16:
+        return BF16_MMA_CONFIG
+    return FP16_MMA_CONFIG._replace(block_k=BLOCK_FP16_MMA_STEP) if block_weight else FP16_MMA_CONFIG
 
 
 @triton.jit
@@ -170,7 +188,8 @@ def _scale_and_store(
     total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
     A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """The scales that factor out of K (0 none, 1 per tensor, 2 per row / column), bias, cast, store."""
+    """The scales that factor out of K (0 none, 1 per tensor, 2 per row / column; 3, per K step, were applied
+    in the loop), bias, cast, store."""
     if A_SCALE == 1:
         total = total * tl.load(a_scale_ptr)
     elif A_SCALE == 2:
@@ -185,15 +204,45 @@ def _scale_and_store(
     tl.store(out, total.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+@triton.jit
+def _block_step(
+    acc, a_rows, b_ptr, b_cols, block_scales, a_groups, k0, k_end, m_ok, n_ok, pid_n,
+    A_SCALE: tl.constexpr, MMA: tl.constexpr, FAST_WIDEN: tl.constexpr, B_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """128 K of a program over 128x128 weight blocks (``k0`` a multiple of 128): the part's product, a fresh
+    MMA, added into ``acc`` times the block's scale (and, A_SCALE 3, each row's 1x128 group scale); the
+    accumulator of at most 64 rows is small, so the multiply costs little beside the widening. A part at or past
+    ``k_end`` (the second half of the last step) loads zeros and a zero scale."""
+    offs_k = tl.arange(0, 128)
+    k_ok = k0 + offs_k < k_end
+    a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if B_TMA:  # past K the hardware fills in zeros; a split's end within K is a multiple of the step
+        b = b_ptr.load([pid_n * BLOCK_N, k0]).T
+    else:
+        b = tl.load(b_ptr + b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    w = e4m3_to_bf16(b, FAST_WIDEN) if MMA == 1 else b
+    if MMA == 0:
+        part = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), input_precision="ieee")
+    else:
+        part = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA))
+    block = tl.minimum(k0, k_end - 1) // 128  # a part past the end reads the last block's scales, times zero
+    scale = tl.where(k0 < k_end, tl.load(block_scales + block), 0.0)
+    if A_SCALE == 3:
+        groups = tl.load(a_groups + block, mask=m_ok, other=0.0) * scale
+        return acc + part * groups[:, None]
+    return acc + part * scale
+
+
 @triton.jit(do_not_specialize=["M"])
 def _split_k_kernel(
     a_ptr,  # [M, K] bf16/fp16 values, or float8e4nv codes; (m, k) at m*stride_am + k
     b_ptr,  # [N, K] float8e4nv weight, K contiguous, (n, k) at n*stride_bn + k
-    bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; else unused
+    bs_ptr,  # B_MX: uint8 E8M0 [N, K/32], (n, g) at n*stride_bsn + g; B_SCALE 3: fp32 [cdiv(N, 128), cdiv(K, 128)]
     p_ptr,  # SPLIT_K > 1: fp32 partials [SPLIT_K, M, N], contiguous
     count_ptr,  # SPLIT_K > 1: int32 [cdiv(N, BLOCK_N)] arrival counters, zero before and after each launch
-    a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]
-    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N]
+    a_scale_ptr,  # A_SCALE 1: fp32 [1]; 2: fp32 [M]; 3: fp32 1x128 groups [M, cdiv(K, 128)], rows stride_asm
+    b_scale_ptr,  # B_SCALE 1: fp32 [1]; 2: fp32 [N] (B_SCALE 3: the block scales come as bs_ptr)
     bias_ptr,
     c_ptr,  # [M, N] output, contiguous
     M,
@@ -203,6 +252,7 @@ def _split_k_kernel(
     stride_am,
     stride_bn,
     stride_bsn,
+    stride_asm,
     B_MX: tl.constexpr,
     A_SCALE: tl.constexpr,
     B_SCALE: tl.constexpr,
@@ -215,11 +265,13 @@ def _split_k_kernel(
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,  # multiple of 32
+    BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
 ):
     """One program: BLOCK_N output columns x all (<= BLOCK_M) rows over one K slab. With one split it finishes
     the output itself; with more, it stores fp32 partial sums and the last of a column block's splits to
-    arrive adds them all in split order (deterministic: the order does not depend on who arrives last)."""
+    arrive adds them all in split order (deterministic: the order does not depend on who arrives last).
+    128x128 weight blocks (B_SCALE 3): a program's columns lie in one block row and each 128-wide part of a K
+    step in one block, so each part's product is added times that block's scale (:func:`_block_step`)."""
     G: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -235,29 +287,36 @@ def _split_k_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, G)
     bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
+    block_scales = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn  # B_SCALE 3: this block row's scales
+    a_groups = a_scale_ptr + offs_m.to(tl.int64) * stride_asm  # A_SCALE 3: the rows' group scales
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_ok = k0 + offs_k < k_end
-        a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        if B_TMA:
-            b = b_ptr.load([pid_n * BLOCK_N, k0]).T
+        if B_SCALE == 3:  # one 128x128 block per 128-wide part of the step
+            for half in tl.static_range(BLOCK_K // 128):
+                acc = _block_step(acc, a_rows, b_ptr, b_cols, block_scales, a_groups, k0 + half * 128, k_end,
+                                  m_ok, n_ok, pid_n, A_SCALE, MMA, FAST_WIDEN, B_TMA, BLOCK_N)  # fmt: skip
         else:
-            b = tl.load(
-                b_ptr + b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
-            )
-        if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
-            g_ok = k0 + offs_g * 32 < k_end
-            codes = tl.load(
-                bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
-            )
-            w = mx_decode_weight(b, codes, MX_FOLD, False)
-        elif MMA == 1:
-            w = e4m3_to_bf16(b, FAST_WIDEN)
-        else:
-            w = b
-        if MMA == 0:
-            acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc)
+            k_ok = k0 + offs_k < k_end
+            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if B_TMA:
+                b = b_ptr.load([pid_n * BLOCK_N, k0]).T
+            else:
+                b = tl.load(
+                    b_ptr + b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
+                )
+            if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
+                g_ok = k0 + offs_g * 32 < k_end
+                codes = tl.load(
+                    bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
+                )
+                w = mx_decode_weight(b, codes, MX_FOLD, False)
+            elif MMA == 1:
+                w = e4m3_to_bf16(b, FAST_WIDEN)
+            else:
+                w = b
+            if MMA == 0:
+                acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc)
     if SPLIT_K == 1:
         _scale_and_store(acc, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
                          A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
@@ -415,6 +474,7 @@ def small_m_gemm_triton(
     a_scale: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
     weight_scale_e8m0: torch.Tensor | None = None,
+    weight_block_scale: torch.Tensor | None = None,
     activation_mx_rule: MxScaleRule | str | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
@@ -428,8 +488,12 @@ def small_m_gemm_triton(
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
     ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
-    ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``) and ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly
-    one of ``weight_scale`` (fp32, per tensor or ``[N, 1]``) and ``weight_scale_e8m0`` (``[N, K/32]``).
+    ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``; 1x128 groups ``[M, cdiv(K, 128)]`` beside block weights) and
+    ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly one of ``weight_scale`` (fp32, per tensor or
+    ``[N, 1]``), ``weight_scale_e8m0`` (``[N, K/32]``) and ``weight_block_scale`` (fp32 128x128 blocks
+    ``[cdiv(N, 128), cdiv(K, 128)]``, each K step's product times its block's scale; also the fp32 tile scales
+    of a tile-aligned MXFP8 weight, :func:`~mxrun.kernels.mx_regroup.aligned_tile_scales`, whose powers of two
+    make every product exact as with its E8M0 codes).
     ``fast_widen=False`` keeps Triton's own E4M3 -> bf16 conversion (for comparison; same values).
     ``mx_scale_fold=True`` promises that every E8M0 code is at most ``MX_FOLD_MAX_CODE`` and no element is NaN
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable`, checked once per loaded weight by the caller): MX weights
@@ -444,20 +508,26 @@ def small_m_gemm_triton(
     m = a.shape[0]
     if m > SMALL_M_MAX:
         raise GemmInputError(f"{fn}: at most {SMALL_M_MAX} rows, got {m}")
-    if (weight_scale is None) == (weight_scale_e8m0 is None):
-        raise GemmInputError(f"{fn}: give exactly one of weight_scale and weight_scale_e8m0")
+    if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
+        raise GemmInputError(
+            f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
+        )
     if weight_scale_e8m0 is not None and (
         k % MX_BLOCK_SIZE or weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE)
     ):
         raise GemmInputError(f"{fn}: MXFP8 weights need K % 32 == 0 and E8M0 scales [N, K/32]")
+    blocked = weight_block_scale is not None
+    config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m, blocked)
+    if blocked:
+        a_scale_mode, b_scale_mode = _block_scale_modes(fn, a_scale, weight_block_scale, m, n, k, config)
+    else:
+        a_scale_mode = scale_mode(a_scale, m, "activation", fn)
+        b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
     if activation_mx_rule is not None:
         a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
-    a_scale_mode = scale_mode(a_scale, m, "activation", fn)
-    b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m)
     splits = split_k or split_k_for(n, k, config)
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # no empty splits
@@ -467,20 +537,21 @@ def small_m_gemm_triton(
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
     counters = zeroed_int32(a.device, "split-k arrivals", column_blocks) if splits > 1 and fused_sum else c
     b_mx = weight_scale_e8m0 is not None
-    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
+    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight_block_scale if blocked else weight
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
     mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 else 2
     extra = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     if weight_tma is None:  # where it measured faster: see WEIGHT_TMA
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
-    b_tma = weight_tma and mma != 0 and _tma_loadable(weight, config)
+    box = config._replace(block_k=128) if blocked else config  # block steps load 128 K at a time
+    b_tma = weight_tma and mma != 0 and _tma_loadable(weight, box)
     _split_k_kernel[(column_blocks, splits)](
         a,
-        _weight_descriptor(weight, config) if b_tma else weight,
+        _weight_descriptor(weight, box) if b_tma else weight,
         bs,
         partials,
         counters,
-        a_scale.reshape(-1) if a_scale is not None else c,
+        a_scale if a_scale_mode == 3 else a_scale.reshape(-1) if a_scale is not None else c,
         weight_scale.reshape(-1) if weight_scale is not None else c,
         bias if bias is not None else c,
         c,
@@ -491,6 +562,7 @@ def small_m_gemm_triton(
         a.stride(0),
         weight.stride(0),
         bs.stride(0),
+        a_scale.stride(0) if a_scale_mode == 3 else 0,
         B_MX=b_mx,
         A_SCALE=a_scale_mode,
         B_SCALE=b_scale_mode,
@@ -508,13 +580,49 @@ def small_m_gemm_triton(
         num_stages=config.num_stages,
         **extra,
     )
-    if splits > 1 and not fused_sum:
-        sum_splits(partials, a_scale, weight_scale, bias, c)
+    if splits > 1 and not fused_sum:  # block scales were applied per K step
+        sum_splits(partials, None if blocked else a_scale, weight_scale, bias, c)
     return c
+
+
+def _block_scale_modes(
+    fn: str,
+    a_scale: torch.Tensor | None,
+    weight_block_scale: torch.Tensor,
+    m: int,
+    n: int,
+    k: int,
+    config: SplitKConfig,
+) -> tuple[int, int]:
+    """The kernel's (A_SCALE, B_SCALE) for 128x128 weight blocks: 3 and 3 beside E4M3 activation codes with 1x128
+    group scales, 0 and 3 beside bf16/fp16 values; raises :class:`GemmInputError` naming ``fn`` for scales of
+    another shape or a tile whose K steps or column blocks would straddle two blocks."""
+    blocks = (triton.cdiv(n, 128), triton.cdiv(k, 128))
+    if weight_block_scale.shape != blocks or weight_block_scale.dtype != torch.float32:
+        raise GemmInputError(
+            f"{fn}: 128x128 block scales must be fp32 {blocks}, got {tuple(weight_block_scale.shape)} "
+            f"{weight_block_scale.dtype}"
+        )
+    if weight_block_scale.stride(1) != 1:
+        raise GemmInputError(f"{fn}: 128x128 block scales must be contiguous along K")
+    if config.block_k % 128 or 128 % config.block_n:
+        raise GemmInputError(
+            f"{fn}: 128x128 blocks need K steps a multiple of 128 and column blocks dividing 128, got {config}"
+        )
+    if a_scale is None:
+        return 0, 3
+    groups = (m, blocks[1])
+    if a_scale.shape != groups or a_scale.dtype != torch.float32 or a_scale.stride(1) != 1:
+        raise GemmInputError(
+            f"{fn}: beside 128x128 weight blocks the activation codes need fp32 1x128 group scales {groups}, "
+            f"got {tuple(a_scale.shape)} {a_scale.dtype}"
+        )
+    return 3, 3
 
 
 __all__ = [
     "BF16_MMA_CONFIG",
+    "BLOCK_FP16_MMA_STEP",
     "DEFAULT_CONFIG",
     "FP16_MMA_CONFIG",
     "FUSED_SUM_MAX_BLOCK_M",

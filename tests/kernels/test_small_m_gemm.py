@@ -13,18 +13,28 @@ import pytest
 import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
-from mxrun.kernels.mxfp8_gemm import mxfp8_linear, mxfp8_linear_reference
+from mxrun.kernels.mxfp8_gemm import mxfp8_aligned_linear_reference, mxfp8_linear, mxfp8_linear_reference
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import (
+    BLOCK_SPLIT_K_MAX_M,
     W8A8_SPLIT_K_MAX_M,
     GemmInputError,
+    fp8_block_gemm_reference,
+    fp8_block_linear,
+    fp8_block_linear_reference,
     fp8_gemm_reference,
     fp8_linear,
     fp8_linear_reference,
     fp8_weight_only_linear,
     fp8_weight_only_reference,
 )
-from mxrun.kernels.small_m_gemm import small_m_gemm_triton, split_k_for
+from mxrun.kernels.small_m_gemm import (
+    SMALL_M_MAX,
+    SplitKConfig,
+    default_config,
+    small_m_gemm_triton,
+    split_k_for,
+)
 
 from .device_cases import HAS_CUDA, KERNEL_DEVICE
 from .test_scaled_gemm import _dev, _inputs, assert_one_ulp, fp8_mma_slack
@@ -82,6 +92,110 @@ def test_mxfp8_linear_small_m(m, n, k, rule) -> None:
     assert_one_ulp(mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton"), ref)
 
 
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (3, 300, 416)])
+def test_block_weight_only(m, n, k, dtype, split_k) -> None:
+    """128x128 weight blocks: each 128-wide K step's product times its block's scale (N and K ending inside a
+    block, column blocks in either half of a block row); the scales multiply fp32 step sums instead of each
+    weight, a difference of fp32 roundings within the ulp."""
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=41)
+    q = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_weight_only_reference(x, q.data, q.scale, G.BLOCK_128X128, bias)
+    a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    assert_one_ulp(small_m_gemm_triton(a, b, weight_block_scale=s, bias=bias_d, split_k=split_k), ref)
+
+
+@pytest.mark.parametrize("step", [128, 256])
+@pytest.mark.parametrize("split_k", [None, 1, 2])
+@pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (3, 300, 416), (2, 64, 300)])
+def test_block_w8a8_codes(m, n, k, split_k, step) -> None:
+    """1x128 activation groups (E4M3 codes) and 128x128 weight blocks in the fp16 MMA: each 128-wide part's
+    product times the block's scale and each row's group scale (fp32 accumulation: no wgmma allowance), with K
+    steps of one or two blocks (K = 300: the last step's second part lies past K)."""
+    x, w, bias = _inputs(m, n, k, seed=42)
+    qa = quantize_fp8_reference(x, G.GROUP_1X128)
+    qw = quantize_fp8_reference(w, G.BLOCK_128X128)
+    ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
+    a, sa, b, sb, bias_d = _dev(qa.data, qa.scale, qw.data, qw.scale, bias)
+    config = default_config(torch.float8_e4m3fn, False, m, block_weight=True)._replace(block_k=step)
+    out = small_m_gemm_triton(
+        a,
+        b,
+        a_scale=sa,
+        weight_block_scale=sb,
+        bias=bias_d,
+        out_dtype=torch.bfloat16,
+        split_k=split_k,
+        config=config,
+    )
+    assert_one_ulp(out, ref)
+
+
+def _spy_split_k(monkeypatch) -> list[dict]:
+    """Record the keyword arguments of every split-K launch the dispatchers make."""
+    import mxrun.kernels.small_m_gemm as small_m
+
+    calls: list[dict] = []
+    real = small_m.small_m_gemm_triton
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(small_m, "small_m_gemm_triton", spy)
+    return calls
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (5, 130, 800), (32, 96, 288)])
+def test_block_dispatchers_take_split_k(m, n, k, monkeypatch) -> None:
+    """Up to BLOCK_SPLIT_K_MAX_M rows the block W8A8 and weight-only Linears run the split-K kernel with their
+    block scales (not the tile kernels), within an ulp of their references."""
+    calls = _spy_split_k(monkeypatch)
+    x, w, bias = _inputs(m, n, k, seed=43)
+    q = quantize_fp8_reference(w, G.BLOCK_128X128)
+    args = _dev(x, q.data, q.scale, bias)
+    assert m <= BLOCK_SPLIT_K_MAX_M
+    assert_one_ulp(fp8_block_linear(*args, backend="triton"), fp8_block_linear_reference(x, *q, bias))
+    ref = fp8_weight_only_reference(x, q.data, q.scale, G.BLOCK_128X128, bias)
+    out = fp8_weight_only_linear(*args[:3], G.BLOCK_128X128, args[3], backend="triton")
+    assert_one_ulp(out, ref)
+    assert len(calls) == 2 and all(c["weight_block_scale"] is args[2] for c in calls)
+    assert calls[0]["a_scale"].shape == (m, -(-k // 128)) and "a_scale" not in calls[1]
+
+
+@pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (16, 300, 416), (40, 96, 288)])
+def test_tile_aligned_mx_weight_as_blocks(m, n, k, rule, monkeypatch) -> None:
+    """A tile-aligned MXFP8 weight with its tile scales reaches the few-row kernels as block-scaled FP8 (each K
+    step's product times its tile's power of two). W8A16: within an ulp of the MXFP8 reference of the same
+    weight, as its element-wise decode is. W8A8: the aligned path at every M (activations over 1x128 groups with
+    the MX rule, E4M3 codes in the split-K kernel up to BLOCK_SPLIT_K_MAX_M rows), within an ulp of the aligned
+    reference, as above 64 rows."""
+    from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
+
+    calls = _spy_split_k(monkeypatch)
+    x, w, bias = _inputs(m, n, k, seed=44)
+    w = w * torch.logspace(-2, 1, n)[:, None].to(w.dtype)  # tiles whose blocks had different exponents
+    q = quantize_mxfp8_reference(w)
+    aligned = align_mxfp8(q.data, q.scale_e8m0)
+    tiles = aligned_tile_scales(aligned.scale_e8m0, n, k)
+    if rule is None:
+        ref = mxfp8_linear_reference(x, aligned.data, aligned.scale_e8m0, bias, rule)
+    else:
+        ref = mxfp8_aligned_linear_reference(x, aligned.data, aligned.scale_e8m0, bias, rule)
+    xd, wd, sd, bias_d, tiles_d = _dev(x, aligned.data, aligned.scale_e8m0, bias, tiles)
+    out = mxfp8_linear(xd, wd, sd, bias_d, rule, backend="triton", weight_tile_scale=tiles_d)
+    # W8A8 beyond the split-K kernel: the tile kernel's wgmma accumulator on the GPU
+    slack = fp8_mma_slack(x, w) if rule is not None and m > BLOCK_SPLIT_K_MAX_M else None
+    assert_one_ulp(out, ref, slack)
+    split_k_rows = BLOCK_SPLIT_K_MAX_M if rule is not None else SMALL_M_MAX if not HAS_CUDA else 32
+    if m <= split_k_rows:  # (the interpreter has no mid-M kernel: W8A16 takes split-K up to 64 rows)
+        assert len(calls) == 1 and calls[0]["weight_block_scale"] is tiles_d
+        assert "weight_scale_e8m0" not in calls[0]
+        assert (calls[0].get("a_scale") is not None) == (rule is not None)
+
+
 def test_splits_are_deterministic_and_change_nothing_but_order() -> None:
     """Different split counts add the same exact products in another order: within an ulp of each other, and
     the same split count gives the same bits twice."""
@@ -110,6 +224,12 @@ def test_split_choice() -> None:
         ({"scale_shape": (3, 1)}, "1 or 64 elements"),
         ({"a_fp8_without_out_dtype": True}, "need a_scale and out_dtype"),
         ({"bf16_with_a_scale": True}, "a_scale goes with E4M3 activations only"),
+        ({"blocks": (1, 2)}, "block scales must be fp32 \\(1, 1\\)"),
+        ({"blocks": (1, 1), "config": "narrow k"}, "K steps a multiple of 128"),
+        ({"blocks": (1, 1), "config": "wide n"}, "column blocks dividing 128"),
+        ({"blocks": (1, 1), "codes_scale": (2, 2)}, "1x128 group scales \\(2, 1\\)"),
+        ({"blocks": (1, 1), "codes_scale": (2, 1), "and_channel": True}, "exactly one of"),
+        ({"codes_scale": (2, 3)}, "1 or 2 elements"),
     ],
 )
 def test_bad_inputs(kwargs, message) -> None:
@@ -127,6 +247,19 @@ def test_bad_inputs(kwargs, message) -> None:
     if kwargs.get("a_fp8_without_out_dtype"):
         x = x.to(torch.float8_e4m3fn)
         extra.update(a_scale=torch.ones(rows, 1, device=KERNEL_DEVICE))
+    if "codes_scale" in kwargs:  # E4M3 codes with these scales (1x128 groups of K = 128: [2, 1])
+        x = x.to(torch.float8_e4m3fn)
+        extra.update(
+            a_scale=torch.ones(kwargs["codes_scale"], device=KERNEL_DEVICE), out_dtype=torch.bfloat16
+        )
+        if "blocks" not in kwargs:
+            scale = torch.ones(64, 1, device=KERNEL_DEVICE)
+    if "blocks" in kwargs:
+        extra.update(weight_block_scale=torch.ones(kwargs["blocks"], device=KERNEL_DEVICE))
+        scale = scale if kwargs.get("and_channel") else None
+        tiles = {"narrow k": SplitKConfig(block_k=64), "wide n": SplitKConfig(block_n=256)}
+        if "config" in kwargs:
+            extra.update(config=tiles[kwargs["config"]])
     with pytest.raises(GemmInputError, match=message):
         small_m_gemm_triton(x, w, weight_scale=scale, **extra)
 
@@ -170,7 +303,13 @@ def test_mx_with_far_apart_block_scales(spread) -> None:
 def test_default_tile_by_operand_kind() -> None:
     """fp16 MMAs (E4M3 codes, fp16 activations) and bf16 MMAs get the tiles measured best for them up to 16
     rows; decoding MX weights, and 32- or 64-row tiles, keep the default (they need the registers)."""
-    from mxrun.kernels.small_m_gemm import BF16_MMA_CONFIG, DEFAULT_CONFIG, FP16_MMA_CONFIG, default_config
+    from mxrun.kernels.small_m_gemm import (
+        BF16_MMA_CONFIG,
+        BLOCK_FP16_MMA_STEP,
+        DEFAULT_CONFIG,
+        FP16_MMA_CONFIG,
+        default_config,
+    )
 
     assert default_config(torch.float8_e4m3fn, mx_weight=False) is FP16_MMA_CONFIG
     assert default_config(torch.float16, mx_weight=False) is FP16_MMA_CONFIG
@@ -180,6 +319,11 @@ def test_default_tile_by_operand_kind() -> None:
     assert default_config(torch.float8_e4m3fn, mx_weight=False, m=17) is DEFAULT_CONFIG
     assert default_config(torch.bfloat16, mx_weight=False, m=64) is DEFAULT_CONFIG
     assert FP16_MMA_CONFIG != BF16_MMA_CONFIG != DEFAULT_CONFIG
+    # 128x128 blocks: K steps of BLOCK_FP16_MMA_STEP (each 128-wide part in one block), the bf16 tile as it is
+    blocks = default_config(torch.float8_e4m3fn, mx_weight=False, block_weight=True)
+    assert blocks == FP16_MMA_CONFIG._replace(block_k=BLOCK_FP16_MMA_STEP) and blocks.block_k % 128 == 0
+    assert default_config(torch.bfloat16, mx_weight=False, block_weight=True) is BF16_MMA_CONFIG
+    assert 128 % BF16_MMA_CONFIG.block_n == 0 and BF16_MMA_CONFIG.block_k == 128
 
 
 needs_sm90 = pytest.mark.skipif(
