@@ -304,6 +304,7 @@ def mid_m_gemm_triton(
     weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
     TMA (:func:`mid_m_usable`), or this runs under the interpreter."""
     from mxrun.kernels.small_m_gemm import (  # it imports the scaled GEMMs
+        check_block_scales,
         check_operands,
         mx_fold_mode,
         scale_mode,
@@ -320,13 +321,8 @@ def mid_m_gemm_triton(
             f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
         )
     b_mx = weight_scale_e8m0 is not None
-    blocks = (triton.cdiv(n, 128), triton.cdiv(k, 128))
-    if weight_block_scale is not None and (
-        weight_block_scale.shape != blocks or weight_block_scale.dtype != torch.float32
-    ):
-        raise GemmInputError(
-            f"{fn}: 128x128 block scales must be fp32 {blocks}, got {tuple(weight_block_scale.shape)}"
-        )
+    if weight_block_scale is not None:
+        weight_block_scale, a_scale = check_block_scales(fn, a_scale, weight_block_scale, a.shape[0], n, k)
     if (b_mx or activation_mx_rule is not None) and k % MX_BLOCK_SIZE:
         raise GemmInputError(f"{fn}: MXFP8 operands need K % 32 == 0, got K={k}")
     if b_mx and weight_scale_e8m0.shape != (n, k // MX_BLOCK_SIZE):
@@ -339,12 +335,7 @@ def mid_m_gemm_triton(
     b_scale_mode = 3 if weight_block_scale is not None else scale_mode(weight_scale, n, "weight", fn)
     m = a.shape[0]
     a_scale_mode, stride_asm = 0, 0
-    if codes and b_scale_mode == 3:
-        if a_scale.shape != (m, blocks[1]) or a_scale.dtype != torch.float32:
-            raise GemmInputError(
-                f"{fn}: beside 128x128 weight blocks the activations need fp32 1x128 group scales "
-                f"{(m, blocks[1])}, got {a_scale.dtype} {tuple(a_scale.shape)}"
-            )
+    if codes and b_scale_mode == 3:  # group scales checked with the block scales
         a_scale_mode, stride_asm = 3, a_scale.stride(0)
     elif codes:
         a_scale_mode = scale_mode(a_scale, m, "activation", fn)
@@ -363,7 +354,7 @@ def mid_m_gemm_triton(
     mma = 0 if interpreting else 3 if codes else 1 if a.dtype == torch.bfloat16 else 2
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
     if b_scale_mode == 3:  # the block scales, and their row stride in the E8M0 codes' place
-        scales, stride_bsn = weight_block_scale.contiguous(), blocks[1]
+        scales, stride_bsn = weight_block_scale, weight_block_scale.stride(0)
     else:
         scales, stride_bsn = weight_scale.reshape(-1) if weight_scale is not None else c, bs.stride(0)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
@@ -373,7 +364,7 @@ def mid_m_gemm_triton(
         bs,
         partials,
         scales,
-        (a_scale.contiguous() if a_scale_mode == 3 else a_scale.reshape(-1)) if codes else c,
+        (a_scale if a_scale_mode == 3 else a_scale.reshape(-1)) if codes else c,
         bias if bias is not None else c,
         c,
         m,

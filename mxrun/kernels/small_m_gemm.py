@@ -519,7 +519,13 @@ def small_m_gemm_triton(
     blocked = weight_block_scale is not None
     config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m, blocked)
     if blocked:
-        a_scale_mode, b_scale_mode = _block_scale_modes(fn, a_scale, weight_block_scale, m, n, k, config)
+        weight_block_scale, a_scale = check_block_scales(fn, a_scale, weight_block_scale, m, n, k)
+        if config.block_k % 128 or 128 % config.block_n:
+            raise GemmInputError(
+                f"{fn}: 128x128 blocks need K steps a multiple of 128 and column blocks dividing 128, "
+                f"got {config}"
+            )
+        a_scale_mode, b_scale_mode = 0 if a_scale is None else 3, 3
     else:
         a_scale_mode = scale_mode(a_scale, m, "activation", fn)
         b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
@@ -585,39 +591,33 @@ def small_m_gemm_triton(
     return c
 
 
-def _block_scale_modes(
+def check_block_scales(
     fn: str,
     a_scale: torch.Tensor | None,
     weight_block_scale: torch.Tensor,
     m: int,
     n: int,
     k: int,
-    config: SplitKConfig,
-) -> tuple[int, int]:
-    """The kernel's (A_SCALE, B_SCALE) for 128x128 weight blocks: 3 and 3 beside E4M3 activation codes with 1x128
-    group scales, 0 and 3 beside bf16/fp16 values; raises :class:`GemmInputError` naming ``fn`` for scales of
-    another shape or a tile whose K steps or column blocks would straddle two blocks."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales the split-K and mid-M launchers take beside 128x128 weight blocks, K-contiguous: the weight's
+    fp32 ``[cdiv(N, 128), cdiv(K, 128)]`` and, beside E4M3 activation codes, their fp32 1x128 group scales
+    ``[M, cdiv(K, 128)]`` (None beside bf16/fp16 values); raises :class:`GemmInputError` naming ``fn`` for
+    scales of another shape or dtype."""
     blocks = (triton.cdiv(n, 128), triton.cdiv(k, 128))
     if weight_block_scale.shape != blocks or weight_block_scale.dtype != torch.float32:
         raise GemmInputError(
             f"{fn}: 128x128 block scales must be fp32 {blocks}, got {tuple(weight_block_scale.shape)} "
             f"{weight_block_scale.dtype}"
         )
-    if weight_block_scale.stride(1) != 1:
-        raise GemmInputError(f"{fn}: 128x128 block scales must be contiguous along K")
-    if config.block_k % 128 or 128 % config.block_n:
-        raise GemmInputError(
-            f"{fn}: 128x128 blocks need K steps a multiple of 128 and column blocks dividing 128, got {config}"
-        )
     if a_scale is None:
-        return 0, 3
+        return weight_block_scale.contiguous(), None
     groups = (m, blocks[1])
-    if a_scale.shape != groups or a_scale.dtype != torch.float32 or a_scale.stride(1) != 1:
+    if a_scale.shape != groups or a_scale.dtype != torch.float32:
         raise GemmInputError(
             f"{fn}: beside 128x128 weight blocks the activation codes need fp32 1x128 group scales {groups}, "
             f"got {tuple(a_scale.shape)} {a_scale.dtype}"
         )
-    return 3, 3
+    return weight_block_scale.contiguous(), a_scale.contiguous()
 
 
 __all__ = [
@@ -628,6 +628,7 @@ __all__ = [
     "FUSED_SUM_MAX_BLOCK_M",
     "SMALL_M_MAX",
     "SplitKConfig",
+    "check_block_scales",
     "check_operands",
     "default_config",
     "mx_fold_mode",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8_reference
+from mxrun.kernels.mid_m_gemm import MID_M_MIN
 from mxrun.kernels.mxfp8_gemm import mxfp8_aligned_linear_reference, mxfp8_linear, mxfp8_linear_reference
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, quantize_mxfp8_reference
 from mxrun.kernels.scaled_gemm import (
@@ -189,7 +190,7 @@ def test_tile_aligned_mx_weight_as_blocks(m, n, k, rule, monkeypatch) -> None:
     # W8A8 beyond the split-K kernel: the tile kernel's wgmma accumulator on the GPU
     slack = fp8_mma_slack(x, w) if rule is not None and m > BLOCK_SPLIT_K_MAX_M else None
     assert_one_ulp(out, ref, slack)
-    split_k_rows = BLOCK_SPLIT_K_MAX_M if rule is not None else SMALL_M_MAX if not HAS_CUDA else 32
+    split_k_rows = BLOCK_SPLIT_K_MAX_M if rule is not None else SMALL_M_MAX if not HAS_CUDA else MID_M_MIN - 1
     if m <= split_k_rows:  # (the interpreter has no mid-M kernel: W8A16 takes split-K up to 64 rows)
         assert len(calls) == 1 and calls[0]["weight_block_scale"] is tiles_d
         assert "weight_scale_e8m0" not in calls[0]
