@@ -372,27 +372,6 @@ def _fp8_long_row_kernel(
 
 
 @triton.jit
-def quantize_row_chunk(
-    x_rows, q_rows, scale_out, row_mask, chunk, K, stride_xk,
-    SOFT_CAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-):  # fmt: skip
-    """Per-row scales of BLOCK_R rows (``x_rows``/``q_rows``: ``[BLOCK_R, 1]`` row pointers of the input and
-    of the K-contiguous codes): the whole rows' amax, read BLOCK_K columns at a time (mostly from L2), then the
-    codes of columns ``[chunk * CHUNK, (chunk + 1) * CHUNK)`` only; chunk 0 also stores the scales. Shared by
-    :func:`_fp8_row_chunks_kernel` and the split-K GEMM that quantizes its own activations
-    (:mod:`mxrun.kernels.small_m_gemm`)."""
-    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
-    if chunk == 0:
-        tl.store(scale_out, scale, mask=row_mask)
-    pre, divisor, reciprocal = scale_division_setup(scale)
-    cols = chunk * CHUNK + tl.arange(0, CHUNK)
-    mask = row_mask[:, None] & (cols < K)[None, :]
-    x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
-    q = e4m3_code(divide_by_scale(x, pre[:, None], divisor[:, None], reciprocal[:, None]), SOFT_CAST)
-    tl.store(q_rows + cols[None, :], q, mask=mask)
-
-
-@triton.jit
 def _fp8_row_chunks_kernel(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
@@ -412,22 +391,22 @@ def _fp8_row_chunks_kernel(
     One program per row would do all of a long row's conversions alone; here cdiv(K, CHUNK) programs share
     them, with nothing passed between programs (each computes the same scale from the same bytes)."""
     pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < R
-    quantize_row_chunk(
-        x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr,
-        q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K,
-        scale_ptr + pid_b * R + rows,
-        row_mask,
-        tl.program_id(1),
-        K,
-        stride_xk,
-        SOFT_CAST,
-        BLOCK_R,
-        BLOCK_K,
-        CHUNK,
-    )
+    x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
+
+    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
+    if pid_k == 0:
+        tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
+    pre, divisor, reciprocal = scale_division_setup(scale)
+
+    cols = pid_k * CHUNK + tl.arange(0, CHUNK)
+    mask = row_mask[:, None] & (cols < K)[None, :]
+    x = widen_to_fp32(tl.load(x_rows + cols.to(tl.int64)[None, :] * stride_xk, mask=mask, other=0.0))
+    q = e4m3_code(divide_by_scale(x, pre[:, None], divisor[:, None], reciprocal[:, None]), SOFT_CAST)
+    tl.store(q_ptr + pid_b * R * K + rows.to(tl.int64)[:, None] * K + cols[None, :], q, mask=mask)
 
 
 @triton.jit

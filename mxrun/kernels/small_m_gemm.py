@@ -12,7 +12,13 @@ K (per-tensor / per-channel weight scales, per-token / per-tensor activation sca
 That is for tiles of up to :data:`FUSED_SUM_MAX_BLOCK_M` rows; taller ones leave the sum to a second kernel
 spread over the whole output. Measured and left out: launching it as a programmatic dependent launch after the
 activation quantize kernel (no gain beyond noise on the H100), and prefetching its first weight lines into L2
-while it waits (slower: the prefetches delay the quantize kernel's reads, which are on the critical path).
+while it waits (slower: the prefetches delay the quantize kernel's reads, which are on the critical path). Nor
+did quantizing per-token activations inside this launch (prototype at commit 2b41991: programs take tickets as
+they start, the first ones quantize pieces of the rows, every program waits on a counter before its loop, with
+or without an L2 prefetch of its first weight steps while it waits): the same bits, but x1.05-1.10 the time of
+the quantize launch and this one, slower in all 14 cases warm and cold (H100, seven Llama shapes at M = 1 and
+16, ``results/small-m-fused-token-quant-{warm,cold}-h100.log``): the programs cannot stream their weight before
+the codes exist, so the quantize stays on the critical path, now with the counters' waits added.
 
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
@@ -88,10 +94,9 @@ import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
-from mxrun.kernels.fp8_quantize import quantize_row_chunk
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
-from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, E4m3Cast, MxScaleRule, mx_round_triton, resolve_cast
+from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
@@ -142,11 +147,6 @@ by its block's scales. 256 (two blocks a step, as the codes kernel's 64x256 tile
 on the seven Llama shapes at M = 1 and 16, FP8 block W8A8 (H100, ``benchmarks/sweep_linear_setting.py
 --setting small.BLOCK_FP16_MMA_STEP --values 128 256 --ms 1 16 --columns scaled_mm fp8-block --repeats 1``,
 ``results/block-split-k-step-h100.log``)."""
-
-
-QUANTIZE_CHUNK = 2048
-"""Columns of a row one quantizing program of a ``quantize_tokens`` launch encodes (after finding the row's
-amax itself): as the decode quantize kernel's chunks (``fp8_quantize._ROW_CHUNK``)."""
 
 
 WEIGHT_TMA = True
@@ -240,61 +240,6 @@ def _block_step(
     return acc + part * scale
 
 
-@triton.jit
-def _quantize_activations(
-    x_ptr, q_ptr, scale_ptr, w_ptr, sync_ptr, QUANTIZERS, M, N, K, K_PER_SPLIT, stride_xm, stride_bn,
-    CHUNK: tl.constexpr, SOFT_CAST: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """Per-token FP8 quantization of ``x`` inside the GEMM's launch: returns this program's (column block, split).
-
-    Programs take tickets in the order they start (an atomic counter), and the ticket, not the program id, says
-    which tile a program computes. The first QUANTIZERS tickets also quantize: the (row, CHUNK columns) pieces
-    of x in turn, each piece's program finding its row's amax itself (:func:`quantize_row_chunk`, as the decode
-    quantize kernel does), then count themselves done; every program waits for that count before its loop reads
-    the codes. A program only ever waits for tickets taken before its own, by programs already running, so the
-    wait cannot deadlock however many programs fit on the GPU. The last program past the wait zeroes the three
-    counters for the next launch. While it waits a program may prefetch its first PREFETCH weight steps into L2
-    (the weight's bytes, not the activations', set the time at these M)."""
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
-    pid_n = ticket % tl.num_programs(0)
-    pid_k = ticket // tl.num_programs(0)
-    if ticket < QUANTIZERS:
-        chunks = tl.cdiv(K, CHUNK)
-        codes = q_ptr.to(tl.pointer_type(tl.uint8))  # the encoder's bytes
-        for piece in range(ticket, M * chunks, QUANTIZERS):
-            rows = piece // chunks + tl.arange(0, 1)
-            quantize_row_chunk(
-                x_ptr + rows.to(tl.int64)[:, None] * stride_xm, codes + rows.to(tl.int64)[:, None] * K,
-                scale_ptr + rows, rows < M, piece % chunks, K, 1, SOFT_CAST, 1, 4096, CHUNK,
-            )  # fmt: skip
-        tl.debug_barrier()  # every thread's codes are written before the release below
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-    if PREFETCH > 0:
-        LINES: tl.constexpr = PREFETCH * BLOCK_K // 128
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.minimum(pid_k * K_PER_SPLIT + tl.arange(0, LINES) * 128, K - 1)
-        lines = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_bn + offs_k[None, :]
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1];\n mov.u32 $0, 0;",
-            "=r,l",
-            [lines],
-            dtype=tl.int32,
-            is_pure=False,
-            pack=1,
-        )
-    done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-    while done < QUANTIZERS:
-        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-    tl.debug_barrier()  # no thread reads codes before the wait is over
-    if tl.atomic_add(sync_ptr + 2, 1, sem="relaxed", scope="gpu") == programs - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")  # every program has its ticket and is past
-        tl.atomic_xchg(sync_ptr + 1, 0, sem="relaxed", scope="gpu")
-        tl.atomic_xchg(sync_ptr + 2, 0, sem="relaxed", scope="gpu")
-    return pid_n, pid_k
-
-
 @triton.jit(do_not_specialize=["M"])
 def _split_k_kernel(
     a_ptr,  # [M, K] bf16/fp16 values, or float8e4nv codes; (m, k) at m*stride_am + k
@@ -314,11 +259,6 @@ def _split_k_kernel(
     stride_bn,
     stride_bsn,
     stride_asm,
-    x_ptr,  # QUANT_A: [M, K] bf16/fp16 activations, rows stride_xm, quantized per token into a_ptr / a_scale_ptr
-    w_ptr,  # QUANT_A with PREFETCH: the weight's bytes (b_ptr may be its descriptor)
-    sync_ptr,  # QUANT_A: int32 [3] (tickets, quantizers done, programs past the wait), zero before and after
-    QUANTIZERS,  # QUANT_A: how many programs quantize (the first tickets); 1 in the interpreter
-    stride_xm,
     B_MX: tl.constexpr,
     A_SCALE: tl.constexpr,
     B_SCALE: tl.constexpr,
@@ -332,10 +272,6 @@ def _split_k_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
-    QUANT_A: tl.constexpr = False,  # quantize x per token first (A_SCALE 2): see _quantize_activations
-    QUANT_CHUNK: tl.constexpr = 2048,
-    SOFT_CAST: tl.constexpr = False,
-    PREFETCH: tl.constexpr = 0,  # QUANT_A: K steps of this program's weight prefetched into L2 while it waits
 ):
     """One program: BLOCK_N output columns x all (<= BLOCK_M) rows over one K slab. With one split it finishes
     the output itself; with more, it stores fp32 partial sums and the last of a column block's splits to
@@ -343,14 +279,8 @@ def _split_k_kernel(
     128x128 weight blocks (B_SCALE 3): a program's columns lie in one block row and each 128-wide part of a K
     step in one block, so each part's product is added times that block's scale (:func:`_block_step`)."""
     G: tl.constexpr = BLOCK_K // 32
-    if QUANT_A:
-        pid_n, pid_k = _quantize_activations(
-            x_ptr, a_ptr, a_scale_ptr, w_ptr, sync_ptr, QUANTIZERS, M, N, K, K_PER_SPLIT, stride_xm, stride_bn,
-            QUANT_CHUNK, SOFT_CAST, PREFETCH, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-    else:
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -560,8 +490,6 @@ def small_m_gemm_triton(
     mx_scale_fold: bool = False,
     mx_scale_fold16: bool = False,
     weight_tma: bool | None = None,
-    quantize_tokens: bool = False,
-    prefetch_steps: int = 0,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -580,24 +508,12 @@ def small_m_gemm_triton(
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16 activations then meet the weight converted to
     fp16 and multiplied by its power of two in fp16 (two instructions per pair instead of the fp32 decode).
     ``weight_tma``: read the weight tiles by TMA (True), by pointers (False), or as :data:`WEIGHT_TMA` says
-    (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked.
-    ``quantize_tokens=True``: ``a`` is bf16/fp16 and the launch itself quantizes it to E4M3 per token (the
-    bytes and scales of ``quantize_fp8(a, "per_row")``) before its programs read it (W8A8 per token in one
-    launch, see :func:`_quantize_activations`); weights with a per-tensor or per-channel scale only.
-    ``prefetch_steps``: with it, K steps of each program's weight prefetched into L2 while the codes are made."""
+    (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked."""
     fn = "small_m_gemm_triton"
     n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
     if m > SMALL_M_MAX:
         raise GemmInputError(f"{fn}: at most {SMALL_M_MAX} rows, got {m}")
-    x = a
-    if quantize_tokens:
-        if a.dtype == torch.float8_e4m3fn or activation_mx_rule is not None or weight_scale is None:
-            raise GemmInputError(
-                f"{fn}: quantize_tokens takes bf16/fp16 activations and a per-tensor or per-channel weight scale"
-            )
-        a = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)  # codes, written by the launch
-        a_scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
         raise GemmInputError(
             f"{fn}: give exactly one of weight_scale, weight_scale_e8m0 and weight_block_scale"
@@ -632,9 +548,6 @@ def small_m_gemm_triton(
     fused_sum = block_m <= FUSED_SUM_MAX_BLOCK_M
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
     counters = zeroed_int32(a.device, "split-k arrivals", column_blocks) if splits > 1 and fused_sum else c
-    sync = zeroed_int32(a.device, "split-k quantize", 3) if quantize_tokens else c
-    pieces = m * triton.cdiv(k, QUANTIZE_CHUNK)
-    quantizers = 1 if triton_interpreting() else min(pieces, column_blocks * splits)  # interpreter: in turn
     b_mx = weight_scale_e8m0 is not None
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight_block_scale if blocked else weight
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
@@ -662,11 +575,6 @@ def small_m_gemm_triton(
         weight.stride(0),
         bs.stride(0),
         a_scale.stride(0) if a_scale_mode == 3 else 0,
-        x,
-        weight,
-        sync,
-        quantizers,
-        x.stride(0),
         B_MX=b_mx,
         A_SCALE=a_scale_mode,
         B_SCALE=b_scale_mode,
@@ -680,10 +588,6 @@ def small_m_gemm_triton(
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
-        QUANT_A=quantize_tokens,
-        QUANT_CHUNK=QUANTIZE_CHUNK,
-        SOFT_CAST=resolve_cast(E4m3Cast.AUTO),
-        PREFETCH=prefetch_steps if quantize_tokens else 0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **extra,

@@ -452,20 +452,3 @@ def test_weight_by_tma_gives_the_same_bits(m, n, k, split_k, kind) -> None:
     by_tma, by_pointers = run(True), run(False)
     assert torch.equal(by_tma.view(torch.int16), by_pointers.view(torch.int16))
     assert bool(torch.isfinite(by_tma).all()) and by_tma.abs().max() > 0
-
-
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (5, 130, 2300), (16, 64, 4100)])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_quantize_tokens_in_the_launch_gives_the_two_launches_bits(m, n, k, split_k) -> None:
-    from mxrun.kernels.fp8_quantize import quantize_fp8
-    from mxrun.kernels.workspace import live_buffers
-
-    x, w, bias = _inputs(m, n, k, seed=5)
-    qw = quantize_fp8_reference(w, G.PER_ROW)
-    x_d, b, sb, bias_d = _dev(x, qw.data, qw.scale, bias)
-    qa = quantize_fp8(x_d, G.PER_ROW)
-    two = small_m_gemm_triton(qa.data, b, a_scale=qa.scale, weight_scale=sb, bias=bias_d, out_dtype=x_d.dtype,
-                              split_k=split_k)  # fmt: skip
-    one = small_m_gemm_triton(x_d, b, weight_scale=sb, bias=bias_d, split_k=split_k, quantize_tokens=True)
-    assert torch.equal(one, two)
-    assert all(int(buffer[:3].abs().sum()) == 0 for buffer in live_buffers(x_d.device, "split-k quantize"))
