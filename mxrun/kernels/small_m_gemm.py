@@ -18,7 +18,8 @@ they start, the first ones quantize pieces of the rows, every program waits on a
 or without an L2 prefetch of its first weight steps while it waits): the same bits, but x1.05-1.10 the time of
 the quantize launch and this one, slower in all 14 cases warm and cold (H100, seven Llama shapes at M = 1 and
 16, ``results/small-m-fused-token-quant-{warm,cold}-h100.log``): the programs cannot stream their weight before
-the codes exist, so the quantize stays on the critical path, now with the counters' waits added.
+the codes exist, so the quantize stays on the critical path, now with the counters' waits added; loading the
+first weight step into registers before the wait was slower still (``...-first-step-{warm,cold}-h100.log``).
 
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
