@@ -150,6 +150,18 @@ on the seven Llama shapes at M = 1 and 16, FP8 block W8A8 (H100, ``benchmarks/sw
 ``results/block-split-k-step-h100.log``)."""
 
 
+NARROW_N = 4096
+NARROW_TARGET_PROGRAMS = 264
+"""E4M3 activation codes against per-tensor / per-channel weights of at most :data:`NARROW_N` output columns
+aim for this many programs, two per SM, instead of :data:`FP16_MMA_CONFIG`'s four: half the K splits, each
+twice as long. H100, interleaved (``benchmarks/sweep_linear_setting.py --setting small.NARROW_TARGET_PROGRAMS
+--values 528 264 --shapes "8B qkv 4096->6144" "8B o 4096->4096" "8B down 14336->4096" --ms 1 16 --columns
+scaled_mm fp8-channel fp8-tensor fp8-block mxfp8-tiles --repeats 2``, ``results/small-m-narrow-target-h100.log``;
+the second repeat, the first being slower for every value-independent reason of a first pass): per-token and
+per-tensor W8A8 on 8B ``o`` 1-2% faster at M = 1 and 6-7% at 16, on 8B ``down`` 0-3%; 8B ``qkv`` (6144 columns,
+unchanged) within 2%. 128x128 blocks lost 4-5% on 8B ``down`` and keep the four per SM."""
+
+
 WEIGHT_TMA = True
 """By default the weight tiles of MX weights and of the fp16 MMA (E4M3 activation codes, fp16 activations) come
 by TMA (a tensor descriptor; one bulk copy per tile, out-of-bounds rows and columns filled with zeros by the
@@ -166,16 +178,26 @@ slower."""
 
 
 def default_config(
-    activation_dtype: torch.dtype, mx_weight: bool, m: int = 1, block_weight: bool = False
+    activation_dtype: torch.dtype,
+    mx_weight: bool,
+    m: int = 1,
+    block_weight: bool = False,
+    n: int | None = None,
 ) -> SplitKConfig:
     """The tile :func:`small_m_gemm_triton` uses unless given one: by the MMA's type and the weight's scales
     for up to 16 rows (what the sweep measured; their register caps would spill with 32- or 64-row tiles),
-    :data:`DEFAULT_CONFIG` beyond; 128x128 weight blocks meeting an fp16 MMA take :data:`BLOCK_FP16_MMA_STEP`."""
+    :data:`DEFAULT_CONFIG` beyond; 128x128 weight blocks meeting an fp16 MMA take :data:`BLOCK_FP16_MMA_STEP`,
+    and E4M3 codes against per-tensor / per-channel weights of ``n <= NARROW_N`` columns
+    :data:`NARROW_TARGET_PROGRAMS`."""
     if mx_weight or block_m_for(m) > 16:
         return DEFAULT_CONFIG
     if activation_dtype == torch.bfloat16:
         return BF16_MMA_CONFIG
-    return FP16_MMA_CONFIG._replace(block_k=BLOCK_FP16_MMA_STEP) if block_weight else FP16_MMA_CONFIG
+    if block_weight:
+        return FP16_MMA_CONFIG._replace(block_k=BLOCK_FP16_MMA_STEP)
+    if activation_dtype == torch.float8_e4m3fn and n is not None and n <= NARROW_N:
+        return FP16_MMA_CONFIG._replace(target_programs=NARROW_TARGET_PROGRAMS)
+    return FP16_MMA_CONFIG
 
 
 @triton.jit
@@ -524,7 +546,7 @@ def small_m_gemm_triton(
     ):
         raise GemmInputError(f"{fn}: MXFP8 weights need K % 32 == 0 and E8M0 scales [N, K/32]")
     blocked = weight_block_scale is not None
-    config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m, blocked)
+    config = config or default_config(a.dtype, weight_scale_e8m0 is not None, m, blocked, n)
     if blocked:
         weight_block_scale, a_scale = check_block_scales(fn, a_scale, weight_block_scale, m, n, k)
         if config.block_k % 128 or 128 % config.block_n:
@@ -633,6 +655,8 @@ __all__ = [
     "DEFAULT_CONFIG",
     "FP16_MMA_CONFIG",
     "FUSED_SUM_MAX_BLOCK_M",
+    "NARROW_N",
+    "NARROW_TARGET_PROGRAMS",
     "SMALL_M_MAX",
     "SplitKConfig",
     "check_block_scales",

@@ -283,6 +283,45 @@ def test_last_arrival_resets_its_counters() -> None:
     assert counters and all(int(t.abs().sum()) == 0 for t in counters)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arena_left", [True, False])
+def test_graph_capture_takes_counters_from_the_arena(arena_left, monkeypatch) -> None:
+    """A split-K call first made while a CUDA graph is captured (on a stream nothing ran on before) takes its
+    arrival counters from the zeroed arena that a call outside the capture made, and keeps them for that
+    stream: the graph does not zero them itself (it held a memset node per call before, about 1 us each at
+    replay), so a count planted before a replay is still there after it. With the arena used up the counters
+    come from the graph's pool (zeroed by the graph) and are not kept. Replays give the eager call's bits."""
+    from mxrun.kernels import workspace
+
+    splits = 4
+    x, w, _ = _inputs(4, 1024, 2048, seed=3)
+    q = quantize_fp8_reference(w, G.PER_ROW)
+    a, b, s = _dev(x, q.data, q.scale)
+    eager = small_m_gemm_triton(a, b, weight_scale=s, split_k=splits)  # outside a capture: makes the arena
+    arena = workspace._ARENAS[a.device]
+    if not arena_left:
+        monkeypatch.setitem(workspace._ARENAS, a.device, [arena[0], arena[0].numel()])
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = small_m_gemm_triton(a, b, weight_scale=s, split_k=splits)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    kept = workspace._BUFFERS.get((a.device, stream.cuda_stream, "split-k arrivals"))
+    if not arena_left:
+        assert kept is None
+        return
+    assert kept is not None and kept.untyped_storage().data_ptr() == arena[0].untyped_storage().data_ptr()
+    assert int(kept.abs().sum()) == 0
+    kept[0] = 100  # no program of column block 0 then counts itself last: the count only grows
+    graph.replay()
+    torch.cuda.synchronize()
+    assert int(kept[0]) == 100 + splits
+    kept.zero_()
+
+
 @pytest.mark.parametrize("spread", [12, 40, 130])
 def test_mx_with_far_apart_block_scales(spread) -> None:
     """MX blocks whose scales lie far apart (2^-spread, on both sides, down to fp32/bf16 subnormal weights and
@@ -309,6 +348,8 @@ def test_default_tile_by_operand_kind() -> None:
         BLOCK_FP16_MMA_STEP,
         DEFAULT_CONFIG,
         FP16_MMA_CONFIG,
+        NARROW_N,
+        NARROW_TARGET_PROGRAMS,
         default_config,
     )
 
@@ -324,6 +365,12 @@ def test_default_tile_by_operand_kind() -> None:
     blocks = default_config(torch.float8_e4m3fn, mx_weight=False, block_weight=True)
     assert blocks == FP16_MMA_CONFIG._replace(block_k=BLOCK_FP16_MMA_STEP) and blocks.block_k % 128 == 0
     assert default_config(torch.bfloat16, mx_weight=False, block_weight=True) is BF16_MMA_CONFIG
+    # E4M3 codes on narrow per-tensor / per-channel layers: two programs per SM; not blocks, not fp16 values
+    narrow = default_config(torch.float8_e4m3fn, mx_weight=False, n=NARROW_N)
+    assert narrow == FP16_MMA_CONFIG._replace(target_programs=NARROW_TARGET_PROGRAMS) != FP16_MMA_CONFIG
+    assert default_config(torch.float8_e4m3fn, mx_weight=False, n=NARROW_N + 1) is FP16_MMA_CONFIG
+    assert default_config(torch.float16, mx_weight=False, n=NARROW_N) is FP16_MMA_CONFIG
+    assert default_config(torch.float8_e4m3fn, mx_weight=False, block_weight=True, n=NARROW_N) == blocks
     assert 128 % BF16_MMA_CONFIG.block_n == 0 and BF16_MMA_CONFIG.block_k == 128
 
 
