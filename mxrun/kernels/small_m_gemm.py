@@ -159,7 +159,7 @@ twice as long. H100, interleaved (``benchmarks/sweep_linear_setting.py --setting
 scaled_mm fp8-channel fp8-tensor fp8-block mxfp8-tiles --repeats 2``, ``results/small-m-narrow-target-h100.log``;
 the second repeat, the first being slower for every value-independent reason of a first pass): per-token and
 per-tensor W8A8 on 8B ``o`` 1-2% faster at M = 1 and 6-7% at 16, on 8B ``down`` 0-3%; 8B ``qkv`` (6144 columns,
-unchanged) within 2%. 128x128 blocks lost 4-5% on 8B ``down`` and keep the four per SM."""
+unchanged) within 3%. 128x128 blocks gained on 8B ``o`` but lost 4-5% on 8B ``down``; they keep four per SM."""
 
 
 WEIGHT_TMA = True
