@@ -40,7 +40,12 @@ reach about 1.0x). Per-tensor / per-channel GEMMs therefore take 128x256 tiles w
 well (:func:`wide_tiles_pay`): each consumer then keeps two 64x128 accumulators and one step-product set,
 waits for each product at once, and relies on the other consumer's MMAs to cover its adds. Block scaling keeps
 128x128: its wide variant spilled registers and ran at 0.3x (again 120 bytes of stack offline with the TMA-store
-epilogue). 2-CTA clusters with TMA multicast of the shared operand would be the next step; Triton 3.6's Gluon
+epilogue). Rebuilt on the per-channel wide consumer (each half's product times its rows' scales and its own
+weight block's, one activation-scale load per step, no row mask), it still kept 112-160 bytes of stack in each
+order of the scale loads tried (ptxas gives the second half's product registers of their own; the consumers
+have 232 registers, the most that leave the loader its 40) and took x1.46 the time of 128x128 tiles over the
+42 large-M Linear cases, faster in 2 (``sweep_linear_setting.py`` over a switch for it, since removed;
+``results/block-wide-tiles-spill-h100.log``). 2-CTA clusters with TMA multicast of the shared operand would be the next step; Triton 3.6's Gluon
 has no multicast TMA load for Hopper.
 
 The epilogue was the largest part of what was left. With masked stores from the registers, both consumers of a

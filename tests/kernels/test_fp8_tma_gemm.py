@@ -50,6 +50,9 @@ def _inputs(m: int, n: int, k: int, seed: int, spread_groups: bool = False):
         x = x * exps.exp2().repeat_interleave(128, dim=1)[:, :k]
         x[: m // 7, 128:256] = 0.0  # all-zero groups: scale 1, codes 0
     w = torch.randn(n, k, generator=g) * 0.05
+    if spread_groups:  # and each 128x128 weight block at its own power of two in [2^-6, 2^6]
+        exps = torch.randint(-6, 7, (-(-n // 128), -(-k // 128)), generator=g).float().exp2()
+        w = w * exps.repeat_interleave(128, dim=0).repeat_interleave(128, dim=1)[:n, :k]
     bias = torch.randn(n, generator=g)
     return x.to(torch.bfloat16), w.to(torch.bfloat16), bias.to(torch.bfloat16)
 
@@ -259,8 +262,8 @@ def test_wgmma_gemm(m, n, k, act_granularity, weight_granularity, with_bias, per
 @pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
 def test_wgmma_block_scaled(m, n, k, persistent) -> None:
     """Block scaling in the Gluon kernel: each step's product times its rows' 1x128 activation scales and the
-    tile's weight-block scale (group scales spread over 2^+-12 and all-zero groups, so a scale taken from
-    the wrong step, row or block is far off), with bias; deterministic."""
+    tile's weight-block scale (group scales spread over 2^+-12, weight blocks over 2^+-6, all-zero groups,
+    so a scale taken from the wrong step, row or block is far off), with bias; deterministic."""
     from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
 
     x, w, bias = _inputs(m, n, k, seed=m + k, spread_groups=True)
