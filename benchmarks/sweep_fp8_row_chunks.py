@@ -7,8 +7,9 @@ each launch checked byte for byte against the launcher first. The launcher's row
     PYTHONPATH=. python benchmarks/sweep_fp8_row_chunks.py
 
 ``--linear`` times the per-token W8A8 Linear (``fp8_linear``, quantize + split-K GEMM) on the two Llama ``down``
-shapes at M = 1 and 16 with the row-chunk rule at 16384 columns (the launcher's), at 8192, and off, three
-rounds each in one process, so the effect on the layer is compared within one run.
+shapes and 70B ``qkv`` (8192 columns) at M = 1 and 16 with the row-chunk rule off, at 16384 columns with the
+amax read in 4096-column steps (as before), at 8192 (the launcher's: whole rows) and at 4096, three rounds each
+in one process, so the effect on the layer is compared within one run.
 """
 
 from __future__ import annotations
@@ -19,16 +20,18 @@ import triton.testing
 
 from mxrun.kernels import fp8_quantize as fq
 
-SHAPES = [(1, 4096), (16, 4096), (1, 14336), (16, 14336), (1, 28672), (16, 28672), (64, 14336)]
+SHAPES = [(1, 4096), (16, 4096), (1, 8192), (16, 8192), (1, 14336), (4, 14336), (16, 14336), (1, 28672),
+          (4, 28672), (16, 28672), (64, 14336)]  # fmt: skip
 SETTINGS = [
     (chunk, step, warps)
-    for chunk in (512, 1024, 2048, 4096)
-    for step, warps in ((2048, 4), (4096, 4), (4096, 8))
-]
+    for chunk in (1024, 2048, 4096)
+    for step, warps in ((4096, 4), (32768, 4), (32768, 8))
+]  # steps beyond the row: the row rounded up to a power of two, read at once
 
 
 def chunks_launch(x: torch.Tensor, chunk: int, step: int, warps: int):
     m, k = x.shape
+    step = min(step, triton.next_power_of_2(k))
 
     def launch():
         data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
@@ -47,24 +50,30 @@ def graph_us(fn) -> float:
 
 
 def linear_ab() -> None:
-    """The Linear with the rule at 16384 columns, at 8192 and off: min and each round, us."""
+    """The Linear with the rule at 16384 columns (amax read in steps of 4096 columns, or the whole row at
+    once), at 8192 (whole rows) and off: min and each round, us."""
     from mxrun.kernels.scaled_gemm import fp8_linear
 
-    rules = {"chunks>16384": 16384, "chunks>8192": 8192, "off": 1 << 62}
-    default = fq.ROW_CHUNKS_MIN_COLS
-    for k, n in [(14336, 4096), (28672, 8192)]:
+    rules = {
+        "off": (1 << 62, 32768),
+        "chunks>16384 step 4096": (16384, 4096),
+        "chunks>8192": (8192, 32768),
+        "chunks>4096": (4096, 32768),
+    }
+    default = fq.ROW_CHUNKS_MIN_COLS, fq.ROW_CHUNKS_AMAX_STEP
+    for k, n in [(14336, 4096), (28672, 8192), (8192, 10240)]:
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         q = fq.quantize_fp8(w, fq.Fp8Granularity.PER_ROW)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             times: dict[str, list[float]] = {}
             for _ in range(3):
-                for label, min_cols in rules.items():
-                    fq.ROW_CHUNKS_MIN_COLS = min_cols
+                for label, (min_cols, step) in rules.items():
+                    fq.ROW_CHUNKS_MIN_COLS, fq.ROW_CHUNKS_AMAX_STEP = min_cols, step
                     fq._fp8_launch_plan.cache_clear()
                     us = graph_us(lambda x=x, q=q: fp8_linear(x, q.data, q.scale, None, "token"))
                     times.setdefault(label, []).append(us)
-            fq.ROW_CHUNKS_MIN_COLS = default
+            fq.ROW_CHUNKS_MIN_COLS, fq.ROW_CHUNKS_AMAX_STEP = default
             fq._fp8_launch_plan.cache_clear()
             rounds = " ".join(
                 f"{label}: {min(v):.1f} ({', '.join(f'{u:.1f}' for u in v)})" for label, v in times.items()

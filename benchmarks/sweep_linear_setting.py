@@ -47,6 +47,7 @@ def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], col
         for repeat in range(repeats):
             for value in values:
                 setattr(module, name, value)
+                fp8_quantize._fp8_launch_plan.cache_clear()  # launch plans read the quantize settings
                 print(f"{setting} = {value} (repeat {repeat})", flush=True)
                 for row in bench_linear.run(shapes, ms, columns, rep_ms, graph=True):
                     rows.append({**row, "setting": setting, "value": value, "repeat": repeat})
@@ -54,6 +55,7 @@ def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], col
                     _write(rows, json_path)
     finally:
         setattr(module, name, saved)
+        fp8_quantize._fp8_launch_plan.cache_clear()
     return rows
 
 

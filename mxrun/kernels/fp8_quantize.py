@@ -71,19 +71,45 @@ FP8_BLOCK = 128  # side of the weight tiles and length of the activation groups
 # sweep-fp8-quantize-2048-warps-h100.json, --rows 2048); the copy itself moves only 2.0-2.7 TB/s there.
 _MAX_ROW_IN_REGISTERS = 16384  # longest per-row row (padded to a power of two) held whole in registers
 _ROW_MAX_WARPS = 8
-# Decode: up to ROW_CHUNKS_MAX_ROWS rows longer than ROW_CHUNKS_MIN_COLS (too long to hold whole in registers)
-# take _fp8_row_chunks_kernel, each row's conversions shared by programs of _ROW_CHUNK columns, instead of one
-# program's two passes. H100, CUDA-graph replays (benchmarks/sweep_fp8_row_chunks.py,
-# benchmarks/results/fp8-quantize-row-chunks-h100.log): 1 x 28672 6.49 -> 4.04 us, 16 x 28672 6.83 -> 4.81. In the
-# per-token W8A8 Linear, same process (``--linear``, results/fp8-row-chunks-linear-h100.log): 70B down 91.7 ->
-# 89.3 us at M = 1, 93.6 -> 91.4 at 16. Rows of 14336 columns (held whole) were faster alone with it (3.38 ->
-# 2.85 us at M = 1) but the Linear got slower (8B down 29.8 -> 30.2 us, 31.1 -> 31.6), so they keep the
-# whole-row kernel; at 64 rows it was slower alone too.
+# Decode: up to ROW_CHUNKS_MAX_ROWS rows longer than ROW_CHUNKS_MIN_COLS take _fp8_row_chunks_kernel, each row's
+# conversions shared by programs of a chunk of columns (row_chunk_for), instead of one program's whole-row
+# kernel or two passes. H100, CUDA-graph replays (benchmarks/sweep_fp8_row_chunks.py): first with the amax read
+# in 4096-column steps (results/fp8-quantize-row-chunks-h100.log: 1 x 28672 6.49 -> 4.04 us, 16 x 28672 6.83 ->
+# 4.81; the per-token W8A8 Linear on 70B down 91.7 -> 89.3 us at M = 1, 93.6 -> 91.4 at 16,
+# results/fp8-row-chunks-linear-h100.log; rows of 14336 columns were faster alone, 3.38 -> 2.85 us, but not in
+# the Linear, and kept the whole-row kernel); then with the whole row read at once (ROW_CHUNKS_AMAX_STEP) and
+# the chunk by the row count (row_chunk_for), against the whole-row / two-pass kernels, same run
+# (results/fp8-quantize-row-chunks-whole-h100.log): 1 x 8192 2.31 -> 1.68 us, 16 x 8192 2.41 -> 2.15, 1 x 14336
+# 3.40 -> 1.90, 16 x 14336 3.46 -> 2.48, 1 x 28672 6.46 -> 2.32, 4 x 28672 6.61 -> 2.45, 16 x 28672 6.70 ->
+# 3.34. In the per-token Linear, the rule's variants interleaved in one process (--linear,
+# results/fp8-row-chunks-linear-whole-h100.log): 8B down 27.5 -> 26.1 us at M = 1 and 28.7 -> 27.6 at 16 (its
+# rows held whole before), 70B down 87.9 -> 85.0 and 91.7 -> 88.7 (its amax read in 4096-column steps before),
+# 70B qkv 35.3 -> 34.8 at M = 1 and 37.1 at 16 either way (row chunks from 4096 columns against 8192). Rows of
+# 4096 columns, 1.59 against the whole-row kernel's 1.66 us alone, were not timed in the Linear and keep it.
 ROW_CHUNKS_MAX_ROWS = 16
-ROW_CHUNKS_MIN_COLS = _MAX_ROW_IN_REGISTERS
-_ROW_CHUNK = 2048
-_ROW_CHUNKS_AMAX_STEP = 4096
-_ROW_CHUNKS_WARPS = 4
+ROW_CHUNKS_MIN_COLS = 4096
+ROW_CHUNKS_AMAX_STEP = 32768
+"""Columns of a row each row-chunk program reads at once for the row's amax (at most the row's length rounded
+up to a power of two): the whole row up to 32768 columns, one round trip to L2 instead of one per 4096."""
+
+
+def row_chunk_for(rows: int, cols: int) -> tuple[int, int]:
+    """(columns per program, warps) of the row-chunk kernel: every program reads its whole row for the amax, so
+    more rows call for wider chunks (fewer programs re-reading each row); one row takes narrow ones."""
+    if rows == 1:
+        return 1024, 4
+    if cols <= 16384:
+        return 2048, 4
+    return (2048, 8) if rows <= 4 else (4096, 8)
+
+
+TENSOR_ONE_ROW_AS_ROW = 1
+"""A per-tensor quantize of a single row (decode at batch 1) runs the per-row kernel: the same amax, scale and
+codes by definition, in one launch instead of the amax and quantize launches. H100, the per-tensor W8A8 Linear
+at M = 1 on the seven Llama shapes, interleaved (``benchmarks/sweep_linear_setting.py --setting
+quantize.TENSOR_ONE_ROW_AS_ROW --values 0 1 --ms 1 --columns scaled_mm fp8-tensor --repeats 2``,
+``results/tensor-one-row-h100.log``, before the row chunks took 14336-column rows): x0.947 the time, faster in
+13 of 14."""
 _BLOCK_STRIP_K = 128  # columns of 128x128 blocks one program does in turn
 _BLOCK_WARPS = 8  # 16 measured 0.81-0.85 of copy on H100, 8 0.89-0.97 (sweep_fp8_quantize.py --only block)
 
@@ -658,9 +684,11 @@ def _fp8_launch_plan(
     else:
         scale_shape = (*shape[:-1], 1)
         if config is None and _row_chunks_apply(view.rows * view.batches, view.cols):
-            kernel_name, grid = "row_chunks", (view.rows, ceil_div(view.cols, _ROW_CHUNK), view.batches)
-            constexprs.update(BLOCK_R=1, BLOCK_K=_ROW_CHUNKS_AMAX_STEP, CHUNK=_ROW_CHUNK)
-            constexprs["num_warps"] = _ROW_CHUNKS_WARPS
+            chunk, warps = row_chunk_for(view.rows * view.batches, view.cols)
+            kernel_name, grid = "row_chunks", (view.rows, ceil_div(view.cols, chunk), view.batches)
+            step = min(ROW_CHUNKS_AMAX_STEP, triton.next_power_of_2(view.cols))
+            constexprs.update(BLOCK_R=1, BLOCK_K=step, CHUNK=chunk)
+            constexprs["num_warps"] = warps
         elif tile.block_k >= view.cols:
             kernel_name = "row_pieces"
             del constexprs["BLOCK_K"]
@@ -685,6 +713,11 @@ def quantize_fp8_triton(
     Per-tensor takes two launches (the amax, then quantize; see :data:`TENSOR_AMAX_PARTIALS_MAX`); the other
     granularities one pass.
     """
+    granularity = Fp8Granularity(granularity)
+    one_row = x.dim() > 0 and 0 < x.numel() == x.shape[-1]
+    if granularity is Fp8Granularity.PER_TENSOR and TENSOR_ONE_ROW_AS_ROW and one_row and config is None:
+        one_row = quantize_fp8_triton(x, Fp8Granularity.PER_ROW, cast=cast, config=config)
+        return Fp8Quantized(one_row.data, one_row.scale.reshape(()))
     plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, granularity, cast, config)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     if plan.kernel_name == "tensor":

@@ -142,11 +142,12 @@ def test_whole_row_kernel_with_several_pieces(cols: int) -> None:
     _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software")
 
 
-@pytest.mark.parametrize(("rows", "cols"), [(1, 16400), (3, 28672), (16, 17000)])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 9000), (1, 16400), (3, 28672), (16, 17000), (2, 40000)])
 def test_few_long_rows_share_each_row_between_programs(rows: int, cols: int) -> None:
-    """Decode-sized inputs (up to 16 rows of more than 16384 columns) take the kernel whose programs each find
-    the whole row's amax and quantize one chunk of it: the reference's bytes and scales, with the amax in the
-    last, partly masked chunk of one row and in the first chunk of another; batches count as rows."""
+    """Decode-sized inputs (up to 16 rows of more than 8192 columns) take the kernel whose programs each find
+    the whole row's amax (in one read up to 32768 columns, in two beyond) and quantize one chunk of it: the
+    reference's bytes and scales, with the amax in the last, partly masked chunk of one row and in the first
+    chunk of another; batches count as rows."""
     from mxrun.kernels.fp8_quantize import _fp8_launch_plan
 
     x = make_input((rows, cols), torch.bfloat16, seed=9)
@@ -157,9 +158,29 @@ def test_few_long_rows_share_each_row_between_programs(rows: int, cols: int) -> 
     _assert_kernel_matches_reference(x, Fp8Granularity.PER_ROW, "software")
     batched = make_input((2, 8, cols), torch.bfloat16, seed=10)  # 16 rows in two batches
     _assert_kernel_matches_reference(batched, Fp8Granularity.PER_ROW, "software")
-    many = make_input((17, cols), torch.bfloat16, seed=11)  # one row too many: two passes
+    many = make_input((17, cols), torch.bfloat16, seed=11)  # one row too many: whole rows, or two passes
     plan = _fp8_launch_plan(tuple(many.shape), tuple(many.stride()), many.dtype, "per_row", "software", None)
-    assert plan.kernel_name == "long_row"
+    assert plan.kernel_name == ("long_row" if cols > 16384 else "row_pieces")
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (1, 1, 4096), (1, 20000)])
+def test_per_tensor_of_one_row_is_one_per_row_launch(shape: tuple[int, ...], monkeypatch) -> None:
+    """A single row's per-tensor scale is its per-row scale by definition: the per-row kernel gives the
+    reference's bytes and 0-dim scale in one launch (the amax kernel, which would start the two-launch path,
+    must not run), the amax in the row's last element."""
+    from mxrun.kernels import fp8_quantize
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the per-tensor amax kernel ran for a single row")
+
+    x = make_input(shape, torch.bfloat16, seed=12)
+    x[..., -1] = -700.0
+    monkeypatch.setattr(fp8_quantize, "_amax_bits_kernel", _NoLaunch())
+    _assert_kernel_matches_reference(x, Fp8Granularity.PER_TENSOR, "software")
+    monkeypatch.setattr(fp8_quantize, "TENSOR_ONE_ROW_AS_ROW", 0)  # the switch really is what kept it away
+    with pytest.raises(AssertionError, match="amax kernel ran"):
+        quantize_fp8_triton(x.to(KERNEL_DEVICE), Fp8Granularity.PER_TENSOR)
 
 
 @gpu_only
