@@ -292,7 +292,6 @@ def _split_k_kernel(
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
-    CODES_TMA: tl.constexpr,  # B_MX: bs_ptr is a descriptor of mx_scale_tiles' [BLOCK_K / 32, BLOCK_N] boxes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
@@ -316,9 +315,8 @@ def _split_k_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     offs_g = tl.arange(0, G)
-    if not CODES_TMA:
-        bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
-        block_scales = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn  # B_SCALE 3: this block row's scales
+    bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
+    block_scales = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn  # B_SCALE 3: this block row's scales
     a_groups = a_scale_ptr + offs_m.to(tl.int64) * stride_asm  # A_SCALE 3: the rows' group scales
     for k0 in range(k_begin, k_end, BLOCK_K):
         if B_SCALE == 3:  # one 128x128 block per 128-wide part of the step
@@ -334,10 +332,7 @@ def _split_k_kernel(
                 b = tl.load(
                     b_ptr + b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
                 )
-            if B_MX and CODES_TMA:  # this step's codes as one box, beside the weight tile's
-                codes = bs_ptr.load([(pid_n * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K) * G, 0])
-                w = mx_decode_weight(b, codes, MX_FOLD, False)
-            elif B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
+            if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
                 g_ok = k0 + offs_g * 32 < k_end
                 codes = tl.load(
                     bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
@@ -518,7 +513,6 @@ def small_m_gemm_triton(
     mx_scale_fold: bool = False,
     mx_scale_fold16: bool = False,
     weight_tma: bool | None = None,
-    weight_scale_tiles: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -586,14 +580,6 @@ def small_m_gemm_triton(
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
     box = config._replace(block_k=128) if blocked else config  # block steps load 128 K at a time
     b_tma = weight_tma and mma != 0 and _tma_loadable(weight, box)
-    codes_tma = b_tma and b_mx and weight_scale_tiles is not None
-    if codes_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        expected = mx_scale_tiles_shape(n, k, config)
-        if weight_scale_tiles.shape != expected or weight_scale_tiles.dtype != torch.uint8:
-            raise GemmInputError(f"{fn}: weight_scale_tiles must be uint8 {expected} for {config}")
-        bs = TensorDescriptor.from_tensor(weight_scale_tiles, [config.block_k // 32, config.block_n])
     _split_k_kernel[(column_blocks, splits)](
         a,
         _weight_descriptor(weight, box) if b_tma else weight,
@@ -610,7 +596,7 @@ def small_m_gemm_triton(
         k_per_split,
         a.stride(0),
         weight.stride(0),
-        0 if codes_tma else bs.stride(0),
+        bs.stride(0),
         a_scale.stride(0) if a_scale_mode == 3 else 0,
         B_MX=b_mx,
         A_SCALE=a_scale_mode,
@@ -622,7 +608,6 @@ def small_m_gemm_triton(
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
-        CODES_TMA=codes_tma,
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -633,26 +618,6 @@ def small_m_gemm_triton(
     if splits > 1 and not fused_sum:  # block scales were applied per K step
         sum_splits(partials, None if blocked else a_scale, weight_scale, bias, c)
     return c
-
-
-def mx_scale_tiles_shape(n: int, k: int, config: SplitKConfig) -> tuple[int, int]:
-    """Shape of :func:`mx_scale_tiles` for an ``[N, K]`` MXFP8 weight and ``config``'s tile."""
-    groups = config.block_k // MX_BLOCK_SIZE
-    return (triton.cdiv(n, config.block_n) * triton.cdiv(k, config.block_k) * groups, config.block_n)
-
-
-def mx_scale_tiles(scale_e8m0: torch.Tensor, config: SplitKConfig) -> torch.Tensor:
-    """The E8M0 codes ``[N, K/32]`` regrouped so that each (column block, K step) of ``config``'s tile is one
-    contiguous ``[block_k / 32, block_n]`` box (codes past N and K: 127), for the split-K kernel to read by TMA
-    beside its weight tile (prototype)."""
-    codes = scale_e8m0.view(torch.uint8)
-    n, groups = codes.shape
-    g = config.block_k // MX_BLOCK_SIZE
-    nb, kb = triton.cdiv(n, config.block_n), triton.cdiv(groups, g)
-    padded = torch.full((nb * config.block_n, kb * g), 127, dtype=torch.uint8, device=codes.device)
-    padded[:n, :groups] = codes
-    tiles = padded.view(nb, config.block_n, kb, g).permute(0, 2, 3, 1)
-    return tiles.reshape(nb * kb * g, config.block_n).contiguous()
 
 
 def check_block_scales(
