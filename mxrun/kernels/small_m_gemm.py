@@ -75,7 +75,12 @@ decode's time (each group's result is waited for before it is scaled), and the f
 ``wgmma`` 0.99-1.16x. Nor did reading the E8M0 scales as the 32-bit words that hold them, which Triton then
 pipelines with ``cp.async`` instead of waiting inside each step for the byte load and moving its result between
 layouts (117 -> 90 registers, same bits): slower in 12 of 14 cases (8B qkv at M = 1 12.6 -> 15.3 us; only 8B
-down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``.
+down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``. Reading them by TMA instead, one box per
+(column block, K step) of a regrouped copy of the codes, beside the weight tile's box (prototype at commit
+c235ff3: no wait inside the step, no layout change through shared memory, 92 registers): the same bits, 2-5%
+faster on 12 of the 14 decode cases but 12% slower on 70B ``gate_up`` (its 896 programs run in two waves),
+x0.995 warm and x0.982 cold over all (``results/small-m-mx-codes-tma-h100.log``); not kept, as the copy costs
+1/32 of the weight's bytes again.
 
 128x128 block weights (FP8 blocks, and MXFP8 stored tile-aligned with its power-of-two tile scales) run here too:
 a program's columns lie in one block row and each 128-wide part of a K step in one block, so each part's product
