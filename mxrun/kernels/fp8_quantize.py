@@ -50,6 +50,7 @@ from mxrun.kernels.e4m3 import (
 )
 from mxrun.kernels.mxfp8_quantize import E4m3Cast, resolve_cast
 from mxrun.kernels.row_layout import (
+    QuantizeInputError,
     TileConfig,
     ceil_div,
     check_quantize_input,
@@ -245,9 +246,12 @@ def _fp8_row_group_kernel(
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SCALE_K_MAJOR: tl.constexpr = False,
 ):
     """Groups of GROUP_K consecutive elements of a row share a scale (the launcher's 1x128 groups: GROUP_K =
-    128). A BLOCK_R x BLOCK_K tile holds BLOCK_K // GROUP_K groups per row."""
+    128). A BLOCK_R x BLOCK_K tile holds BLOCK_K // GROUP_K groups per row. SCALE_K_MAJOR (one batch): the
+    scales go to ``[cdiv(K, GROUP_K), R rounded up to a multiple of 4]``, each K step's rows contiguous (what
+    the Gluon GEMM reads by TMA)."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP_K
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -273,8 +277,12 @@ def _fp8_row_group_kernel(
     n_groups = tl.cdiv(K, GROUP_K)
     group_cols = pid_k * GROUPS + tl.arange(0, GROUPS)
     scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
-    scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
-    tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+    if SCALE_K_MAJOR:
+        scale_offsets = group_cols.to(tl.int64)[None, :] * (tl.cdiv(R, 4) * 4) + rows[:, None]
+        tl.store(scale_ptr + scale_offsets, scale, mask=scale_mask)
+    else:
+        scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
+        tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
 
 
 @triton.jit
@@ -707,11 +715,14 @@ def quantize_fp8_triton(
     *,
     cast: E4m3Cast | str = E4m3Cast.AUTO,
     config: TileConfig | None = None,
+    scale_k_major: bool = False,
 ) -> Fp8Quantized:
     """Triton FP8 quantize with the reference's bytes and scales; no host synchronisation.
 
     Per-tensor takes two launches (the amax, then quantize; see :data:`TENSOR_AMAX_PARTIALS_MAX`); the other
-    granularities one pass.
+    granularities one pass. ``scale_k_major`` (1x128 groups of a 2-D input): the same scales ``[M, cdiv(K,
+    128)]`` as a view of a K-major buffer ``[cdiv(K, 128), M rounded up to 4]`` (strides ``(1, ld)``), each K
+    step's scales one contiguous, 16-byte aligned run for a TMA box.
     """
     granularity = Fp8Granularity(granularity)
     one_row = x.dim() > 0 and 0 < x.numel() == x.shape[-1]
@@ -736,6 +747,17 @@ def quantize_fp8_triton(
         _fp8_tensor_quantize_kernel[plan.grid](
             x, amax_bits, data, scale, *plan.int_args, **plan.constexprs, PARTIALS=partials
         )
+        return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
+    if scale_k_major:
+        if plan.kernel_name != "row_group" or x.dim() != 2:
+            raise QuantizeInputError("quantize_fp8_triton: scale_k_major is for 1x128 groups of a 2-D input")
+        rows, groups = plan.scale_shape
+        buffer = torch.empty((groups, -(-rows // 4) * 4), dtype=torch.float32, device=x.device)
+        scale = buffer[:, :rows].t()
+        if plan.grid is not None:
+            _KERNELS["row_group"][plan.grid](
+                x, data, buffer, *plan.int_args, **plan.constexprs, SCALE_K_MAJOR=True
+            )
         return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
     scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:

@@ -76,7 +76,15 @@ interleaved in one run (``results/block-loader-scales-h100.json``, ``block_new``
 run's first shapes were slow for every kernel): the loader then waits on those loads and a bar.sync each step,
 and falls behind.
 Register loads "ahead" do not stay ahead: ptxas copies loop-carried registers at the loop's end and moves
-uniform loads into uniform registers right away, each waiting for the load there.
+uniform loads into uniform registers right away, each waiting for the load there. What worked: the activation
+quantizer writes the 1x128 scales K-major (``quantize_fp8_triton(..., scale_k_major=True)``, a ``[M, groups]``
+view of a ``[groups, M rounded up to 4]`` buffer, at no cost), so that one step's 128 row scales are one
+contiguous 512-byte run; the loader brings them into the slot by TMA with the step's operands, under the same
+mbarrier, and each consumer reads its 64 from shared memory (``A_SCALE_TMA``; the weight-block scale stays one
+uniform load). H100, the block-scaled W8A8 Linear interleaved with and without it (``sweep_linear_setting.py
+--setting wgmma.BLOCK_SCALES_BY_TMA --values 0 1 --ms 256 1024 4096 16384 --columns scaled_mm fp8-block
+--repeats 2``, ``results/block-scales-tma-h100.log``): x0.921 the time, faster in 52 of 56; at M >= 1024 the
+second repeat's 0.82-0.96x of ``_scaled_mm`` became 0.90-1.11x.
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
@@ -167,6 +175,18 @@ if HAS_GLUON:
             return ones
 
     @gluon.jit
+    def _step_scale_smem(a_sc_s, slot, b_scale_row, k_step, HALF: gl.constexpr, rows_layout: gl.constexpr):
+        """Block scaling with the activation scales in shared memory (A_SCALE_TMA): this consumer's 64 rows of
+        the step's scale box, which the loader brought beside the step's operands, times the weight-block
+        scale."""
+        STAGES: gl.constexpr = a_sc_s.shape[0]
+        HALF_M: gl.constexpr = a_sc_s.shape[2] // 2
+        # the unswizzled [1, 128] boxes are plain rows: view them as [STAGES, 128] to take this half's 64
+        flat = a_sc_s._reinterpret(gl.float32, [STAGES, 2 * HALF_M], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        rows = flat.index(slot).slice(HALF * HALF_M, HALF_M).load(rows_layout)
+        return rows * gl.load(b_scale_row + k_step)
+
+    @gluon.jit
     def _promote(acc, product, scale, BLOCK_SCALED: gl.constexpr):
         """Add one K step's product into the fp32 accumulator (scaled by the step's block scales)."""
         if BLOCK_SCALED:
@@ -178,8 +198,10 @@ if HAS_GLUON:
     def _loader(
         a_desc,
         b_desc,
+        as_desc,
         a_s,
         b_s,
+        a_sc_s,
         ready,
         empty,
         M,
@@ -189,6 +211,7 @@ if HAS_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         B_PARTS: gl.constexpr,
+        A_SCALE_TMA: gl.constexpr,
     ):
         """The loader partition: walks this program's tiles and K steps; for each step it waits until both
         consumers have released the step's slot, then TMA-loads the two 64-row halves of A and the tile's
@@ -208,7 +231,16 @@ if HAS_GLUON:
                     empty.index(slot), ((loads // STAGES) & 1) ^ 1
                 )  # a fresh barrier passes parity 1
                 bar = ready.index(slot)
-                mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + B_PARTS * b_desc.block_type.nbytes)
+                if A_SCALE_TMA:  # the step's 128 row scales, K-major: one 512-byte box
+                    mbarrier.expect(
+                        bar,
+                        2 * a_desc.block_type.nbytes
+                        + B_PARTS * b_desc.block_type.nbytes
+                        + as_desc.block_type.nbytes,
+                    )
+                    tma.async_copy_global_to_shared(as_desc, [kb, off_m], bar, a_sc_s.index(slot))
+                else:
+                    mbarrier.expect(bar, 2 * a_desc.block_type.nbytes + B_PARTS * b_desc.block_type.nbytes)
                 tma.async_copy_global_to_shared(a_desc, [off_m, kb * BLOCK_K], bar, a_s.index(2 * slot))
                 tma.async_copy_global_to_shared(
                     a_desc, [off_m + HALF_M, kb * BLOCK_K], bar, a_s.index(2 * slot + 1)
@@ -233,6 +265,7 @@ if HAS_GLUON:
         a_s,
         b_s,
         c_s,
+        a_sc_s,
         ready,
         empty,
         a_scale_ptr,
@@ -255,6 +288,7 @@ if HAS_GLUON:
         GROUP_M: gl.constexpr,
         STAGES: gl.constexpr,
         TMA_STORE: gl.constexpr,
+        A_SCALE_TMA: gl.constexpr,
     ):
         """A consumer warp group: 64 rows (half ``HALF``) of each of the program's 128x128 tiles. Per
         iteration it issues two K steps' MMAs, waits for the first, releases its slot and adds it into the
@@ -287,9 +321,19 @@ if HAS_GLUON:
             # wait.
             for kb in range(0, k_steps - 1, 2):
                 pending_a = _step_product(a_s, b_s, ready, step + kb, regs_a, HALF, STAGES)
-                scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, kb, ones, BLOCK_SCALED)
+                if A_SCALE_TMA:
+                    scale_a = _step_scale_smem(
+                        a_sc_s, (step + kb) % STAGES, b_scale_row, kb, HALF, rows_layout
+                    )
+                else:
+                    scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, kb, ones, BLOCK_SCALED)
                 pending_b = _step_product(a_s, b_s, ready, step + kb + 1, regs_b, HALF, STAGES)
-                scale_b = _step_scale(a_scale_rows, row_mask, b_scale_row, kb + 1, ones, BLOCK_SCALED)
+                if A_SCALE_TMA:
+                    scale_b = _step_scale_smem(
+                        a_sc_s, (step + kb + 1) % STAGES, b_scale_row, kb + 1, HALF, rows_layout
+                    )
+                else:
+                    scale_b = _step_scale(a_scale_rows, row_mask, b_scale_row, kb + 1, ones, BLOCK_SCALED)
                 regs_a = warpgroup_mma_wait(1, deps=(pending_a,))
                 mbarrier.arrive(empty.index((step + kb) % STAGES), count=1)
                 acc = _promote(acc, regs_a, scale_a, BLOCK_SCALED)
@@ -298,7 +342,14 @@ if HAS_GLUON:
                 acc = _promote(acc, regs_b, scale_b, BLOCK_SCALED)
             if k_steps % 2 == 1:
                 pending_a = _step_product(a_s, b_s, ready, step + k_steps - 1, regs_a, HALF, STAGES)
-                scale_a = _step_scale(a_scale_rows, row_mask, b_scale_row, k_steps - 1, ones, BLOCK_SCALED)
+                if A_SCALE_TMA:
+                    scale_a = _step_scale_smem(
+                        a_sc_s, (step + k_steps - 1) % STAGES, b_scale_row, k_steps - 1, HALF, rows_layout
+                    )
+                else:
+                    scale_a = _step_scale(
+                        a_scale_rows, row_mask, b_scale_row, k_steps - 1, ones, BLOCK_SCALED
+                    )
                 regs_a = warpgroup_mma_wait(0, deps=(pending_a,))
                 mbarrier.arrive(empty.index((step + k_steps - 1) % STAGES), count=1)
                 acc = _promote(acc, regs_a, scale_a, BLOCK_SCALED)
@@ -473,6 +524,7 @@ if HAS_GLUON:
         a_desc,  # [M, K] float8e4nv, tiles [64, BLOCK_K] (each consumer's half of a 128-row tile)
         b_desc,  # [N, K] float8e4nv weight, tiles [BLOCK_N, BLOCK_K]
         c_desc,  # [M, N] output, tiles [64, BLOCK_N] (with TMA_STORE; else None)
+        as_desc,  # A_SCALE_TMA: K-major 1x128 activation scales [cdiv(K, 128), M], boxes [1, 128]; else None
         a_scale_ptr,
         b_scale_ptr,
         bias_ptr,
@@ -493,6 +545,7 @@ if HAS_GLUON:
         CONSUMER_REGS: gl.constexpr,
         B_PARTS: gl.constexpr,
         TMA_STORE: gl.constexpr,
+        A_SCALE_TMA: gl.constexpr,
     ):
         """The loader and the two consumers (see the module docstring), meeting only at the slots' mbarriers:
         ``ready`` (the slot's TMA bytes landed) and ``empty`` (both consumers' MMAs on it retired)."""
@@ -505,6 +558,10 @@ if HAS_GLUON:
             c_s = gl.allocate_shared_memory(c_desc.dtype, [2, HALF_M, BLOCK_N], c_desc.layout)
         else:
             c_s = a_s  # not written
+        if A_SCALE_TMA:  # one 128-row scale box per slot
+            a_sc_s = gl.allocate_shared_memory(gl.float32, [STAGES, 1, 2 * HALF_M], as_desc.layout)
+        else:
+            a_sc_s = a_s  # not used
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -514,8 +571,8 @@ if HAS_GLUON:
         if B_PARTS == 2:  # 128x256 tiles, per-tensor / per-channel scales only
             gl.warp_specialize(
                 [
-                    (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
-                               B_PARTS)),
+                    (_loader, (a_desc, b_desc, as_desc, a_s, b_s, a_sc_s, ready, empty, M, N, K, num_programs,
+                               GROUP_M, STAGES, B_PARTS, A_SCALE_TMA)),
                     (_consumer_wide, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
                                       c_desc, M, N, K, stride_cm, num_programs, 0, A_PER_ROW, B_PER_ROW, HAS_BIAS,
                                       GROUP_M, STAGES, TMA_STORE)),
@@ -529,14 +586,14 @@ if HAS_GLUON:
         else:
             gl.warp_specialize(
                 [
-                    (_loader, (a_desc, b_desc, a_s, b_s, ready, empty, M, N, K, num_programs, GROUP_M, STAGES,
-                               B_PARTS)),
-                    (_consumer, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, c_desc,
-                                 M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED,
-                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE)),
-                    (_consumer, (a_s, b_s, c_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, c_desc,
-                                 M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED,
-                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE)),
+                    (_loader, (a_desc, b_desc, as_desc, a_s, b_s, a_sc_s, ready, empty, M, N, K, num_programs,
+                               GROUP_M, STAGES, B_PARTS, A_SCALE_TMA)),
+                    (_consumer, (a_s, b_s, c_s, a_sc_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                                 c_desc, M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 0, BLOCK_SCALED,
+                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE, A_SCALE_TMA)),
+                    (_consumer, (a_s, b_s, c_s, a_sc_s, ready, empty, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr,
+                                 c_desc, M, N, K, stride_asm, stride_bsn, stride_cm, num_programs, 1, BLOCK_SCALED,
+                                 A_PER_ROW, B_PER_ROW, HAS_BIAS, GROUP_M, STAGES, TMA_STORE, A_SCALE_TMA)),
                 ],
                 [4, 4],
                 [CONSUMER_REGS, CONSUMER_REGS],
@@ -546,6 +603,11 @@ if HAS_GLUON:
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
 
+
+BLOCK_SCALES_BY_TMA = 1
+"""Whether the block-scaled W8A8 Linear asks the quantizer for K-major activation scales at the rows this kernel
+takes, so that its loader brings each step's 128 row scales into the slot by TMA beside the operands (the
+consumers then read them from shared memory instead of loading them from global memory after the MMA)."""
 
 WIDE_TILE_GAIN = 1.03
 """Speed per element of the 128x256 tile over the 128x128 one where both fill their waves alike: 0.96-1.12x,
@@ -609,8 +671,10 @@ def fp8_wgmma_gemm(
     if wide and block_scaled:
         raise GemmInputError(f"{fn}: 128x256 tiles take per-tensor / per-channel scales only")
     k_groups = triton.cdiv(k, 128)
+    scale_tma = block_scaled and k_major_scales(a_scale)
     if block_scaled:
-        a_scale, b_scale = unit_stride(a_scale), unit_stride(b_scale)
+        a_scale = a_scale if scale_tma else unit_stride(a_scale)
+        b_scale = unit_stride(b_scale)
         check_block_scales(fn, a_scale, b_scale, m, n, k)
     else:
         a_scale = a_scale.reshape(-1).contiguous()
@@ -636,9 +700,12 @@ def fp8_wgmma_gemm(
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, b_parts * block_n)
     programs = min(tiles, _sm_count(index)) if persistent else tiles
     c_desc = output_descriptor(c, block_n)
+    as_desc = None
+    if scale_tma:  # [cdiv(K, 128), M] rows of the K-major buffer, one step's 128 rows a box
+        as_desc = TensorDescriptor.from_tensor(a_scale.t(), [1, block_m], _scale_layout())
     args = (
-        a_desc, b_desc, c_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale, c, m, n,
-        k, k_groups, k_groups, c.stride(0), programs,
+        a_desc, b_desc, c_desc, as_desc, a_scale, b_scale, unit_stride(bias) if bias is not None else b_scale,
+        c, m, n, k, k_groups, k_groups, c.stride(0), programs,
     )  # fmt: skip
     flags = dict(
         BLOCK_SCALED=block_scaled,
@@ -648,12 +715,31 @@ def fp8_wgmma_gemm(
         GROUP_M=WGMMA_GROUP_M,
         STAGES=stages,
         TMA_STORE=c_desc is not None,
+        A_SCALE_TMA=scale_tma,
     )
     # num_warps is the loader's warp group; the two consumer warp groups come on top.
     _fp8_wgmma_gemm_kernel[(programs,)](
         *args, **flags, CONSUMER_REGS=CONSUMER_REGS, B_PARTS=b_parts, num_warps=4
     )
     return c
+
+
+def k_major_scales(a_scale: torch.Tensor) -> bool:
+    """Whether 1x128 activation scales ``[M, groups]`` are a view of a K-major buffer that TMA can read one
+    step's rows of (:func:`~mxrun.kernels.fp8_quantize.quantize_fp8_triton` with ``scale_k_major``): unit
+    stride along M, 16-byte aligned steps."""
+    return (
+        a_scale.dim() == 2
+        and a_scale.dtype == torch.float32
+        and a_scale.stride(0) == 1
+        and (a_scale.stride(1) * 4) % 16 == 0
+        and a_scale.data_ptr() % 16 == 0
+    )
+
+
+@functools.cache
+def _scale_layout():
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 _TMA_STORE_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -680,9 +766,11 @@ def _operand_layout(rows: int, cols: int):
 
 
 __all__ = [
+    "BLOCK_SCALES_BY_TMA",
     "HAS_GLUON",
     "WGMMA_MIN_M",
     "fp8_wgmma_gemm",
+    "k_major_scales",
     "output_descriptor",
     "wgmma_gemm_usable",
     "wide_tiles_pay",

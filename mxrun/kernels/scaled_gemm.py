@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.backend import Backend, cuda_major, resolve_backend, tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_code, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
@@ -54,6 +54,7 @@ from mxrun.kernels.fp8_quantize import (
     fp8_scale_of,
     quantize_fp8,
     quantize_fp8_reference,
+    quantize_fp8_triton,
 )
 from mxrun.kernels.mxfp8_quantize import resolve_cast
 from mxrun.kernels.scale_division import divide_by_scale, scale_division_setup
@@ -1044,17 +1045,31 @@ def fp8_block_linear(
 ) -> torch.Tensor:
     """W8A8 Linear with 128x128 FP8 weight blocks and dynamic 1x128 activation groups: quantize, then up to
     :data:`BLOCK_SPLIT_K_MAX_M` rows the split-K kernel (:mod:`mxrun.kernels.small_m_gemm`), else
-    :func:`fp8_block_gemm` (from 129 rows on Hopper the Gluon kernel: 0.78-0.96x of ``torch._scaled_mm``
-    rowwise at M >= 1024 on an H100, ``benchmarks/results/linear-h100-wide.md``), or the mid-M kernel where the
+    :func:`fp8_block_gemm` (from 129 rows on Hopper the Gluon kernel: 0.90-1.11x of ``torch._scaled_mm``
+    rowwise at M >= 1024 on an H100, ``benchmarks/results/block-scales-tma-h100.log``), or the mid-M kernel where the
     block tile kernel would leave SMs idle (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
-    :data:`~mxrun.kernels.mid_m_gemm.BLOCK_W8A8_MID_M_MAX` rows)."""
+    :data:`~mxrun.kernels.mid_m_gemm.BLOCK_W8A8_MID_M_MAX` rows). Where the Gluon kernel takes the rows, the
+    activation scales are written K-major for its loader to bring in by TMA
+    (:data:`~mxrun.kernels.fp8_wgmma_gemm.BLOCK_SCALES_BY_TMA`)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
+    from mxrun.kernels import fp8_wgmma_gemm as wgmma
     from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
     from mxrun.kernels.small_m_gemm import small_m_gemm_triton  # imports this module
 
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
-    quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
+    # The Gluon kernel reads K-major activation scales by TMA (wgmma.BLOCK_SCALES_BY_TMA)
+    k_major = (
+        bool(wgmma.BLOCK_SCALES_BY_TMA)
+        and x.dim() == 2
+        and x.shape[0] >= max(wgmma.WGMMA_MIN_M, BLOCK_W8A8_MID_M_MAX + 1)
+        and wgmma.HAS_GLUON
+        and cuda_major(x.device) == 9
+    )
+    if k_major:
+        quantized = quantize_fp8_triton(x, Fp8Granularity.GROUP_1X128, scale_k_major=True)
+    else:
+        quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)
     if x.shape[0] <= BLOCK_SPLIT_K_MAX_M and weight.stride(1) == 1:
         return small_m_gemm_triton(
             quantized.data,

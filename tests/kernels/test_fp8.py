@@ -163,6 +163,21 @@ def test_few_long_rows_share_each_row_between_programs(rows: int, cols: int) -> 
     assert plan.kernel_name == ("long_row" if cols > 16384 else "row_pieces")
 
 
+@pytest.mark.parametrize(("rows", "cols"), [(37, 300), (8, 128), (130, 1024)])
+def test_group_scales_k_major(rows: int, cols: int) -> None:
+    """1x128 group scales written K-major (``scale_k_major``): the reference's values as a ``[M, groups]``
+    view with unit stride along M and 16-byte aligned steps, the codes unchanged."""
+    x = make_input((rows, cols), torch.bfloat16, seed=13)
+    expected = quantize_fp8_reference(x, Fp8Granularity.GROUP_1X128)
+    actual = quantize_fp8_triton(x.to(KERNEL_DEVICE), Fp8Granularity.GROUP_1X128, scale_k_major=True)
+    assert actual.scale.shape == expected.scale.shape and actual.scale.stride(0) == 1
+    assert actual.scale.stride(1) % 4 == 0
+    assert_same_fp32(actual.scale, expected.scale)
+    assert torch.equal(bits(actual.data), bits(expected.data))
+    with pytest.raises(QuantizeInputError, match="scale_k_major"):
+        quantize_fp8_triton(x.to(KERNEL_DEVICE), Fp8Granularity.PER_ROW, scale_k_major=True)
+
+
 @pytest.mark.parametrize("shape", [(1, 300), (1, 1, 4096), (1, 20000)])
 def test_per_tensor_of_one_row_is_one_per_row_launch(shape: tuple[int, ...], monkeypatch) -> None:
     """A single row's per-tensor scale is its per-row scale by definition: the per-row kernel gives the

@@ -257,20 +257,35 @@ def test_wgmma_gemm(m, n, k, act_granularity, weight_granularity, with_bias, per
     assert torch.equal(out, run())
 
 
+def _k_major(scale: torch.Tensor) -> torch.Tensor:
+    """The same scales as a view of a K-major buffer with 16-byte aligned steps (what the quantizer's
+    ``scale_k_major`` gives): the Gluon kernel's loader then brings them in by TMA."""
+    m, groups = scale.shape
+    buffer = torch.full((groups, -(-m // 4) * 4), float("nan"), device=scale.device)
+    buffer[:, :m] = scale.t()
+    return buffer[:, :m].t()
+
+
 @needs_wgmma
-@pytest.mark.parametrize("persistent", [True, False])
+@pytest.mark.parametrize(
+    ("persistent", "k_major"), [(True, False), (False, False), (True, True), (False, True)]
+)
 @pytest.mark.parametrize(("m", "n", "k"), WGMMA_SHAPES)
-def test_wgmma_block_scaled(m, n, k, persistent) -> None:
+def test_wgmma_block_scaled(m, n, k, persistent, k_major) -> None:
     """Block scaling in the Gluon kernel: each step's product times its rows' 1x128 activation scales and the
     tile's weight-block scale (group scales spread over 2^+-12, weight blocks over 2^+-6, all-zero groups,
-    so a scale taken from the wrong step, row or block is far off), with bias; deterministic."""
-    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm
+    so a scale taken from the wrong step, row or block is far off), with bias; deterministic. K-major
+    activation scales come by TMA with each step's operands (the padding rows past M are NaN: a box that
+    read them into a stored row would show)."""
+    from mxrun.kernels.fp8_wgmma_gemm import fp8_wgmma_gemm, k_major_scales
 
     x, w, bias = _inputs(m, n, k, seed=m + k, spread_groups=True)
     qa = quantize_fp8_reference(x, G.GROUP_1X128)
     qw = quantize_fp8_reference(w, G.BLOCK_128X128)
     ref = fp8_block_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
-    args = (qa.data.cuda(), qa.scale.cuda(), qw.data.cuda(), qw.scale.cuda(), bias.cuda(), torch.bfloat16)
+    a_scale = _k_major(qa.scale.cuda()) if k_major else qa.scale.cuda()
+    assert k_major_scales(a_scale) is k_major
+    args = (qa.data.cuda(), a_scale, qw.data.cuda(), qw.scale.cuda(), bias.cuda(), torch.bfloat16)
     run = lambda: fp8_wgmma_gemm(*args, block_scaled=True, persistent=persistent)  # noqa: E731
     out = run()
     assert_one_ulp(out, ref, fp8_mma_slack(x, w))
