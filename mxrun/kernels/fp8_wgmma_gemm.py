@@ -84,7 +84,11 @@ mbarrier, and each consumer reads its 64 from shared memory (``A_SCALE_TMA``; th
 uniform load). H100, the block-scaled W8A8 Linear interleaved with and without it (``sweep_linear_setting.py
 --setting wgmma.BLOCK_SCALES_BY_TMA --values 0 1 --ms 256 1024 4096 16384 --columns scaled_mm fp8-block
 --repeats 2``, ``results/block-scales-tma-h100.log``): x0.921 the time, faster in 52 of 56; at M >= 1024 the
-second repeat's 0.82-0.96x of ``_scaled_mm`` became 0.90-1.11x.
+second repeat's 0.82-0.96x of ``_scaled_mm`` became 0.90-1.11x. The MXFP8 aligned path (its activations'
+1x128 MX groups quantized K-major the same way, alone or in the launch it shares with the weight's
+regrouping) likewise: x0.920 the time at M = 1024-16384, faster in 84 of 84, MXFP8 W8A8 0.95-1.39x ->
+1.04-1.50x of bf16, stored tile-aligned 1.24-1.52x -> 1.32-1.60x (``--columns mxfp8 mxfp8-tiles``,
+``results/mx-scales-tma-h100.log``, second repeat).
 
 Needs CUDA sm_90, Triton's Gluon (``triton.experimental.gluon``, Triton >= 3.5) and what TMA needs (K-contiguous
 operands, 16-byte aligned rows); :func:`wgmma_gemm_usable` says whether it can run, and the dispatchers fall
@@ -724,6 +728,22 @@ def fp8_wgmma_gemm(
     return c
 
 
+def block_scales_k_major(x: torch.Tensor) -> bool:
+    """Whether a block-scaled W8A8 Linear (FP8 blocks, the MXFP8 aligned path) of activations ``x`` ``[M, K]``
+    should have them quantized with K-major 1x128 scales: :data:`BLOCK_SCALES_BY_TMA` on, and rows that only
+    this kernel takes (past the split-K and mid-M kernels' ranges) on an sm_90 device."""
+    from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX
+
+    return (
+        bool(BLOCK_SCALES_BY_TMA)
+        and HAS_GLUON
+        and x.dim() == 2
+        and x.is_cuda
+        and x.shape[0] >= max(WGMMA_MIN_M, BLOCK_W8A8_MID_M_MAX + 1)
+        and cuda_major(x.device) == 9
+    )
+
+
 def k_major_scales(a_scale: torch.Tensor) -> bool:
     """Whether 1x128 activation scales ``[M, groups]`` are a view of a K-major buffer that TMA can read one
     step's rows of (:func:`~mxrun.kernels.fp8_quantize.quantize_fp8_triton` with ``scale_k_major``): unit
@@ -769,6 +789,7 @@ __all__ = [
     "BLOCK_SCALES_BY_TMA",
     "HAS_GLUON",
     "WGMMA_MIN_M",
+    "block_scales_k_major",
     "fp8_wgmma_gemm",
     "k_major_scales",
     "output_descriptor",

@@ -63,6 +63,7 @@ from mxrun.kernels.mxfp8_quantize import (
     Mxfp8Quantized,
     MxScaleRule,
     e8m0_to_float32,
+    k_major_scale_buffer,
     mx_quantize_tile,
     mxfp8_launch_plan,
     quantize_mx_group128_triton,
@@ -295,6 +296,7 @@ def _quantize_and_regroup_kernel(
     BLOCK_X: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SCALE_K_MAJOR: tl.constexpr = False,
 ):
     """One launch for the aligned MXFP8 path's two independent passes: programs below ``regroup_programs``
     regroup one weight tile each (K tiles fastest), the rest quantize ``BLOCK_R x BLOCK_X`` activation tiles
@@ -312,7 +314,7 @@ def _quantize_and_regroup_kernel(
         q = pid - regroup_programs
         mx_quantize_tile(
             x_ptr, a_ptr, a_scale_ptr, M, K, 0, stride_xr, stride_xk, q % row_blocks, q // row_blocks, 0,
-            ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_X, _ACTIVATION_GROUP, True, False,
+            ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_X, _ACTIVATION_GROUP, True, False, SCALE_K_MAJOR,
         )  # fmt: skip
 
 
@@ -362,11 +364,15 @@ def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Qua
 
 
 def quantize_and_regroup_triton(
-    x: torch.Tensor, rule: MxScaleRule | str, data: torch.Tensor, scale_e8m0: torch.Tensor
+    x: torch.Tensor,
+    rule: MxScaleRule | str,
+    data: torch.Tensor,
+    scale_e8m0: torch.Tensor,
+    scale_k_major: bool = False,
 ) -> tuple[Mx128Quantized, Fp8Quantized]:
     """:func:`~mxrun.kernels.mxfp8_quantize.quantize_mx_group128_triton` of the activations ``x`` ``[M, K]``
     and :func:`regroup_mxfp8_triton` of the weight ``[N, K]``, the same bytes and scales, in one launch
-    (:func:`_quantize_and_regroup_kernel`)."""
+    (:func:`_quantize_and_regroup_kernel`); ``scale_k_major`` as for the former."""
     fn = "quantize_and_regroup_triton"
     n, k = _check(data, scale_e8m0, fn)
     codes = scale_e8m0.view(torch.uint8)
@@ -378,10 +384,14 @@ def quantize_and_regroup_triton(
         raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
     m = x.shape[0]
     if not (m and n and k):  # an empty side: nothing to share a launch with
-        return quantize_mx_group128_triton(x, rule), regroup_mxfp8_triton(data, scale_e8m0)
+        activations = quantize_mx_group128_triton(x, rule, scale_k_major=scale_k_major)
+        return activations, regroup_mxfp8_triton(data, scale_e8m0)
     plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, "auto", None, MX_GROUP128)
     a_data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    a_scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
+    if scale_k_major:
+        a_scale_buffer, a_scale = k_major_scale_buffer(*plan.scale_shape, x.device)
+    else:
+        a_scale_buffer = a_scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     out = torch.empty(data.shape, dtype=torch.uint8, device=data.device)
     scale = torch.empty(
         (ceil_div(n, FP8_BLOCK), ceil_div(k, FP8_BLOCK)), dtype=torch.float32, device=data.device
@@ -389,11 +399,12 @@ def quantize_and_regroup_triton(
     regroup_programs = ceil_div(k, FP8_BLOCK) * ceil_div(n, FP8_BLOCK)
     words = _as_words(data)
     _quantize_and_regroup_kernel[(regroup_programs + plan.grid[0] * plan.grid[1],)](
-        x, a_data, a_scale, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
+        x, a_data, a_scale_buffer, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
         words.stride(0), codes.stride(0), regroup_programs,
         ROUND_UP=plan.constexprs["ROUND_UP"], SOFT_CAST=plan.constexprs["SOFT_CAST"],
         FAST=fast_widen_usable(data.device), BLOCK_R=plan.constexprs["BLOCK_R"],
-        BLOCK_X=plan.constexprs["BLOCK_K"], BLOCK_N=FP8_BLOCK, BLOCK_K=FP8_BLOCK, num_warps=_REGROUP_WARPS,
+        BLOCK_X=plan.constexprs["BLOCK_K"], BLOCK_N=FP8_BLOCK, BLOCK_K=FP8_BLOCK, SCALE_K_MAJOR=scale_k_major,
+        num_warps=_REGROUP_WARPS,
     )  # fmt: skip
     activations = Mx128Quantized(a_data.view(torch.float8_e4m3fn), a_scale)
     return activations, Fp8Quantized(out.view(torch.float8_e4m3fn), scale)

@@ -543,14 +543,19 @@ def mxfp8_aligned_matmul(
     :data:`MAX_DECODED_CHUNK_BYTES`), then the block-scaled FP8 GEMM (TMA on Hopper; the mid-M kernel where FP8
     block W8A8 takes it). A weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with
     its fp32 ``weight_tile_scale`` and is multiplied as it is."""
+    from mxrun.kernels.fp8_wgmma_gemm import block_scales_k_major
+
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
+    k_major = block_scales_k_major(x)  # the Gluon GEMM's loader reads them by TMA
     if weight_tile_scale is not None:
-        a = quantize_mx_group128_triton(x, activation_rule)
+        a = quantize_mx_group128_triton(x, activation_rule, scale_k_major=k_major)
         return _aligned_gemm(a, weight, weight_tile_scale, bias, x.dtype)
     if SHARED_LAUNCH and weight.numel() <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
-        a, regrouped = quantize_and_regroup_triton(x, activation_rule, weight, weight_scale_e8m0.contiguous())
+        a, regrouped = quantize_and_regroup_triton(
+            x, activation_rule, weight, weight_scale_e8m0.contiguous(), scale_k_major=k_major
+        )
         return _aligned_gemm(a, regrouped.data, regrouped.scale, bias, x.dtype)
-    a = quantize_mx_group128_triton(x, activation_rule)
+    a = quantize_mx_group128_triton(x, activation_rule, scale_k_major=k_major)
 
     def piece(
         w: torch.Tensor, s: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None

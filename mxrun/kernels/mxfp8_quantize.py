@@ -232,11 +232,13 @@ def mx_quantize_tile(
     GROUP: tl.constexpr,
     FP32_SCALE: tl.constexpr,
     ROUND_ONLY: tl.constexpr,
+    SCALE_K_MAJOR: tl.constexpr = False,
 ):
     """Quantize the BLOCK_R x BLOCK_K tile (``pid_r``, ``pid_k``) of batch ``pid_b`` (int64): BLOCK_K // GROUP
     groups per row, each with the MX rule (MXFP8 blocks with GROUP = 32, the 1x128 groups of
     quantize_mx_group128 with 128). ROUND_ONLY: q_ptr is a [B, R, K] output of x's dtype (contiguous) that
-    gets the quantized values (E4M3 times 2^e, NaN blocks NaN), and no scales are stored."""
+    gets the quantized values (E4M3 times 2^e, NaN blocks NaN), and no scales are stored. SCALE_K_MAJOR (fp32
+    scales, one batch): they go to ``[cdiv(K, GROUP), R rounded up to 4]``, each K step's rows contiguous."""
     GROUPS: tl.constexpr = BLOCK_K // GROUP
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -275,7 +277,11 @@ def mx_quantize_tile(
         if FP32_SCALE:
             scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
             scale = tl.where(block_is_nan, float("nan"), scale)
-            tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
+            if SCALE_K_MAJOR:
+                k_major = group_cols.to(tl.int64)[None, :] * (tl.cdiv(R, 4) * 4) + rows[:, None]
+                tl.store(scale_ptr + k_major, scale, mask=scale_mask)
+            else:
+                tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, scale, mask=scale_mask)
         else:
             tl.store(scale_ptr + pid_b * R * n_groups + scale_offsets, codes.to(tl.uint8), mask=scale_mask)
 
@@ -297,11 +303,13 @@ def _mxfp8_quantize_kernel(
     GROUP: tl.constexpr = 32,
     FP32_SCALE: tl.constexpr = False,
     ROUND_ONLY: tl.constexpr = False,
+    SCALE_K_MAJOR: tl.constexpr = False,
 ):
     """One program per BLOCK_R x BLOCK_K tile (:func:`mx_quantize_tile`), grid (row blocks, K blocks, batch)."""
     mx_quantize_tile(
         x_ptr, q_ptr, scale_ptr, R, K, stride_xb, stride_xr, stride_xk, tl.program_id(0), tl.program_id(1),
         tl.program_id(2).to(tl.int64), ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_K, GROUP, FP32_SCALE, ROUND_ONLY,
+        SCALE_K_MAJOR,
     )  # fmt: skip
 
 
@@ -382,14 +390,31 @@ def quantize_mx_group128_triton(
     *,
     cast: E4m3Cast | str = E4m3Cast.AUTO,
     config: TileConfig | None = None,
+    scale_k_major: bool = False,
 ) -> Mx128Quantized:
-    """Triton :func:`quantize_mx_group128`: the reference's bytes and scales, one pass, no host sync."""
+    """Triton :func:`quantize_mx_group128`: the reference's bytes and scales, one pass, no host sync.
+    ``scale_k_major`` (a 2-D input): the scales as a view of a K-major buffer (:func:`k_major_scale_buffer`)."""
     plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, cast, config, MX_GROUP128)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
+    if scale_k_major:
+        if x.dim() != 2:
+            raise QuantizeInputError("quantize_mx_group128_triton: scale_k_major needs a 2-D input")
+        buffer, scale = k_major_scale_buffer(*plan.scale_shape, x.device)
+    else:
+        buffer = scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:
-        _mxfp8_quantize_kernel[plan.grid](x, data, scale, *plan.int_args, **plan.constexprs)
+        _mxfp8_quantize_kernel[plan.grid](
+            x, data, buffer, *plan.int_args, **plan.constexprs, SCALE_K_MAJOR=scale_k_major
+        )
     return Mx128Quantized(data.view(torch.float8_e4m3fn), scale)
+
+
+def k_major_scale_buffer(rows: int, groups: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[groups, rows rounded up to 4]`` fp32 buffer and its ``[rows, groups]`` view (strides ``(1, ld)``):
+    where the quantizers write per-group scales K-major, each K step's rows one contiguous, 16-byte aligned run
+    (what the Gluon block-scaled GEMM's loader reads by TMA)."""
+    buffer = torch.empty((groups, -(-rows // 4) * 4), dtype=torch.float32, device=device)
+    return buffer, buffer[:, :rows].t()
 
 
 def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mxrun.kernels.backend import Backend, cuda_major, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_code, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
@@ -1053,20 +1053,13 @@ def fp8_block_linear(
     (:data:`~mxrun.kernels.fp8_wgmma_gemm.BLOCK_SCALES_BY_TMA`)."""
     if resolve_backend(backend, x) is not Backend.TRITON:
         return fp8_block_linear_reference(x, weight, weight_scale, bias)
-    from mxrun.kernels import fp8_wgmma_gemm as wgmma
+    from mxrun.kernels.fp8_wgmma_gemm import block_scales_k_major
     from mxrun.kernels.mid_m_gemm import BLOCK_W8A8_MID_M_MAX, w8a8_on_mid_m
     from mxrun.kernels.small_m_gemm import small_m_gemm_triton  # imports this module
 
     # Quantize first at every M: the fused small-M kernel measured 0.07-0.2x of bf16 at M = 64 (H200).
-    # The Gluon kernel reads K-major activation scales by TMA (wgmma.BLOCK_SCALES_BY_TMA)
-    k_major = (
-        bool(wgmma.BLOCK_SCALES_BY_TMA)
-        and x.dim() == 2
-        and x.shape[0] >= max(wgmma.WGMMA_MIN_M, BLOCK_W8A8_MID_M_MAX + 1)
-        and wgmma.HAS_GLUON
-        and cuda_major(x.device) == 9
-    )
-    if k_major:
+    # The Gluon kernel reads K-major activation scales by TMA (fp8_wgmma_gemm.BLOCK_SCALES_BY_TMA)
+    if block_scales_k_major(x):
         quantized = quantize_fp8_triton(x, Fp8Granularity.GROUP_1X128, scale_k_major=True)
     else:
         quantized = quantize_fp8(x, Fp8Granularity.GROUP_1X128, Backend.TRITON)

@@ -115,15 +115,23 @@ def test_regroup_kernel_reads_a_misaligned_weight() -> None:
 
 @pytest.mark.parametrize(("m", "n", "k"), [(70, 300, 4128), (1, 130, 96), (300, 128, 256)])
 @pytest.mark.parametrize("rule", ["round_up", "floor"])
-def test_quantize_and_regroup_in_one_launch(m, n, k, rule) -> None:
+@pytest.mark.parametrize("k_major", [False, True])
+def test_quantize_and_regroup_in_one_launch(m, n, k, rule, k_major) -> None:
     """The shared launch gives the bytes and scales of the two kernels it replaces (and so of their references):
-    ragged M, N and K, a strided activation view, NaN activations and a NaN weight block."""
+    ragged M, N and K, a strided activation view, NaN activations and a NaN weight block; with ``scale_k_major``
+    the activation scales are the same values as a view of a K-major buffer (unit stride along M, 16-byte
+    aligned steps)."""
     x = torch.randn(m, 2 * k, dtype=torch.bfloat16)[:, ::2] * 3
     x[0, 5] = float("nan")
     q = quantize_mxfp8_reference(_spread_weight((n, k), seed=8))
     q.scale_e8m0.view(-1)[-1] = 255
     xd, data, codes = _dev(x, q.data, q.scale_e8m0)
-    a, regrouped = quantize_and_regroup_triton(xd, rule, data, codes)
+    a, regrouped = quantize_and_regroup_triton(xd, rule, data, codes, scale_k_major=k_major)
+    if k_major:
+        assert a.scale.stride(0) == 1 and a.scale.stride(1) % 4 == 0
+        alone = quantize_mx_group128_triton(xd, rule, scale_k_major=True)
+        assert alone.scale.stride(0) == 1 and torch.equal(bits(alone.data), bits(a.data))
+        assert_same_fp32(alone.scale, a.scale)
     a_ref = quantize_mx_group128_reference(x, rule)
     w_ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
     assert torch.equal(bits(a.data), bits(a_ref.data))
