@@ -48,7 +48,7 @@ from mxrun.kernels.e4m3 import (
     magnitude_bits,
     widen_to_fp32,
 )
-from mxrun.kernels.mxfp8_quantize import E4m3Cast, resolve_cast
+from mxrun.kernels.mxfp8_quantize import E4m3Cast, k_major_scale_buffer, resolve_cast
 from mxrun.kernels.row_layout import (
     QuantizeInputError,
     TileConfig,
@@ -725,10 +725,12 @@ def quantize_fp8_triton(
     step's scales one contiguous, 16-byte aligned run for a TMA box.
     """
     granularity = Fp8Granularity(granularity)
-    one_row = x.dim() > 0 and 0 < x.numel() == x.shape[-1]
-    if granularity is Fp8Granularity.PER_TENSOR and TENSOR_ONE_ROW_AS_ROW and one_row and config is None:
-        one_row = quantize_fp8_triton(x, Fp8Granularity.PER_ROW, cast=cast, config=config)
-        return Fp8Quantized(one_row.data, one_row.scale.reshape(()))
+    if scale_k_major and (granularity is not Fp8Granularity.GROUP_1X128 or x.dim() != 2):
+        raise QuantizeInputError("quantize_fp8_triton: scale_k_major is for 1x128 groups of a 2-D input")
+    single_row = x.dim() > 0 and 0 < x.numel() == x.shape[-1]
+    if granularity is Fp8Granularity.PER_TENSOR and TENSOR_ONE_ROW_AS_ROW and single_row and config is None:
+        row = quantize_fp8_triton(x, Fp8Granularity.PER_ROW, cast=cast)
+        return Fp8Quantized(row.data, row.scale.reshape(()))
     plan = _fp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, granularity, cast, config)
     data = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     if plan.kernel_name == "tensor":
@@ -749,11 +751,7 @@ def quantize_fp8_triton(
         )
         return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
     if scale_k_major:
-        if plan.kernel_name != "row_group" or x.dim() != 2:
-            raise QuantizeInputError("quantize_fp8_triton: scale_k_major is for 1x128 groups of a 2-D input")
-        rows, groups = plan.scale_shape
-        buffer = torch.empty((groups, -(-rows // 4) * 4), dtype=torch.float32, device=x.device)
-        scale = buffer[:, :rows].t()
+        buffer, scale = k_major_scale_buffer(*plan.scale_shape, x.device)
         if plan.grid is not None:
             _KERNELS["row_group"][plan.grid](
                 x, data, buffer, *plan.int_args, **plan.constexprs, SCALE_K_MAJOR=True

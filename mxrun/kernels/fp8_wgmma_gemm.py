@@ -45,8 +45,8 @@ weight block's, one activation-scale load per step, no row mask), it still kept 
 order of the scale loads tried (ptxas gives the second half's product registers of their own; the consumers
 have 232 registers, the most that leave the loader its 40) and took x1.46 the time of 128x128 tiles over the
 42 large-M Linear cases, faster in 2 (``sweep_linear_setting.py`` over a switch for it, since removed;
-``results/block-wide-tiles-spill-h100.log``). 2-CTA clusters with TMA multicast of the shared operand would be the next step; Triton 3.6's Gluon
-has no multicast TMA load for Hopper.
+``results/block-wide-tiles-spill-h100.log``). 2-CTA clusters with TMA multicast of the shared operand would be
+the next step; Triton 3.6's Gluon has no multicast TMA load for Hopper.
 
 The epilogue was the largest part of what was left. With masked stores from the registers, both consumers of a
 tile store at once while the tensor cores idle, once per tile: a fixed cost per tile that the K = 4096 shapes
@@ -655,7 +655,8 @@ def fp8_wgmma_gemm(
 ) -> torch.Tensor:
     """``(a s_a)(b s_b)^T + bias`` for E4M3 ``a`` ``[M, K]`` and ``b`` ``[N, K]``: per-row/per-tensor fp32
     scales (``[M]``/``[M, 1]``/one element; ``[N]``/``[N, 1]``/one element), or with ``block_scaled`` 1x128
-    activation groups ``[M, ceil(K/128)]`` and 128x128 weight blocks ``[ceil(N/128), ceil(K/128)]``.
+    activation groups ``[M, ceil(K/128)]`` and 128x128 weight blocks ``[ceil(N/128), ceil(K/128)]`` (activation
+    scales that are a K-major view, :func:`k_major_scales`, come into the pipeline slots by TMA).
     ``persistent`` launches one program per SM that walks the tiles (the next tile's loads overlap this one's
     epilogue) instead of one per tile; ``wide`` takes 128x256 tiles instead of 128x128 (per-tensor /
     per-channel only; None: where :func:`wide_tiles_pay`). ``out``: an ``[M, N]`` tensor of ``out_dtype`` with
