@@ -213,6 +213,51 @@ def dequantize_mxfp8(
 
 
 @triton.jit
+def mx_group_codes(grouped, ROUND_UP: tl.constexpr, SOFT_CAST: tl.constexpr):
+    """The MX rule on ``grouped`` ``[ROWS, GROUPS, GROUP]`` (fp32/bf16/fp16): each group's E8M0 code (int32,
+    255 for a group holding a NaN), that NaN mask, and the elements' E4M3 codes at their group's scale."""
+    amax_bits = tl.max(magnitude_bits(grouped), axis=2)
+    codes = (amax_bits >> 23) - 8
+    if ROUND_UP:
+        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
+    codes = tl.maximum(codes, 0)
+    block_is_nan = amax_bits > 0x7F800000
+    codes = tl.where(block_is_nan, 255, codes)
+    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
+    scaled = widen_to_fp32(grouped) * inverse_scale[:, :, None]
+    scaled = tl.where(block_is_nan[:, :, None], float("nan"), scaled)
+    return codes, block_is_nan, e4m3_code(scaled, SOFT_CAST)
+
+
+@triton.jit
+def mx_scale_values(codes, block_is_nan):
+    """fp32 2^(code - 127) of E8M0 ``codes`` (code 0 the subnormal 2^-127), NaN where ``block_is_nan``."""
+    scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
+    return tl.where(block_is_nan, float("nan"), scale)
+
+
+@triton.jit
+def mx_round_rows(
+    x_raw,
+    ROUND_UP: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    GROUP: tl.constexpr = 32,
+):
+    """``x_raw`` ``[ROWS, COLS]`` (fp32/bf16/fp16, COLS % GROUP == 0) -> fp32 ``[ROWS, COLS]``: each value
+    rounded to its MXFP8 value (E4M3 times its group's power of two, NaN groups NaN): the rounding pass's
+    arithmetic (:func:`mx_round_triton` runs it too), for kernels that round activations as they load them."""
+    codes, block_is_nan, q = mx_group_codes(
+        tl.reshape(x_raw, [ROWS, COLS // GROUP, GROUP]), ROUND_UP, SOFT_CAST
+    )
+    values = (
+        q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * mx_scale_values(codes, block_is_nan)[:, :, None]
+    )
+    return tl.reshape(values, [ROWS, COLS])
+
+
+@triton.jit
 def mx_quantize_tile(
     x_ptr,  # [B, R, K] fp32 | bf16 | fp16; element (b, r, k) at b*stride_xb + r*stride_xr + k*stride_xk
     q_ptr,  # [B, R, K] uint8 E4M3 codes, contiguous (K fastest)
@@ -246,27 +291,14 @@ def mx_quantize_tile(
 
     x_offsets = rows.to(tl.int64)[:, None] * stride_xr + cols.to(tl.int64)[None, :] * stride_xk
     x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
-    x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP])
-    amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
-    codes = (amax_bits >> 23) - 8
-    if ROUND_UP:
-        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    codes = tl.maximum(codes, 0)
-    block_is_nan = amax_bits > 0x7F800000
-    codes = tl.where(block_is_nan, 255, codes)
-    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
-
-    scaled = widen_to_fp32(x_raw) * inverse_scale[:, :, None]
-    scaled = tl.where(block_is_nan[:, :, None], float("nan"), scaled)
-    q = e4m3_code(scaled, SOFT_CAST)
     q_offsets = rows.to(tl.int64)[:, None] * K + cols[None, :]
     if ROUND_ONLY:
-        scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
-        scale = tl.where(block_is_nan, float("nan"), scale)
-        values = q.to(tl.float8e4nv, bitcast=True).to(tl.float32) * scale[:, :, None]
-        values = tl.reshape(values, [BLOCK_R, BLOCK_K]).to(q_ptr.dtype.element_ty)
+        values = mx_round_rows(x_raw, ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_K, GROUP).to(q_ptr.dtype.element_ty)
         tl.store(q_ptr + pid_b * R * K + q_offsets, values, mask=mask)
     else:
+        codes, block_is_nan, q = mx_group_codes(
+            tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP]), ROUND_UP, SOFT_CAST
+        )
         q = tl.reshape(q, [BLOCK_R, BLOCK_K])
         tl.store(q_ptr + pid_b * R * K + q_offsets, q, mask=mask)
 
@@ -275,8 +307,7 @@ def mx_quantize_tile(
         scale_mask = (rows < R)[:, None] & (group_cols < n_groups)[None, :]
         scale_offsets = rows.to(tl.int64)[:, None] * n_groups + group_cols[None, :]
         if FP32_SCALE:
-            scale = tl.where(codes == 0, 0x00400000, codes << 23).to(tl.float32, bitcast=True)
-            scale = tl.where(block_is_nan, float("nan"), scale)
+            scale = mx_scale_values(codes, block_is_nan)
             if SCALE_K_MAJOR:
                 k_major = group_cols.to(tl.int64)[None, :] * (tl.cdiv(R, 4) * 4) + rows[:, None]
                 tl.store(scale_ptr + k_major, scale, mask=scale_mask)

@@ -29,8 +29,8 @@ references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`
 * activations: bf16/fp16 as they are (weight-only; fp16 activations and E4M3 weights meet in an fp16 MMA, which
   holds every E4M3 value exactly), E4M3 codes with per-token / per-tensor fp32 scales (W8A8 FP8, quantized
   beforehand: the per-token amax needs the whole row), or bf16/fp16 rounded once to their MXFP8 values
-  (W8A8 MXFP8, :func:`~mxrun.kernels.mxfp8_quantize.mx_round_triton`: one pass, values exact in bf16), then
-  as weight-only.
+  (W8A8 MXFP8, :func:`~mxrun.kernels.mxfp8_quantize.mx_round_triton`: one pass, values exact in bf16; one row
+  is rounded inside the loop instead, :data:`ROUND_ONE_ROW_IN_LOOP`), then as weight-only.
 
 E4M3 codes meet the weight's in an fp16 MMA (Triton widens E4M3 to fp16 with one hardware conversion per pair;
 to bf16 it takes a second conversion per element): no widened copy of the activations, and the fastest path
@@ -61,9 +61,12 @@ the activations to MXFP8 inside this kernel as each tile is loaded, instead of t
 tested; commit 8391da1): every column block's programs then round the same activation slab again, and the
 instruction-bound loop got slower in all 14 cases (H100, at that commit ``bench_linear.py --graph --rep-ms 20
 --ms 1 16 --columns mxfp8 mxfp8:round-pass mxfp8-wo``, ``results/linear-h100-fused-mx-round.md``: 8B qkv at
-M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8). Nor
-was MXFP8 activation codes met with the weight in an fp16 MMA, both relative to a per-row reference scale (exact
-within 14 binades of it; one conversion and one multiply per weight pair): 1.00-1.06x the folded path's time
+M = 1 18.0 against 14.2 us with the pass, 70B gate_up 238.6 against 193.9; weight-only 12.5 and 191.8). One
+row is the exception: rounded in a 1-D layout (a value or two per thread) and placed as row 0 of the MMA's tile,
+it costs the loop little and saves the pass's launch, so a one-row call takes it where its programs fit one wave
+and walk few K steps (:data:`ROUND_ONE_ROW_IN_LOOP`). Nor was MXFP8 activation codes met with the weight in an
+fp16 MMA, both relative to a per-row reference scale (exact within 14 binades of it; one conversion and one
+multiply per weight pair): 1.00-1.06x the folded path's time
 (``results/sweep-small-m-relative-h100.json``; see docs/linear-history.md). Nor was computing the product
 transposed, the weight tile on Hopper's ``wgmma`` 64-row side and the activations on its 16-wide side (prototype
 at commit e75d084, ``results/swap-ab-small-m-h100.log``): E4M3 codes then reach the tensor cores from shared
@@ -102,7 +105,14 @@ from mxrun.kernels.backend import tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
-from mxrun.kernels.mxfp8_quantize import MX_BLOCK_SIZE, MxScaleRule, mx_round_triton
+from mxrun.kernels.mxfp8_quantize import (
+    MX_BLOCK_SIZE,
+    E4m3Cast,
+    MxScaleRule,
+    mx_round_rows,
+    mx_round_triton,
+    resolve_cast,
+)
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
@@ -297,6 +307,9 @@ def _split_k_kernel(
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
+    A_ROUND: tl.constexpr,  # M == 1: round the row to its MXFP8 values here, each step's slice as loaded
+    ROUND_UP: tl.constexpr,  # A_ROUND: the MX scale rule (round_up, else floor)
+    SOFT_CAST: tl.constexpr,  # A_ROUND: E4M3 encoded in integer arithmetic (the interpreter)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
@@ -330,7 +343,12 @@ def _split_k_kernel(
                                   m_ok, n_ok, pid_n, A_SCALE, MMA, FAST_WIDEN, B_TMA, BLOCK_N)  # fmt: skip
         else:
             k_ok = k0 + offs_k < k_end
-            a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if A_ROUND:  # the one row, rounded in a 1-D layout (a value or two per thread), is row 0 of A
+                row = tl.load(a_ptr + k0 + offs_k, mask=k_ok, other=0.0)
+                row = mx_round_rows(tl.reshape(row, [1, BLOCK_K]), ROUND_UP, SOFT_CAST, 1, BLOCK_K)
+                a = tl.where((offs_m == 0)[:, None], row, 0.0).to(a_ptr.dtype.element_ty)
+            else:
+                a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if B_TMA:
                 b = b_ptr.load([pid_n * BLOCK_N, k0]).T
             else:
@@ -439,6 +457,34 @@ def mx_fold_mode(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: 
     return 2 if mma == 2 and fold_f16 else 0
 
 
+ROUND_ONE_ROW_IN_LOOP = True
+"""MXFP8 W8A8 with one activation row rounds that row inside this kernel, each K step's slice in a 1-D layout
+as it is loaded (a value or two per thread, then row 0 of the MMA's A tile), instead of in a pass of its own
+before the launch, where :func:`rounds_in_loop` says so; the same bits as the pass (tested). H100, interleaved
+with the pass, the seven Llama shapes at M = 1 (``benchmarks/sweep_linear_setting.py --setting
+small.ROUND_ONE_ROW_IN_LOOP --values 0 1 --ms 1 --columns scaled_mm mxfp8 mxfp8-wo --repeats 2``,
+``results/mx-round-in-loop-ab-h100.log``): x0.974 the time over the 28 timings, the two gated-out layers
+included (8B ``o`` 1.56-1.59 -> 1.78-1.82x of ``_scaled_mm``, 8B ``qkv`` 1.55-1.61 -> 1.66-1.72x, 8B ``down``
+1.73-1.74 -> 1.82-1.85x). Measured in prototypes (``results/mx-round-in-loop-h100.log``) and not taken: 16 rows,
+each step rounding the whole tile (x1.1-1.45 the time of the pass: every column block's programs round the same
+rows again, 16 values per thread per step); launches whose programs would not fit one wave beside the pass
+kernel's registers (70B ``gate_up``'s 896: this kernel needs 72 registers instead of 106, all 896 programs then
+run at once, and the layer took 237 against 193 us); and programs of more than :data:`ROUND_IN_LOOP_MAX_STEPS`
+K steps (70B ``down``'s 56: 97.2 against 96.3 us)."""
+ROUND_IN_LOOP_MAX_STEPS = 32
+
+
+def rounds_in_loop(m: int, programs: int, steps: int, config: SplitKConfig) -> bool:
+    """Whether an MXFP8 W8A8 call of ``m`` rows launching ``programs`` programs of ``steps`` K steps each
+    rounds its activations in the loop (:data:`ROUND_ONE_ROW_IN_LOOP`) rather than in a pass first."""
+    return (
+        ROUND_ONE_ROW_IN_LOOP
+        and m == 1
+        and programs <= config.target_programs
+        and steps <= ROUND_IN_LOOP_MAX_STEPS
+    )
+
+
 def _tma_loadable(weight: torch.Tensor, config: SplitKConfig) -> bool:
     """Whether TMA can read ``weight`` in ``config``'s tiles: what :func:`~mxrun.kernels.fp8_tma_gemm.tma_usable`
     asks of any TMA operand, and boxes of at most 256 per side."""
@@ -521,7 +567,8 @@ def small_m_gemm_triton(
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
-    ``a``: bf16/fp16 ``[M, K]`` (optionally MX-quantized here with ``activation_mx_rule``), or E4M3 codes with
+    ``a``: bf16/fp16 ``[M, K]`` (optionally MX-rounded here with ``activation_mx_rule``: by a pass first, or
+    inside the loop for one row, :func:`rounds_in_loop`), or E4M3 codes with
     ``a_scale`` (fp32, 0-dim/``[1]`` or ``[M, 1]``; 1x128 groups ``[M, cdiv(K, 128)]`` beside block weights) and
     ``out_dtype``. ``weight``: E4M3 ``[N, K]`` with exactly one of ``weight_scale`` (fp32, per tensor or
     ``[N, 1]``), ``weight_scale_e8m0`` (``[N, K/32]``) and ``weight_block_scale`` (fp32 128x128 blocks
@@ -563,8 +610,6 @@ def small_m_gemm_triton(
     else:
         a_scale_mode = scale_mode(a_scale, m, "activation", fn)
         b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
-    if activation_mx_rule is not None:
-        a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
@@ -572,6 +617,10 @@ def small_m_gemm_triton(
     k_per_split = triton.cdiv(triton.cdiv(k, splits), config.block_k) * config.block_k
     splits = triton.cdiv(k, k_per_split)  # no empty splits
     column_blocks = triton.cdiv(n, config.block_n)
+    a_round = activation_mx_rule is not None and not blocked
+    a_round = a_round and rounds_in_loop(m, column_blocks * splits, k_per_split // config.block_k, config)
+    if activation_mx_rule is not None and not a_round:
+        a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
     block_m = block_m_for(m)
     fused_sum = block_m <= FUSED_SUM_MAX_BLOCK_M
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
@@ -613,6 +662,9 @@ def small_m_gemm_triton(
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
+        A_ROUND=a_round,
+        ROUND_UP=a_round and MxScaleRule(activation_mx_rule) is MxScaleRule.ROUND_UP,
+        SOFT_CAST=resolve_cast(E4m3Cast.AUTO),
         BLOCK_M=block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -662,12 +714,15 @@ __all__ = [
     "FUSED_SUM_MAX_BLOCK_M",
     "NARROW_N",
     "NARROW_TARGET_PROGRAMS",
+    "ROUND_IN_LOOP_MAX_STEPS",
+    "ROUND_ONE_ROW_IN_LOOP",
     "SMALL_M_MAX",
     "SplitKConfig",
     "check_block_scales",
     "check_operands",
     "default_config",
     "mx_fold_mode",
+    "rounds_in_loop",
     "scale_mode",
     "small_m_gemm_triton",
     "split_k_for",

@@ -340,6 +340,57 @@ def test_mx_with_far_apart_block_scales(spread) -> None:
     assert_one_ulp(out, ref)
 
 
+@pytest.mark.parametrize("rule", ["round_up", "floor"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "split_k"), [(96, 256, None), (130, 384, 2), (64, 512, 1)])
+def test_one_row_rounded_in_the_loop_gives_the_pass_bits(monkeypatch, rule, dtype, n, k, split_k) -> None:
+    """MXFP8 W8A8 with one row: rounding the row inside the split-K loop, each step's slice as it is loaded,
+    gives bit for bit what the separate rounding pass gives (the same rounding arithmetic, the same MMAs), for
+    both scale rules, bf16 and fp16, tiny, huge, NaN and infinite activations, ragged N and any split; and
+    within one ulp of the W8A8 reference where the row is finite."""
+    from mxrun.kernels import small_m_gemm
+
+    x, w, bias = _inputs(1, n, k, dtype=dtype, seed=23)
+    x[0, :32] *= 2.0**-30  # a block far below the rest
+    x[0, 40] = 300.0
+    x[0, 64] = float("inf")  # its block's outputs are NaN either way
+    x[0, 100] = float("nan")
+    q = quantize_mxfp8_reference(w)
+    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    passes = []
+    real_pass = small_m_gemm.mx_round_triton
+    monkeypatch.setattr(small_m_gemm, "mx_round_triton", lambda *args: passes.append(1) or real_pass(*args))
+    outs = []
+    for in_loop in (False, True):
+        monkeypatch.setattr(small_m_gemm, "ROUND_ONE_ROW_IN_LOOP", in_loop)
+        outs.append(
+            small_m_gemm_triton(
+                a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, split_k=split_k
+            )
+        )
+    assert len(passes) == 1  # the separate pass ran for the first call only
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    finite = x.clone()
+    finite[0, 64:128] = 0.0
+    a = _dev(finite, q.data, q.scale_e8m0, bias)[0]
+    out = small_m_gemm_triton(
+        a, b, weight_scale_e8m0=s, activation_mx_rule=rule, bias=bias_d, split_k=split_k
+    )
+    assert_one_ulp(out, mxfp8_linear_reference(finite, q.data, q.scale_e8m0, bias, MxScaleRule(rule)))
+
+
+def test_rounds_in_loop_only_one_row_in_one_short_wave() -> None:
+    """The in-loop rounding takes one row only, and launches whose programs fit the config's target (one wave
+    beside the pass kernel's registers) and walk at most ROUND_IN_LOOP_MAX_STEPS K steps each."""
+    from mxrun.kernels.small_m_gemm import DEFAULT_CONFIG, ROUND_IN_LOOP_MAX_STEPS, rounds_in_loop
+
+    target = DEFAULT_CONFIG.target_programs
+    assert rounds_in_loop(1, target, ROUND_IN_LOOP_MAX_STEPS, DEFAULT_CONFIG)
+    assert not rounds_in_loop(2, target, ROUND_IN_LOOP_MAX_STEPS, DEFAULT_CONFIG)
+    assert not rounds_in_loop(1, target + 1, 4, DEFAULT_CONFIG)
+    assert not rounds_in_loop(1, 64, ROUND_IN_LOOP_MAX_STEPS + 1, DEFAULT_CONFIG)
+
+
 def test_default_tile_by_operand_kind() -> None:
     """fp16 MMAs (E4M3 codes, fp16 activations) and bf16 MMAs get the tiles measured best for them up to 16
     rows; decoding MX weights, and 32- or 64-row tiles, keep the default (they need the registers)."""
