@@ -227,7 +227,7 @@ def fp8_scale_of(amax):
 
 
 @triton.jit
-def _scale_from_amax_bits(amax_bits):
+def scale_from_amax_bits(amax_bits):
     """fp32 scale from the int32 bits of a non-negative amax, exactly as :func:`fp8_scale_from_amax`."""
     return fp8_scale_of(amax_bits.to(tl.float32, bitcast=True))
 
@@ -264,7 +264,7 @@ def _fp8_row_group_kernel(
     x_raw = tl.load(x_ptr + pid_b * stride_xb + x_offsets, mask=mask, other=0.0)
     x_raw = tl.reshape(x_raw, [BLOCK_R, GROUPS, GROUP_K])
     amax_bits = tl.max(magnitude_bits(x_raw), axis=2)
-    scale = _scale_from_amax_bits(amax_bits)
+    scale = scale_from_amax_bits(amax_bits)
     pre, divisor, reciprocal = scale_division_setup(scale)
     scaled = divide_by_scale(
         widen_to_fp32(x_raw), pre[:, :, None], divisor[:, :, None], reciprocal[:, :, None]
@@ -342,7 +342,7 @@ def _fp8_row_pieces_kernel(
         amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_1), axis=1))
     if PIECE_2 > 0:
         amax_bits = tl.maximum(amax_bits, tl.max(magnitude_bits(x_2), axis=1))
-    scale = _scale_from_amax_bits(amax_bits)
+    scale = scale_from_amax_bits(amax_bits)
     tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
     pre, divisor, reciprocal = scale_division_setup(scale)
     pre, divisor, reciprocal = pre[:, None], divisor[:, None], reciprocal[:, None]
@@ -358,7 +358,7 @@ def _fp8_row_pieces_kernel(
 
 
 @triton.jit
-def _row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """The magnitude bits of each row's amax (BLOCK_R rows at ``x_rows``), read BLOCK_K columns at a time."""
     amax_bits = tl.zeros([BLOCK_R], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -391,7 +391,7 @@ def _fp8_long_row_kernel(
     row_mask = rows < R
     x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
 
-    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
+    scale = scale_from_amax_bits(row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
     tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
     pre, divisor, reciprocal = scale_division_setup(scale)
     pre, divisor, reciprocal = pre[:, None], divisor[:, None], reciprocal[:, None]
@@ -431,7 +431,7 @@ def _fp8_row_chunks_kernel(
     row_mask = rows < R
     x_rows = x_ptr + pid_b * stride_xb + rows.to(tl.int64)[:, None] * stride_xr
 
-    scale = _scale_from_amax_bits(_row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
+    scale = scale_from_amax_bits(row_amax_bits(x_rows, row_mask, K, stride_xk, BLOCK_R, BLOCK_K))
     if pid_k == 0:
         tl.store(scale_ptr + pid_b * R + rows, scale, mask=row_mask)
     pre, divisor, reciprocal = scale_division_setup(scale)
@@ -492,7 +492,7 @@ def _fp8_block_kernel(
                 eviction_policy=LOAD_POLICY,
             )
         block_amax = tl.max(tl.max(magnitude_bits(x_raw), axis=1), axis=0)
-        scale = _scale_from_amax_bits(block_amax)
+        scale = scale_from_amax_bits(block_amax)
         pre, divisor, reciprocal = scale_division_setup(scale)
         q = e4m3_code(divide_by_scale(widen_to_fp32(x_raw), pre, divisor, reciprocal), SOFT_CAST)
         tl.store(q_rows + block_cols[None, :], q, mask=block_mask)
@@ -558,7 +558,7 @@ def _fp8_tensor_quantize_kernel(
         amax_bits = tl.max(tl.load(amax_bits_ptr + slots, mask=slots < programs, other=0), axis=0)
     else:
         amax_bits = tl.load(amax_bits_ptr)
-    scale = _scale_from_amax_bits(amax_bits)
+    scale = scale_from_amax_bits(amax_bits)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (rows < R)[:, None] & (cols < K)[None, :]

@@ -993,7 +993,8 @@ def fp8_linear(
     """W8A8 Linear with a per-tensor (0-dim scale) or per-channel (``[N, 1]``) FP8 weight and dynamic
     ``activation`` quantization (``"tensor"`` or ``"token"``). ``x`` is ``[M, K]`` bf16/fp16; the result has
     its dtype. Triton on CUDA, the torch reference elsewhere. Up to :data:`W8A8_SPLIT_K_MAX_M` rows: activation
-    quantization, then the split-K kernel of :mod:`mxrun.kernels.small_m_gemm`; beyond, the tile kernel (from
+    quantization, then the split-K kernel of :mod:`mxrun.kernels.small_m_gemm` (one row is quantized inside it
+    where :func:`~mxrun.kernels.small_m_gemm.quantizes_row_in_loop` says so); beyond, the tile kernel (from
     129 rows the Gluon kernel of :mod:`mxrun.kernels.fp8_wgmma_gemm` on Hopper, from 512 the TMA kernel of
     :mod:`mxrun.kernels.fp8_tma_gemm` on other sm_90+), except where its tiles would leave SMs idle and the mid-M
     kernel splits K instead (:func:`~mxrun.kernels.mid_m_gemm.w8a8_takes_mid_m`, up to
@@ -1010,6 +1011,8 @@ def fp8_linear(
 
     unit_k = weight.stride(1) == 1 and x.stride(1) == 1
     if x.shape[0] <= min(W8A8_SPLIT_K_MAX_M, SMALL_M_MAX) and unit_k:
+        if activation == "token" or x.shape[0] == 1:  # one row's per-tensor scale is its per-row one
+            return small_m_gemm_triton(x, weight, weight_scale=weight_scale, bias=bias, quantize_rows=True)
         quantized = quantize_fp8(x, _ACT_GRANULARITY[activation], Backend.TRITON)
         return small_m_gemm_triton(
             quantized.data,

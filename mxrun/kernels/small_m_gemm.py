@@ -20,6 +20,8 @@ the quantize launch and this one, slower in all 14 cases warm and cold (H100, se
 16, ``results/small-m-fused-token-quant-{warm,cold}-h100.log``): the programs cannot stream their weight before
 the codes exist, so the quantize stays on the critical path, now with the counters' waits added; loading the
 first weight step into registers before the wait was slower still (``...-first-step-{warm,cold}-h100.log``).
+One long row is quantized here after all, with no waiting: every program reads the whole row for its amax and
+encodes its own slices (:data:`QUANTIZE_ONE_ROW_IN_LOOP`).
 
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
@@ -101,8 +103,15 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
+from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
+from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
+from mxrun.kernels.fp8_quantize import (
+    ROW_CHUNKS_MIN_COLS,
+    Fp8Granularity,
+    quantize_fp8,
+    row_amax_bits,
+    scale_from_amax_bits,
+)
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.mxfp8_quantize import (
@@ -113,6 +122,7 @@ from mxrun.kernels.mxfp8_quantize import (
     mx_round_triton,
     resolve_cast,
 )
+from mxrun.kernels.scale_division import divide_by_scale, scale_division_setup
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
@@ -230,12 +240,14 @@ def _mma_operand(x, MMA: tl.constexpr):
 @triton.jit
 def _scale_and_store(
     total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
-    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, a_scale_value=1.0,
 ):  # fmt: skip
     """The scales that factor out of K (0 none, 1 per tensor, 2 per row / column; 3, per K step, were applied
-    in the loop), bias, cast, store."""
+    in the loop; 4, the one row's scale found in this kernel, ``a_scale_value``), bias, cast, store."""
     if A_SCALE == 1:
         total = total * tl.load(a_scale_ptr)
+    elif A_SCALE == 4:
+        total = total * a_scale_value
     elif A_SCALE == 2:
         total = total * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
     if B_SCALE == 1:
@@ -308,8 +320,10 @@ def _split_k_kernel(
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
     A_ROUND: tl.constexpr,  # M == 1: round the row to its MXFP8 values here, each step's slice as loaded
+    A_ROW_QUANT: tl.constexpr,  # M == 1, A bf16/fp16: its per-row FP8 scale found here, each slice encoded
+    AMAX_STEP: tl.constexpr,  # A_ROW_QUANT: columns per step of the row's amax (the whole row: one step)
     ROUND_UP: tl.constexpr,  # A_ROUND: the MX scale rule (round_up, else floor)
-    SOFT_CAST: tl.constexpr,  # A_ROUND: E4M3 encoded in integer arithmetic (the interpreter)
+    SOFT_CAST: tl.constexpr,  # A_ROUND, A_ROW_QUANT: E4M3 encoded in integer arithmetic (the interpreter)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
@@ -336,6 +350,13 @@ def _split_k_kernel(
     bs_cols = bs_ptr + offs_n.to(tl.int64)[None, :] * stride_bsn
     block_scales = bs_ptr + ((pid_n * BLOCK_N) // 128) * stride_bsn  # B_SCALE 3: this block row's scales
     a_groups = a_scale_ptr + offs_m.to(tl.int64) * stride_asm  # A_SCALE 3: the rows' group scales
+    row_scale = 1.0
+    if A_ROW_QUANT:  # the per-token quantize's arithmetic on the one row (each program finds the same scale)
+        one_row = tl.full([1], True, tl.int1)
+        row_ptr = a_ptr + tl.zeros([1, 1], dtype=tl.int64)
+        row_scale = scale_from_amax_bits(row_amax_bits(row_ptr, one_row, K, 1, 1, AMAX_STEP))
+        pre, divisor, reciprocal = scale_division_setup(row_scale)
+        row_scale = tl.max(row_scale, axis=0)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if B_SCALE == 3:  # one 128x128 block per 128-wide part of the step
             for half in tl.static_range(BLOCK_K // 128):
@@ -347,6 +368,11 @@ def _split_k_kernel(
                 row = tl.load(a_ptr + k0 + offs_k, mask=k_ok, other=0.0)
                 row = mx_round_rows(tl.reshape(row, [1, BLOCK_K]), ROUND_UP, SOFT_CAST, 1, BLOCK_K)
                 a = tl.where((offs_m == 0)[:, None], row, 0.0).to(a_ptr.dtype.element_ty)
+            elif A_ROW_QUANT:  # the one row's slice as E4M3 codes, row 0 of A
+                row = widen_to_fp32(tl.load(a_ptr + k0 + offs_k, mask=k_ok, other=0.0))
+                q = e4m3_code(divide_by_scale(row[None, :], pre[:, None], divisor[:, None], reciprocal[:, None]),
+                              SOFT_CAST).to(tl.float8e4nv, bitcast=True)  # fmt: skip
+                a = tl.where((offs_m == 0)[:, None], _mma_operand(q, MMA), 0.0)
             else:
                 a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if B_TMA:
@@ -371,7 +397,7 @@ def _split_k_kernel(
                 acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc)
     if SPLIT_K == 1:
         _scale_and_store(acc, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
-                         A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
+                         A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
     else:
         tile = (offs_m.to(tl.int64) * N)[:, None] + offs_n[None, :]
         tile_ok = m_ok[:, None] & n_ok[None, :]
@@ -387,7 +413,7 @@ def _split_k_kernel(
             for s in tl.static_range(SPLIT_K):  # L2, not L1: other SMs wrote these
                 total += tl.load(p_ptr + s * M * N + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
             _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
-                             A_SCALE, B_SCALE, HAS_BIAS)  # fmt: skip
+                             A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -485,6 +511,34 @@ def rounds_in_loop(m: int, programs: int, steps: int, config: SplitKConfig) -> b
     )
 
 
+QUANTIZE_ONE_ROW_IN_LOOP = True
+"""FP8 W8A8 with per-token scales and one long activation row (decode) quantizes that row inside this kernel:
+each program reads the whole row for its amax first (the per-token quantize's arithmetic; every program finds the
+same scale), then encodes each K step's slice as it loads it, instead of a quantize launch before this one, where
+:func:`quantizes_row_in_loop` says so; the same bits as the launch (tested). Only rows of more than
+:data:`~mxrun.kernels.fp8_quantize.ROW_CHUNKS_MIN_COLS` columns: their quantize launch runs the row-chunk kernel,
+whose programs also read the whole row for its amax, and costs 2.4 us or more; a 4096-wide row's costs less
+than each program reading it before its loop. H100, interleaved at M = 1 (``sweep_linear_setting.py --setting
+small.QUANTIZE_ONE_ROW_IN_LOOP --values 0 1 --ms 1 --columns scaled_mm fp8-channel fp8-tensor``,
+``results/fp8-row-quant-in-loop-h100.log``): before the column gate x1.022 the time over the seven Llama shapes,
+slower on the three 4096-wide ones (8B ``qkv`` and ``o`` 2.17-2.34 -> 2.04-2.13x of ``_scaled_mm``), faster on
+8B ``down``; with it (``--shapes`` 8B ``down``, 70B ``qkv``, 8B ``o`` as the control, ``--repeats 3``) x0.990,
+per-token 8B ``down`` 25.7-25.8 -> 25.1-25.2 us in the last two repeats, 70B ``qkv`` within noise (34.6-34.8 ->
+34.5)."""
+QUANTIZE_ROW_MAX_K = 16384
+
+
+def quantizes_row_in_loop(m: int, n: int, k: int, config: SplitKConfig, split_k: int | None = None) -> bool:
+    """Whether a per-token FP8 W8A8 call of ``m`` rows quantizes its row inside the kernel
+    (:data:`QUANTIZE_ONE_ROW_IN_LOOP`): one row of more than :data:`ROW_CHUNKS_MIN_COLS` and at most
+    :data:`QUANTIZE_ROW_MAX_K` columns (each program reads it whole, at once), in a launch whose programs fit the
+    config's target."""
+    if not (QUANTIZE_ONE_ROW_IN_LOOP and m == 1 and ROW_CHUNKS_MIN_COLS < k <= QUANTIZE_ROW_MAX_K and n > 0):
+        return False
+    splits = split_k or split_k_for(n, k, config)
+    return triton.cdiv(n, config.block_n) * splits <= config.target_programs
+
+
 def _tma_loadable(weight: torch.Tensor, config: SplitKConfig) -> bool:
     """Whether TMA can read ``weight`` in ``config``'s tiles: what :func:`~mxrun.kernels.fp8_tma_gemm.tma_usable`
     asks of any TMA operand, and boxes of at most 256 per side."""
@@ -564,6 +618,7 @@ def small_m_gemm_triton(
     mx_scale_fold: bool = False,
     mx_scale_fold16: bool = False,
     weight_tma: bool | None = None,
+    quantize_rows: bool = False,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -583,10 +638,24 @@ def small_m_gemm_triton(
     (:func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`): fp16 activations then meet the weight converted to
     fp16 and multiplied by its power of two in fp16 (two instructions per pair instead of the fp32 decode).
     ``weight_tma``: read the weight tiles by TMA (True), by pointers (False), or as :data:`WEIGHT_TMA` says
-    (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked."""
+    (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked.
+    ``quantize_rows``: FP8 W8A8 with per-token scales for bf16/fp16 ``a`` beside a per-tensor / per-channel
+    weight: one row is quantized inside the kernel where :func:`quantizes_row_in_loop` says so, else the rows
+    by :func:`~mxrun.kernels.fp8_quantize.quantize_fp8` first (the same codes and scales either way)."""
     fn = "small_m_gemm_triton"
     n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
+    row_quant = False
+    if quantize_rows:
+        if a.dtype == torch.float8_e4m3fn or activation_mx_rule is not None or weight_scale is None:
+            raise GemmInputError(
+                f"{fn}: quantize_rows takes bf16/fp16 activations and a per-tensor / per-channel weight"
+            )
+        config = config or default_config(torch.float8_e4m3fn, False, m, False, n)
+        row_quant = quantizes_row_in_loop(m, n, k, config, split_k)
+        if not row_quant:
+            quantized = quantize_fp8(a, Fp8Granularity.PER_ROW, Backend.TRITON)
+            a, a_scale = quantized.data, quantized.scale
     if m > SMALL_M_MAX:
         raise GemmInputError(f"{fn}: at most {SMALL_M_MAX} rows, got {m}")
     if sum(t is not None for t in (weight_scale, weight_scale_e8m0, weight_block_scale)) != 1:
@@ -608,7 +677,7 @@ def small_m_gemm_triton(
             )
         a_scale_mode, b_scale_mode = 0 if a_scale is None else 3, 3
     else:
-        a_scale_mode = scale_mode(a_scale, m, "activation", fn)
+        a_scale_mode = 4 if row_quant else scale_mode(a_scale, m, "activation", fn)
         b_scale_mode = scale_mode(weight_scale, n, "weight", fn)
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
@@ -628,7 +697,7 @@ def small_m_gemm_triton(
     b_mx = weight_scale_e8m0 is not None
     bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight_block_scale if blocked else weight
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
-    mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 else 2
+    mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 and not row_quant else 2
     extra = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     if weight_tma is None:  # where it measured faster: see WEIGHT_TMA
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
@@ -663,6 +732,8 @@ def small_m_gemm_triton(
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
         A_ROUND=a_round,
+        A_ROW_QUANT=row_quant,
+        AMAX_STEP=triton.next_power_of_2(k) if row_quant else 1,
         ROUND_UP=a_round and MxScaleRule(activation_mx_rule) is MxScaleRule.ROUND_UP,
         SOFT_CAST=resolve_cast(E4m3Cast.AUTO),
         BLOCK_M=block_m,

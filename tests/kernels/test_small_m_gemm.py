@@ -379,6 +379,72 @@ def test_one_row_rounded_in_the_loop_gives_the_pass_bits(monkeypatch, rule, dtyp
     assert_one_ulp(out, mxfp8_linear_reference(finite, q.data, q.scale_e8m0, bias, MxScaleRule(rule)))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "split_k"), [(96, 4160, None), (130, 4352, 2), (64, 4608, 1)])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_one_row_quantized_in_the_loop_gives_the_pass_bits(
+    monkeypatch, dtype, n, k, split_k, per_channel
+) -> None:
+    """FP8 W8A8 with one row: each program finding the row's per-token scale and encoding its slices inside the
+    split-K kernel gives bit for bit what the per-token quantize launch and the codes kernel give (the same
+    amax, scale and encoding arithmetic, the same MMAs), for bf16 and fp16, tiny, huge, NaN and infinite
+    activations, per-tensor and per-channel weights, ragged N and any split; and fp8_linear takes it at one row
+    for both activation rules, within one ulp of the reference."""
+    from mxrun.kernels import small_m_gemm
+    from mxrun.kernels.fp8_quantize import Fp8Granularity as G
+
+    x, w, bias = _inputs(1, n, k, dtype=dtype, seed=29)
+    x[0, :16] *= 2.0**-40
+    x[0, 7] = 3000.0
+    q = quantize_fp8_reference(w, G.PER_ROW if per_channel else G.PER_TENSOR)
+    a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    outs = []
+    for in_loop in (False, True):
+        monkeypatch.setattr(small_m_gemm, "QUANTIZE_ONE_ROW_IN_LOOP", in_loop)
+        outs.append(
+            small_m_gemm_triton(a, b, weight_scale=s, bias=bias_d, split_k=split_k, quantize_rows=True)
+        )
+    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    for special in (float("nan"), float("inf")):  # the row's scale is NaN / Inf: every output NaN either way
+        bad = x.clone()
+        bad[0, k // 2] = special
+        a_bad = _dev(bad, q.data, q.scale, bias)[0]
+        got = small_m_gemm_triton(a_bad, b, weight_scale=s, bias=bias_d, split_k=split_k, quantize_rows=True)
+        monkeypatch.setattr(small_m_gemm, "QUANTIZE_ONE_ROW_IN_LOOP", False)
+        want = small_m_gemm_triton(a_bad, b, weight_scale=s, bias=bias_d, split_k=split_k, quantize_rows=True)
+        monkeypatch.setattr(small_m_gemm, "QUANTIZE_ONE_ROW_IN_LOOP", True)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    from mxrun.kernels import scaled_gemm
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the quantize launch ran")
+
+    monkeypatch.setattr(small_m_gemm, "quantize_fp8", no_pass)
+    monkeypatch.setattr(scaled_gemm, "quantize_fp8", no_pass)
+    for activation in ("token", "tensor"):
+        out = fp8_linear(a, b, s, bias_d, activation, backend="triton")
+        assert_one_ulp(out, fp8_linear_reference(x, q.data, q.scale, bias, activation))
+
+
+def test_quantizes_row_in_loop_only_one_row_read_whole_in_one_wave() -> None:
+    """The in-kernel per-token quantize takes one row of more than ROW_CHUNKS_MIN_COLS (whose quantize launch
+    costs most) and at most QUANTIZE_ROW_MAX_K columns (each program reads it whole), and launches whose
+    programs fit the config's target."""
+    from mxrun.kernels.fp8_quantize import ROW_CHUNKS_MIN_COLS
+    from mxrun.kernels.small_m_gemm import FP16_MMA_CONFIG, QUANTIZE_ROW_MAX_K, quantizes_row_in_loop
+
+    cfg, long_row = FP16_MMA_CONFIG, ROW_CHUNKS_MIN_COLS + 128
+    assert quantizes_row_in_loop(1, 4096, QUANTIZE_ROW_MAX_K, cfg) and quantizes_row_in_loop(
+        1, 4096, long_row, cfg
+    )
+    assert not quantizes_row_in_loop(1, 4096, ROW_CHUNKS_MIN_COLS, cfg)
+    assert not quantizes_row_in_loop(2, 4096, long_row, cfg)
+    assert not quantizes_row_in_loop(1, 4096, QUANTIZE_ROW_MAX_K + 128, cfg)
+    wide = cfg.block_n * (cfg.target_programs + 1)  # one split each, one too many
+    assert not quantizes_row_in_loop(1, wide, long_row, cfg, split_k=1)
+    assert quantizes_row_in_loop(1, wide - cfg.block_n, long_row, cfg, split_k=1)
+
+
 def test_rounds_in_loop_only_one_row_in_one_short_wave() -> None:
     """The in-loop rounding takes one row only, and launches whose programs fit the config's target (one wave
     beside the pass kernel's registers) and walk at most ROUND_IN_LOOP_MAX_STEPS K steps each."""
