@@ -398,6 +398,8 @@ def test_one_row_quantized_in_the_loop_gives_the_pass_bits(
     x[0, 7] = 3000.0
     q = quantize_fp8_reference(w, G.PER_ROW if per_channel else G.PER_TENSOR)
     a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    config = small_m_gemm.default_config(torch.float8_e4m3fn, False, 1, False, n)
+    assert small_m_gemm.quantizes_row_in_loop(1, n, k, config, split_k)  # the case takes the in-kernel path
     outs = []
     for in_loop in (False, True):
         monkeypatch.setattr(small_m_gemm, "QUANTIZE_ONE_ROW_IN_LOOP", in_loop)
@@ -405,7 +407,7 @@ def test_one_row_quantized_in_the_loop_gives_the_pass_bits(
             small_m_gemm_triton(a, b, weight_scale=s, bias=bias_d, split_k=split_k, quantize_rows=True)
         )
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
-    for special in (float("nan"), float("inf")):  # the row's scale is NaN / Inf: every output NaN either way
+    for special in (float("nan"), float("inf")):  # the row's scale NaN / Inf: the same bits either way
         bad = x.clone()
         bad[0, k // 2] = special
         a_bad = _dev(bad, q.data, q.scale, bias)[0]
