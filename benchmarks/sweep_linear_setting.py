@@ -36,9 +36,10 @@ MODULES = {
 
 
 def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], columns: list[str], rep_ms: int,
-          repeats: int, json_path: str | None = None) -> list[dict]:  # fmt: skip
+          repeats: int, json_path: str | None = None, cold_weights: bool = False) -> list[dict]:  # fmt: skip
     """``bench_linear.run`` once per value and repeat (values interleaved), the setting restored afterwards;
-    rows carry ``setting``, ``value`` and ``repeat`` and are written to ``json_path`` after each run."""
+    rows carry ``setting``, ``value`` and ``repeat`` and are written to ``json_path`` after each run.
+    ``cold_weights``: as ``bench_linear.py --graph --cold-weights`` (weights from DRAM, as in a forward)."""
     module_name, name = setting.split(".", 1)
     module = MODULES[module_name]
     saved = getattr(module, name)
@@ -49,7 +50,9 @@ def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], col
                 setattr(module, name, value)
                 fp8_quantize._fp8_launch_plan.cache_clear()  # launch plans read the quantize settings
                 print(f"{setting} = {value} (repeat {repeat})", flush=True)
-                for row in bench_linear.run(shapes, ms, columns, rep_ms, graph=True):
+                for row in bench_linear.run(
+                    shapes, ms, columns, rep_ms, graph=True, cold_weights=cold_weights
+                ):
                     rows.append({**row, "setting": setting, "value": value, "repeat": repeat})
                 if json_path:
                     _write(rows, json_path)
@@ -98,11 +101,22 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", help="write the rows here (atomically)")
+    parser.add_argument(
+        "--cold-weights", action="store_true", help="weights from DRAM, as bench_linear.py --cold-weights"
+    )
     args = parser.parse_args()
     check_setting(parser, args.setting, MODULES)
     columns = list(dict.fromkeys(["scaled_mm", *args.columns]))
     rows = sweep(
-        args.setting, args.values, args.shapes, args.ms, columns, args.rep_ms, args.repeats, args.json
+        args.setting,
+        args.values,
+        args.shapes,
+        args.ms,
+        columns,
+        args.rep_ms,
+        args.repeats,
+        args.json,
+        args.cold_weights,
     )
     summarize(rows, args.values, columns)
 

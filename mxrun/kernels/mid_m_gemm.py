@@ -106,6 +106,14 @@ tile kernel (``--setting mid.W8A8_TILE_FILL --values 0 100 --columns scaled_mm f
 0.69-1.75x of bf16), slower on 8B ``gate_up`` at 48-128 rows (up to x1.27) and 70B ``gate_up`` at 48-64."""
 
 
+MX_CODES_AHEAD = True
+"""MX weights: each step's E8M0 codes are loaded the step before, as in the split-K kernel
+(:data:`~mxrun.kernels.small_m_gemm.MX_CODES_AHEAD`). H100, interleaved, the seven Llama shapes at M = 64, 128 and
+256, two repeats (``benchmarks/sweep_linear_setting.py --setting mid.MX_CODES_AHEAD --values 0 1 --ms 64 128 256
+--columns scaled_mm mxfp8 mxfp8-wo --repeats 2``, ``results/mid-m-codes-ahead-h100.log``): x0.94 the time, faster
+in 78 of 84 (70B ``down`` at 256 rows, MXFP8 W8A8 0.41 -> 0.50x of ``_scaled_mm``)."""
+
+
 class MidMConfig(NamedTuple):
     """Tile and split policy. ``block_n``: weight rows per program (the MMA's M side: 64 per warp group);
     ``block_m``: activation rows (the MMA's N side); ``target_programs``: how many (tile x K split) programs to
@@ -174,6 +182,14 @@ def mid_m_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return tma_usable(x, weight)
 
 
+@triton.jit
+def _step_codes(bs_rows, k0, K, offs_g, n_ok):
+    """The E8M0 codes ``[BLOCK_N, G]`` of the K step at ``k0`` (127, i.e. 2^0, past K)."""
+    g = k0 // 32 + offs_g
+    codes = tl.load(bs_rows + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=127)
+    return codes.to(tl.int32)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _mid_m_kernel(
     a_desc,  # tensor descriptor of the [M, K] bf16/fp16 activations, [BLOCK_M, BLOCK_K] boxes
@@ -199,6 +215,7 @@ def _mid_m_kernel(
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16, 3: E4M3
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
+    CODES_AHEAD: tl.constexpr,  # B_MX: each step's E8M0 codes loaded the step before
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -222,12 +239,17 @@ def _mid_m_kernel(
     bs_rows = bs_ptr + offs_n.to(tl.int64)[:, None] * stride_bsn
     as_rows = a_scale_ptr + offs_m.to(tl.int64) * stride_asm
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    if B_MX and CODES_AHEAD:
+        codes_next = _step_codes(bs_rows, k_begin, K, offs_g, n_ok)
     for k0 in range(k_begin, k_end, BLOCK_K):
         w = w_desc.load([off_n, k0])
         a = a_desc.load([off_m, k0])
         if B_MX:  # E4M3 times its power of two, exact; groups past K read as code 127 (2^0) on zero weights
-            g = k0 // 32 + offs_g
-            codes = tl.load(bs_rows + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :], other=127)
+            if CODES_AHEAD:  # loaded the step before (byte loads are not pipelined: see MX_CODES_AHEAD)
+                codes = codes_next
+                codes_next = _step_codes(bs_rows, k0 + BLOCK_K, K, offs_g, n_ok)
+            else:
+                codes = _step_codes(bs_rows, k0, K, offs_g, n_ok)
             wv = mx_decode_weight(w, codes, MX_FOLD, True)
         elif MMA == 1:
             wv = e4m3_to_bf16(w, FAST_WIDEN)
@@ -382,6 +404,7 @@ def mid_m_gemm_triton(
         MMA=mma,
         FAST_WIDEN=fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold, mx_scale_fold16, a.device),
+        CODES_AHEAD=b_mx and MX_CODES_AHEAD,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

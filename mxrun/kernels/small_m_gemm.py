@@ -80,7 +80,8 @@ decode's time (each group's result is waited for before it is scaled), and the f
 ``wgmma`` 0.99-1.16x. Nor did reading the E8M0 scales as the 32-bit words that hold them, which Triton then
 pipelines with ``cp.async`` instead of waiting inside each step for the byte load and moving its result between
 layouts (117 -> 90 registers, same bits): slower in 12 of 14 cases (8B qkv at M = 1 12.6 -> 15.3 us; only 8B
-down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``. Reading them by TMA instead, one box per
+down faster, 27.4 -> 26.1), ``results/mx-scale-words-h100.log``. What took the wait out instead: the byte loads
+issued a step ahead (:data:`MX_CODES_AHEAD`, x0.96 the time). Reading them by TMA instead, one box per
 (column block, K step) of a regrouped copy of the codes, beside the weight tile's box (prototype at commit
 c235ff3: no wait inside the step, no layout change through shared memory, 92 registers): the same bits, 2-5%
 faster on 12 of the 14 decode cases but 12% slower on 70B ``gate_up`` (its 896 programs run in two waves),
@@ -261,15 +262,28 @@ def _scale_and_store(
 
 
 @triton.jit
+def _block_part_scale(block_scales, a_groups, k0, k_end, m_ok, A_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Each row's multiplier ``[BLOCK_M]`` of the 128 K at ``k0`` over 128x128 weight blocks: the block's scale
+    (times, A_SCALE 3, the row's 1x128 group scale); zero for a part at or past ``k_end`` (the second half of
+    the last step), which reads the last block's scales in bounds."""
+    block = tl.minimum(k0, k_end - 1) // 128
+    scale = tl.where(k0 < k_end, tl.load(block_scales + block), 0.0)
+    if A_SCALE == 3:
+        rows = tl.load(a_groups + block, mask=m_ok, other=0.0) * scale
+    else:
+        rows = tl.full([BLOCK_M], 1.0, tl.float32) * scale
+    return rows
+
+
+@triton.jit
 def _block_step(
-    acc, a_rows, b_ptr, b_cols, block_scales, a_groups, k0, k_end, m_ok, n_ok, pid_n,
-    A_SCALE: tl.constexpr, MMA: tl.constexpr, FAST_WIDEN: tl.constexpr, B_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    acc, a_rows, b_ptr, b_cols, part_scale, k0, k_end, m_ok, n_ok, pid_n,
+    MMA: tl.constexpr, FAST_WIDEN: tl.constexpr, B_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """128 K of a program over 128x128 weight blocks (``k0`` a multiple of 128): the part's product, a fresh
-    MMA, added into ``acc`` times the block's scale (and, A_SCALE 3, each row's 1x128 group scale); the
-    accumulator of at most 64 rows is small, so the multiply costs little beside the widening. A part at or past
-    ``k_end`` (the second half of the last step) loads zeros and a zero scale."""
+    MMA, added into ``acc`` times each row's ``part_scale`` (:func:`_block_part_scale`); the accumulator of at
+    most 64 rows is small, so the multiply costs little beside the widening. A part at or past ``k_end`` loads
+    zeros."""
     offs_k = tl.arange(0, 128)
     k_ok = k0 + offs_k < k_end
     a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -282,12 +296,7 @@ def _block_step(
         part = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), input_precision="ieee")
     else:
         part = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA))
-    block = tl.minimum(k0, k_end - 1) // 128  # a part past the end reads the last block's scales, times zero
-    scale = tl.where(k0 < k_end, tl.load(block_scales + block), 0.0)
-    if A_SCALE == 3:
-        groups = tl.load(a_groups + block, mask=m_ok, other=0.0) * scale
-        return acc + part * groups[:, None]
-    return acc + part * scale
+    return acc + part * part_scale[:, None]
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -319,6 +328,7 @@ def _split_k_kernel(
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
+    SCALES_AHEAD: tl.constexpr,  # B_MX, or B_SCALE 3 with BLOCK_K 128: the next step's scales loaded a step ahead
     A_ROUND: tl.constexpr,  # M == 1: round the row to its MXFP8 values here, each step's slice as loaded
     A_ROW_QUANT: tl.constexpr,  # M == 1, A bf16/fp16: its per-row FP8 scale found here, each slice encoded
     AMAX_STEP: tl.constexpr,  # A_ROW_QUANT: columns per step of the row's amax (the whole row: one step)
@@ -357,11 +367,24 @@ def _split_k_kernel(
         row_scale = scale_from_amax_bits(row_amax_bits(row_ptr, one_row, K, 1, 1, AMAX_STEP))
         pre, divisor, reciprocal = scale_division_setup(row_scale)
         row_scale = tl.max(row_scale, axis=0)
+    if B_MX and SCALES_AHEAD:
+        codes_next = _mx_step_codes(bs_cols, k_begin, k_end, offs_g, n_ok)
+    if B_SCALE == 3 and SCALES_AHEAD:
+        part_scale_next = _block_part_scale(block_scales, a_groups, k_begin, k_end, m_ok, A_SCALE, BLOCK_M)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        if B_SCALE == 3:  # one 128x128 block per 128-wide part of the step
+        if B_SCALE == 3 and SCALES_AHEAD:  # one 128x128 block a step, its scales loaded the step before
+            part_scale = part_scale_next
+            part_scale_next = _block_part_scale(
+                block_scales, a_groups, k0 + 128, k_end, m_ok, A_SCALE, BLOCK_M
+            )
+            acc = _block_step(acc, a_rows, b_ptr, b_cols, part_scale, k0, k_end, m_ok, n_ok, pid_n, MMA,
+                              FAST_WIDEN, B_TMA, BLOCK_N)  # fmt: skip
+        elif B_SCALE == 3:  # one 128x128 block per 128-wide part of the step
             for half in tl.static_range(BLOCK_K // 128):
-                acc = _block_step(acc, a_rows, b_ptr, b_cols, block_scales, a_groups, k0 + half * 128, k_end,
-                                  m_ok, n_ok, pid_n, A_SCALE, MMA, FAST_WIDEN, B_TMA, BLOCK_N)  # fmt: skip
+                part_scale = _block_part_scale(block_scales, a_groups, k0 + half * 128, k_end, m_ok, A_SCALE,
+                                               BLOCK_M)  # fmt: skip
+                acc = _block_step(acc, a_rows, b_ptr, b_cols, part_scale, k0 + half * 128, k_end, m_ok, n_ok,
+                                  pid_n, MMA, FAST_WIDEN, B_TMA, BLOCK_N)  # fmt: skip
         else:
             k_ok = k0 + offs_k < k_end
             if A_ROUND:  # the one row, rounded in a 1-D layout (a value or two per thread), is row 0 of A
@@ -382,10 +405,11 @@ def _split_k_kernel(
                     b_ptr + b_cols + (k0 + offs_k)[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0
                 )
             if B_MX:  # decode the weight in registers: E4M3 times its power of two, exact in fp32
-                g_ok = k0 + offs_g * 32 < k_end
-                codes = tl.load(
-                    bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127
-                )
+                if SCALES_AHEAD:
+                    codes = codes_next
+                    codes_next = _mx_step_codes(bs_cols, k0 + BLOCK_K, k_end, offs_g, n_ok)
+                else:
+                    codes = _mx_step_codes(bs_cols, k0, k_end, offs_g, n_ok)
                 w = mx_decode_weight(b, codes, MX_FOLD, False)
             elif MMA == 1:
                 w = e4m3_to_bf16(b, FAST_WIDEN)
@@ -414,6 +438,14 @@ def _split_k_kernel(
                 total += tl.load(p_ptr + s * M * N + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
             _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
                              A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
+
+
+@triton.jit
+def _mx_step_codes(bs_cols, k0, k_end, offs_g, n_ok):
+    """The E8M0 codes ``[G, BLOCK_N]`` of the K step starting at ``k0`` (127, i.e. 2^0, past ``k_end``)."""
+    g_ok = k0 + offs_g * 32 < k_end
+    codes = tl.load(bs_cols + (k0 // 32 + offs_g)[:, None], mask=g_ok[:, None] & n_ok[None, :], other=127)
+    return codes.to(tl.int32)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -481,6 +513,33 @@ def mx_fold_mode(b_mx: bool, mma: int, fold_bf16: bool, fold_f16: bool, device: 
     if mma == 1 and fold_bf16:
         return 1
     return 2 if mma == 2 and fold_f16 else 0
+
+
+MX_CODES_AHEAD = True
+"""MX weights: each step's E8M0 codes are loaded one step ahead, into registers the loop carries, so that the
+step does not wait for their load (byte loads, which Triton does not pipeline)."""
+
+BLOCK_SCALES_AHEAD = True
+"""128x128 weight blocks meeting bf16 activations (weight-only) on 128-wide K steps: each step's block scale is
+loaded one step ahead, likewise. Not beside E4M3 activation codes, whose short steps (no widening) gained on some
+shapes and lost on others (see :func:`scales_ahead`)."""
+
+
+def scales_ahead(b_mx: bool, blocked: bool, mma: int, config: SplitKConfig) -> bool:
+    """Whether the split-K kernel loads each K step's weight scales the step before (:data:`MX_CODES_AHEAD`,
+    :data:`BLOCK_SCALES_AHEAD`). H100, interleaved, the seven Llama shapes at M = 1 and 16, two repeats
+    (``benchmarks/sweep_linear_setting.py --setting small.MX_CODES_AHEAD --values 0 1 --ms 1 16 --columns
+    scaled_mm mxfp8 mxfp8-w8a16-decode mxfp8-wo --repeats 2 [--cold-weights]``,
+    ``results/mx-codes-ahead-h100.log``): MX weights x0.959 the time warm, x0.966 cold (faster in 78 and 81 of
+    84; MXFP8 weight-only at M = 1 warm on 8B ``gate_up`` 1.65-1.66 -> 1.74-1.78x of bf16, 8B ``qkv``
+    1.78-1.81 -> 1.93-1.97x).
+    128x128 blocks (``--setting small.BLOCK_SCALES_AHEAD ... --columns scaled_mm fp8-block fp8-block-wo
+    mxfp8-tiles mxfp8-tiles-w8a16-decode``, ``results/block-scales-ahead-h100.log``): weight-only x0.995 warm,
+    x0.980 cold (faster in 39 and 53 of 56); W8A8 x0.984 warm but x0.995 cold, faster in only 24 and 14 of 56
+    (70B ``gate_up`` 12-15% faster, 70B ``qkv`` and ``down`` 3-4% slower), so it keeps the loads in its step."""
+    if b_mx:
+        return MX_CODES_AHEAD
+    return blocked and BLOCK_SCALES_AHEAD and mma == 1 and config.block_k == 128
 
 
 ROUND_ONE_ROW_IN_LOOP = True
@@ -731,6 +790,7 @@ def small_m_gemm_triton(
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
+        SCALES_AHEAD=scales_ahead(b_mx, blocked, mma, config),
         A_ROUND=a_round,
         A_ROW_QUANT=row_quant,
         AMAX_STEP=triton.next_power_of_2(k) if row_quant else 1,

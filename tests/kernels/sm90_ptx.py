@@ -20,7 +20,7 @@ from triton.compiler import ASTSource, compile
 from triton.runtime.jit import mangle_type
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from mxrun.kernels.mid_m_gemm import _mid_m_kernel, config_for
+from mxrun.kernels.mid_m_gemm import MX_CODES_AHEAD, _mid_m_kernel, config_for
 
 
 def wgmma_waits(dtype: str, weights: str, fold: int, m: int, split_k: int) -> list[int]:
@@ -34,6 +34,7 @@ def wgmma_waits(dtype: str, weights: str, fold: int, m: int, split_k: int) -> li
         "B_MX": weights == "mx", "B_SCALE": {"mx": 0, "channel": 2, "block": 3}[weights], "HAS_BIAS": True,
         "A_SCALE": (3 if weights == "block" else 2) if codes else 0, "SPLIT_K": split_k,
         "MMA": {"bf16": 1, "fp16": 2, "e4m3": 3}[dtype], "FAST_WIDEN": True, "MX_FOLD": fold,
+        "CODES_AHEAD": weights == "mx" and MX_CODES_AHEAD,
         "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "BLOCK_K": config.block_k,
     }  # fmt: skip
     out = "bf16" if codes else dtype

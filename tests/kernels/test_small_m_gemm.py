@@ -84,22 +84,39 @@ def test_weight_only_small_m(m, n, k, granularity, dtype) -> None:
     assert_one_ulp(out, ref)
 
 
+def _scales_ahead(monkeypatch, ahead: bool) -> None:
+    """Make the split-K kernel load each step's weight scales the step before (``ahead``) or in the step, for
+    MX codes and 128x128 block scales alike, whatever the operands (the rule otherwise follows the MMA kind)."""
+    import mxrun.kernels.small_m_gemm as small_m
+
+    def rule(b_mx, blocked, mma, config):
+        return (b_mx or blocked) and ahead and (b_mx or config.block_k == 128)
+
+    monkeypatch.setattr(small_m, "scales_ahead", rule)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP, MxScaleRule.FLOOR])
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
-def test_mxfp8_linear_small_m(m, n, k, rule) -> None:
+def test_mxfp8_linear_small_m(m, n, k, rule, ahead, monkeypatch) -> None:
+    """MXFP8 weight-only and W8A8 with ragged N and K and several splits, the codes loaded a step ahead or in
+    their step."""
+    _scales_ahead(monkeypatch, ahead)
     x, w, bias = _inputs(m, n, k, seed=14)
     q = quantize_mxfp8_reference(w)
     ref = mxfp8_linear_reference(x, q.data, q.scale_e8m0, bias, rule)
     assert_one_ulp(mxfp8_linear(*_dev(x, q.data, q.scale_e8m0, bias), rule, backend="triton"), ref)
 
 
+@pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("split_k", [None, 1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (3, 300, 416)])
-def test_block_weight_only(m, n, k, dtype, split_k) -> None:
+def test_block_weight_only(m, n, k, dtype, split_k, ahead, monkeypatch) -> None:
     """128x128 weight blocks: each 128-wide K step's product times its block's scale (N and K ending inside a
-    block, column blocks in either half of a block row); the scales multiply fp32 step sums instead of each
-    weight, a difference of fp32 roundings within the ulp."""
+    block, column blocks in either half of a block row), the scales loaded a step ahead or in their step; the
+    scales multiply fp32 step sums instead of each weight, a difference of fp32 roundings within the ulp."""
+    _scales_ahead(monkeypatch, ahead)
     x, w, bias = _inputs(m, n, k, dtype=dtype, seed=41)
     q = quantize_fp8_reference(w, G.BLOCK_128X128)
     ref = fp8_weight_only_reference(x, q.data, q.scale, G.BLOCK_128X128, bias)
@@ -107,13 +124,16 @@ def test_block_weight_only(m, n, k, dtype, split_k) -> None:
     assert_one_ulp(small_m_gemm_triton(a, b, weight_block_scale=s, bias=bias_d, split_k=split_k), ref)
 
 
+@pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("step", [128, 256])
 @pytest.mark.parametrize("split_k", [None, 1, 2])
 @pytest.mark.parametrize(("m", "n", "k"), [*SHAPES, (3, 300, 416), (2, 64, 300)])
-def test_block_w8a8_codes(m, n, k, split_k, step) -> None:
+def test_block_w8a8_codes(m, n, k, split_k, step, ahead, monkeypatch) -> None:
     """1x128 activation groups (E4M3 codes) and 128x128 weight blocks in the fp16 MMA: each 128-wide part's
     product times the block's scale and each row's group scale (fp32 accumulation: no wgmma allowance), with K
-    steps of one or two blocks (K = 300: the last step's second part lies past K)."""
+    steps of one or two blocks (K = 300: the last step's second part lies past K); with 128-wide steps the
+    scales loaded a step ahead or in their step."""
+    _scales_ahead(monkeypatch, ahead)
     x, w, bias = _inputs(m, n, k, seed=42)
     qa = quantize_fp8_reference(x, G.GROUP_1X128)
     qw = quantize_fp8_reference(w, G.BLOCK_128X128)
@@ -322,11 +342,13 @@ def test_graph_capture_takes_counters_from_the_arena(arena_left, monkeypatch) ->
     kept.zero_()
 
 
+@pytest.mark.parametrize("ahead", [True, False])
 @pytest.mark.parametrize("spread", [12, 40, 130])
-def test_mx_with_far_apart_block_scales(spread) -> None:
+def test_mx_with_far_apart_block_scales(spread, ahead, monkeypatch) -> None:
     """MX blocks whose scales lie far apart (2^-spread, on both sides, down to fp32/bf16 subnormal weights and
     activations) stay within one ulp of the W8A8 reference: the decoded values are exact wherever bf16 holds
-    them, as in the reference."""
+    them, as in the reference (each step's codes loaded a step ahead or in their step)."""
+    _scales_ahead(monkeypatch, ahead)
     x, w, bias = _inputs(5, 96, 512, seed=19)
     block = torch.arange(512) // 32
     far = torch.where(block % 4 == 1, 2.0**-spread, 1.0) * torch.where(
@@ -618,3 +640,15 @@ def test_weight_by_tma_gives_the_same_bits(m, n, k, split_k, kind) -> None:
     by_tma, by_pointers = run(True), run(False)
     assert torch.equal(by_tma.view(torch.int16), by_pointers.view(torch.int16))
     assert bool(torch.isfinite(by_tma).all()) and by_tma.abs().max() > 0
+
+
+def test_scales_ahead_where_measured_faster() -> None:
+    """Codes of MX weights are loaded a step ahead whatever the MMA; 128x128 block scales only beside a bf16
+    MMA (weight-only) with one block per step; E4M3 codes in the fp16 MMA keep the loads in their step."""
+    from mxrun.kernels.small_m_gemm import BF16_MMA_CONFIG, FP16_MMA_CONFIG, scales_ahead
+
+    assert scales_ahead(True, False, 1, BF16_MMA_CONFIG) and scales_ahead(True, False, 2, FP16_MMA_CONFIG)
+    assert scales_ahead(False, True, 1, BF16_MMA_CONFIG._replace(block_k=128))
+    assert not scales_ahead(False, True, 2, FP16_MMA_CONFIG._replace(block_k=128))
+    assert not scales_ahead(False, True, 1, BF16_MMA_CONFIG._replace(block_k=256))
+    assert not scales_ahead(False, False, 1, BF16_MMA_CONFIG)
