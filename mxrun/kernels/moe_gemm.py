@@ -384,7 +384,10 @@ def _weight_operand(
     """The weight tile as the MMA takes it: E4M3 as is (FP8 MMA), widened to the MMA dtype (exact; to bf16 with
     :func:`~mxrun.kernels.e4m3.e4m3_to_bf16`), or for MXFP8 decoded with its power-of-two scales (exact: with
     MX_FOLD the scale rides on the bf16 widening's multiply, :func:`~mxrun.kernels.e4m3.e4m3_to_bf16_times`);
-    fp32 when the interpreter runs the dot."""
+    fp32 when the interpreter runs the dot. The E8M0 codes load in their step: loading them the step before,
+    which the Linear's split-K kernel gains from (:data:`~mxrun.kernels.small_m_gemm.MX_CODES_AHEAD`), took
+    x1.029 the time here, slower in all 18 MXFP8 cases at 1-128 tokens on three layers, up to 7% at one token
+    (H100, ``results/moe-codes-ahead-h100.log``; a switch on top of commit a162c04, not kept)."""
     if EVEN_K:  # noqa: SIM108 - constexpr branches, spelled as in the other kernels
         w = tl.load(w_ptrs)
     else:
