@@ -63,10 +63,11 @@ def sweep(setting: str, values: list[int], shapes: list[str], ms: list[int], col
 
 
 def summarize(rows: list[dict], values: list[int], columns: list[str]) -> None:
-    """Per case and column: each value's ratio against ``scaled_mm`` (one per repeat); then the geometric mean
-    of each value's time over the first value's, over every case, column and repeat."""
+    """Per case and column: each value's ratio against ``scaled_mm`` (one per repeat); then, for each value after
+    the first, the geometric mean of its time over the first value's, over every case, column and repeat, and
+    per column (a setting may help one kind of operand and hurt another)."""
     timed = [c for c in columns if c not in ("bf16", "scaled_mm")]
-    logs: dict[int, list[float]] = {v: [] for v in values}
+    logs: dict[int, dict[str, list[float]]] = {v: {c: [] for c in timed} for v in values}
     cases = sorted(
         {(r["shape"], r["M"]) for r in rows}, key=lambda c: (list(bench_linear.SHAPES).index(c[0]), c[1])
     )
@@ -80,13 +81,20 @@ def summarize(rows: list[dict], values: list[int], columns: list[str]) -> None:
                 base = [r for r in rows if (r["shape"], r["M"], r["value"]) == (shape, m, values[0])]
                 for run, first in zip(runs, base, strict=True):
                     if run["us"].get(column) and first["us"].get(column):
-                        logs[value].append(math.log(run["us"][column] / first["us"][column]))
+                        logs[value][column].append(math.log(run["us"][column] / first["us"][column]))
         print(line)
     for value in values[1:]:
-        faster = sum(1 for x in logs[value] if x < 0)
-        mean = math.exp(sum(logs[value]) / max(len(logs[value]), 1))
-        print(f"value {value}: time x{mean:.3f} of value {values[0]} (geometric mean), faster in {faster} of "
-              f"{len(logs[value])}")  # fmt: skip
+        every = [x for column in timed for x in logs[value][column]]
+        print(f"value {value} against {values[0]}: time {_geomean_line(every)} (geometric mean)")
+        for column in timed:
+            print(f"    {column}: {_geomean_line(logs[value][column])}")
+
+
+def _geomean_line(log_ratios: list[float]) -> str:
+    """``x<geometric mean>, faster in <n> of <all>`` for log time ratios (negative: faster)."""
+    mean = math.exp(sum(log_ratios) / max(len(log_ratios), 1))
+    faster = sum(1 for x in log_ratios if x < 0)
+    return f"x{mean:.3f}, faster in {faster} of {len(log_ratios)}"
 
 
 def main() -> None:

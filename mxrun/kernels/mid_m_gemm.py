@@ -110,8 +110,8 @@ MX_CODES_AHEAD = True
 """MX weights: each step's E8M0 codes are loaded the step before, as in the split-K kernel
 (:data:`~mxrun.kernels.small_m_gemm.MX_CODES_AHEAD`). H100, interleaved, the seven Llama shapes at M = 64, 128 and
 256, two repeats (``benchmarks/sweep_linear_setting.py --setting mid.MX_CODES_AHEAD --values 0 1 --ms 64 128 256
---columns scaled_mm mxfp8 mxfp8-wo --repeats 2``, ``results/mid-m-codes-ahead-h100.log``): x0.94 the time, faster
-in 78 of 84 (70B ``down`` at 256 rows, MXFP8 W8A8 0.41 -> 0.50x of ``_scaled_mm``)."""
+--columns scaled_mm mxfp8 mxfp8-wo --repeats 2``, ``results/mid-m-codes-ahead-h100.log``): x0.946 the time, faster
+in 79 of 84 (70B ``down`` at 256 rows, MXFP8 W8A8 0.41 -> 0.50x of ``_scaled_mm``)."""
 
 
 class MidMConfig(NamedTuple):

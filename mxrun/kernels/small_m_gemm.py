@@ -534,8 +534,8 @@ def scales_ahead(b_mx: bool, blocked: bool, mma: int, config: SplitKConfig) -> b
     84; MXFP8 weight-only at M = 1 warm on 8B ``gate_up`` 1.65-1.66 -> 1.74-1.78x of bf16, 8B ``qkv``
     1.78-1.81 -> 1.93-1.97x).
     128x128 blocks (``--setting small.BLOCK_SCALES_AHEAD ... --columns scaled_mm fp8-block fp8-block-wo
-    mxfp8-tiles mxfp8-tiles-w8a16-decode``, ``results/block-scales-ahead-h100.log``): weight-only x0.995 warm,
-    x0.980 cold (faster in 39 and 53 of 56); W8A8 x0.984 warm but x0.995 cold, faster in only 24 and 14 of 56
+    mxfp8-tiles mxfp8-tiles-w8a16-decode``, ``results/block-scales-ahead-h100.log``): weight-only x0.992 warm,
+    x0.980 cold (faster in 47 and 55 of 56); W8A8 x0.980 warm but x0.995 cold, faster in only 25 and 13 of 56
     (70B ``gate_up`` 12-15% faster, 70B ``qkv`` and ``down`` 3-4% slower), so it keeps the loads in its step."""
     if b_mx:
         return MX_CODES_AHEAD
