@@ -532,7 +532,8 @@ def scales_ahead(b_mx: bool, blocked: bool, mma: int, config: SplitKConfig) -> b
     scaled_mm mxfp8 mxfp8-w8a16-decode mxfp8-wo --repeats 2 [--cold-weights]``,
     ``results/mx-codes-ahead-h100.log``): MX weights x0.959 the time warm, x0.966 cold (faster in 78 and 81 of
     84; MXFP8 weight-only at M = 1 warm on 8B ``gate_up`` 1.65-1.66 -> 1.74-1.78x of bf16, 8B ``qkv``
-    1.78-1.81 -> 1.93-1.97x).
+    1.78-1.81 -> 1.93-1.97x); fp16 activations with the fp16 fold (``benchmarks/small_m_mx_fp16.py``, column
+    ``mx16_fold_in_step``, ``results/small-m-mx-fp16-codes-ahead-h100.log``) x0.964, faster in 14 of 14.
     128x128 blocks (``--setting small.BLOCK_SCALES_AHEAD ... --columns scaled_mm fp8-block fp8-block-wo
     mxfp8-tiles mxfp8-tiles-w8a16-decode``, ``results/block-scales-ahead-h100.log``): weight-only x0.992 warm,
     x0.980 cold (faster in 47 and 55 of 56); W8A8 x0.980 warm but x0.995 cold, faster in only 25 and 13 of 56
