@@ -53,6 +53,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.box_major import check_box_major
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
@@ -216,6 +217,7 @@ def _mid_m_kernel(
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     CODES_AHEAD: tl.constexpr,  # B_MX: each step's E8M0 codes loaded the step before
+    W_BOXES: tl.constexpr,  # w_desc reads the weight box-major (mxrun.kernels.box_major), in its boxes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
@@ -242,7 +244,10 @@ def _mid_m_kernel(
     if B_MX and CODES_AHEAD:
         codes_next = _step_codes(bs_rows, k_begin, K, offs_g, n_ok)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        w = w_desc.load([off_n, k0])
+        if W_BOXES:
+            w = w_desc.load([((off_n // BLOCK_N) * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K) * BLOCK_N, 0])
+        else:
+            w = w_desc.load([off_n, k0])
         a = a_desc.load([off_m, k0])
         if B_MX:  # E4M3 times its power of two, exact; groups past K read as code 127 (2^0) on zero weights
             if CODES_AHEAD:  # loaded the step before (byte loads are not pipelined: see MX_CODES_AHEAD)
@@ -311,6 +316,7 @@ def mid_m_gemm_triton(
     config: MidMConfig | None = None,
     mx_scale_fold: bool = False,
     mx_scale_fold16: bool = False,
+    box_major_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = a (W s_w)^T + bias`` with bf16/fp16 ``a`` ``[M, K]`` (optionally MX-rounded first with
     ``activation_mx_rule``: MXFP8 W8A8) and an E4M3 weight ``[N, K]`` with exactly one of ``weight_scale``
@@ -323,8 +329,10 @@ def mid_m_gemm_triton(
     fp32 accumulator (:data:`W8A8_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
-    weights with the power of two folded into the widening, as the split-K kernel does). Both operands must suit
-    TMA (:func:`mid_m_usable`), or this runs under the interpreter."""
+    weights with the power of two folded into the widening, as the split-K kernel does). ``box_major_weight``:
+    ``weight`` as :func:`~mxrun.kernels.box_major.box_major` stores it in this call's ``[block_n, block_k]``
+    boxes (read instead of ``weight``; the same bits). Both operands must suit TMA (:func:`mid_m_usable`), or this runs under the
+    interpreter."""
     from mxrun.kernels.small_m_gemm import (  # it imports the scaled GEMMs
         check_block_scales,
         check_operands,
@@ -380,9 +388,14 @@ def mid_m_gemm_triton(
     else:
         scales, stride_bsn = weight_scale.reshape(-1) if weight_scale is not None else c, bs.stride(0)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    w_boxes = box_major_weight is not None
+    if w_boxes:
+        check_box_major(fn, box_major_weight, weight, config.block_n, config.block_k)
     _mid_m_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
-        TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]),
+        TensorDescriptor.from_tensor(
+            box_major_weight if w_boxes else weight, [config.block_n, config.block_k]
+        ),
         bs,
         partials,
         scales,
@@ -405,6 +418,7 @@ def mid_m_gemm_triton(
         FAST_WIDEN=fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold, mx_scale_fold16, a.device),
         CODES_AHEAD=b_mx and MX_CODES_AHEAD,
+        W_BOXES=w_boxes,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,

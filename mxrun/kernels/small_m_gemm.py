@@ -105,6 +105,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
+from mxrun.kernels.box_major import check_box_major
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     ROW_CHUNKS_MIN_COLS,
@@ -328,6 +329,7 @@ def _split_k_kernel(
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
     B_TMA: tl.constexpr,  # b_ptr is a tensor descriptor of [BLOCK_N, BLOCK_K] boxes (TMA loads, no masks)
+    B_BOXES: tl.constexpr,  # b_ptr holds the weight box-major (mxrun.kernels.box_major): each box one run
     SCALES_AHEAD: tl.constexpr,  # B_MX, or B_SCALE 3 with BLOCK_K 128: the next step's scales loaded a step ahead
     A_ROUND: tl.constexpr,  # M == 1: round the row to its MXFP8 values here, each step's slice as loaded
     A_ROW_QUANT: tl.constexpr,  # M == 1, A bf16/fp16: its per-row FP8 scale found here, each slice encoded
@@ -398,7 +400,12 @@ def _split_k_kernel(
                 a = tl.where((offs_m == 0)[:, None], _mma_operand(q, MMA), 0.0)
             else:
                 a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            if B_TMA:
+            if B_BOXES and B_TMA:
+                b = b_ptr.load([(pid_n * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K) * BLOCK_N, 0]).T
+            elif B_BOXES:  # zeros stored past N and K: no masks
+                box = (pid_n * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K).to(tl.int64) * (BLOCK_N * BLOCK_K)
+                b = tl.load(b_ptr + box + tl.arange(0, BLOCK_N)[None, :] * BLOCK_K + offs_k[:, None])
+            elif B_TMA:
                 b = b_ptr.load([pid_n * BLOCK_N, k0]).T
             else:
                 b = tl.load(
@@ -584,7 +591,11 @@ small.QUANTIZE_ONE_ROW_IN_LOOP --values 0 1 --ms 1 --columns scaled_mm fp8-chann
 slower on the three 4096-wide ones (8B ``qkv`` and ``o`` 2.17-2.34 -> 2.04-2.13x of ``_scaled_mm``), faster on
 8B ``down``; with it (``--shapes`` 8B ``down``, 70B ``qkv``, 8B ``o`` as the control, ``--repeats 3``) x0.990,
 per-token 8B ``down`` 25.7-25.8 -> 25.1-25.2 us in the last two repeats, 70B ``qkv`` within noise (34.6-34.8 ->
-34.5)."""
+34.5). The 4096-wide rows too (``QUANTIZE_ROW_MIN_K`` 0 against 4096, the same sweep with and without
+``--cold-weights`` on 8B ``qkv``, ``o`` and ``gate_up``, ``results/fp8-row-quant-4096-in-loop-h100.log``): x0.954
+the time with cold weights (8B ``o`` per-token 1.55 -> 1.68-1.71x of ``_scaled_mm``, ``gate_up`` slower) but
+x1.064 warm, slower in all 12; left at 4096."""
+QUANTIZE_ROW_MIN_K = ROW_CHUNKS_MIN_COLS  # rows of more columns than this (a switch for the A/B sweeps)
 QUANTIZE_ROW_MAX_K = 16384
 
 
@@ -593,7 +604,7 @@ def quantizes_row_in_loop(m: int, n: int, k: int, config: SplitKConfig, split_k:
     (:data:`QUANTIZE_ONE_ROW_IN_LOOP`): one row of more than :data:`ROW_CHUNKS_MIN_COLS` and at most
     :data:`QUANTIZE_ROW_MAX_K` columns (each program reads it whole, at once), in a launch whose programs fit the
     config's target."""
-    if not (QUANTIZE_ONE_ROW_IN_LOOP and m == 1 and ROW_CHUNKS_MIN_COLS < k <= QUANTIZE_ROW_MAX_K and n > 0):
+    if not (QUANTIZE_ONE_ROW_IN_LOOP and m == 1 and QUANTIZE_ROW_MIN_K < k <= QUANTIZE_ROW_MAX_K and n > 0):
         return False
     splits = split_k or split_k_for(n, k, config)
     return triton.cdiv(n, config.block_n) * splits <= config.target_programs
@@ -679,6 +690,7 @@ def small_m_gemm_triton(
     mx_scale_fold16: bool = False,
     weight_tma: bool | None = None,
     quantize_rows: bool = False,
+    box_major_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -701,7 +713,9 @@ def small_m_gemm_triton(
     (None); TMA needs sm_90+ and a 16-byte aligned weight, else the pointers serve whatever is asked.
     ``quantize_rows``: FP8 W8A8 with per-token scales for bf16/fp16 ``a`` beside a per-tensor / per-channel
     weight: one row is quantized inside the kernel where :func:`quantizes_row_in_loop` says so, else the rows
-    by :func:`~mxrun.kernels.fp8_quantize.quantize_fp8` first (the same codes and scales either way)."""
+    by :func:`~mxrun.kernels.fp8_quantize.quantize_fp8` first (the same codes and scales either way).
+    ``box_major_weight``: ``weight`` as :func:`~mxrun.kernels.box_major.box_major` stores it in this call's
+    ``[block_n, block_k]`` boxes, read instead of ``weight`` (the same bits; not with 128x128 block scales)."""
     fn = "small_m_gemm_triton"
     n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
@@ -763,9 +777,15 @@ def small_m_gemm_triton(
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
     box = config._replace(block_k=128) if blocked else config  # block steps load 128 K at a time
     b_tma = weight_tma and mma != 0 and _tma_loadable(weight, box)
+    b_boxes = box_major_weight is not None
+    if b_boxes and blocked:
+        raise GemmInputError(f"{fn}: a box-major weight goes with per-tensor / per-channel and MXFP8 scales")
+    if b_boxes:
+        check_box_major(fn, box_major_weight, weight, config.block_n, config.block_k)
+    b_source = box_major_weight if b_boxes else weight
     _split_k_kernel[(column_blocks, splits)](
         a,
-        _weight_descriptor(weight, box) if b_tma else weight,
+        _weight_descriptor(b_source, box) if b_tma else b_source,
         bs,
         partials,
         counters,
@@ -791,6 +811,7 @@ def small_m_gemm_triton(
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),
         B_TMA=b_tma,
+        B_BOXES=b_boxes,
         SCALES_AHEAD=scales_ahead(b_mx, blocked, mma, config),
         A_ROUND=a_round,
         A_ROW_QUANT=row_quant,

@@ -48,6 +48,7 @@ from mxrun.kernels.scaled_gemm import (
 
 from .device_cases import HAS_CUDA, KERNEL_DEVICE, gpu_only
 from .test_scaled_gemm import _dev, _inputs, assert_one_ulp, fp8_mma_slack
+from .test_small_m_gemm import split_k_operands
 
 G = Fp8Granularity
 # (M, N, K): ragged M and N, K = 544 and 800 end inside a 128-wide step, 288 is shorter than four steps
@@ -323,3 +324,21 @@ def test_cpu_interpreter_dispatchers_keep_their_paths(monkeypatch) -> None:
     qb = quantize_fp8_reference(w, G.BLOCK_128X128)
     ref = fp8_block_linear_reference(x, qb.data, qb.scale, None)
     assert_one_ulp(fp8_block_linear(x, qb.data, qb.scale, None, backend="triton"), ref)
+
+
+@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+@pytest.mark.parametrize("kind", ["bf16-weight-only", "codes", "mx-bf16"])
+def test_box_major_weight_gives_the_same_bits(m, n, k, kind, split_k) -> None:
+    """The weight read box-major (:func:`~mxrun.kernels.box_major.box_major` in this call's tile) gives the
+    row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
+    from mxrun.kernels.box_major import box_major
+
+    a, b, bias_d, kwargs = split_k_operands(kind, m, n, k, seed=38)
+    config = config_for(m)
+    run = lambda boxes: mid_m_gemm_triton(  # noqa: E731
+        a, b, bias=bias_d, split_k=split_k, config=config, box_major_weight=boxes, **kwargs
+    )
+    by_rows, by_boxes = run(None), run(box_major(b, config.block_n, config.block_k))
+    assert torch.equal(by_boxes.view(torch.int16), by_rows.view(torch.int16))
+    assert bool(torch.isfinite(by_boxes).all()) and by_boxes.abs().max() > 0

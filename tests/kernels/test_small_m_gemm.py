@@ -602,6 +602,31 @@ def test_mx_scales_foldable() -> None:
     assert not mx_scales_foldable(codes, data.view(torch.float8_e4m3fn))
 
 
+def split_k_operands(kind: str, m: int, n: int, k: int, seed: int) -> tuple:
+    """Activations, weight, bias and keyword scales (on the kernel device) of one operand kind: ``codes`` (E4M3
+    per-token codes, per-channel weight), ``bf16-weight-only`` / ``fp16-weight-only`` (per-channel weight),
+    ``mx-bf16`` / ``mx-fp16`` (MXFP8 weight with its fold where the weight allows it) and ``mx-fp32`` (bf16
+    activations, no fold)."""
+    from mxrun.kernels.e4m3 import mx_scales_foldable, mx_scales_foldable_f16
+
+    dtype = torch.float16 if kind in ("fp16-weight-only", "mx-fp16") else torch.bfloat16
+    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=seed)
+    if kind.startswith("mx"):
+        q = quantize_mxfp8_reference(w)
+        a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+        fold = kind == "mx-bf16" and mx_scales_foldable(q.scale_e8m0, q.data)
+        fold16 = kind == "mx-fp16" and mx_scales_foldable_f16(q.scale_e8m0)
+        return a, b, bias_d, dict(weight_scale_e8m0=s, mx_scale_fold=fold, mx_scale_fold16=fold16)
+    q = quantize_fp8_reference(w, G.PER_ROW)
+    a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
+    kwargs = dict(weight_scale=s)
+    if kind == "codes":
+        qa = quantize_fp8_reference(x, G.PER_ROW)
+        a, sa = _dev(qa.data, qa.scale)
+        kwargs.update(a_scale=sa, out_dtype=torch.bfloat16)
+    return a, b, bias_d, kwargs
+
+
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9, reason="TMA loads need sm_90+")
 @pytest.mark.parametrize("split_k", [None, 3])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (5, 130, 800), (16, 200, 4128), (3, 96, 72)])
@@ -612,28 +637,12 @@ def test_weight_by_tma_gives_the_same_bits(m, n, k, split_k, kind) -> None:
     """The weight read by TMA (zeros filled in by the hardware past N and K) and by masked pointer loads give the
     same output bit for bit, for every operand kind, ragged N, K not a multiple of the K step and any split; a
     weight whose rows are not 16-byte aligned (K = 72) is read by pointers whatever is asked."""
-    from mxrun.kernels.e4m3 import mx_scales_foldable, mx_scales_foldable_f16
-
-    mx = kind.startswith("mx")
-    if mx and k % 32:
+    if kind.startswith("mx") and k % 32:
         pytest.skip("MXFP8 needs K % 32 == 0")
-    dtype = torch.float16 if kind in ("fp16-weight-only", "mx-fp16") else torch.bfloat16
-    x, w, bias = _inputs(m, n, k, dtype=dtype, seed=31)
-    if mx:
-        q = quantize_mxfp8_reference(w)
-        a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
-        fold = kind == "mx-bf16" and mx_scales_foldable(q.scale_e8m0, q.data)
-        fold16 = kind == "mx-fp16" and mx_scales_foldable_f16(q.scale_e8m0)
-        assert fold or fold16 or kind == "mx-fp32"
-        kwargs = dict(weight_scale_e8m0=s, mx_scale_fold=fold, mx_scale_fold16=fold16)
-    else:
-        q = quantize_fp8_reference(w, G.PER_ROW)
-        a, b, s, bias_d = _dev(x, q.data, q.scale, bias)
-        kwargs = dict(weight_scale=s)
-        if kind == "codes":
-            qa = quantize_fp8_reference(x, G.PER_ROW)
-            a, sa = _dev(qa.data, qa.scale)
-            kwargs.update(a_scale=sa, out_dtype=torch.bfloat16)
+    a, b, bias_d, kwargs = split_k_operands(kind, m, n, k, seed=31)
+    assert (
+        not kind.startswith("mx") or kwargs["mx_scale_fold"] or kwargs["mx_scale_fold16"] or kind == "mx-fp32"
+    )
     run = lambda tma: small_m_gemm_triton(  # noqa: E731
         a, b, bias=bias_d, split_k=split_k, weight_tma=tma, **kwargs
     )
@@ -652,3 +661,48 @@ def test_scales_ahead_where_measured_faster() -> None:
     assert not scales_ahead(False, True, 2, FP16_MMA_CONFIG._replace(block_k=128))
     assert not scales_ahead(False, True, 1, BF16_MMA_CONFIG._replace(block_k=256))
     assert not scales_ahead(False, False, 1, BF16_MMA_CONFIG)
+
+
+@pytest.mark.parametrize("split_k", [None, 3])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (5, 130, 800), (16, 200, 4128)])
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("kind", ["codes", "bf16-weight-only", "mx-bf16"])
+def test_box_major_weight_gives_the_same_bits(m, n, k, split_k, tma, kind) -> None:
+    """The weight read box-major (:func:`~mxrun.kernels.box_major.box_major`, by TMA or by pointers) gives the
+    row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
+    from mxrun.kernels.box_major import box_major
+
+    if tma and (not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9):
+        pytest.skip("TMA loads need sm_90+")
+    mx = kind.startswith("mx")
+    if mx and k % 32:
+        pytest.skip("MXFP8 needs K % 32 == 0")
+    a, b, bias_d, kwargs = split_k_operands(kind, m, n, k, seed=37)
+    config = default_config(a.dtype, mx, m, False, n)
+    if not HAS_CUDA:  # small tiles: several boxes per program under the interpreter
+        config = config._replace(block_n=32, block_k=64)
+    run = lambda boxes: small_m_gemm_triton(  # noqa: E731
+        a, b, bias=bias_d, split_k=split_k, weight_tma=tma, config=config, box_major_weight=boxes, **kwargs
+    )
+    by_rows, by_boxes = run(None), run(box_major(b, config.block_n, config.block_k))
+    assert torch.equal(by_boxes.view(torch.int16), by_rows.view(torch.int16))
+    assert bool(torch.isfinite(by_boxes).all()) and by_boxes.abs().max() > 0
+
+
+def test_box_major_weight_bad_inputs() -> None:
+    from mxrun.kernels.box_major import box_major
+
+    x = torch.randn(2, 256, dtype=torch.bfloat16, device=KERNEL_DEVICE)
+    w = torch.randn(64, 256, device=KERNEL_DEVICE).to(torch.float8_e4m3fn)
+    scale = torch.ones(64, 1, device=KERNEL_DEVICE)
+    config = SplitKConfig(block_n=32, block_k=128)
+    with pytest.raises(GemmInputError, match="box_major\\(weight, 32, 128\\)"):
+        small_m_gemm_triton(x, w, weight_scale=scale, config=config, box_major_weight=box_major(w, 32, 64))
+    with pytest.raises(GemmInputError, match="goes with per-tensor / per-channel and MXFP8 scales"):
+        small_m_gemm_triton(
+            x,
+            w,
+            weight_block_scale=torch.ones(1, 2, device=KERNEL_DEVICE),
+            config=config,
+            box_major_weight=box_major(w, 32, 128),
+        )

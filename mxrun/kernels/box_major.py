@@ -1,0 +1,62 @@
+"""Box-major weights: an ``[N, K]`` FP8 weight stored one ``[box_n, box_k]`` box after another, so that each box a
+GEMM program reads is one contiguous run of memory and a program's K slab is consecutive boxes.
+
+Row-major, a ``[64, 128]`` box of an FP8 weight is 64 runs of 128 bytes, ``K`` bytes apart. The few-row GEMMs read
+their weight in exactly such boxes (the split-K kernel's MXFP8 and weight-only tiles, the mid-M kernel's), and
+reading the same boxes stored whole measured faster on the H100 for the MXFP8 decode, by TMA and by pointers
+alike, warm in L2 and cold from DRAM (``benchmarks/box_major_weight.py``, ``results/small-m-weight-boxes-h100.log``:
+split-K at M = 1 and 16, x0.95 the time over the seven Llama shapes, faster in 14 of 14 each way, 70B ``down``
+93.1 -> 87.0 us; FP8 E4M3 codes in 64x256 boxes x0.99; the mid-M kernel at 64 rows x0.92-0.97 on MXFP8,
+unchanged at 128-256, ``results/mid-m-weight-boxes-h100.log``). Padding the row-major rows instead (a row
+stride that is not a power of two) did not help: 16 bytes made every kind 2-12% slower, 128 bytes changed nothing.
+
+Layout: box ``(j, i)`` (column block ``j``, K block ``i``) holds ``weight[j*box_n : (j+1)*box_n, i*box_k :
+(i+1)*box_k]`` in rows ``(j * cdiv(K, box_k) + i) * box_n`` on of a ``[cdiv(N, box_n) * cdiv(K, box_k) * box_n,
+box_k]`` tensor, zeros past ``N`` and ``K``; as a 2-D tensor a TMA descriptor reads a box at row coordinate
+``(j * cdiv(K, box_k) + i) * box_n``, column 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mxrun.kernels.backend import triton
+from mxrun.kernels.scaled_gemm import GemmInputError
+
+
+def box_major_rows(n: int, k: int, box_n: int, box_k: int) -> int:
+    """Rows of the box-major copy of an ``[n, k]`` weight (``box_k`` columns)."""
+    return triton.cdiv(n, box_n) * triton.cdiv(k, box_k) * box_n
+
+
+def box_major(weight: torch.Tensor, box_n: int, box_k: int) -> torch.Tensor:
+    """``weight`` ``[N, K]`` (any 1-byte dtype, row-major or strided) in ``[box_n, box_k]`` boxes, one after
+    another (see the module docstring); the same dtype."""
+    n, k = weight.shape
+    nb, kb = triton.cdiv(n, box_n), triton.cdiv(k, box_k)
+    padded = torch.zeros((nb * box_n, kb * box_k), dtype=torch.uint8, device=weight.device)
+    padded[:n, :k] = weight.view(torch.uint8)
+    boxes = padded.view(nb, box_n, kb, box_k).permute(0, 2, 1, 3).contiguous()
+    return boxes.view(nb * kb * box_n, box_k).view(weight.dtype)
+
+
+def row_major(boxes: torch.Tensor, n: int, k: int, box_n: int, box_k: int) -> torch.Tensor:
+    """The ``[n, k]`` row-major weight back from its box-major copy (the inverse of :func:`box_major`)."""
+    nb, kb = triton.cdiv(n, box_n), triton.cdiv(k, box_k)
+    grid = boxes.view(torch.uint8).view(nb, kb, box_n, box_k).permute(0, 2, 1, 3)
+    return grid.reshape(nb * box_n, kb * box_k)[:n, :k].contiguous().view(boxes.dtype)
+
+
+def check_box_major(fn: str, boxes: torch.Tensor, weight: torch.Tensor, box_n: int, box_k: int) -> None:
+    """Raise :class:`GemmInputError` naming ``fn`` unless ``boxes`` can be ``weight`` as :func:`box_major` lays
+    it out in ``[box_n, box_k]`` boxes (shape, dtype and contiguity; the values are the caller's promise)."""
+    n, k = weight.shape
+    rows = box_major_rows(n, k, box_n, box_k)
+    if boxes.dtype != weight.dtype or boxes.shape != (rows, box_k) or not boxes.is_contiguous():
+        raise GemmInputError(
+            f"{fn}: the box-major weight must be box_major(weight, {box_n}, {box_k}), a contiguous "
+            f"[{rows}, {box_k}] {weight.dtype} tensor, got {tuple(boxes.shape)} {boxes.dtype}"
+        )
+
+
+__all__ = ["box_major", "box_major_rows", "check_box_major", "row_major"]

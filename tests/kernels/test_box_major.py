@@ -1,0 +1,59 @@
+"""Box-major weights (:mod:`mxrun.kernels.box_major`): where each box lands, the round trip, the checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mxrun.kernels.box_major import box_major, box_major_rows, check_box_major, row_major
+from mxrun.kernels.scaled_gemm import GemmInputError
+
+
+def test_boxes_lie_one_after_another() -> None:
+    """Box (column block j, K block i) is rows ``(j * cdiv(K, box_k) + i) * box_n`` on, whole, zeros past N, K."""
+    w = torch.randn(70, 300).to(torch.float8_e4m3fn)
+    boxes = box_major(w, 32, 128)
+    assert boxes.shape == (box_major_rows(70, 300, 32, 128), 128) == (3 * 3 * 32, 128)
+    assert boxes.dtype == w.dtype and boxes.is_contiguous()
+    raw, stored = w.view(torch.uint8), boxes.view(torch.uint8)
+    for j in range(3):
+        for i in range(3):
+            box = stored[(j * 3 + i) * 32 : (j * 3 + i + 1) * 32]
+            part = raw[j * 32 : (j + 1) * 32, i * 128 : (i + 1) * 128]
+            assert torch.equal(box[: part.shape[0], : part.shape[1]], part)
+            assert not box[part.shape[0] :].any() and not box[:, part.shape[1] :].any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 150),
+    k=st.integers(1, 300),
+    box_n=st.sampled_from([16, 32, 64]),
+    box_k=st.sampled_from([32, 64, 128, 256]),
+)
+def test_row_major_undoes_box_major(n, k, box_n, box_k) -> None:
+    w = torch.randint(0, 256, (n, k), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    back = row_major(box_major(w, box_n, box_k), n, k, box_n, box_k)
+    assert back.shape == (n, k) and back.dtype == w.dtype
+    assert torch.equal(back.view(torch.uint8), w.view(torch.uint8))
+
+
+def test_strided_weight_boxes_its_values() -> None:
+    """A weight with padded rows (a view) is boxed by its values, not its storage."""
+    base = torch.randint(0, 256, (64, 160), dtype=torch.uint8)
+    w = base[:, :128].view(torch.float8_e4m3fn)
+    assert torch.equal(box_major(w, 64, 128).view(torch.uint8), base[:, :128])
+
+
+def test_check_names_the_layout_it_wants() -> None:
+    w = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
+    check_box_major("f", box_major(w, 64, 128), w, 64, 128)
+    with pytest.raises(GemmInputError, match=r"f: the box-major weight must be box_major\(weight, 64, 128\)"):
+        check_box_major("f", box_major(w, 32, 64), w, 64, 128)
+    strided = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)[:, :128]  # the right shape, rows 256 apart
+    with pytest.raises(GemmInputError, match=r"got \(128, 128\) torch.float8_e4m3fn"):
+        check_box_major("f", strided, w, 64, 128)
+    with pytest.raises(GemmInputError, match=r"torch\.uint8"):
+        check_box_major("f", box_major(w, 64, 128).view(torch.uint8), w, 64, 128)
