@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable, widen_to_fp32
+from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
     Fp8Granularity,
@@ -72,11 +72,12 @@ from mxrun.kernels.moe_weight_rows_gemm import layout_rows, moe_weight_rows_gemm
 from mxrun.kernels.moe_wgmma_block import block_wgmma_usable, moe_wgmma_block_gemm
 from mxrun.kernels.moe_wgmma_decoded import decoded_wgmma_usable, moe_decoded_wgmma_gemm
 from mxrun.kernels.mx_regroup import regroup_mxfp8_reference, regroup_mxfp8_triton
-from mxrun.kernels.mxfp8_gemm import mx_decode_weight, mx_quantize_dequantize
+from mxrun.kernels.mxfp8_gemm import mx_decode_weight
 from mxrun.kernels.mxfp8_quantize import (
     MX_BLOCK_SIZE,
     MxScaleRule,
     dequantize_mxfp8,
+    mx_round_rows,
     mx_round_triton,
     quantize_mx_group128_reference,
     quantize_mx_group128_triton,
@@ -506,7 +507,7 @@ def _moe_grouped_gemm_kernel(
         else:
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         if A_MODE == 3:
-            a = mx_quantize_dequantize(widen_to_fp32(a), A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
+            a = mx_round_rows(a, A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
             if not DOT_FP32:
                 a = a.to(MMA_DTYPE)
         elif DOT_FP32:

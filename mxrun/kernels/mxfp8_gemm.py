@@ -39,7 +39,6 @@ import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
 from mxrun.kernels.e4m3 import (
-    e4m3_code,
     e4m3_to_bf16_times,
     e4m3_to_f16_times,
     e8m0_fold_multiplier,
@@ -55,6 +54,7 @@ from mxrun.kernels.mxfp8_quantize import (
     Mx128Quantized,
     MxScaleRule,
     dequantize_mxfp8,
+    mx_round_rows,
     mx_round_triton,
     quantize_mx_group128_reference,
     quantize_mx_group128_triton,
@@ -225,24 +225,6 @@ def mx_decode_weight(w, codes, FOLD: tl.constexpr, K_LAST: tl.constexpr):
     return out
 
 
-@triton.jit
-def mx_quantize_dequantize(
-    x, ROUND_UP: tl.constexpr, SOFT_CAST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr
-):
-    """fp32 ``[ROWS, COLS]`` (COLS % 32 == 0) -> the fp32 values of its MXFP8 quantization, with the same scale
-    rule and element bits as :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8` for finite inputs."""
-    groups = tl.reshape(x, [ROWS, COLS // 32, 32])
-    amax_bits = tl.max(tl.abs(groups), axis=2).to(tl.int32, bitcast=True)
-    codes = (amax_bits >> 23) - 8
-    if ROUND_UP:
-        codes += ((amax_bits & 0x7FFFFF) > 0x600000).to(tl.int32)
-    codes = tl.maximum(codes, 0)
-    inverse_scale = ((254 - tl.minimum(codes, 254)) << 23).to(tl.float32, bitcast=True)
-    q = e4m3_code(groups * inverse_scale[:, :, None], SOFT_CAST).to(tl.float8e4nv, bitcast=True)
-    values = q.to(tl.float32) * e8m0_to_fp32(codes)[:, :, None]
-    return tl.reshape(values, [ROWS, COLS])
-
-
 @triton.jit(do_not_specialize=["M"])
 def _mxfp8_dequant_gemm_kernel(
     a_ptr,  # [M, K]: bf16/fp16 (A_MODE 0, 1) or float8e4nv (A_MODE 2); (m, k) at m*stride_am + k*stride_ak
@@ -303,7 +285,7 @@ def _mxfp8_dequant_gemm_kernel(
         w = tl.reshape(b.to(tl.float32), [G, 32, BLOCK_N]) * e8m0_to_fp32(b_codes)[:, None, :]
         w = tl.reshape(w, [BLOCK_K, BLOCK_N])
         if A_MODE == 1:
-            a_values = mx_quantize_dequantize(widen_to_fp32(a), A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
+            a_values = mx_round_rows(a, A_ROUND_UP, SOFT_CAST, BLOCK_M, BLOCK_K)
         elif A_MODE == 2:
             a_codes = tl.load(as_ptrs) if EVEN_K else tl.load(as_ptrs, mask=g_ok[None, :], other=0)
             a_values = tl.reshape(
