@@ -11,7 +11,8 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   that weight under ``activations: {min_rows: 65}``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
-  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
+  64 rows, W8A8 above, the issue's two-path crossover), ``mxfp8:boxes``, ``mxfp8-w8a16-decode:boxes`` and
+  ``mxfp8-wo:boxes`` (the MXFP8 weight held box-major, ``methods.MX_WEIGHT_BOX_MAJOR``), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
   and ``mxfp8-wo``; for the crossovers, tile kernels at any M: ``fp8-channel:tile``, ``fp8-channel-wo:tile``,
   ``fp8-block-wo:tile``, ``mxfp8:dequant-tile``, ``mxfp8-wo:dequant-tile``.
 
@@ -37,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
@@ -72,6 +74,7 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
     block = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     mx = quantize_mxfp8(w)
     foldable = mx_scales_foldable(mx.scale_e8m0, mx.data)  # read once per weight, as MxFp8Method does at load
+    mx_boxes = BoxMajorWeight.of(mx.data)  # held box-major (methods.MX_WEIGHT_BOX_MAJOR)
     tiles = align_mxfp8(mx.data, mx.scale_e8m0)  # a recipe's `tile_aligned: true`
     tile_scale = aligned_tile_scales(tiles.scale_e8m0, *w.shape)
     tiles_foldable = mx_scales_foldable(tiles.scale_e8m0, tiles.data)
@@ -95,6 +98,16 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
             x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
         ),
         "mxfp8:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8:boxes": lambda: mxfp8_linear(
+            x, mx_boxes, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
+        ),
+        "mxfp8-w8a16-decode:boxes": lambda: mxfp8_linear(
+            *(x, mx_boxes, mx.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
+            weight_scales_foldable=foldable,
+        ),
+        "mxfp8-wo:boxes": lambda: mxfp8_linear(
+            x, mx_boxes, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
+        ),
         "mxfp8-w8a16-decode": lambda: mxfp8_linear(
             *(x, mx.data, mx.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
             weight_scales_foldable=foldable,

@@ -22,7 +22,7 @@ import torch
 import triton.testing
 from bench_linear import SHAPES, weight_copies
 
-from mxrun.kernels.box_major import box_major
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mid_m_gemm import config_for, mid_m_gemm_triton
@@ -62,7 +62,7 @@ def _operands(wt: tuple, layout: str) -> tuple[tuple, dict]:
     """The weight tuple and extra keywords that read copy ``wt`` in ``layout``."""
     data, scale, boxed, padded = wt
     if layout == "boxes":
-        return (data, scale, None), {"box_major_weight": boxed}
+        return (boxed, scale, None), {}
     if layout.startswith("pad"):
         return (padded[layout], scale, None), {}
     return (data, scale, None), {}
@@ -114,7 +114,9 @@ def main() -> None:
                 for _ in range(copies):
                     data = q.data.clone()
                     padded = {f"pad{p}": _padded(data, p) for p in args.pads}
-                    weights.append((data, scale.clone(), box_major(data, cfg.block_n, cfg.block_k), padded))
+                    weights.append(
+                        (data, scale.clone(), BoxMajorWeight.of(data, cfg.block_n, cfg.block_k), padded)
+                    )
                 ref = call(*weights[0][:2], None)
                 layouts = ["rows", "boxes"] + [f"pad{p}" for p in args.pads]
                 variants = {
@@ -182,11 +184,11 @@ def _mid_m(shape: str, ms: list[int], rounds: int) -> list[dict]:
             copies = []
             for _ in range(weight_copies(n, k)):
                 data = q.data.clone()
-                copies.append((data, box_major(data, cfg.block_n, cfg.block_k)))
+                copies.append((data, BoxMajorWeight.of(data, cfg.block_n, cfg.block_k)))
 
             def call(i: int, boxed: bool, copies=copies, scales=scales, x=x) -> torch.Tensor:
                 data, boxes = copies[i]
-                return mid_m_gemm_triton(x, data, **scales, box_major_weight=boxes if boxed else None)
+                return mid_m_gemm_triton(x, boxes if boxed else data, **scales)
 
             def in_turn(boxed: bool, count: int = len(copies), call=call) -> list[torch.Tensor]:
                 return [call(i, boxed) for i in range(count)]

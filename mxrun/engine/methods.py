@@ -34,6 +34,7 @@ from mxrun.engine.schemes import (
     WeightGranularity,
 )
 from mxrun.kernels.backend import Backend, resolve_backend
+from mxrun.kernels.box_major import MX_BOX_K, MX_BOX_N, BoxMajorWeight, box_major, box_major_rows
 from mxrun.kernels.e4m3 import encode_e4m3_reference, mx_scales_foldable, mx_scales_foldable_f16
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
@@ -388,6 +389,21 @@ class Fp8BlockWeightOnlyMethod(_Fp8WeightOnlyMethod):
         _check_block_scheme(self.scheme, layer_name)
 
 
+MX_WEIGHT_BOX_MAJOR = False
+"""Store MXFP8 weights that are not tile-aligned box-major (:mod:`mxrun.kernels.box_major`: ``[64, 128]`` boxes,
+each one run of memory) instead of row-major ``[N, K]``. The split-K and mid-M kernels read those boxes faster:
+the MXFP8 Linear at M = 1 and 16 on the H100, the seven Llama shapes, box-major beside row-major in one run
+(``benchmarks/bench_linear.py --graph [--cold-weights] --rep-ms 20 --ms 1 16 --columns mxfp8 mxfp8:boxes
+mxfp8-w8a16-decode mxfp8-w8a16-decode:boxes mxfp8-wo mxfp8-wo:boxes``,
+``results/linear-h100-small-m-boxes-{warm,cold}.md``): W8A8 x0.964 the time warm and x0.956 cold, faster in 14
+of 14 each, cases at 1.7x of bf16 5 -> 10 warm and 4 -> 8 cold; with ``min_rows: 65`` x0.959 / x0.954, 10 -> 12
+and 8 -> 9. Off for now: the large-M paths (the per-call regrouping, the decode for cuBLAS) read the weight
+row-major, so ``mxfp8_linear`` gives them a row-major copy per call, the whole weight read and written once more
+(not measured; MXFP8 W8A8 at M >= 1024 is 1.04-1.58x of bf16, the goal 1.0x). The buffer's layout is fixed when
+the layer is made
+(:attr:`QuantizedLinear.weight_box_major`); exports and reloads are row-major either way."""
+
+
 class MxFp8Method(QuantMethod):
     """MXFP8 weight (E4M3 + E8M0 per 32 along K) with MXFP8 activations (W8A8), or bf16/fp16 ones (W8A16)."""
 
@@ -413,7 +429,9 @@ class MxFp8Method(QuantMethod):
 
     def create_weights(self, layer: QuantizedLinear) -> None:
         n, k = layer.out_features, layer.in_features
-        layer.register_buffer("weight", torch.empty((n, k), dtype=torch.float8_e4m3fn, device=layer.device))
+        layer.weight_box_major = MX_WEIGHT_BOX_MAJOR and not self.tile_aligned
+        shape = (box_major_rows(n, k, MX_BOX_N, MX_BOX_K), MX_BOX_K) if layer.weight_box_major else (n, k)
+        layer.register_buffer("weight", torch.empty(shape, dtype=torch.float8_e4m3fn, device=layer.device))
         layer.register_buffer(
             "weight_scale_e8m0", torch.empty((n, k // MX_BLOCK), dtype=torch.uint8, device=layer.device)
         )
@@ -424,11 +442,18 @@ class MxFp8Method(QuantMethod):
         return bool(self.scheme.weights.tile_aligned)
 
     def process_weight(self, layer: QuantizedLinear, weight: torch.Tensor) -> None:
-        quantize_mxfp8_into(
-            _weight_on(layer, weight), self.weight_rule, layer.weight, layer.weight_scale_e8m0
+        n, k = layer.out_features, layer.in_features
+        box_major_now = layer.weight_box_major  # quantized row-major first, then stored in boxes
+        rows = (
+            torch.empty((n, k), dtype=layer.weight.dtype, device=layer.weight.device)
+            if box_major_now
+            else layer.weight
         )
+        quantize_mxfp8_into(_weight_on(layer, weight), self.weight_rule, rows, layer.weight_scale_e8m0)
         if self.tile_aligned:
             align_mxfp8_into(layer.weight, layer.weight_scale_e8m0)
+        if box_major_now:
+            layer.load_weight_rows(rows)
         # read the codes off now, not in the first (maybe CUDA-graph-captured) forward
         if layer.weight_scale_e8m0.is_cuda:
             cached_mx_foldable(layer, layer.weight_scale_e8m0, layer.weight)
@@ -444,9 +469,12 @@ class MxFp8Method(QuantMethod):
         foldable = foldable and cached_mx_foldable(
             layer, layer.weight_scale_e8m0, layer.weight, activation_dtype=x.dtype
         )
+        weight = layer.weight
+        if layer.weight_box_major:
+            weight = BoxMajorWeight(weight, layer.out_features, layer.in_features, MX_BOX_N, MX_BOX_K)
         return mxfp8_linear(
             x,
-            layer.weight,
+            weight,
             layer.weight_scale_e8m0,
             bias,
             self.activation_rule,
@@ -495,8 +523,9 @@ def method_for(scheme: Scheme) -> QuantMethod:
 class QuantizedLinear(nn.Module):
     """A Linear whose weight is quantized by ``method``; drop-in for ``nn.Linear`` (``[..., K] -> [..., N]``).
 
-    Buffers (persistent, so ``state_dict`` carries the quantized checkpoint): ``weight`` (E4M3 ``[N, K]``) and
-    ``weight_scale`` (fp32) or ``weight_scale_e8m0`` (uint8, MXFP8); ``bias`` is a Parameter in the original
+    Buffers (persistent, so ``state_dict`` carries the quantized checkpoint): ``weight`` (E4M3 ``[N, K]``, or
+    box-major where :attr:`weight_box_major`: read it with :meth:`weight_rows`) and ``weight_scale`` (fp32) or
+    ``weight_scale_e8m0`` (uint8, MXFP8); ``bias`` is a Parameter in the original
     dtype, as ``nn.Linear`` has it. ``dtype`` is the original weight dtype, which activations are expected in
     (an input of another float dtype is cast to it, and the output is returned in the input's dtype).
     """
@@ -526,6 +555,7 @@ class QuantizedLinear(nn.Module):
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         method.check(layer_name, out_features, in_features)
         self.weight: torch.Tensor
+        self.weight_box_major = False  # the method may store it box-major (MX_WEIGHT_BOX_MAJOR)
         method.create_weights(self)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=self.device), requires_grad=False)
@@ -555,6 +585,26 @@ class QuantizedLinear(nn.Module):
         with torch.no_grad():
             self.method.process_weight(self, weight)
         self.weight_loaded = True
+
+    def weight_rows(self) -> torch.Tensor:
+        """The quantized weight ``[N, K]`` row-major: the buffer itself, or a copy of a box-major one."""
+        if not self.weight_box_major:
+            return self.weight
+        return BoxMajorWeight(
+            self.weight, self.out_features, self.in_features, MX_BOX_N, MX_BOX_K
+        ).row_major()
+
+    def load_weight_rows(self, rows: torch.Tensor) -> None:
+        """Store an already quantized ``[N, K]`` weight (a reload, or the method's own output) in the buffer's
+        layout."""
+        if tuple(rows.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.layer_name}: a quantized weight of shape {tuple(rows.shape)} for a "
+                f"[{self.out_features}, {self.in_features}] layer"
+            )
+        stored = box_major(rows, MX_BOX_N, MX_BOX_K) if self.weight_box_major else rows
+        with torch.no_grad():
+            self.weight.copy_(stored.to(self.weight.device))
 
     def load_bias(self, bias: torch.Tensor) -> None:
         if self.bias is None:

@@ -143,7 +143,10 @@ def _load_linear(
         layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name=module_name)
     except UnsupportedSchemeError as exc:
         raise ReloadError(str(exc)) from exc
-    _copy(layer.weight, reader.get(f"{stored_prefix}.weight"), f"{stored_prefix}.weight")
+    rows = layer.weight_rows()  # the buffer, or a row-major copy of a box-major one
+    _copy(rows, reader.get(f"{stored_prefix}.weight"), f"{stored_prefix}.weight")
+    if layer.weight_box_major:
+        layer.load_weight_rows(rows)
     _copy(
         _scale_buffer(layer, scheme),
         reader.get(f"{stored_prefix}.weight_scale"),

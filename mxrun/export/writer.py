@@ -252,7 +252,9 @@ def _add_linear(layout: _Layout, names: _Names, module_name: str, layer: Quantiz
     scheme = layer.method.scheme
     prefix = names.linear(module_name)
     scale = _scale_for_ct(scheme, layer)
-    layout.add(f"{prefix}.weight", _cpu(layer.weight), _nbytes(layer.weight))
+    # [N, K] row-major however the layer holds it; read when written (a box-major layer's copy made only then)
+    weight_bytes = layer.out_features * layer.in_features * layer.weight.element_size()
+    layout.add(f"{prefix}.weight", lambda: _cpu(layer.weight_rows())(), weight_bytes)
     layout.add(f"{prefix}.weight_scale", _cpu(scale), _nbytes(scale))
     if layer.bias is not None:
         layout.add(f"{prefix}.bias", _cpu(layer.bias), _nbytes(layer.bias))

@@ -18,10 +18,58 @@ box_k]`` tensor, zeros past ``N`` and ``K``; as a 2-D tensor a TMA descriptor re
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from mxrun.kernels.backend import triton
 from mxrun.kernels.scaled_gemm import GemmInputError
+
+MX_BOX_N = 64
+MX_BOX_K = 128
+"""The boxes an MXFP8 weight is stored in when stored box-major: the split-K kernel's MXFP8 tile and the mid-M
+kernel's tile (both 64 columns x 128 K)."""
+
+
+class BoxMajorWeight(NamedTuple):
+    """An ``[n, k]`` FP8 weight held box-major: what the few-row GEMM launchers and
+    :func:`~mxrun.kernels.mxfp8_gemm.mxfp8_linear` take in place of the row-major tensor."""
+
+    boxes: torch.Tensor  # [box_major_rows(n, k, box_n, box_k), box_k], contiguous
+    n: int
+    k: int
+    box_n: int = MX_BOX_N
+    box_k: int = MX_BOX_K
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, box_n: int = MX_BOX_N, box_k: int = MX_BOX_K) -> BoxMajorWeight:
+        """The row-major ``weight`` ``[n, k]`` stored box-major (a copy)."""
+        return cls(box_major(weight, box_n, box_k), weight.shape[0], weight.shape[1], box_n, box_k)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.boxes.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.boxes.device
+
+    def row_major(self) -> torch.Tensor:
+        """The ``[n, k]`` row-major weight (a copy)."""
+        return row_major(self.boxes, self.n, self.k, self.box_n, self.box_k)
+
+    def check(self, fn: str) -> None:
+        """Raise :class:`GemmInputError` naming ``fn`` unless :attr:`boxes` has the layout's shape (contiguous)."""
+        rows = box_major_rows(self.n, self.k, self.box_n, self.box_k)
+        if self.boxes.shape != (rows, self.box_k) or not self.boxes.is_contiguous():
+            raise GemmInputError(
+                f"{fn}: a box-major [{self.n}, {self.k}] weight in [{self.box_n}, {self.box_k}] boxes is a "
+                f"contiguous [{rows}, {self.box_k}] tensor, got {tuple(self.boxes.shape)}"
+            )
 
 
 def box_major_rows(n: int, k: int, box_n: int, box_k: int) -> int:
@@ -47,16 +95,4 @@ def row_major(boxes: torch.Tensor, n: int, k: int, box_n: int, box_k: int) -> to
     return grid.reshape(nb * box_n, kb * box_k)[:n, :k].contiguous().view(boxes.dtype)
 
 
-def check_box_major(fn: str, boxes: torch.Tensor, weight: torch.Tensor, box_n: int, box_k: int) -> None:
-    """Raise :class:`GemmInputError` naming ``fn`` unless ``boxes`` can be ``weight`` as :func:`box_major` lays
-    it out in ``[box_n, box_k]`` boxes (shape, dtype and contiguity; the values are the caller's promise)."""
-    n, k = weight.shape
-    rows = box_major_rows(n, k, box_n, box_k)
-    if boxes.dtype != weight.dtype or boxes.shape != (rows, box_k) or not boxes.is_contiguous():
-        raise GemmInputError(
-            f"{fn}: the box-major weight must be box_major(weight, {box_n}, {box_k}), a contiguous "
-            f"[{rows}, {box_k}] {weight.dtype} tensor, got {tuple(boxes.shape)} {boxes.dtype}"
-        )
-
-
-__all__ = ["box_major", "box_major_rows", "check_box_major", "row_major"]
+__all__ = ["MX_BOX_K", "MX_BOX_N", "BoxMajorWeight", "box_major", "box_major_rows", "row_major"]

@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.box_major import check_box_major
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
@@ -177,10 +177,10 @@ def _sms(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def mid_m_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def mid_m_usable(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bool:
     """Whether the Linear dispatchers may send ``x @ weight^T`` here: both operands readable by TMA (sm_90+,
     a real GPU, 16-byte aligned rows)."""
-    return tma_usable(x, weight)
+    return tma_usable(x, weight.boxes if isinstance(weight, BoxMajorWeight) else weight)
 
 
 @triton.jit
@@ -303,7 +303,7 @@ def split_k_for(m: int, n: int, k: int, config: MidMConfig) -> int:
 
 def mid_m_gemm_triton(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     *,
     weight_scale: torch.Tensor | None = None,
     weight_scale_e8m0: torch.Tensor | None = None,
@@ -316,7 +316,6 @@ def mid_m_gemm_triton(
     config: MidMConfig | None = None,
     mx_scale_fold: bool = False,
     mx_scale_fold16: bool = False,
-    box_major_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = a (W s_w)^T + bias`` with bf16/fp16 ``a`` ``[M, K]`` (optionally MX-rounded first with
     ``activation_mx_rule``: MXFP8 W8A8) and an E4M3 weight ``[N, K]`` with exactly one of ``weight_scale``
@@ -329,9 +328,9 @@ def mid_m_gemm_triton(
     fp32 accumulator (:data:`W8A8_MID_M_MAX`).
     ``mx_scale_fold`` / ``mx_scale_fold16``: the caller's :func:`~mxrun.kernels.e4m3.mx_scales_foldable` /
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16` of the weight (bf16 / fp16 activations then decode MX
-    weights with the power of two folded into the widening, as the split-K kernel does). ``box_major_weight``:
-    ``weight`` as :func:`~mxrun.kernels.box_major.box_major` stores it in this call's ``[block_n, block_k]``
-    boxes (read instead of ``weight``; the same bits). Both operands must suit TMA (:func:`mid_m_usable`), or this runs under the
+    weights with the power of two folded into the widening, as the split-K kernel does). ``weight`` may be
+    held box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight`) in this call's ``[block_n, block_k]``
+    boxes (the same bits). Both operands must suit TMA (:func:`mid_m_usable`), or this runs under the
     interpreter."""
     from mxrun.kernels.small_m_gemm import (  # it imports the scaled GEMMs
         check_block_scales,
@@ -382,20 +381,21 @@ def mid_m_gemm_triton(
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     mma = 0 if interpreting else 3 if codes else 1 if a.dtype == torch.bfloat16 else 2
-    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight
+    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else c  # unused without MX codes
     if b_scale_mode == 3:  # the block scales, and their row stride in the E8M0 codes' place
         scales, stride_bsn = weight_block_scale, weight_block_scale.stride(0)
     else:
         scales, stride_bsn = weight_scale.reshape(-1) if weight_scale is not None else c, bs.stride(0)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    w_boxes = box_major_weight is not None
-    if w_boxes:
-        check_box_major(fn, box_major_weight, weight, config.block_n, config.block_k)
+    w_boxes = isinstance(weight, BoxMajorWeight)
+    if w_boxes and (weight.box_n, weight.box_k) != (config.block_n, config.block_k):
+        raise GemmInputError(
+            f"{fn}: the weight's [{weight.box_n}, {weight.box_k}] boxes must be the tile "
+            f"[{config.block_n}, {config.block_k}]"
+        )
     _mid_m_kernel[(tiles, splits)](
         TensorDescriptor.from_tensor(a, [config.block_m, config.block_k]),
-        TensorDescriptor.from_tensor(
-            box_major_weight if w_boxes else weight, [config.block_n, config.block_k]
-        ),
+        TensorDescriptor.from_tensor(weight.boxes if w_boxes else weight, [config.block_n, config.block_k]),
         bs,
         partials,
         scales,

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import (
     e4m3_to_bf16_times,
     e4m3_to_f16_times,
@@ -736,7 +737,7 @@ def large_m_kernel_for(m: int, activation_rule: MxScaleRule | str | None) -> str
 
 def mxfp8_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     weight_scale_e8m0: torch.Tensor,
     bias: torch.Tensor | None,
     activation_rule: MxScaleRule | str | None,
@@ -763,9 +764,15 @@ def mxfp8_linear(
     does not run; :mod:`mxrun.kernels.small_m_gemm`); above, :func:`large_m_kernel_for`. ``large_m_kernel``
     (one of :data:`LARGE_M_KERNELS`) forces the kernel above 64 rows and keeps the mid-M kernel out. A weight
     stored tile-aligned in W8A8 takes the aligned path at every M (:data:`TILES_W8A8_ALIGNED_AT_EVERY_M`: FP8
-    MMAs on its codes as stored, no per-call regrouping)."""
+    MMAs on its codes as stored, no per-call regrouping). ``weight`` may be held box-major
+    (:class:`~mxrun.kernels.box_major.BoxMajorWeight`, in the few-row kernels' ``[64, 128]`` boxes): the split-K
+    and mid-M kernels read it as it is; the large-M paths and the reference take a row-major copy per call."""
+    boxes = isinstance(weight, BoxMajorWeight)
+    if boxes and weight_tile_scale is not None:
+        raise GemmInputError("mxfp8_linear: a tile-aligned weight (weight_tile_scale) is held row-major")
     if resolve_backend(backend, x) is not Backend.TRITON:
-        return mxfp8_linear_reference(x, weight, weight_scale_e8m0, bias, activation_rule)
+        rows = weight.row_major() if boxes else weight
+        return mxfp8_linear_reference(x, rows, weight_scale_e8m0, bias, activation_rule)
     from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
@@ -783,7 +790,7 @@ def mxfp8_linear(
         and mid_m_usable(x, weight)
     ):
         few_rows = mid_m_gemm_triton
-    elif m <= SMALL_M_MAX and weight.stride(1) == 1 and x.stride(1) == 1:
+    elif m <= SMALL_M_MAX and (boxes or weight.stride(1) == 1) and x.stride(1) == 1:
         few_rows = small_m_gemm_triton
     if few_rows is not None:
         if weight_tile_scale is not None and FEW_ROWS_TILES_AS_BLOCKS:
@@ -795,6 +802,8 @@ def mxfp8_linear(
                 "mx_scale_fold16": weight_scales_foldable_f16,
             }
         return few_rows(x, weight, activation_mx_rule=activation_rule, bias=bias, **weight_scales)
+    if boxes:  # the large-M passes read the weight row-major
+        weight = weight.row_major()
     kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
     if kernel not in LARGE_M_KERNELS:
         raise GemmInputError(f"mxfp8_linear: large_m_kernel must be one of {LARGE_M_KERNELS}, got {kernel!r}")

@@ -105,7 +105,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
-from mxrun.kernels.box_major import check_box_major
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     ROW_CHUNKS_MIN_COLS,
@@ -640,17 +640,21 @@ def scale_mode(scale: torch.Tensor | None, rows: int, what: str, fn: str) -> int
 def check_operands(
     fn: str,
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     a_scale: torch.Tensor | None,
     out_dtype: torch.dtype | None,
     activation_mx_rule: MxScaleRule | str | None,
     bias: torch.Tensor | None,
 ) -> tuple[int, int, torch.dtype]:
     """The operands the W8A16 / W8A8 launchers share (this kernel's and the mid-M kernel's): a K-contiguous E4M3
-    weight ``[N, K]``; activations ``[M, K]``, K-contiguous, either bf16/fp16 values (no ``a_scale``; the
+    weight ``[N, K]`` (or a :class:`~mxrun.kernels.box_major.BoxMajorWeight`); activations ``[M, K]``, K-contiguous, either bf16/fp16 values (no ``a_scale``; the
     output in their dtype) or E4M3 codes with ``a_scale`` and ``out_dtype`` (no ``activation_mx_rule``); a bias
     ``[N]``. Returns ``(N, K, output dtype)``; raises :class:`GemmInputError` naming ``fn`` otherwise."""
-    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn or weight.stride(1) != 1:
+    if isinstance(weight, BoxMajorWeight):
+        weight.check(fn)
+    elif weight.dim() != 2 or weight.stride(1) != 1:
+        raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
+    if weight.dtype != torch.float8_e4m3fn:
         raise GemmInputError(f"{fn}: the weight must be a K-contiguous float8_e4m3fn [N, K] tensor")
     n, k = weight.shape
     if a.dim() != 2 or a.shape[1] != k or a.stride(1) != 1:
@@ -674,7 +678,7 @@ def check_operands(
 
 def small_m_gemm_triton(
     a: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     *,
     a_scale: torch.Tensor | None = None,
     weight_scale: torch.Tensor | None = None,
@@ -690,7 +694,6 @@ def small_m_gemm_triton(
     mx_scale_fold16: bool = False,
     weight_tma: bool | None = None,
     quantize_rows: bool = False,
-    box_major_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = (a s_a) (W s_w)^T + bias`` for ``M <= SMALL_M_MAX`` (64) rows, split along K (see the module docstring).
 
@@ -714,8 +717,9 @@ def small_m_gemm_triton(
     ``quantize_rows``: FP8 W8A8 with per-token scales for bf16/fp16 ``a`` beside a per-tensor / per-channel
     weight: one row is quantized inside the kernel where :func:`quantizes_row_in_loop` says so, else the rows
     by :func:`~mxrun.kernels.fp8_quantize.quantize_fp8` first (the same codes and scales either way).
-    ``box_major_weight``: ``weight`` as :func:`~mxrun.kernels.box_major.box_major` stores it in this call's
-    ``[block_n, block_k]`` boxes, read instead of ``weight`` (the same bits; not with 128x128 block scales)."""
+    ``weight`` may be held box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight`) in this call's ``[block_n,
+    block_k]`` boxes (each box one run of memory: the same bits, faster to read; not with 128x128 block
+    scales)."""
     fn = "small_m_gemm_triton"
     n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
@@ -769,20 +773,23 @@ def small_m_gemm_triton(
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
     counters = zeroed_int32(a.device, "split-k arrivals", column_blocks) if splits > 1 and fused_sum else c
     b_mx = weight_scale_e8m0 is not None
-    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight_block_scale if blocked else weight
+    b_boxes = isinstance(weight, BoxMajorWeight)
+    b_source = weight.boxes if b_boxes else weight
+    bs = weight_scale_e8m0.view(torch.uint8) if b_mx else weight_block_scale if blocked else b_source
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
     mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 and not row_quant else 2
     extra = {} if config.max_registers is None else {"maxnreg": config.max_registers}
     if weight_tma is None:  # where it measured faster: see WEIGHT_TMA
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
     box = config._replace(block_k=128) if blocked else config  # block steps load 128 K at a time
-    b_tma = weight_tma and mma != 0 and _tma_loadable(weight, box)
-    b_boxes = box_major_weight is not None
+    b_tma = weight_tma and mma != 0 and _tma_loadable(b_source, box)
     if b_boxes and blocked:
         raise GemmInputError(f"{fn}: a box-major weight goes with per-tensor / per-channel and MXFP8 scales")
-    if b_boxes:
-        check_box_major(fn, box_major_weight, weight, config.block_n, config.block_k)
-    b_source = box_major_weight if b_boxes else weight
+    if b_boxes and (weight.box_n, weight.box_k) != (config.block_n, config.block_k):
+        raise GemmInputError(
+            f"{fn}: the weight's [{weight.box_n}, {weight.box_k}] boxes must be the tile "
+            f"[{config.block_n}, {config.block_k}]"
+        )
     _split_k_kernel[(column_blocks, splits)](
         a,
         _weight_descriptor(b_source, box) if b_tma else b_source,
@@ -798,7 +805,7 @@ def small_m_gemm_triton(
         k,
         k_per_split,
         a.stride(0),
-        weight.stride(0),
+        b_source.stride(0),
         bs.stride(0),
         a_scale.stride(0) if a_scale_mode == 3 else 0,
         B_MX=b_mx,

@@ -366,3 +366,60 @@ def test_min_rows_runs_smaller_calls_weight_only(scheme_name: str) -> None:
     assert torch.equal(layer(small), weight_only(small))
     assert not torch.equal(layer(small), w8a8(small))  # the activations' rounding shows
     assert torch.equal(layer(x), w8a8(x))
+
+
+@pytest.mark.parametrize("scheme_name", ["mxfp8", "mxfp8-weight-only", "mxfp8-decode"])
+def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monkeypatch) -> None:
+    """``MX_WEIGHT_BOX_MAJOR``: the layer holds its MXFP8 weight in [64, 128] boxes (zeros past N and K), gives
+    back exactly the row-major codes (:meth:`QuantizedLinear.weight_rows`) and the row-major layer's outputs,
+    on the CPU reference and, where there is one, the GPU at decode, mid and large row counts."""
+    from mxrun.engine import methods
+    from mxrun.kernels.box_major import box_major
+
+    scheme = preset_scheme(scheme_name) if scheme_name != "mxfp8-decode" else None
+    if scheme is None:
+        scheme, problems = build_scheme("decode", {"preset": "mxfp8", "activations": {"min_rows": 65}})
+        assert problems == []
+    x, linear = _data("outliers", 300, torch.bfloat16, seed=14)
+    rows_layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.rows")
+    rows_layer.load_weight(linear.weight.data)
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
+    layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.boxes")
+    layer.load_weight(linear.weight.data)
+    assert layer.weight_box_major and not rows_layer.weight_box_major
+    assert layer.weight.shape == (3 * 2 * 64, 128)  # ceil(160 / 64) x ceil(256 / 128) boxes of 64 rows
+    assert torch.equal(layer.weight_rows().view(torch.uint8), rows_layer.weight.view(torch.uint8))
+    boxed = box_major(rows_layer.weight, 64, 128)
+    assert torch.equal(layer.weight.view(torch.uint8), boxed.view(torch.uint8))
+    assert torch.equal(layer.weight_scale_e8m0, rows_layer.weight_scale_e8m0)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        layer.to(device), rows_layer.to(device)
+        for m in (1, 16, 40, 300):
+            assert torch.equal(layer(x[:m].to(device)), rows_layer(x[:m].to(device))), (device, m)
+
+
+def test_box_major_is_not_used_for_tile_aligned_mx(monkeypatch) -> None:
+    from mxrun.engine import methods
+
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
+    scheme, _ = build_scheme("mx-tiles", {"preset": "mxfp8", "weights": {"tile_aligned": True}})
+    layer = QuantizedLinear.from_linear(_data("gaussian", 1, torch.bfloat16, 15)[1], method_for(scheme))
+    assert not layer.weight_box_major and layer.weight.shape == (N, K)
+    channel = QuantizedLinear.from_linear(
+        _data("gaussian", 1, torch.bfloat16, 15)[1], method_for(preset_scheme("fp8-channel"))
+    )
+    assert not channel.weight_box_major and channel.weight_rows() is channel.weight
+
+
+def test_load_weight_rows_refuses_another_shape(monkeypatch) -> None:
+    from mxrun.engine import methods
+
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
+    layer = QuantizedLinear.from_linear(
+        _data("gaussian", 1, torch.bfloat16, 16)[1],
+        method_for(preset_scheme("mxfp8")),
+        layer_name="test.proj",
+    )
+    with pytest.raises(ValueError, match=r"test\.proj: a quantized weight of shape \(3, 4\)"):
+        layer.load_weight_rows(torch.zeros(3, 4, dtype=torch.float8_e4m3fn))

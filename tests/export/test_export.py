@@ -193,3 +193,31 @@ def test_mixed_recipe_writes_one_group_per_scheme(source: Path, tmp_path: Path) 
         assert torch.equal(decompressed[name], value), name
     with torch.no_grad():
         assert torch.equal(load_exported(case.out)(TOKENS).logits, case.model(TOKENS).logits)
+
+
+def test_box_major_mx_layers_export_and_reload_row_major(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose MXFP8 Linears hold their weights box-major (``MX_WEIGHT_BOX_MAJOR``) exports the very bytes
+    a row-major model does, and its export reloads into either layout with the same logits bit for bit."""
+    from mxrun.engine import methods
+
+    recipe = next(name for name in RECIPES if "mx" in name)
+    rows_case = export(recipe, source, tmp_path / "rows")
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
+    boxes_case = export(recipe, source, tmp_path / "boxes")
+    held = [m for m in boxes_case.model.modules() if isinstance(m, QuantizedLinear)]
+    assert held and all(m.weight_box_major for m in held)
+    rows_stored, boxes_stored = stored(rows_case.out), stored(boxes_case.out)
+    assert set(rows_stored) == set(boxes_stored)
+    for name, tensor in rows_stored.items():
+        assert torch.equal(tensor.view(torch.uint8), boxes_stored[name].view(torch.uint8)), name
+    with torch.no_grad():
+        expected = rows_case.model(TOKENS).logits
+        reloaded = load_exported(boxes_case.out)
+        assert all(m.weight_box_major for m in reloaded.modules() if isinstance(m, QuantizedLinear))
+        assert torch.equal(reloaded(TOKENS).logits, expected)
+        monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", False)
+        reloaded = load_exported(boxes_case.out)
+        assert not any(m.weight_box_major for m in reloaded.modules() if isinstance(m, QuantizedLinear))
+        assert torch.equal(reloaded(TOKENS).logits, expected)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mxrun.kernels.box_major import box_major, box_major_rows, check_box_major, row_major
+from mxrun.kernels.box_major import BoxMajorWeight, box_major, box_major_rows, row_major
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 
@@ -47,13 +47,14 @@ def test_strided_weight_boxes_its_values() -> None:
     assert torch.equal(box_major(w, 64, 128).view(torch.uint8), base[:, :128])
 
 
-def test_check_names_the_layout_it_wants() -> None:
-    w = torch.zeros(64, 256, dtype=torch.float8_e4m3fn)
-    check_box_major("f", box_major(w, 64, 128), w, 64, 128)
-    with pytest.raises(GemmInputError, match=r"f: the box-major weight must be box_major\(weight, 64, 128\)"):
-        check_box_major("f", box_major(w, 32, 64), w, 64, 128)
-    strided = torch.zeros(128, 256, dtype=torch.float8_e4m3fn)[:, :128]  # the right shape, rows 256 apart
-    with pytest.raises(GemmInputError, match=r"got \(128, 128\) torch.float8_e4m3fn"):
-        check_box_major("f", strided, w, 64, 128)
-    with pytest.raises(GemmInputError, match=r"torch\.uint8"):
-        check_box_major("f", box_major(w, 64, 128).view(torch.uint8), w, 64, 128)
+def test_box_major_weight_holds_its_shape_and_checks_its_layout() -> None:
+    w = torch.randint(0, 256, (70, 300), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    held = BoxMajorWeight.of(w, 32, 128)
+    assert held.shape == (70, 300) and held.dtype == w.dtype and held.device == w.device
+    assert torch.equal(held.row_major().view(torch.uint8), w.view(torch.uint8))
+    held.check("f")
+    with pytest.raises(GemmInputError, match=r"f: a box-major \[70, 300\] weight in \[32, 64\] boxes"):
+        held._replace(box_k=64).check("f")
+    strided = torch.zeros(288, 256, dtype=torch.float8_e4m3fn)[:, :128]  # the right shape, not contiguous
+    with pytest.raises(GemmInputError, match=r"contiguous \[288, 128\] tensor, got \(288, 128\)"):
+        held._replace(boxes=strided).check("f")

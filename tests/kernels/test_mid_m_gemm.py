@@ -330,15 +330,15 @@ def test_cpu_interpreter_dispatchers_keep_their_paths(monkeypatch) -> None:
 @pytest.mark.parametrize(("m", "n", "k"), SHAPES)
 @pytest.mark.parametrize("kind", ["bf16-weight-only", "codes", "mx-bf16"])
 def test_box_major_weight_gives_the_same_bits(m, n, k, kind, split_k) -> None:
-    """The weight read box-major (:func:`~mxrun.kernels.box_major.box_major` in this call's tile) gives the
-    row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
-    from mxrun.kernels.box_major import box_major
+    """The weight read box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight` in this call's tile) gives
+    the row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
+    from mxrun.kernels.box_major import BoxMajorWeight
 
     a, b, bias_d, kwargs = split_k_operands(kind, m, n, k, seed=38)
     config = config_for(m)
-    run = lambda boxes: mid_m_gemm_triton(  # noqa: E731
-        a, b, bias=bias_d, split_k=split_k, config=config, box_major_weight=boxes, **kwargs
+    run = lambda weight: mid_m_gemm_triton(  # noqa: E731
+        a, weight, bias=bias_d, split_k=split_k, config=config, **kwargs
     )
-    by_rows, by_boxes = run(None), run(box_major(b, config.block_n, config.block_k))
+    by_rows, by_boxes = run(b), run(BoxMajorWeight.of(b, config.block_n, config.block_k))
     assert torch.equal(by_boxes.view(torch.int16), by_rows.view(torch.int16))
     assert bool(torch.isfinite(by_boxes).all()) and by_boxes.abs().max() > 0

@@ -668,9 +668,9 @@ def test_scales_ahead_where_measured_faster() -> None:
 @pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("kind", ["codes", "bf16-weight-only", "mx-bf16"])
 def test_box_major_weight_gives_the_same_bits(m, n, k, split_k, tma, kind) -> None:
-    """The weight read box-major (:func:`~mxrun.kernels.box_major.box_major`, by TMA or by pointers) gives the
-    row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
-    from mxrun.kernels.box_major import box_major
+    """The weight read box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight`, by TMA or by pointers)
+    gives the row-major read's output bit for bit: ragged N and K (zeros stored past them), any split."""
+    from mxrun.kernels.box_major import BoxMajorWeight
 
     if tma and (not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9):
         pytest.skip("TMA loads need sm_90+")
@@ -681,28 +681,48 @@ def test_box_major_weight_gives_the_same_bits(m, n, k, split_k, tma, kind) -> No
     config = default_config(a.dtype, mx, m, False, n)
     if not HAS_CUDA:  # small tiles: several boxes per program under the interpreter
         config = config._replace(block_n=32, block_k=64)
-    run = lambda boxes: small_m_gemm_triton(  # noqa: E731
-        a, b, bias=bias_d, split_k=split_k, weight_tma=tma, config=config, box_major_weight=boxes, **kwargs
+    run = lambda weight: small_m_gemm_triton(  # noqa: E731
+        a, weight, bias=bias_d, split_k=split_k, weight_tma=tma, config=config, **kwargs
     )
-    by_rows, by_boxes = run(None), run(box_major(b, config.block_n, config.block_k))
+    by_rows, by_boxes = run(b), run(BoxMajorWeight.of(b, config.block_n, config.block_k))
     assert torch.equal(by_boxes.view(torch.int16), by_rows.view(torch.int16))
     assert bool(torch.isfinite(by_boxes).all()) and by_boxes.abs().max() > 0
 
 
 def test_box_major_weight_bad_inputs() -> None:
-    from mxrun.kernels.box_major import box_major
+    from mxrun.kernels.box_major import BoxMajorWeight
 
     x = torch.randn(2, 256, dtype=torch.bfloat16, device=KERNEL_DEVICE)
     w = torch.randn(64, 256, device=KERNEL_DEVICE).to(torch.float8_e4m3fn)
     scale = torch.ones(64, 1, device=KERNEL_DEVICE)
     config = SplitKConfig(block_n=32, block_k=128)
-    with pytest.raises(GemmInputError, match="box_major\\(weight, 32, 128\\)"):
-        small_m_gemm_triton(x, w, weight_scale=scale, config=config, box_major_weight=box_major(w, 32, 64))
+    with pytest.raises(GemmInputError, match=r"\[32, 64\] boxes must be the tile \[32, 128\]"):
+        small_m_gemm_triton(x, BoxMajorWeight.of(w, 32, 64), weight_scale=scale, config=config)
+    wrong_rows = BoxMajorWeight.of(w, 32, 128)._replace(n=100)
+    with pytest.raises(GemmInputError, match=r"a box-major \[100, 256\] weight"):
+        small_m_gemm_triton(x, wrong_rows, weight_scale=scale, config=config)
     with pytest.raises(GemmInputError, match="goes with per-tensor / per-channel and MXFP8 scales"):
         small_m_gemm_triton(
             x,
-            w,
+            BoxMajorWeight.of(w, 32, 128),
             weight_block_scale=torch.ones(1, 2, device=KERNEL_DEVICE),
             config=config,
-            box_major_weight=box_major(w, 32, 128),
         )
+
+
+@pytest.mark.parametrize("rule", [None, MxScaleRule.ROUND_UP])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 72, 544), (16, 130, 800), (40, 96, 256), (70, 96, 256)])
+def test_mxfp8_linear_takes_a_box_major_weight(m, n, k, rule) -> None:
+    """:func:`mxfp8_linear` on a box-major weight gives the row-major weight's bits at every row count: the
+    few-row kernels read the boxes, the large-M paths (here from 65 rows) a row-major copy; a tile-aligned
+    weight is refused."""
+    from mxrun.kernels.box_major import BoxMajorWeight
+
+    x, w, bias = _inputs(m, n, k, seed=39)
+    q = quantize_mxfp8_reference(w)
+    a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    rows = mxfp8_linear(a, b, s, bias_d, rule, backend="triton")
+    boxes = mxfp8_linear(a, BoxMajorWeight.of(b), s, bias_d, rule, backend="triton")
+    assert torch.equal(boxes.view(torch.int16), rows.view(torch.int16))
+    with pytest.raises(GemmInputError, match=r"tile-aligned weight \(weight_tile_scale\) is held row-major"):
+        mxfp8_linear(a, BoxMajorWeight.of(b), s, bias_d, rule, weight_tile_scale=torch.ones(1, 1))
