@@ -397,10 +397,11 @@ the MXFP8 Linear at M = 1 and 16 on the H100, the seven Llama shapes, box-major 
 mxfp8-w8a16-decode mxfp8-w8a16-decode:boxes mxfp8-wo mxfp8-wo:boxes``,
 ``results/linear-h100-small-m-boxes-{warm,cold}.md``): W8A8 x0.964 the time warm and x0.956 cold, faster in 14
 of 14 each, cases at 1.7x of bf16 5 -> 10 warm and 4 -> 8 cold; with ``min_rows: 65`` x0.959 / x0.954, 10 -> 12
-and 8 -> 9. Off for now: the large-M paths (the per-call regrouping, the decode for cuBLAS) read the weight
-row-major, so ``mxfp8_linear`` gives them a row-major copy per call, the whole weight read and written once more
-(not measured; MXFP8 W8A8 at M >= 1024 is 1.04-1.58x of bf16, the goal 1.0x). The buffer's layout is fixed when
-the layer is made
+and 8 -> 9. Off for now: the large-M paths (the per-call regrouping, the decode for cuBLAS) now read the boxes
+too, tested bit for bit under the interpreter but not yet run on the GPU, and the Linear is not yet measured
+with boxes from 64 rows up (MXFP8 W8A8 at M >= 1024 is 1.04-1.58x of bf16 row-major, the goal 1.0x); the
+forced ``"fp8"`` / ``"dequant"`` kernels take a row-major copy per call. The buffer's layout is fixed when the
+layer is made
 (:attr:`QuantizedLinear.weight_box_major`); exports and reloads are row-major either way."""
 
 

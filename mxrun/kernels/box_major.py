@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import triton
+from mxrun.kernels.backend import tl, triton
 from mxrun.kernels.scaled_gemm import GemmInputError
 
 MX_BOX_N = 64
@@ -62,6 +62,21 @@ class BoxMajorWeight(NamedTuple):
         """The ``[n, k]`` row-major weight (a copy)."""
         return row_major(self.boxes, self.n, self.k, self.box_n, self.box_k)
 
+    @property
+    def k_boxes(self) -> int:
+        """Boxes along K (the stride, in boxes, from one column block to the next)."""
+        return triton.cdiv(self.k, self.box_k)
+
+    def rows(self, start: int, stop: int) -> BoxMajorWeight:
+        """Weight rows ``[start, stop)`` (``start`` a multiple of ``box_n``), box-major: a view."""
+        if start % self.box_n or not 0 <= start < stop <= self.n:
+            raise GemmInputError(
+                f"rows [{start}, {stop}) of a box-major weight of {self.n} rows in {self.box_n}s"
+            )
+        per_block = self.k_boxes * self.box_n  # rows of the boxes tensor per column block
+        first, end = start // self.box_n * per_block, triton.cdiv(stop, self.box_n) * per_block
+        return self._replace(boxes=self.boxes[first:end], n=stop - start)
+
     def check(self, fn: str) -> None:
         """Raise :class:`GemmInputError` naming ``fn`` unless :attr:`boxes` has the layout's shape (contiguous)."""
         rows = box_major_rows(self.n, self.k, self.box_n, self.box_k)
@@ -70,6 +85,15 @@ class BoxMajorWeight(NamedTuple):
                 f"{fn}: a box-major [{self.n}, {self.k}] weight in [{self.box_n}, {self.box_k}] boxes is a "
                 f"contiguous [{rows}, {self.box_k}] tensor, got {tuple(self.boxes.shape)}"
             )
+
+
+@triton.jit
+def box_major_offsets(rows, cols, K_BOXES, BOX_N: tl.constexpr, BOX_K: tl.constexpr):
+    """int64 offsets ``[len(rows), len(cols)]``, in elements, of ``(rows[i], cols[j])`` of a box-major weight
+    with ``K_BOXES`` boxes along K (what :func:`box_major` writes; elements may be bytes or 4-byte words, with
+    ``BOX_K`` counted in the same unit)."""
+    boxes = (rows // BOX_N).to(tl.int64)[:, None] * K_BOXES + (cols // BOX_K)[None, :]
+    return boxes * (BOX_N * BOX_K) + ((rows % BOX_N) * BOX_K)[:, None] + (cols % BOX_K)[None, :]
 
 
 def box_major_rows(n: int, k: int, box_n: int, box_k: int) -> int:
@@ -95,4 +119,12 @@ def row_major(boxes: torch.Tensor, n: int, k: int, box_n: int, box_k: int) -> to
     return grid.reshape(nb * box_n, kb * box_k)[:n, :k].contiguous().view(boxes.dtype)
 
 
-__all__ = ["MX_BOX_K", "MX_BOX_N", "BoxMajorWeight", "box_major", "box_major_rows", "row_major"]
+__all__ = [
+    "MX_BOX_K",
+    "MX_BOX_N",
+    "BoxMajorWeight",
+    "box_major",
+    "box_major_offsets",
+    "box_major_rows",
+    "row_major",
+]

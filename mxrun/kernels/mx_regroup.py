@@ -53,6 +53,7 @@ from __future__ import annotations
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton
+from mxrun.kernels.box_major import BoxMajorWeight, box_major_offsets
 from mxrun.kernels.e4m3 import e4m3_code, encode_e4m3_reference, fast_widen_usable
 from mxrun.kernels.fp8_quantize import FP8_BLOCK, Fp8Quantized
 from mxrun.kernels.mxfp8_quantize import (
@@ -195,7 +196,8 @@ def _reencode_words(words, multiplier, FAST: tl.constexpr):
 
 @triton.jit
 def _regroup_tile(
-    q_ptr,  # [B, N, K/4] int32 words of E4M3 codes, (b, n, w) at b*stride_qb + n*stride_qn + w
+    q_ptr,  # [B, N, K/4] int32 words of E4M3 codes, (b, n, w) at b*stride_qb + n*stride_qn + w; Q_BOXES: B = 1,
+    # box-major (mxrun.kernels.box_major) in [BOX_N, BOX_K] boxes, BOX_K / 4 words wide
     s_ptr,  # [B, N, K/32] uint8 E8M0, (b, n, g) at b*stride_sb + n*stride_sn + g
     out_q_ptr,  # [B, N, K/4] int32 words, contiguous
     out_s_ptr,  # [B, cdiv(N, 128), cdiv(K, 128)] fp32, contiguous
@@ -211,6 +213,9 @@ def _regroup_tile(
     FAST: tl.constexpr,
     BLOCK_N: tl.constexpr,  # 128
     BLOCK_K: tl.constexpr,  # 128
+    Q_BOXES: tl.constexpr = False,
+    BOX_N: tl.constexpr = 64,
+    BOX_K: tl.constexpr = 128,
 ):
     """One 128x128 tile: its largest finite E8M0 code, then every element re-encoded at that scale, four per
     32-bit word."""
@@ -230,11 +235,11 @@ def _regroup_tile(
     multiplier = _shift_multiplier(tl.maximum(tile_code - codes, 0), block_is_nan)
 
     mask = row_ok[:, None] & (words < K // 4)[None, :]
-    packed = tl.load(
-        q_ptr + pid_b * stride_qb + rows.to(tl.int64)[:, None] * stride_qn + words[None, :],
-        mask=mask,
-        other=0,
-    )
+    if Q_BOXES:
+        word_offsets = box_major_offsets(rows, words, tl.cdiv(K, BOX_K), BOX_N, BOX_K // 4)
+    else:
+        word_offsets = pid_b * stride_qb + rows.to(tl.int64)[:, None] * stride_qn + words[None, :]
+    packed = tl.load(q_ptr + word_offsets, mask=mask, other=0)
     packed = tl.reshape(packed, [BLOCK_N, G, WORDS // G])
     multiplier = tl.broadcast_to(multiplier[:, :, None], [BLOCK_N, G, WORDS // G])
     out = tl.reshape(_reencode_words(packed, multiplier, FAST), [BLOCK_N, WORDS])
@@ -264,11 +269,15 @@ def _regroup_kernel(
     FAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    Q_BOXES: tl.constexpr = False,
+    BOX_N: tl.constexpr = 64,
+    BOX_K: tl.constexpr = 128,
 ):
     """One program per 128x128 tile (:func:`_regroup_tile`), grid (K tiles, N tiles, stack)."""
     _regroup_tile(
         q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, stride_qb, stride_qn, stride_sb, stride_sn,
         tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64), FAST, BLOCK_N, BLOCK_K,
+        Q_BOXES, BOX_N, BOX_K,
     )  # fmt: skip
 
 
@@ -297,6 +306,9 @@ def _quantize_and_regroup_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     SCALE_K_MAJOR: tl.constexpr = False,
+    Q_BOXES: tl.constexpr = False,
+    BOX_N: tl.constexpr = 64,
+    BOX_K: tl.constexpr = 128,
 ):
     """One launch for the aligned MXFP8 path's two independent passes: programs below ``regroup_programs``
     regroup one weight tile each (K tiles fastest), the rest quantize ``BLOCK_R x BLOCK_X`` activation tiles
@@ -307,7 +319,7 @@ def _quantize_and_regroup_kernel(
         k_tiles = tl.cdiv(K, BLOCK_K)
         _regroup_tile(
             q_ptr, s_ptr, out_q_ptr, out_s_ptr, N, K, 0, stride_qn, 0, stride_sn, pid % k_tiles, pid // k_tiles,
-            0, FAST, BLOCK_N, BLOCK_K,
+            0, FAST, BLOCK_N, BLOCK_K, Q_BOXES, BOX_N, BOX_K,
         )  # fmt: skip
     else:
         row_blocks = tl.cdiv(M, BLOCK_R)
@@ -328,22 +340,36 @@ def _as_words(data: torch.Tensor) -> torch.Tensor:
         return codes.clone(memory_format=torch.contiguous_format).view(torch.int32)
 
 
-def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Quantized:
-    """Triton :func:`regroup_mxfp8`: the reference's bytes and scales, no host sync."""
-    fn = "regroup_mxfp8_triton"
+def _boxes_or_rows(data: torch.Tensor | BoxMajorWeight, scale_e8m0: torch.Tensor, fn: str) -> tuple:
+    """``(N, K, the codes' int32 words, box constexprs)`` of a row-major or box-major weight, checked."""
+    if isinstance(data, BoxMajorWeight):
+        data.check(fn)
+        # the shape checks of a row-major weight, on a stand-in that holds no memory
+        n, k = _check(torch.empty((data.n, data.k), dtype=data.dtype, device="meta"), scale_e8m0, fn)
+        boxes = {"Q_BOXES": True, "BOX_N": data.box_n, "BOX_K": data.box_k}
+        return n, k, data.boxes.view(torch.uint8).view(torch.int32), boxes
     n, k = _check(data, scale_e8m0, fn)
-    codes = scale_e8m0.view(torch.uint8)
-    if data.numel() and (data.stride(-1) != 1 or codes.stride(-1) != 1):
+    if data.numel() and data.stride(-1) != 1:
         raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
-    batches = data.shape[0] if data.dim() == 3 else 1
+    return n, k, _as_words(data) if data.numel() else None, {}
+
+
+def regroup_mxfp8_triton(data: torch.Tensor | BoxMajorWeight, scale_e8m0: torch.Tensor) -> Fp8Quantized:
+    """Triton :func:`regroup_mxfp8`: the reference's bytes and scales, no host sync; ``data`` may be held
+    box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight`, a 2-D weight), the output is row-major."""
+    fn = "regroup_mxfp8_triton"
+    n, k, words, boxes = _boxes_or_rows(data, scale_e8m0, fn)
+    codes = scale_e8m0.view(torch.uint8)
+    if n * k and codes.stride(-1) != 1:
+        raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
+    batches = data.shape[0] if len(data.shape) == 3 else 1
     out = torch.empty(data.shape, dtype=torch.uint8, device=data.device)
     scale = torch.empty(
         (*data.shape[:-2], ceil_div(n, FP8_BLOCK), ceil_div(k, FP8_BLOCK)),
         dtype=torch.float32,
         device=data.device,
     )
-    if data.numel():
-        words = _as_words(data)
+    if out.numel():
         _regroup_kernel[(ceil_div(k, FP8_BLOCK), ceil_div(n, FP8_BLOCK), batches)](
             words,
             codes,
@@ -359,6 +385,7 @@ def regroup_mxfp8_triton(data: torch.Tensor, scale_e8m0: torch.Tensor) -> Fp8Qua
             BLOCK_N=FP8_BLOCK,
             BLOCK_K=FP8_BLOCK,
             num_warps=_REGROUP_WARPS,
+            **boxes,
         )
     return Fp8Quantized(out.view(torch.float8_e4m3fn), scale)
 
@@ -371,16 +398,16 @@ def quantize_and_regroup_triton(
     scale_k_major: bool = False,
 ) -> tuple[Mx128Quantized, Fp8Quantized]:
     """:func:`~mxrun.kernels.mxfp8_quantize.quantize_mx_group128_triton` of the activations ``x`` ``[M, K]``
-    and :func:`regroup_mxfp8_triton` of the weight ``[N, K]``, the same bytes and scales, in one launch
-    (:func:`_quantize_and_regroup_kernel`); ``scale_k_major`` as for the former."""
+    and :func:`regroup_mxfp8_triton` of the weight ``[N, K]`` (row-major or box-major), the same bytes and
+    scales, in one launch (:func:`_quantize_and_regroup_kernel`); ``scale_k_major`` as for the former."""
     fn = "quantize_and_regroup_triton"
-    n, k = _check(data, scale_e8m0, fn)
+    n, k, words, boxes = _boxes_or_rows(data, scale_e8m0, fn)
     codes = scale_e8m0.view(torch.uint8)
-    if data.dim() != 2 or x.dim() != 2 or x.shape[1] != k:
+    if len(data.shape) != 2 or x.dim() != 2 or x.shape[1] != k:
         raise QuantizeInputError(
             f"{fn}: needs x [M, K] and a weight [N, K] with the same K, got {tuple(x.shape)}, {tuple(data.shape)}"
         )
-    if data.stride(-1) != 1 or codes.stride(-1) != 1:
+    if codes.stride(-1) != 1:
         raise QuantizeInputError(f"{fn}: data and scales must be contiguous along K")
     m = x.shape[0]
     if not (m and n and k):  # an empty side: nothing to share a launch with
@@ -397,14 +424,13 @@ def quantize_and_regroup_triton(
         (ceil_div(n, FP8_BLOCK), ceil_div(k, FP8_BLOCK)), dtype=torch.float32, device=data.device
     )
     regroup_programs = ceil_div(k, FP8_BLOCK) * ceil_div(n, FP8_BLOCK)
-    words = _as_words(data)
     _quantize_and_regroup_kernel[(regroup_programs + plan.grid[0] * plan.grid[1],)](
         x, a_data, a_scale_buffer, words, codes, out.view(torch.int32), scale, m, n, k, x.stride(0), x.stride(1),
         words.stride(0), codes.stride(0), regroup_programs,
         ROUND_UP=plan.constexprs["ROUND_UP"], SOFT_CAST=plan.constexprs["SOFT_CAST"],
         FAST=fast_widen_usable(data.device), BLOCK_R=plan.constexprs["BLOCK_R"],
         BLOCK_X=plan.constexprs["BLOCK_K"], BLOCK_N=FP8_BLOCK, BLOCK_K=FP8_BLOCK, SCALE_K_MAJOR=scale_k_major,
-        num_warps=_REGROUP_WARPS,
+        num_warps=_REGROUP_WARPS, **boxes,
     )  # fmt: skip
     activations = Mx128Quantized(a_data.view(torch.float8_e4m3fn), a_scale)
     return activations, Fp8Quantized(out.view(torch.float8_e4m3fn), scale)

@@ -38,7 +38,7 @@ from collections.abc import Callable
 import torch
 
 from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
-from mxrun.kernels.box_major import BoxMajorWeight
+from mxrun.kernels.box_major import BoxMajorWeight, box_major_offsets
 from mxrun.kernels.e4m3 import (
     e4m3_to_bf16_times,
     e4m3_to_f16_times,
@@ -366,7 +366,7 @@ def _mxfp8_fp8_gemm_kernel(
 
 @triton.jit
 def _mxfp8_decode_kernel(
-    q_ptr,  # [R, K] float8e4nv codes, K contiguous, row r at r*stride_qr
+    q_ptr,  # [R, K] float8e4nv codes, K contiguous, row r at r*stride_qr; Q_BOXES: box-major (box_major.py)
     s_ptr,  # [R, K/32] uint8 E8M0, row r at r*stride_sr
     out_ptr,  # [R, K] bf16/fp16, contiguous
     R,
@@ -375,6 +375,9 @@ def _mxfp8_decode_kernel(
     stride_sr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32
+    Q_BOXES: tl.constexpr = False,  # the codes held box-major in [BOX_N, BOX_K] boxes
+    BOX_N: tl.constexpr = 64,
+    BOX_K: tl.constexpr = 128,
 ):
     """out = code * 2^(scale - 127), rounded once to the output dtype (exact when representable)."""
     G: tl.constexpr = BLOCK_K // 32
@@ -383,7 +386,11 @@ def _mxfp8_decode_kernel(
     groups = tl.program_id(1) * G + tl.arange(0, G)
     row_ok = rows < R
     mask = row_ok[:, None] & (cols < K)[None, :]
-    codes = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qr + cols[None, :], mask=mask, other=0.0)
+    if Q_BOXES:
+        code_offsets = box_major_offsets(rows, cols, tl.cdiv(K, BOX_K), BOX_N, BOX_K)
+    else:
+        code_offsets = rows.to(tl.int64)[:, None] * stride_qr + cols[None, :]
+    codes = tl.load(q_ptr + code_offsets, mask=mask, other=0.0)
     scales = tl.load(
         s_ptr + rows.to(tl.int64)[:, None] * stride_sr + groups[None, :],
         mask=row_ok[:, None] & (groups < K // 32)[None, :],
@@ -398,11 +405,19 @@ def _mxfp8_decode_kernel(
     )
 
 
-def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Decode a 2-D MXFP8 tensor (``[R, K]`` E4M3 codes, K contiguous, ``[R, K/32]`` E8M0) to ``out_dtype``; the
-    same values as :func:`~mxrun.kernels.mxfp8_quantize.dequantize_mxfp8` cast to ``out_dtype``."""
+def mxfp8_decode_triton(
+    data: torch.Tensor | BoxMajorWeight, scale_e8m0: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Decode a 2-D MXFP8 tensor (``[R, K]`` E4M3 codes, K contiguous or held box-major, ``[R, K/32]`` E8M0) to
+    ``out_dtype``; the same values as :func:`~mxrun.kernels.mxfp8_quantize.dequantize_mxfp8` cast to
+    ``out_dtype``."""
     fn = "mxfp8_decode_triton"
-    if data.dim() != 2 or data.dtype != torch.float8_e4m3fn or (data.numel() and data.stride(1) != 1):
+    boxes = isinstance(data, BoxMajorWeight)
+    if boxes:
+        data.check(fn)
+    elif data.dim() != 2 or (data.numel() and data.stride(1) != 1):
+        raise GemmInputError(f"{fn}: data must be a K-contiguous float8_e4m3fn [R, K] tensor")
+    if data.dtype != torch.float8_e4m3fn:
         raise GemmInputError(f"{fn}: data must be a K-contiguous float8_e4m3fn [R, K] tensor")
     rows, k = data.shape
     if k % MX_BLOCK_SIZE or scale_e8m0.shape != (rows, k // MX_BLOCK_SIZE) or scale_e8m0.stride(-1) != 1:
@@ -418,31 +433,39 @@ def mxfp8_decode_triton(data: torch.Tensor, scale_e8m0: torch.Tensor, out_dtype:
     codes = scale_e8m0.view(torch.uint8)
     block_r, block_k = 16, 256
     _mxfp8_decode_kernel[(triton.cdiv(rows, block_r), triton.cdiv(k, block_k))](
-        data,
+        data.boxes if boxes else data,
         codes,
         out,
         rows,
         k,
-        data.stride(0),
+        data.box_k if boxes else data.stride(0),
         codes.stride(0),
         BLOCK_R=block_r,
         BLOCK_K=block_k,
+        Q_BOXES=boxes,
+        BOX_N=data.box_n if boxes else 64,
+        BOX_K=data.box_k if boxes else 128,
         num_warps=4,
     )
     return out
 
 
-def _k_contiguous_weight(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, fn: str) -> torch.Tensor:
-    """Checks shared by the per-call weight passes; the weight, made K-contiguous if it is not."""
+def _k_contiguous_weight(
+    x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight, scale: torch.Tensor, fn: str
+) -> torch.Tensor | BoxMajorWeight:
+    """Checks shared by the per-call weight passes; the weight, made K-contiguous if it is not (a box-major one
+    as it is)."""
     _, k = _check_mx_weight(weight, scale, fn)
     if x.dim() != 2 or x.shape[1] != k or x.dtype not in (torch.bfloat16, torch.float16):
         raise GemmInputError(f"{fn}: x must be bfloat16/float16 [M, K={k}], got {x.dtype} {tuple(x.shape)}")
+    if isinstance(weight, BoxMajorWeight):
+        return weight
     return weight if weight.stride(1) == 1 else weight.contiguous()
 
 
 def _over_weight_slices(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     scale: torch.Tensor,
     bias: torch.Tensor | None,
     bytes_per_weight: int,
@@ -452,7 +475,8 @@ def _over_weight_slices(
     transient copy (``bytes_per_weight`` per element) stays under :data:`MAX_DECODED_CHUNK_BYTES`. With
     slices, ``out`` is the slice's columns of the output, which a piece may fill and return (no copy: for the
     70B ``gate_up`` weight at M = 1024 the copies took 150 us of 1350); what it returns otherwise is copied
-    there."""
+    there. A box-major weight is sliced by its rows (:meth:`~mxrun.kernels.box_major.BoxMajorWeight.rows`: the
+    slices start at multiples of 128 rows, whole boxes)."""
     n, k = weight.shape
     rows = max(128, MAX_DECODED_CHUNK_BYTES // (bytes_per_weight * max(k, 1)) // 128 * 128)
     if rows >= n:
@@ -461,7 +485,8 @@ def _over_weight_slices(
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         part = out[:, n0:n1]
-        result = piece(weight[n0:n1], scale[n0:n1], None if bias is None else bias[n0:n1], part)
+        w = weight.rows(n0, n1) if isinstance(weight, BoxMajorWeight) else weight[n0:n1]
+        result = piece(w, scale[n0:n1], None if bias is None else bias[n0:n1], part)
         if result.data_ptr() != part.data_ptr():
             part.copy_(result)
     return out
@@ -469,7 +494,7 @@ def _over_weight_slices(
 
 def mxfp8_decode_matmul(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     weight_scale_e8m0: torch.Tensor,
     bias: torch.Tensor | None,
     activation_rule: MxScaleRule | str | None,
@@ -514,7 +539,7 @@ def _aligned_gemm(
 
 def mxfp8_aligned_matmul(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     weight_scale_e8m0: torch.Tensor,
     bias: torch.Tensor | None,
     activation_rule: MxScaleRule | str,
@@ -525,7 +550,7 @@ def mxfp8_aligned_matmul(
     the same launch when the weight goes in one piece, else in slices of at most
     :data:`MAX_DECODED_CHUNK_BYTES`), then the block-scaled FP8 GEMM (TMA on Hopper; the mid-M kernel where FP8
     block W8A8 takes it). A weight stored tile-aligned (:func:`~mxrun.kernels.mx_regroup.align_mxfp8`) comes with
-    its fp32 ``weight_tile_scale`` and is multiplied as it is."""
+    its fp32 ``weight_tile_scale`` and is multiplied as it is. A box-major weight is regrouped from its boxes."""
     from mxrun.kernels.fp8_wgmma_gemm import block_scales_k_major
 
     weight = _k_contiguous_weight(x, weight, weight_scale_e8m0, "mxfp8_aligned_matmul")
@@ -533,7 +558,8 @@ def mxfp8_aligned_matmul(
     if weight_tile_scale is not None:
         a = quantize_mx_group128_triton(x, activation_rule, scale_k_major=k_major)
         return _aligned_gemm(a, weight, weight_tile_scale, bias, x.dtype)
-    if SHARED_LAUNCH and weight.numel() <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
+    n, k = weight.shape
+    if SHARED_LAUNCH and n * k <= MAX_DECODED_CHUNK_BYTES:  # one piece: both passes in one launch
         a, regrouped = quantize_and_regroup_triton(
             x, activation_rule, weight, weight_scale_e8m0.contiguous(), scale_k_major=k_major
         )
@@ -554,8 +580,10 @@ def mxfp8_aligned_matmul(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_mx_weight(weight: torch.Tensor, scale: torch.Tensor, fn: str) -> tuple[int, int]:
-    if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
+def _check_mx_weight(weight: torch.Tensor | BoxMajorWeight, scale: torch.Tensor, fn: str) -> tuple[int, int]:
+    if isinstance(weight, BoxMajorWeight):
+        weight.check(fn)
+    if weight.dtype != torch.float8_e4m3fn or len(weight.shape) != 2:
         raise GemmInputError(
             f"{fn}: the weight must be 2-D [N, K] float8_e4m3fn, got {weight.dtype} {tuple(weight.shape)}"
         )
@@ -766,7 +794,8 @@ def mxfp8_linear(
     stored tile-aligned in W8A8 takes the aligned path at every M (:data:`TILES_W8A8_ALIGNED_AT_EVERY_M`: FP8
     MMAs on its codes as stored, no per-call regrouping). ``weight`` may be held box-major
     (:class:`~mxrun.kernels.box_major.BoxMajorWeight`, in the few-row kernels' ``[64, 128]`` boxes): the split-K
-    and mid-M kernels read it as it is; the large-M paths and the reference take a row-major copy per call."""
+    and mid-M kernels, the per-call regrouping and the decode for cuBLAS read its boxes; the forced ``"fp8"`` and
+    ``"dequant"`` kernels and the reference take a row-major copy per call."""
     boxes = isinstance(weight, BoxMajorWeight)
     if boxes and weight_tile_scale is not None:
         raise GemmInputError("mxfp8_linear: a tile-aligned weight (weight_tile_scale) is held row-major")
@@ -802,11 +831,11 @@ def mxfp8_linear(
                 "mx_scale_fold16": weight_scales_foldable_f16,
             }
         return few_rows(x, weight, activation_mx_rule=activation_rule, bias=bias, **weight_scales)
-    if boxes:  # the large-M passes read the weight row-major
-        weight = weight.row_major()
     kernel = large_m_kernel or large_m_kernel_for(x.shape[0], activation_rule)
     if kernel not in LARGE_M_KERNELS:
         raise GemmInputError(f"mxfp8_linear: large_m_kernel must be one of {LARGE_M_KERNELS}, got {kernel!r}")
+    if boxes and kernel not in ("aligned", "cublas"):  # the GEMMs that read the weight as they multiply
+        weight = weight.row_major()
     if kernel == "aligned" and activation_rule is None:
         raise GemmInputError("mxfp8_linear: the aligned kernel quantizes activations (W8A8 only)")
     if kernel == "aligned":

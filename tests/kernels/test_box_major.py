@@ -58,3 +58,13 @@ def test_box_major_weight_holds_its_shape_and_checks_its_layout() -> None:
     strided = torch.zeros(288, 256, dtype=torch.float8_e4m3fn)[:, :128]  # the right shape, not contiguous
     with pytest.raises(GemmInputError, match=r"contiguous \[288, 128\] tensor, got \(288, 128\)"):
         held._replace(boxes=strided).check("f")
+
+
+def test_rows_of_a_box_major_weight_are_a_view_of_whole_boxes() -> None:
+    w = torch.randint(0, 256, (200, 300), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    held = BoxMajorWeight.of(w, 64, 128)
+    part = held.rows(128, 200)
+    assert part.shape == (72, 300) and part.boxes.data_ptr() == held.boxes[2 * 3 * 64 :].data_ptr()
+    assert torch.equal(part.row_major().view(torch.uint8), w[128:200].view(torch.uint8))
+    with pytest.raises(GemmInputError, match=r"rows \[100, 200\) of a box-major weight of 200 rows in 64s"):
+        held.rows(100, 200)

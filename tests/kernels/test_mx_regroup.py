@@ -425,3 +425,56 @@ def test_gpu_tile_aligned_experts_forward() -> None:
         x, index, weights, *cpu, ExpertActivation.MX_ROUND_UP, aligned=True
     ).float()
     assert (out - reference).norm() <= 2.0**-5 * reference.norm()
+
+
+@pytest.mark.parametrize("shape", [(300, 4128), (130, 96), (64, 128)])
+def test_regroup_reads_a_box_major_weight(shape) -> None:
+    """A weight held box-major (:class:`~mxrun.kernels.box_major.BoxMajorWeight`) regroups to the row-major
+    weight's bytes and scales, alone and in the launch shared with the activations (ragged N and K, a NaN
+    block)."""
+    from mxrun.kernels.box_major import BoxMajorWeight
+
+    q = quantize_mxfp8_reference(_spread_weight(shape, seed=9))
+    q.scale_e8m0.view(-1)[-1] = 255
+    data, codes = _dev(q.data, q.scale_e8m0)
+    boxes = BoxMajorWeight.of(data)
+    ref = regroup_mxfp8_reference(q.data, q.scale_e8m0)
+    out = regroup_mxfp8_triton(boxes, codes)
+    assert torch.equal(bits(out.data), bits(ref.data))
+    assert_same_fp32(out.scale, ref.scale)
+    x = _dev(torch.randn(5, shape[1], dtype=torch.bfloat16))[0]
+    _, shared = quantize_and_regroup_triton(x, "round_up", boxes, codes)
+    assert torch.equal(bits(shared.data), bits(ref.data))
+    assert_same_fp32(shared.scale, ref.scale)
+
+
+@pytest.mark.parametrize("kernel", ["aligned", "cublas", "dequant"])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_large_m_paths_take_a_box_major_weight(monkeypatch, kernel: str, sliced: bool) -> None:
+    """Above the few-row kernels a box-major weight gives the row-major weight's output bit for bit: regrouped
+    (aligned) or decoded (cuBLAS path) from its boxes, whole or in slices of 128 rows (the last one partial),
+    or, for the other kernels, through a row-major copy."""
+    from mxrun.kernels.box_major import BoxMajorWeight
+
+    x, w, bias = _inputs(70, 300, 256, seed=25)
+    q = quantize_mxfp8_reference(w)
+    xd, data, codes, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
+    rule = None if kernel == "cublas" else "round_up"
+    rows = mxfp8_linear(xd, data, codes, bias_d, rule, backend="triton", large_m_kernel=kernel)
+    if sliced:
+        monkeypatch.setattr(mxfp8_gemm, "MAX_DECODED_CHUNK_BYTES", 128 * 256 * 2)
+    boxes = mxfp8_linear(
+        xd, BoxMajorWeight.of(data), codes, bias_d, rule, backend="triton", large_m_kernel=kernel
+    )
+    assert torch.equal(bits(boxes), bits(rows))
+
+
+def test_decode_reads_a_box_major_weight() -> None:
+    from mxrun.kernels.box_major import BoxMajorWeight
+    from mxrun.kernels.mxfp8_gemm import mxfp8_decode_triton
+
+    q = quantize_mxfp8_reference(_spread_weight((130, 416), seed=10))
+    data, codes = _dev(q.data, q.scale_e8m0)
+    for dtype in (torch.bfloat16, torch.float32):
+        expected = mxfp8_decode_triton(data, codes, dtype)
+        assert torch.equal(bits(mxfp8_decode_triton(BoxMajorWeight.of(data), codes, dtype)), bits(expected))
