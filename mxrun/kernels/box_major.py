@@ -6,9 +6,10 @@ their weight in exactly such boxes (the split-K kernel's MXFP8 and weight-only t
 reading the same boxes stored whole measured faster on the H100 for the MXFP8 decode, by TMA and by pointers
 alike, warm in L2 and cold from DRAM (``benchmarks/box_major_weight.py``, ``results/small-m-weight-boxes-h100.log``:
 split-K at M = 1 and 16, x0.95 the time over the seven Llama shapes, faster in 14 of 14 each way, 70B ``down``
-93.1 -> 87.0 us; FP8 E4M3 codes in 64x256 boxes x0.99; the mid-M kernel at 64 rows x0.92-0.97 on MXFP8,
-unchanged at 128-256, ``results/mid-m-weight-boxes-h100.log``). Padding the row-major rows instead (a row
-stride that is not a power of two) did not help: 16 bytes made every kind 2-12% slower, 128 bytes changed nothing.
+93.1 -> 87.0 us; FP8 E4M3 codes in 64x256 boxes x0.99; the mid-M kernel at 64 rows x0.92-0.98 on MXFP8 warm,
+within 4% at 128-256, ``results/mid-m-weight-boxes-h100.log``). Padding the row-major rows instead (a row stride
+that is not a power of two) did not help: 16 bytes took x1.02-1.12 the time (geometric means per operand kind
+and load), 128 bytes x1.00-1.03.
 
 Layout: box ``(j, i)`` (column block ``j``, K block ``i``) holds ``weight[j*box_n : (j+1)*box_n, i*box_k :
 (i+1)*box_k]`` in rows ``(j * cdiv(K, box_k) + i) * box_n`` on of a ``[cdiv(N, box_n) * cdiv(K, box_k) * box_n,
