@@ -6,9 +6,11 @@ Linear presets: E4M3 activation codes (FP8 W8A8), bf16 activations on an FP8 per
 and on an MXFP8 weight (folded decode), each with its default tile, by TMA and by pointers. Warm: one weight,
 replayed (it stays in L2 where it fits); cold: enough copies of the weight, called in turn, that each call reads
 it from DRAM. Also the row-major weight with its rows padded (``--pads``, bytes: a row stride that is not a power
-of two). Two interleaved rounds; checks that every layout gives the same bits.
+of two), and with ``--mid-ms`` the mid-M kernel (:mod:`mxrun.kernels.mid_m_gemm`, TMA) on the MXFP8 and FP8
+per-channel weights at those rows. Two interleaved rounds; checks that every layout gives the same bits.
 
-    PYTHONPATH=. python3 benchmarks/box_major_weight.py [--ms 1 16] [--mid-ms 64 128 256] [--pads 16 128] [--json out.json]
+    PYTHONPATH=. python3 benchmarks/box_major_weight.py [--ms 1 16] [--mid-ms 64 128 256] [--pads 16 128] \
+        [--json out.json]
 """
 
 from __future__ import annotations

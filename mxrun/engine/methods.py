@@ -401,8 +401,7 @@ and 8 -> 9. Off for now: the large-M paths (the per-call regrouping, the decode 
 too, tested bit for bit under the interpreter but not yet run on the GPU, and the Linear is not yet measured
 with boxes from 64 rows up (MXFP8 W8A8 at M >= 1024 is 1.04-1.58x of bf16 row-major, the goal 1.0x); the
 forced ``"fp8"`` / ``"dequant"`` kernels take a row-major copy per call. The buffer's layout is fixed when the
-layer is made
-(:attr:`QuantizedLinear.weight_box_major`); exports and reloads are row-major either way."""
+layer is made (:attr:`QuantizedLinear.weight_box_major`); exports and reloads are row-major either way."""
 
 
 class MxFp8Method(QuantMethod):

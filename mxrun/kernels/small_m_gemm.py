@@ -647,9 +647,10 @@ def check_operands(
     bias: torch.Tensor | None,
 ) -> tuple[int, int, torch.dtype]:
     """The operands the W8A16 / W8A8 launchers share (this kernel's and the mid-M kernel's): a K-contiguous E4M3
-    weight ``[N, K]`` (or a :class:`~mxrun.kernels.box_major.BoxMajorWeight`); activations ``[M, K]``, K-contiguous, either bf16/fp16 values (no ``a_scale``; the
-    output in their dtype) or E4M3 codes with ``a_scale`` and ``out_dtype`` (no ``activation_mx_rule``); a bias
-    ``[N]``. Returns ``(N, K, output dtype)``; raises :class:`GemmInputError` naming ``fn`` otherwise."""
+    weight ``[N, K]`` (or one held box-major, :class:`~mxrun.kernels.box_major.BoxMajorWeight`); activations
+    ``[M, K]``, K-contiguous, either bf16/fp16 values (no ``a_scale``; the output in their dtype) or E4M3 codes
+    with ``a_scale`` and ``out_dtype`` (no ``activation_mx_rule``); a bias ``[N]``. Returns ``(N, K, output
+    dtype)``; raises :class:`GemmInputError` naming ``fn`` otherwise."""
     if isinstance(weight, BoxMajorWeight):
         weight.check(fn)
     elif weight.dim() != 2 or weight.stride(1) != 1:
