@@ -478,3 +478,18 @@ def test_decode_reads_a_box_major_weight() -> None:
     for dtype in (torch.bfloat16, torch.float32):
         expected = mxfp8_decode_triton(data, codes, dtype)
         assert torch.equal(bits(mxfp8_decode_triton(BoxMajorWeight.of(data), codes, dtype)), bits(expected))
+
+
+def test_box_major_regroup_and_decode_name_bad_inputs() -> None:
+    from mxrun.kernels.box_major import BoxMajorWeight
+    from mxrun.kernels.mxfp8_gemm import mxfp8_decode_triton
+
+    q = quantize_mxfp8_reference(_spread_weight((130, 256), seed=11))
+    data, codes = _dev(q.data, q.scale_e8m0)
+    boxes = BoxMajorWeight.of(data)
+    with pytest.raises(
+        QuantizeInputError, match=r"regroup_mxfp8_triton: data \(130, 256\) needs .* \(130, 8\)"
+    ):
+        regroup_mxfp8_triton(boxes, codes[:, :4])
+    with pytest.raises(GemmInputError, match=r"mxfp8_decode_triton: a box-major \[130, 256\] weight"):
+        mxfp8_decode_triton(boxes._replace(boxes=boxes.boxes[:64]), codes, torch.bfloat16)
