@@ -376,10 +376,11 @@ def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monke
     from mxrun.engine import methods
     from mxrun.kernels.box_major import box_major
 
-    scheme = preset_scheme(scheme_name) if scheme_name != "mxfp8-decode" else None
-    if scheme is None:
+    if scheme_name == "mxfp8-decode":  # weight-only up to 64 rows, W8A8 above
         scheme, problems = build_scheme("decode", {"preset": "mxfp8", "activations": {"min_rows": 65}})
         assert problems == []
+    else:
+        scheme = preset_scheme(scheme_name)
     x, linear = _data("outliers", 300, torch.bfloat16, seed=14)
     rows_layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.rows")
     rows_layer.load_weight(linear.weight.data)
@@ -394,7 +395,8 @@ def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monke
     assert torch.equal(layer.weight_scale_e8m0, rows_layer.weight_scale_e8m0)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        layer.to(device), rows_layer.to(device)
+        layer.to(device)
+        rows_layer.to(device)
         for m in (1, 16, 40, 300):
             assert torch.equal(layer(x[:m].to(device)), rows_layer(x[:m].to(device))), (device, m)
 
