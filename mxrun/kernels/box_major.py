@@ -89,6 +89,13 @@ class BoxMajorWeight(NamedTuple):
 
 
 @triton.jit
+def box_first_row(column_block, k0, K, BOX_N: tl.constexpr, BOX_K: tl.constexpr):
+    """Row of the box-major tensor at which the box of column block ``column_block`` and the K step starting at
+    ``k0`` (a multiple of ``BOX_K``) begins: a TMA coordinate (column 0), or ``* BOX_K`` an element offset."""
+    return (column_block * tl.cdiv(K, BOX_K) + k0 // BOX_K) * BOX_N
+
+
+@triton.jit
 def box_major_offsets(rows, cols, K_BOXES, BOX_N: tl.constexpr, BOX_K: tl.constexpr):
     """int64 offsets ``[len(rows), len(cols)]``, in elements, of ``(rows[i], cols[j])`` of a box-major weight
     with ``K_BOXES`` boxes along K (what :func:`box_major` writes; elements may be bytes or 4-byte words, with
@@ -124,6 +131,7 @@ __all__ = [
     "MX_BOX_K",
     "MX_BOX_N",
     "BoxMajorWeight",
+    "box_first_row",
     "box_major",
     "box_major_offsets",
     "box_major_rows",

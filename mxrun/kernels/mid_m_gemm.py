@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import tl, triton, triton_interpreting
-from mxrun.kernels.box_major import BoxMajorWeight
+from mxrun.kernels.box_major import BoxMajorWeight, box_first_row
 from mxrun.kernels.e4m3 import e4m3_to_bf16, fast_widen_usable
 from mxrun.kernels.fp8_tma_gemm import tma_usable
 from mxrun.kernels.mxfp8_gemm import mx_decode_weight
@@ -245,7 +245,7 @@ def _mid_m_kernel(
         codes_next = _step_codes(bs_rows, k_begin, K, offs_g, n_ok)
     for k0 in range(k_begin, k_end, BLOCK_K):
         if W_BOXES:
-            w = w_desc.load([((off_n // BLOCK_N) * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K) * BLOCK_N, 0])
+            w = w_desc.load([box_first_row(off_n // BLOCK_N, k0, K, BLOCK_N, BLOCK_K), 0])
         else:
             w = w_desc.load([off_n, k0])
         a = a_desc.load([off_m, k0])

@@ -76,9 +76,10 @@ _REGROUP_WARPS = 4
 _ACTIVATION_GROUP = tl.constexpr(MX_GROUP128)
 
 
-def _check(data: torch.Tensor, scale_e8m0: torch.Tensor, fn: str) -> tuple[int, int]:
-    """(N, K) of an MXFP8 ``[..., N, K]`` weight with its ``[..., N, K/32]`` codes, or a named error."""
-    if data.dim() not in (2, 3) or data.dtype != torch.float8_e4m3fn:
+def _check(data: torch.Tensor | BoxMajorWeight, scale_e8m0: torch.Tensor, fn: str) -> tuple[int, int]:
+    """(N, K) of an MXFP8 ``[..., N, K]`` weight (a tensor, or a 2-D one held box-major) with its
+    ``[..., N, K/32]`` codes, or a named error."""
+    if len(data.shape) not in (2, 3) or data.dtype != torch.float8_e4m3fn:
         raise QuantizeInputError(
             f"{fn}: MXFP8 data must be a float8_e4m3fn [N, K] matrix or [E, N, K] stack, got "
             f"{data.dtype} {tuple(data.shape)}"
@@ -344,8 +345,7 @@ def _boxes_or_rows(data: torch.Tensor | BoxMajorWeight, scale_e8m0: torch.Tensor
     """``(N, K, the codes' int32 words, box constexprs)`` of a row-major or box-major weight, checked."""
     if isinstance(data, BoxMajorWeight):
         data.check(fn)
-        # the shape checks of a row-major weight, on a stand-in that holds no memory
-        n, k = _check(torch.empty((data.n, data.k), dtype=data.dtype, device="meta"), scale_e8m0, fn)
+        n, k = _check(data, scale_e8m0, fn)
         boxes = {"Q_BOXES": True, "BOX_N": data.box_n, "BOX_K": data.box_k}
         return n, k, data.boxes.view(torch.uint8).view(torch.int32), boxes
     n, k = _check(data, scale_e8m0, fn)

@@ -105,7 +105,7 @@ from typing import NamedTuple
 import torch
 
 from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
-from mxrun.kernels.box_major import BoxMajorWeight
+from mxrun.kernels.box_major import BoxMajorWeight, box_first_row
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     ROW_CHUNKS_MIN_COLS,
@@ -401,9 +401,9 @@ def _split_k_kernel(
             else:
                 a = tl.load(a_rows + (k0 + offs_k)[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             if B_BOXES and B_TMA:
-                b = b_ptr.load([(pid_n * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K) * BLOCK_N, 0]).T
+                b = b_ptr.load([box_first_row(pid_n, k0, K, BLOCK_N, BLOCK_K), 0]).T
             elif B_BOXES:  # zeros stored past N and K: no masks
-                box = (pid_n * tl.cdiv(K, BLOCK_K) + k0 // BLOCK_K).to(tl.int64) * (BLOCK_N * BLOCK_K)
+                box = box_first_row(pid_n, k0, K, BLOCK_N, BLOCK_K).to(tl.int64) * BLOCK_K
                 b = tl.load(b_ptr + box + tl.arange(0, BLOCK_N)[None, :] * BLOCK_K + offs_k[:, None])
             elif B_TMA:
                 b = b_ptr.load([pid_n * BLOCK_N, k0]).T
