@@ -11,10 +11,14 @@ For each Llama weight shape (K -> N) and batch M, times ``y = x @ W^T`` (x ``[M,
   that weight under ``activations: {min_rows: 65}``), the MXFP8 W8A8
   large-M kernels forced (``mxfp8:aligned``, ``mxfp8:cublas``, ``mxfp8:fp8mma``, ``mxfp8:dequant``, for the
   crossover), ``mxfp8-w8a16-decode`` (the MXFP8 scheme with ``activations: {min_rows: 65}``: weight-only up to
-  64 rows, W8A8 above, the issue's two-path crossover), ``mxfp8:boxes``, ``mxfp8-w8a16-decode:boxes`` and
-  ``mxfp8-wo:boxes`` (the MXFP8 weight held box-major, ``methods.MX_WEIGHT_BOX_MAJOR``), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
+  64 rows, W8A8 above, the issue's two-path crossover), and the weight-only ``fp8-channel-wo``, ``fp8-block-wo``
   and ``mxfp8-wo``; for the crossovers, tile kernels at any M: ``fp8-channel:tile``, ``fp8-channel-wo:tile``,
   ``fp8-block-wo:tile``, ``mxfp8:dequant-tile``, ``mxfp8-wo:dequant-tile``.
+
+The MXFP8 columns hold the weight as ``MxFp8Method`` does: box-major (``methods.MX_WEIGHT_BOX_MAJOR``, where
+whole ``[64, 128]`` boxes cover it, as on every Llama shape here; runs before that switch was on held it
+row-major); ``mxfp8:rows``, ``mxfp8-w8a16-decode:rows`` and ``mxfp8-wo:rows`` hold it row-major and the
+``:boxes`` ones box-major whatever the switch says.
 
 Times are medians of ``triton.testing.do_bench`` (which clears L2 before each call, so the weights come from
 DRAM as in a real forward); for small M these eager times include Python launch overhead whenever it exceeds
@@ -38,7 +42,8 @@ from collections.abc import Callable
 
 import torch
 
-from mxrun.kernels.box_major import BoxMajorWeight
+from mxrun.engine import methods
+from mxrun.kernels.box_major import BoxMajorWeight, box_major_fits
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
 from mxrun.kernels.mx_regroup import align_mxfp8, aligned_tile_scales
@@ -74,7 +79,8 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
     block = quantize_fp8(w, Fp8Granularity.BLOCK_128X128)
     mx = quantize_mxfp8(w)
     foldable = mx_scales_foldable(mx.scale_e8m0, mx.data)  # read once per weight, as MxFp8Method does at load
-    mx_boxes = BoxMajorWeight.of(mx.data)  # held box-major (methods.MX_WEIGHT_BOX_MAJOR)
+    mx_boxes = BoxMajorWeight.of(mx.data)
+    held = mx_boxes if methods.MX_WEIGHT_BOX_MAJOR and box_major_fits(*w.shape) else mx.data  # as the method
     tiles = align_mxfp8(mx.data, mx.scale_e8m0)  # a recipe's `tile_aligned: true`
     tile_scale = aligned_tile_scales(tiles.scale_e8m0, *w.shape)
     tiles_foldable = mx_scales_foldable(tiles.scale_e8m0, tiles.data)
@@ -95,9 +101,9 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-channel": lambda: fp8_linear(x, channel.data, channel.scale, None, "token"),
         "fp8-block": lambda: fp8_block_linear(x, block.data, block.scale, None),
         "mxfp8": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
+            x, held, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
         ),
-        "mxfp8:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, "round_up"),
+        "mxfp8:unfolded": lambda: mxfp8_linear(x, held, mx.scale_e8m0, None, "round_up"),
         "mxfp8:boxes": lambda: mxfp8_linear(
             x, mx_boxes, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
         ),
@@ -108,8 +114,18 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "mxfp8-wo:boxes": lambda: mxfp8_linear(
             x, mx_boxes, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
         ),
-        "mxfp8-w8a16-decode": lambda: mxfp8_linear(
+        "mxfp8:rows": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, "round_up", weight_scales_foldable=foldable
+        ),
+        "mxfp8-w8a16-decode:rows": lambda: mxfp8_linear(
             *(x, mx.data, mx.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
+            weight_scales_foldable=foldable,
+        ),
+        "mxfp8-wo:rows": lambda: mxfp8_linear(
+            x, mx.data, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
+        ),
+        "mxfp8-w8a16-decode": lambda: mxfp8_linear(
+            *(x, held, mx.scale_e8m0, None, "round_up" if x.shape[0] >= DECODE_MIN_ROWS else None),
             weight_scales_foldable=foldable,
         ),
         "mxfp8-tiles": lambda: mxfp8_linear(
@@ -123,16 +139,14 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
             weight_scales_foldable=tiles_foldable,
         ),
         "mxfp8:aligned": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="aligned"
+            x, held, mx.scale_e8m0, None, "round_up", large_m_kernel="aligned"
         ),
         "mxfp8:cublas": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="cublas"
+            x, held, mx.scale_e8m0, None, "round_up", large_m_kernel="cublas"
         ),
-        "mxfp8:fp8mma": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="fp8"
-        ),
+        "mxfp8:fp8mma": lambda: mxfp8_linear(x, held, mx.scale_e8m0, None, "round_up", large_m_kernel="fp8"),
         "mxfp8:dequant": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, "round_up", large_m_kernel="dequant"
+            x, held, mx.scale_e8m0, None, "round_up", large_m_kernel="dequant"
         ),
         "fp8-channel-wo": lambda: fp8_weight_only_linear(
             x, channel.data, channel.scale, Fp8Granularity.PER_ROW, None
@@ -140,10 +154,8 @@ def _columns(x: torch.Tensor, w: torch.Tensor) -> dict[str, Callable[[], torch.T
         "fp8-block-wo": lambda: fp8_weight_only_linear(
             x, block.data, block.scale, Fp8Granularity.BLOCK_128X128, None
         ),
-        "mxfp8-wo": lambda: mxfp8_linear(
-            x, mx.data, mx.scale_e8m0, None, None, weight_scales_foldable=foldable
-        ),
-        "mxfp8-wo:unfolded": lambda: mxfp8_linear(x, mx.data, mx.scale_e8m0, None, None),
+        "mxfp8-wo": lambda: mxfp8_linear(x, held, mx.scale_e8m0, None, None, weight_scales_foldable=foldable),
+        "mxfp8-wo:unfolded": lambda: mxfp8_linear(x, held, mx.scale_e8m0, None, None),
         # tile kernels at any M (the dispatchers take split-K up to 64 rows): for the crossovers
         "fp8-channel:tile": lambda: fp8_gemm_triton(
             *quantize_fp8(x, Fp8Granularity.PER_ROW), channel.data, channel.scale, None, x.dtype
@@ -383,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "command": " ".join(sys.argv),
+        "mx_weight_box_major": methods.MX_WEIGHT_BOX_MAJOR,
     }
     if args.json:
         with open(args.json, "w") as f:

@@ -34,7 +34,14 @@ from mxrun.engine.schemes import (
     WeightGranularity,
 )
 from mxrun.kernels.backend import Backend, resolve_backend
-from mxrun.kernels.box_major import MX_BOX_K, MX_BOX_N, BoxMajorWeight, box_major, box_major_rows
+from mxrun.kernels.box_major import (
+    MX_BOX_K,
+    MX_BOX_N,
+    BoxMajorWeight,
+    box_major,
+    box_major_fits,
+    box_major_rows,
+)
 from mxrun.kernels.e4m3 import encode_e4m3_reference, mx_scales_foldable, mx_scales_foldable_f16
 from mxrun.kernels.fp8_quantize import (
     FP8_BLOCK,
@@ -389,19 +396,21 @@ class Fp8BlockWeightOnlyMethod(_Fp8WeightOnlyMethod):
         _check_block_scheme(self.scheme, layer_name)
 
 
-MX_WEIGHT_BOX_MAJOR = False
-"""Store MXFP8 weights that are not tile-aligned box-major (:mod:`mxrun.kernels.box_major`: ``[64, 128]`` boxes,
-each one run of memory) instead of row-major ``[N, K]``. The split-K and mid-M kernels read those boxes faster:
-the MXFP8 Linear at M = 1 and 16 on the H100, the seven Llama shapes, box-major beside row-major in one run
-(``benchmarks/bench_linear.py --graph [--cold-weights] --rep-ms 20 --ms 1 16 --columns mxfp8 mxfp8:boxes
-mxfp8-w8a16-decode mxfp8-w8a16-decode:boxes mxfp8-wo mxfp8-wo:boxes``,
-``results/linear-h100-small-m-boxes-{warm,cold}.md``): W8A8 x0.964 the time warm and x0.956 cold, faster in 14
-of 14 each, cases at 1.7x of bf16 5 -> 10 warm and 4 -> 8 cold; with ``min_rows: 65`` x0.959 / x0.954, 10 -> 12
-and 8 -> 9. Off for now: the large-M paths (the per-call regrouping, the decode for cuBLAS) now read the boxes
-too, tested bit for bit under the interpreter but not yet run on the GPU, and the Linear is not yet measured
-with boxes from 64 rows up (MXFP8 W8A8 at M >= 1024 is 1.04-1.58x of bf16 row-major, the goal 1.0x); the
-forced ``"fp8"`` / ``"dequant"`` kernels take a row-major copy per call. The buffer's layout is fixed when the
-layer is made (:attr:`QuantizedLinear.weight_box_major`); exports and reloads are row-major either way."""
+MX_WEIGHT_BOX_MAJOR = True
+"""Store MXFP8 weights box-major (:mod:`mxrun.kernels.box_major`: ``[64, 128]`` boxes, each one run of memory)
+instead of row-major ``[N, K]``, where whole boxes cover the weight
+(:func:`~mxrun.kernels.box_major.box_major_fits`: no padding, so no extra bytes; every Llama shape) and it is not
+stored tile-aligned. The split-K and mid-M kernels read those boxes faster, and every other MXFP8 path reads them
+too (the per-call regrouping and the cuBLAS decode natively, the forced ``"fp8"`` / ``"dequant"`` kernels from a
+row-major copy). H100, box-major beside row-major in one run: at M = 1 and 16 (``benchmarks/bench_linear.py
+--graph [--cold-weights] --rep-ms 20 --ms 1 16 --columns ... mxfp8 mxfp8:rows ...``,
+``results/linear-h100-small-m-s27-boxes-{warm,cold}.md``) W8A8 x0.962 the time warm and x0.958 cold, faster in 14
+of 14 each, cases at 1.7x of bf16 5 -> 9 warm and 4 -> 8 cold; at 64-16384 rows (``--graph --ms 64 256 1024 4096
+16384 --columns mxfp8 mxfp8:boxes mxfp8-wo mxfp8-wo:boxes``, ``results/linear-h100-boxes-m64-16384.md``, the
+layout then off) x0.964 the time at 64 rows and x0.991-1.003 at each row count from 256 (geometric means over the
+seven shapes; within the run's spread), MXFP8 W8A8 at M >= 1024 1.05-1.54x of bf16 box-major (21 of 21 at 1.0x).
+The layout is fixed when the layer is made (:attr:`QuantizedLinear.weight_box_major`); exports and reloads are
+row-major either way."""
 
 
 class MxFp8Method(QuantMethod):
@@ -429,7 +438,7 @@ class MxFp8Method(QuantMethod):
 
     def create_weights(self, layer: QuantizedLinear) -> None:
         n, k = layer.out_features, layer.in_features
-        layer.weight_box_major = MX_WEIGHT_BOX_MAJOR and not self.tile_aligned
+        layer.weight_box_major = MX_WEIGHT_BOX_MAJOR and not self.tile_aligned and box_major_fits(n, k)
         shape = (box_major_rows(n, k, MX_BOX_N, MX_BOX_K), MX_BOX_K) if layer.weight_box_major else (n, k)
         layer.register_buffer("weight", torch.empty(shape, dtype=torch.float8_e4m3fn, device=layer.device))
         layer.register_buffer(

@@ -104,6 +104,12 @@ def box_major_offsets(rows, cols, K_BOXES, BOX_N: tl.constexpr, BOX_K: tl.conste
     return boxes * (BOX_N * BOX_K) + ((rows % BOX_N) * BOX_K)[:, None] + (cols % BOX_K)[None, :]
 
 
+def box_major_fits(n: int, k: int, box_n: int = MX_BOX_N, box_k: int = MX_BOX_K) -> bool:
+    """Whether whole boxes cover an ``[n, k]`` weight, so that holding it box-major adds no bytes (the methods
+    hold only such weights box-major: a ragged one would grow by its padding, up to 2x on small layers)."""
+    return n % box_n == 0 and k % box_k == 0
+
+
 def box_major_rows(n: int, k: int, box_n: int, box_k: int) -> int:
     """Rows of the box-major copy of an ``[n, k]`` weight (``box_k`` columns)."""
     return triton.cdiv(n, box_n) * triton.cdiv(k, box_k) * box_n

@@ -116,16 +116,16 @@ def _bounds(scheme, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, flo
     return worst, statistical
 
 
-def _data(kind: str, m: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, nn.Linear]:
+def _data(kind: str, m: int, dtype: torch.dtype, seed: int, n: int = N) -> tuple[torch.Tensor, nn.Linear]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, K, generator=g)
     if kind == "outliers":  # a few input channels 100x larger, as LLM activations have
         channels = torch.randperm(K, generator=g)[:4]
         x[:, channels] *= 100.0
-    linear = nn.Linear(K, N, bias=True)
+    linear = nn.Linear(K, n, bias=True)
     with torch.no_grad():
-        linear.weight.copy_(torch.randn(N, K, generator=g) * 0.05)
-        linear.bias.copy_(torch.randn(N, generator=g))
+        linear.weight.copy_(torch.randn(n, K, generator=g) * 0.05)
+        linear.bias.copy_(torch.randn(n, generator=g))
     return x.to(dtype), linear.to(dtype)
 
 
@@ -370,9 +370,9 @@ def test_min_rows_runs_smaller_calls_weight_only(scheme_name: str) -> None:
 
 @pytest.mark.parametrize("scheme_name", ["mxfp8", "mxfp8-weight-only", "mxfp8-decode"])
 def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monkeypatch) -> None:
-    """``MX_WEIGHT_BOX_MAJOR``: the layer holds its MXFP8 weight in [64, 128] boxes (zeros past N and K), gives
-    back exactly the row-major codes (:meth:`QuantizedLinear.weight_rows`) and the row-major layer's outputs,
-    on the CPU reference and, where there is one, the GPU at decode, mid and large row counts."""
+    """``MX_WEIGHT_BOX_MAJOR``: the layer holds its MXFP8 weight in [64, 128] boxes, gives back exactly the
+    row-major codes (:meth:`QuantizedLinear.weight_rows`) and the row-major layer's outputs, on the CPU reference
+    and, where there is one, the GPU at decode, mid and large row counts."""
     from mxrun.engine import methods
     from mxrun.kernels.box_major import box_major
 
@@ -381,14 +381,15 @@ def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monke
         assert problems == []
     else:
         scheme = preset_scheme(scheme_name)
-    x, linear = _data("outliers", 300, torch.bfloat16, seed=14)
+    x, linear = _data("outliers", 300, torch.bfloat16, seed=14, n=192)  # 3 x 2 whole boxes
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", False)
     rows_layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.rows")
     rows_layer.load_weight(linear.weight.data)
     monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
     layer = QuantizedLinear.from_linear(linear, method_for(scheme), layer_name="test.boxes")
     layer.load_weight(linear.weight.data)
     assert layer.weight_box_major and not rows_layer.weight_box_major
-    assert layer.weight.shape == (3 * 2 * 64, 128)  # ceil(160 / 64) x ceil(256 / 128) boxes of 64 rows
+    assert layer.weight.shape == (3 * 2 * 64, 128) and rows_layer.weight.shape == (192, 256)
     assert torch.equal(layer.weight_rows().view(torch.uint8), rows_layer.weight.view(torch.uint8))
     boxed = box_major(rows_layer.weight, 64, 128)
     assert torch.equal(layer.weight.view(torch.uint8), boxed.view(torch.uint8))
@@ -399,6 +400,19 @@ def test_box_major_mx_weight_gives_the_row_major_outputs(scheme_name: str, monke
         rows_layer.to(device)
         for m in (1, 16, 40, 300):
             assert torch.equal(layer(x[:m].to(device)), rows_layer(x[:m].to(device))), (device, m)
+
+
+def test_box_major_only_where_whole_boxes_cover_the_weight(monkeypatch) -> None:
+    """A ragged weight (N = 160: two and a half boxes of 64 rows) stays row-major: boxes would pad it by 20%."""
+    from mxrun.engine import methods
+
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
+    for n, boxed in ((N, False), (128, True)):
+        layer = QuantizedLinear.from_linear(
+            _data("gaussian", 1, torch.bfloat16, 17, n=n)[1], method_for(preset_scheme("mxfp8"))
+        )
+        assert layer.weight_box_major is boxed, n
+        assert layer.weight.numel() == n * K, n
 
 
 def test_box_major_is_not_used_for_tile_aligned_mx(monkeypatch) -> None:
@@ -419,9 +433,10 @@ def test_load_weight_rows_refuses_another_shape(monkeypatch) -> None:
 
     monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
     layer = QuantizedLinear.from_linear(
-        _data("gaussian", 1, torch.bfloat16, 16)[1],
+        _data("gaussian", 1, torch.bfloat16, 16, n=128)[1],
         method_for(preset_scheme("mxfp8")),
         layer_name="test.proj",
     )
+    assert layer.weight_box_major
     with pytest.raises(ValueError, match=r"test\.proj: a quantized weight of shape \(3, 4\)"):
         layer.load_weight_rows(torch.zeros(3, 4, dtype=torch.float8_e4m3fn))

@@ -203,6 +203,7 @@ def test_box_major_mx_layers_export_and_reload_row_major(
     from mxrun.engine import methods
 
     recipe = next(name for name in RECIPES if "mx" in name)
+    monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", False)
     rows_case = export(recipe, source, tmp_path / "rows")
     monkeypatch.setattr(methods, "MX_WEIGHT_BOX_MAJOR", True)
     boxes_case = export(recipe, source, tmp_path / "boxes")
