@@ -23,6 +23,17 @@ first weight step into registers before the wait was slower still (``...-first-s
 One long row is quantized here after all, with no waiting: every program reads the whole row for its amax and
 encodes its own slices (:data:`QUANTIZE_ONE_ROW_IN_LOOP`).
 
+The split sum's price (``benchmarks/small_m_overhead.py``, ``results/small-m-overhead-h100.log``: the launch with
+its partials stored and never added, timing only): 1.2-1.6 us at M = 1 on the Llama layers, warm and cold, of
+8B ``o``'s 9.6 us cold; the last program waits for its partials' store, the release fence, the arrival atomic
+and the partials' loads, each an L2 round trip. The same weight bytes read by 528-1056 programs that only stream
+them take 7.1-7.5 us there. Loading the epilogue's scales and bias before that chain instead of after it (in
+every program) did not pay: same bits, x1.001 the time warm and x0.997 cold over FP8 per-token, per-tensor and
+weight-only at M = 1 and 16 (switch ``SPLIT_K_FACTORS_AHEAD`` at commit 9c55437,
+``results/split-k-factors-ahead-h100.log``). A sum that skips the trips through L2 (the splits of a column block
+as one thread-block cluster adding through distributed shared memory) is the next step; Triton 3.6 exposes no
+distributed shared memory.
+
 Operands it takes (every product below is exact in fp32, so only the fp32 summation order differs from the
 references in :mod:`mxrun.kernels.scaled_gemm` / :mod:`mxrun.kernels.mxfp8_gemm`):
 
@@ -246,51 +257,18 @@ def _scale_and_store(
 ):  # fmt: skip
     """The scales that factor out of K (0 none, 1 per tensor, 2 per row / column; 3, per K step, were applied
     in the loop; 4, the one row's scale found in this kernel, ``a_scale_value``), bias, cast, store."""
-    a_mult, b_mult, bias = _epilogue_factors(a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                                             A_SCALE, B_SCALE, HAS_BIAS, a_scale_value)  # fmt: skip
-    _finish(total, a_mult, b_mult, bias, c_ptr, offs_m, offs_n, M, N, A_SCALE, B_SCALE, HAS_BIAS)
-
-
-@triton.jit
-def _epilogue_factors(
-    a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, a_scale_value=1.0,
-):  # fmt: skip
-    """What :func:`_finish` applies (see :func:`_scale_and_store`): the rows' multipliers ``[BLOCK_M]``, the
-    columns' ``[BLOCK_N]`` and the bias ``[BLOCK_N]``. Loaded apart from the store so that a split-K program can
-    load them before its partial sums' round trip through L2 (the last program's critical path) rather than
-    after it."""
-    a_mult = tl.full(offs_m.shape, 1.0, tl.float32)
     if A_SCALE == 1:
-        a_mult = a_mult * tl.load(a_scale_ptr)
+        total = total * tl.load(a_scale_ptr)
     elif A_SCALE == 4:
-        a_mult = a_mult * a_scale_value
+        total = total * a_scale_value
     elif A_SCALE == 2:
-        a_mult = tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0)
-    b_mult = tl.full(offs_n.shape, 1.0, tl.float32)
+        total = total * tl.load(a_scale_ptr + offs_m, mask=offs_m < M, other=1.0)[:, None]
     if B_SCALE == 1:
-        b_mult = b_mult * tl.load(b_scale_ptr)
+        total = total * tl.load(b_scale_ptr)
     elif B_SCALE == 2:
-        b_mult = tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)
-    bias = tl.zeros(offs_n.shape, tl.float32)
+        total = total * tl.load(b_scale_ptr + offs_n, mask=offs_n < N, other=1.0)[None, :]
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    return a_mult, b_mult, bias
-
-
-@triton.jit
-def _finish(
-    total, a_mult, b_mult, bias, c_ptr, offs_m, offs_n, M, N,
-    A_SCALE: tl.constexpr, B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-):  # fmt: skip
-    """``total`` times the rows' then the columns' multipliers, plus the bias (in that order: the bits do not
-    depend on where the factors were loaded), cast and stored."""
-    if A_SCALE == 1 or A_SCALE == 2 or A_SCALE == 4:
-        total = total * a_mult[:, None]
-    if B_SCALE == 1 or B_SCALE == 2:
-        total = total * b_mult[None, :]
-    if HAS_BIAS:
-        total += bias[None, :]
+        total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     out = c_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out, total.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
@@ -358,7 +336,6 @@ def _split_k_kernel(
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
     FUSED_SUM: tl.constexpr,  # the last split to arrive adds the partials (else _split_k_sum_kernel does)
-    FACTORS_AHEAD: tl.constexpr,  # FUSED_SUM: the scales and bias loaded before the partials' round trip
     MMA: tl.constexpr,  # 0: fp32 (interpreter only: its bf16/fp16 dot is wrong), 1: bf16, 2: fp16
     FAST_WIDEN: tl.constexpr,  # FP8 weights, bf16 MMA: E4M3 -> bf16 with integer ops (sm_90+, see e4m3.py)
     MX_FOLD: tl.constexpr,  # MX weights: 1 the bf16 widening with the power of two folded in, 2 the fp16 one
@@ -460,9 +437,6 @@ def _split_k_kernel(
                 acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc, input_precision="ieee")
             else:
                 acc = tl.dot(_mma_operand(a, MMA), _mma_operand(w, MMA), acc)
-    if FACTORS_AHEAD:  # before the partial sums' round trip, off the last program's critical path
-        a_mult, b_mult, bias = _epilogue_factors(a_scale_ptr, b_scale_ptr, bias_ptr, offs_m, offs_n, M, N,
-                                                 A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
     if SPLIT_K == 1:
         _scale_and_store(acc, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
                          A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
@@ -480,11 +454,8 @@ def _split_k_kernel(
             total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):  # L2, not L1: other SMs wrote these
                 total += tl.load(p_ptr + s * M * N + tile, mask=tile_ok, other=0.0, cache_modifier=".cg")
-            if FACTORS_AHEAD:
-                _finish(total, a_mult, b_mult, bias, c_ptr, offs_m, offs_n, M, N, A_SCALE, B_SCALE, HAS_BIAS)
-            else:
-                _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
-                                 A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
+            _scale_and_store(total, a_scale_ptr, b_scale_ptr, bias_ptr, c_ptr, offs_m, offs_n, M, N,
+                             A_SCALE, B_SCALE, HAS_BIAS, row_scale)  # fmt: skip
 
 
 @triton.jit
@@ -588,14 +559,6 @@ def scales_ahead(b_mx: bool, blocked: bool, mma: int, config: SplitKConfig) -> b
     if b_mx:
         return MX_CODES_AHEAD
     return blocked and BLOCK_SCALES_AHEAD and mma == 1 and config.block_k == 128
-
-
-SPLIT_K_FACTORS_AHEAD = True
-"""With more than one split, every program loads the epilogue's scales and bias (:func:`_epilogue_factors`)
-before it stores its partial sums and counts itself in, instead of the last program loading them after it has
-added the partials: one round trip to memory fewer on that program's critical path (the store, the fence, the
-arrival and the partials' loads are each an L2 round trip; the sum costs 1.2-1.6 us at M = 1 on the Llama
-layers, ``benchmarks/small_m_overhead.py``, ``results/small-m-overhead-h100.log``). Same bits either way."""
 
 
 ROUND_ONE_ROW_IN_LOOP = True
@@ -863,7 +826,6 @@ def small_m_gemm_triton(
         HAS_BIAS=bias is not None,
         SPLIT_K=splits,
         FUSED_SUM=fused_sum,
-        FACTORS_AHEAD=fused_sum and splits > 1 and SPLIT_K_FACTORS_AHEAD,
         MMA=mma,
         FAST_WIDEN=fast_widen and fast_widen_usable(a.device),
         MX_FOLD=mx_fold_mode(b_mx, mma, mx_scale_fold and fast_widen, mx_scale_fold16, a.device),

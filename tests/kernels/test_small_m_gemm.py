@@ -450,47 +450,6 @@ def test_one_row_quantized_in_the_loop_gives_the_pass_bits(
         assert_one_ulp(out, fp8_linear_reference(x, q.data, q.scale, bias, activation))
 
 
-@pytest.mark.parametrize("split_k", [2, 3])
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize(
-    "case", ["codes per-channel", "codes per-tensor", "weight-only per-channel", "one row in the loop"]
-)
-def test_factors_loaded_ahead_give_the_same_bits(monkeypatch, case, with_bias, split_k) -> None:
-    """``SPLIT_K_FACTORS_AHEAD``: every split loading the scales and bias before the partial sums' round trip
-    (rather than the last one after it) changes where they are loaded, not the arithmetic: the same bits with it
-    on and off, for per-token / per-tensor / per-channel scales, the one row's in-kernel scale and a bias, and
-    within one ulp of the reference."""
-    from mxrun.kernels import small_m_gemm
-
-    m, n, k = (1, 130, 4352) if case == "one row in the loop" else (5, 130, 800)
-    x, w, bias = _inputs(m, n, k, seed=31)
-    bias = bias if with_bias else None
-    per_tensor = case == "codes per-tensor"
-    qw = quantize_fp8_reference(w, G.PER_TENSOR if per_tensor else G.PER_ROW)
-    if case.startswith("codes"):
-        qa = quantize_fp8_reference(x, G.PER_TENSOR if per_tensor else G.PER_ROW)
-        ref = fp8_gemm_reference(qa.data, qa.scale, qw.data, qw.scale, bias, torch.bfloat16)
-        a, sa, b, sb = _dev(qa.data, qa.scale, qw.data, qw.scale)
-        kwargs = {"a_scale": sa, "out_dtype": torch.bfloat16}
-    elif case == "one row in the loop":
-        ref = fp8_linear_reference(x, qw.data, qw.scale, bias, "token")
-        a, b, sb = _dev(x, qw.data, qw.scale)
-        kwargs = {"quantize_rows": True}
-        config = default_config(torch.float8_e4m3fn, False, 1, False, n)
-        assert small_m_gemm.quantizes_row_in_loop(1, n, k, config, split_k)
-    else:
-        ref = fp8_weight_only_reference(x, qw.data, qw.scale, G.PER_ROW, bias)
-        a, b, sb = _dev(x, qw.data, qw.scale)
-        kwargs = {}
-    bias_d = None if bias is None else _dev(bias)[0]
-    outs = []
-    for ahead in (False, True):
-        monkeypatch.setattr(small_m_gemm, "SPLIT_K_FACTORS_AHEAD", ahead)
-        outs.append(small_m_gemm_triton(a, b, weight_scale=sb, bias=bias_d, split_k=split_k, **kwargs))
-    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
-    assert_one_ulp(outs[1], ref)
-
-
 def test_quantizes_row_in_loop_only_one_row_read_whole_in_one_wave() -> None:
     """The in-kernel per-token quantize takes one row of more than ROW_CHUNKS_MIN_COLS (whose quantize launch
     costs most) and at most QUANTIZE_ROW_MAX_K columns (each program reads it whole), and launches whose
