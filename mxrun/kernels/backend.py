@@ -19,8 +19,13 @@ try:  # pragma: no cover - exercised by whichever platform runs the tests
     import triton.language as tl
 
     HAS_TRITON = True
+    try:  # programmatic dependent launch (sm_90+): Triton 3.4 and later
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover
+        gdc_launch_dependents = gdc_wait = None
 except ImportError:  # pragma: no cover
     HAS_TRITON = False
+    gdc_launch_dependents = gdc_wait = None
 
     class _MissingTriton:
         """Stand-in so ``@triton.jit`` and ``tl.constexpr`` annotations still evaluate without Triton."""
@@ -75,6 +80,12 @@ def cuda_major(device: torch.device) -> int:
     if device.type != "cuda":
         return 0
     return _capability_of(device.index if device.index is not None else torch.cuda.current_device())[0]
+
+
+def pdl_usable(device: torch.device) -> bool:
+    """Whether a kernel on ``device`` can be launched as a programmatic dependent launch (``launch_pdl``) and
+    use ``griddepcontrol`` (sm_90+, compiled, a Triton that has it)."""
+    return gdc_wait is not None and not _TRITON_INTERPRETING and cuda_major(device) >= 9
 
 
 def triton_interpreting() -> bool:

@@ -40,7 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from mxrun.kernels.backend import Backend, resolve_backend, tl, triton
+from mxrun.kernels.backend import Backend, gdc_launch_dependents, resolve_backend, tl, triton
 from mxrun.kernels.e4m3 import (
     E4M3_MAX,
     e4m3_code,
@@ -301,11 +301,14 @@ def _fp8_row_pieces_kernel(
     PIECE_1: tl.constexpr,
     PIECE_2: tl.constexpr,
     LOAD_POLICY: tl.constexpr = "",
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # let a programmatic dependent launch start (sm_90+)
 ):
     """Per-row scales with whole rows in registers, each row held as up to three power-of-two pieces side by
     side (PIECE_1, PIECE_2 = 0: absent), e.g. 7168 = 4096 + 2048 + 1024: one read of the input, and no idle
     lanes where K is a sum of three powers of two (see :func:`fp8_row_pieces`). Every piece's load is issued
     before the first reduction, so a program has its whole row in flight at once."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -382,9 +385,12 @@ def _fp8_long_row_kernel(
     SOFT_CAST: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # let a programmatic dependent launch start (sm_90+)
 ):
     """Per-row scales for rows too long to hold in registers: a pass for the amax, then a quantize pass (the
     second read of a BLOCK_R-row strip mostly hits L2)."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     pid_r = tl.program_id(0)
     pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -419,11 +425,14 @@ def _fp8_row_chunks_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,  # columns per step of the amax loop
     CHUNK: tl.constexpr,  # columns this program quantizes
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # let a programmatic dependent launch start (sm_90+)
 ):
     """Per-row scales for a few long rows (decode): every program of a row finds the whole row's amax itself
     (a max over the row, which each of them reads, mostly from L2), then quantizes only its CHUNK of the columns.
     One program per row would do all of a long row's conversions alone; here cdiv(K, CHUNK) programs share
     them, with nothing passed between programs (each computes the same scale from the same bytes)."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -647,7 +656,7 @@ than the L2 is read again first where the amax left it (H100, four Llama shapes 
 interleaved repeats: time x1.008, faster in 8 of 24, ``results/tensor-quantize-reversed-h100.log``)."""
 
 
-def _row_chunks_apply(rows: int, cols: int) -> bool:
+def row_chunks_apply(rows: int, cols: int) -> bool:
     """Whether a per-row quantize of ``rows`` rows (batches included) of ``cols`` columns takes
     :func:`_fp8_row_chunks_kernel` (few, long rows: the decode case)."""
     return rows <= ROW_CHUNKS_MAX_ROWS and cols > ROW_CHUNKS_MIN_COLS
@@ -691,7 +700,7 @@ def _fp8_launch_plan(
         constexprs["GROUP_K"] = FP8_BLOCK
     else:
         scale_shape = (*shape[:-1], 1)
-        if config is None and _row_chunks_apply(view.rows * view.batches, view.cols):
+        if config is None and row_chunks_apply(view.rows * view.batches, view.cols):
             chunk, warps = row_chunk_for(view.rows * view.batches, view.cols)
             kernel_name, grid = "row_chunks", (view.rows, ceil_div(view.cols, chunk), view.batches)
             step = min(ROW_CHUNKS_AMAX_STEP, triton.next_power_of_2(view.cols))
@@ -716,13 +725,16 @@ def quantize_fp8_triton(
     cast: E4m3Cast | str = E4m3Cast.AUTO,
     config: TileConfig | None = None,
     scale_k_major: bool = False,
+    launch_dependents: bool = False,
 ) -> Fp8Quantized:
     """Triton FP8 quantize with the reference's bytes and scales; no host synchronisation.
 
     Per-tensor takes two launches (the amax, then quantize; see :data:`TENSOR_AMAX_PARTIALS_MAX`); the other
     granularities one pass. ``scale_k_major`` (1x128 groups of a 2-D input): the same scales ``[M, cdiv(K,
     128)]`` as a view of a K-major buffer ``[cdiv(K, 128), M rounded up to 4]`` (strides ``(1, ld)``), each K
-    step's scales one contiguous, 16-byte aligned run for a TMA box.
+    step's scales one contiguous, 16-byte aligned run for a TMA box. ``launch_dependents`` (sm_90+; the one-pass
+    per-row kernels): the next launch, if it is a programmatic dependent one, may start as soon as every program
+    of this one has (it waits for this one's results itself).
     """
     granularity = Fp8Granularity(granularity)
     if scale_k_major and (granularity is not Fp8Granularity.GROUP_1X128 or x.dim() != 2):
@@ -760,7 +772,8 @@ def quantize_fp8_triton(
     scale = torch.empty(plan.scale_shape, dtype=torch.float32, device=x.device)
     if plan.grid is not None:
         kernel = _KERNELS[plan.kernel_name]
-        kernel[plan.grid](x, data, scale, *plan.int_args, **plan.constexprs)
+        extra = {"LAUNCH_DEPENDENTS": True} if launch_dependents and plan.kernel_name != "row_group" else {}
+        kernel[plan.grid](x, data, scale, *plan.int_args, **plan.constexprs, **extra)
     return Fp8Quantized(data.view(torch.float8_e4m3fn), scale)
 
 

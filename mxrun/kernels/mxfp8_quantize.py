@@ -35,7 +35,14 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import Backend, resolve_backend, tl, triton, triton_interpreting
+from mxrun.kernels.backend import (
+    Backend,
+    gdc_launch_dependents,
+    resolve_backend,
+    tl,
+    triton,
+    triton_interpreting,
+)
 from mxrun.kernels.e4m3 import (
     E4M3_NAN_CODE,
     e4m3_code,
@@ -335,8 +342,11 @@ def _mxfp8_quantize_kernel(
     FP32_SCALE: tl.constexpr = False,
     ROUND_ONLY: tl.constexpr = False,
     SCALE_K_MAJOR: tl.constexpr = False,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # let a programmatic dependent launch start (sm_90+)
 ):
     """One program per BLOCK_R x BLOCK_K tile (:func:`mx_quantize_tile`), grid (row blocks, K blocks, batch)."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     mx_quantize_tile(
         x_ptr, q_ptr, scale_ptr, R, K, stride_xb, stride_xr, stride_xk, tl.program_id(0), tl.program_id(1),
         tl.program_id(2).to(tl.int64), ROUND_UP, SOFT_CAST, BLOCK_R, BLOCK_K, GROUP, FP32_SCALE, ROUND_ONLY,
@@ -448,17 +458,24 @@ def k_major_scale_buffer(rows: int, groups: int, device: torch.device) -> tuple[
     return buffer, buffer[:, :rows].t()
 
 
-def mx_round_triton(x: torch.Tensor, rule: MxScaleRule | str) -> torch.Tensor:
+def mx_round_triton(
+    x: torch.Tensor, rule: MxScaleRule | str, *, launch_dependents: bool = False
+) -> torch.Tensor:
     """``x`` rounded to its MXFP8 values with ``rule``, in ``x``'s dtype (bf16/fp16), in one pass: what
     :func:`quantize_mxfp8` then :func:`dequantize_mxfp8` give, cast to x's dtype. Exact in bf16 (an E4M3 value
     times a power of two is a bf16 value) and, in fp16's normal range, in fp16: the activations of every
-    kernel that multiplies MX-rounded values in bf16/fp16."""
+    kernel that multiplies MX-rounded values in bf16/fp16. ``launch_dependents`` (sm_90+): the next launch, if
+    it is a programmatic dependent one, may start as soon as every program of this one has (it waits for this
+    one's results itself)."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise QuantizeInputError(f"mx_round_triton: x must be bfloat16 or float16, got {x.dtype}")
     plan = mxfp8_launch_plan(tuple(x.shape), tuple(x.stride()), x.dtype, rule, E4m3Cast.AUTO, None)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if plan.grid is not None:
-        _mxfp8_quantize_kernel[plan.grid](x, out, out, *plan.int_args, **plan.constexprs, ROUND_ONLY=True)
+        extra = {"LAUNCH_DEPENDENTS": True} if launch_dependents else {}
+        _mxfp8_quantize_kernel[plan.grid](
+            x, out, out, *plan.int_args, **plan.constexprs, ROUND_ONLY=True, **extra
+        )
     return out
 
 

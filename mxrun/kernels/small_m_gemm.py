@@ -10,9 +10,10 @@ writes fp32 partial sums to ``[SPLIT_K, M, N]`` and counts itself in on a per-co
 to arrive adds the splits in split order (deterministic, whoever is last), applies the scales that factor out of
 K (per-tensor / per-channel weight scales, per-token / per-tensor activation scales), adds the bias and casts.
 That is for tiles of up to :data:`FUSED_SUM_MAX_BLOCK_M` rows; taller ones leave the sum to a second kernel
-spread over the whole output. Measured and left out: launching it as a programmatic dependent launch after the
-activation quantize kernel (no gain beyond noise on the H100), and prefetching its first weight lines into L2
-while it waits (slower: the prefetches delay the quantize kernel's reads, which are on the critical path). Nor
+spread over the whole output. Launched as a programmatic dependent launch after the activations' pass, it first
+measured no gain beyond noise on the H100; with the pass triggering its dependents as it starts, it pays where the
+pass is short (:data:`PDL_AFTER_PASS`). Measured and left out: prefetching its first weight lines into L2 while it
+waits (slower: the prefetches delay the quantize kernel's reads, which are on the critical path). Nor
 did quantizing per-token activations inside this launch (prototype at commit 2b41991: programs take tickets as
 they start, the first ones quantize pieces of the rows, every program waits on a counter before its loop, with
 or without an L2 prefetch of its first weight steps while it waits): the same bits, but x1.05-1.10 the time of
@@ -115,14 +116,16 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import Backend, tl, triton, triton_interpreting
+from mxrun.kernels.backend import Backend, gdc_wait, pdl_usable, tl, triton, triton_interpreting
 from mxrun.kernels.box_major import BoxMajorWeight, box_first_row
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
     ROW_CHUNKS_MIN_COLS,
     Fp8Granularity,
     quantize_fp8,
+    quantize_fp8_triton,
     row_amax_bits,
+    row_chunks_apply,
     scale_from_amax_bits,
 )
 from mxrun.kernels.fp8_tma_gemm import tma_usable
@@ -350,6 +353,7 @@ def _split_k_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # multiple of 32; of 128 with B_SCALE 3
+    WAIT_PRIOR: tl.constexpr = False,  # launched as a programmatic dependent launch of the activations' pass
 ):
     """One program: BLOCK_N output columns x all (<= BLOCK_M) rows over one K slab. With one split it finishes
     the output itself; with more, it stores fp32 partial sums and the last of a column block's splits to
@@ -357,6 +361,8 @@ def _split_k_kernel(
     128x128 weight blocks (B_SCALE 3): a program's columns lie in one block row and each 128-wide part of a K
     step in one block, so each part's product is added times that block's scale (:func:`_block_step`)."""
     G: tl.constexpr = BLOCK_K // 32
+    if WAIT_PRIOR:  # a programmatic dependent launch: the pass before it has finished and its writes show
+        gdc_wait()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -561,6 +567,24 @@ def scales_ahead(b_mx: bool, blocked: bool, mma: int, config: SplitKConfig) -> b
     return blocked and BLOCK_SCALES_AHEAD and mma == 1 and config.block_k == 128
 
 
+PDL_AFTER_PASS = True
+"""On sm_90+, where this launcher runs a pass over the activations first (the MX rounding; the per-token quantize
+of ``quantize_rows`` for rows of up to :data:`~mxrun.kernels.fp8_quantize.ROW_CHUNKS_MIN_COLS` columns, one
+program per row or two), that pass lets the GEMM start as soon as all its programs have
+(``griddepcontrol.launch_dependents``) and the GEMM goes as a programmatic dependent launch whose programs wait
+for the pass's results (``griddepcontrol.wait``) before they read anything: the GEMM's launch and its programs'
+start overlap the pass instead of following it. The same bits (tested, eagerly and in CUDA graphs). H100,
+interleaved, two repeats (``benchmarks/sweep_linear_setting.py --setting small.PDL_AFTER_PASS --values 0 1 --ms 1
+16 --columns scaled_mm fp8-channel mxfp8 --repeats 2 [--cold-weights]``, ``results/pdl-after-pass-h100.log``, run
+with the GEMM a dependent launch after every pass): where this rule takes it (per-token FP8 on the 4096-wide
+8B layers, MXFP8 W8A8 wherever it rounds in a pass) x0.978 the time warm and x0.973 cold, faster in 27 and 28 of
+30 (MXFP8 8B ``o`` at M = 16 1.46-1.51 -> 1.56-1.60x of ``_scaled_mm`` warm, 8B ``down`` 1.62-1.63 -> 1.66-1.69x
+cold). After the row-chunks quantize of longer rows (hundreds of programs, the GEMM's arriving while they still
+run) it was slower (8B ``down`` per-token at M = 16 1.71-1.73 -> 1.59x of ``_scaled_mm``; x1.015 warm and x1.023
+cold over the cases the rule leaves out, those without a pass included), so those keep the ordinary launch.
+Measured at 1 and 16 rows; 17-32 rows (one or two passes' programs per row as well) follow the same rule."""
+
+
 ROUND_ONE_ROW_IN_LOOP = True
 """MXFP8 W8A8 with one activation row rounds that row inside this kernel, each K step's slice in a 1-D layout
 as it is loaded (a value or two per thread, then row 0 of the MMA's A tile), instead of in a pass of its own
@@ -736,6 +760,8 @@ def small_m_gemm_triton(
     n, k, out_dtype = check_operands(fn, a, weight, a_scale, out_dtype, activation_mx_rule, bias)
     m = a.shape[0]
     row_quant = False
+    pdl = PDL_AFTER_PASS and pdl_usable(a.device)  # see PDL_AFTER_PASS
+    after_pass = False  # this launch follows a pass over the activations made here
     if quantize_rows:
         if a.dtype == torch.float8_e4m3fn or activation_mx_rule is not None or weight_scale is None:
             raise GemmInputError(
@@ -743,7 +769,10 @@ def small_m_gemm_triton(
             )
         config = config or default_config(torch.float8_e4m3fn, False, m, False, n)
         row_quant = quantizes_row_in_loop(m, n, k, config, split_k)
-        if not row_quant:
+        if not row_quant and pdl and not row_chunks_apply(m, k):  # see PDL_AFTER_PASS
+            quantized = quantize_fp8_triton(a, Fp8Granularity.PER_ROW, launch_dependents=True)
+            a, a_scale, after_pass = quantized.data, quantized.scale, True
+        elif not row_quant:
             quantized = quantize_fp8(a, Fp8Granularity.PER_ROW, Backend.TRITON)
             a, a_scale = quantized.data, quantized.scale
     if m > SMALL_M_MAX:
@@ -779,7 +808,8 @@ def small_m_gemm_triton(
     a_round = activation_mx_rule is not None and not blocked
     a_round = a_round and rounds_in_loop(m, column_blocks * splits, k_per_split // config.block_k, config)
     if activation_mx_rule is not None and not a_round:
-        a = mx_round_triton(a, activation_mx_rule)  # the same values as bf16/fp16: then as weight-only
+        a = mx_round_triton(a, activation_mx_rule, launch_dependents=pdl)  # same values: then as weight-only
+        after_pass = pdl
     block_m = block_m_for(m)
     fused_sum = block_m <= FUSED_SUM_MAX_BLOCK_M
     partials = torch.empty((splits, m, n), dtype=torch.float32, device=a.device) if splits > 1 else c
@@ -791,6 +821,8 @@ def small_m_gemm_triton(
     # MMA inputs: fp32 in the interpreter; bf16 for bf16 activations; else fp16 (holds every E4M3 value)
     mma = 0 if triton_interpreting() else 1 if a.dtype == torch.bfloat16 and not row_quant else 2
     extra = {} if config.max_registers is None else {"maxnreg": config.max_registers}
+    if after_pass:
+        extra.update(launch_pdl=True, WAIT_PRIOR=True)
     if weight_tma is None:  # where it measured faster: see WEIGHT_TMA
         weight_tma = WEIGHT_TMA and (weight_scale_e8m0 is not None or mma == 2)
     box = config._replace(block_k=128) if blocked else config  # block steps load 128 K at a time

@@ -381,7 +381,11 @@ def test_one_row_rounded_in_the_loop_gives_the_pass_bits(monkeypatch, rule, dtyp
     a, b, s, bias_d = _dev(x, q.data, q.scale_e8m0, bias)
     passes = []
     real_pass = small_m_gemm.mx_round_triton
-    monkeypatch.setattr(small_m_gemm, "mx_round_triton", lambda *args: passes.append(1) or real_pass(*args))
+    monkeypatch.setattr(
+        small_m_gemm,
+        "mx_round_triton",
+        lambda *args, **kwargs: passes.append(1) or real_pass(*args, **kwargs),
+    )
     outs = []
     for in_loop in (False, True):
         monkeypatch.setattr(small_m_gemm, "ROUND_ONE_ROW_IN_LOOP", in_loop)
@@ -448,6 +452,76 @@ def test_one_row_quantized_in_the_loop_gives_the_pass_bits(
     for activation in ("token", "tensor"):
         out = fp8_linear(a, b, s, bias_d, activation, backend="triton")
         assert_one_ulp(out, fp8_linear_reference(x, q.data, q.scale, bias, activation))
+
+
+def test_pdl_follows_only_the_short_passes(monkeypatch) -> None:
+    """``PDL_AFTER_PASS``'s rule: the per-token quantize lets the GEMM start early only where it is not the
+    row-chunks kernel (rows of up to 4096 columns), and a row quantized inside the GEMM has no pass to follow."""
+    from mxrun.kernels import small_m_gemm
+
+    monkeypatch.setattr(small_m_gemm, "pdl_usable", lambda device: True)
+    taken = []
+
+    def launch(kind):
+        def stop(*args, **kwargs):
+            taken.append((kind, kwargs.get("launch_dependents", False)))
+            raise StopIteration
+
+        return stop
+
+    monkeypatch.setattr(small_m_gemm, "quantize_fp8_triton", launch("early"))
+    monkeypatch.setattr(small_m_gemm, "quantize_fp8", launch("plain"))
+    for m, k, want in ((16, 4096, "early"), (1, 4096, "early"), (16, 14336, "plain"), (1, 28672, "plain")):
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        w = torch.zeros(64, k, dtype=torch.float8_e4m3fn)
+        with pytest.raises(StopIteration):
+            small_m_gemm_triton(x, w, weight_scale=torch.ones(64, 1), quantize_rows=True)
+        assert taken[-1] == (want, want == "early"), (m, k)
+    monkeypatch.setattr(small_m_gemm, "PDL_AFTER_PASS", False)
+    x, w = torch.randn(16, 4096, dtype=torch.bfloat16), torch.zeros(64, 4096, dtype=torch.float8_e4m3fn)
+    with pytest.raises(StopIteration):
+        small_m_gemm_triton(x, w, weight_scale=torch.ones(64, 1), quantize_rows=True)
+    assert taken[-1] == ("plain", False)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs an sm_90+ GPU")
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(16, 4096, 4096), (16, 4096, 14336), (4, 130, 4160), (1, 96, 4096)]
+)
+def test_pdl_after_the_activation_pass_gives_the_same_bits(monkeypatch, m, n, k) -> None:
+    """``PDL_AFTER_PASS``: the GEMM as a programmatic dependent launch of the per-token quantize / the MX rounding
+    (waiting for them before it reads anything) gives the bits of the ordinary launches, eagerly and replayed
+    from a CUDA graph, where the pass rewrites its output between replays."""
+    from mxrun.kernels import small_m_gemm
+    from mxrun.kernels.backend import pdl_usable
+
+    if not pdl_usable(torch.device(KERNEL_DEVICE)):
+        pytest.skip("needs sm_90+ and a Triton with griddepcontrol")
+    x, w, bias = _inputs(m, n, k, seed=37)
+    q = quantize_fp8_reference(w, G.PER_ROW)
+    mx = quantize_mxfp8_reference(w)
+    a, b, s, bias_d, mx_w, mx_s = _dev(x, q.data, q.scale, bias, mx.data, mx.scale_e8m0)
+    calls = {
+        "per-token": lambda a: small_m_gemm_triton(a, b, weight_scale=s, bias=bias_d, quantize_rows=True),
+        "mx": lambda a: small_m_gemm_triton(a, mx_w, weight_scale_e8m0=mx_s, activation_mx_rule="round_up"),
+    }
+    for name, call in calls.items():
+        monkeypatch.setattr(small_m_gemm, "PDL_AFTER_PASS", False)
+        want = call(a)
+        monkeypatch.setattr(small_m_gemm, "PDL_AFTER_PASS", True)
+        assert torch.equal(call(a).view(torch.int16), want.view(torch.int16)), name
+        source = torch.zeros_like(a)
+        call(source)  # compiled outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call(source)
+        for inputs in (a, a * 3.0):
+            source.copy_(inputs)
+            graph.replay()
+            monkeypatch.setattr(small_m_gemm, "PDL_AFTER_PASS", False)
+            expected = call(inputs)
+            monkeypatch.setattr(small_m_gemm, "PDL_AFTER_PASS", True)
+            assert torch.equal(out.view(torch.int16), expected.view(torch.int16)), name
 
 
 def test_quantizes_row_in_loop_only_one_row_read_whole_in_one_wave() -> None:
