@@ -21,11 +21,21 @@ try:  # pragma: no cover - exercised by whichever platform runs the tests
     HAS_TRITON = True
     try:  # programmatic dependent launch (sm_90+): Triton 3.4 and later
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    except ImportError:  # pragma: no cover
-        gdc_launch_dependents = gdc_wait = None
+
+        HAS_GDC = True
+    except ImportError:  # pragma: no cover - older Triton: kernels still name them, pdl_usable says no
+        HAS_GDC = False
+
+        @triton.jit
+        def gdc_wait():
+            pass
+
+        @triton.jit
+        def gdc_launch_dependents():
+            pass
+
 except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-    gdc_launch_dependents = gdc_wait = None
+    HAS_TRITON = HAS_GDC = False
 
     class _MissingTriton:
         """Stand-in so ``@triton.jit`` and ``tl.constexpr`` annotations still evaluate without Triton."""
@@ -51,6 +61,12 @@ except ImportError:  # pragma: no cover
 
     triton = _MissingTriton()  # type: ignore[assignment]
     tl = _MissingTritonLanguage()  # type: ignore[assignment]
+
+    def gdc_wait() -> None:
+        """Stand-in: without Triton no kernel launches."""
+
+    def gdc_launch_dependents() -> None:
+        """Stand-in: without Triton no kernel launches."""
 
 
 class Backend(enum.Enum):
@@ -85,7 +101,7 @@ def cuda_major(device: torch.device) -> int:
 def pdl_usable(device: torch.device) -> bool:
     """Whether a kernel on ``device`` can be launched as a programmatic dependent launch (``launch_pdl``) and
     use ``griddepcontrol`` (sm_90+, compiled, a Triton that has it)."""
-    return gdc_wait is not None and not _TRITON_INTERPRETING and cuda_major(device) >= 9
+    return HAS_GDC and not _TRITON_INTERPRETING and cuda_major(device) >= 9
 
 
 def triton_interpreting() -> bool:
