@@ -98,10 +98,15 @@ def cuda_major(device: torch.device) -> int:
     return _capability_of(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
+# MXRUN_PDL=0 turns programmatic dependent launches off (read once, at import): an escape hatch, should a driver
+# refuse them (e.g. inside CUDA graph capture).
+_PDL_ALLOWED = os.environ.get("MXRUN_PDL", "1") not in ("", "0")
+
+
 def pdl_usable(device: torch.device) -> bool:
     """Whether a kernel on ``device`` can be launched as a programmatic dependent launch (``launch_pdl``) and
-    use ``griddepcontrol`` (sm_90+, compiled, a Triton that has it)."""
-    return HAS_GDC and not _TRITON_INTERPRETING and cuda_major(device) >= 9
+    use ``griddepcontrol`` (sm_90+, compiled, a Triton that has it, not turned off with ``MXRUN_PDL=0``)."""
+    return _PDL_ALLOWED and HAS_GDC and not _TRITON_INTERPRETING and cuda_major(device) >= 9
 
 
 def triton_interpreting() -> bool:
