@@ -484,6 +484,21 @@ def test_pdl_follows_only_the_short_passes(monkeypatch) -> None:
     assert taken[-1] == ("plain", False)
 
 
+@pytest.mark.parametrize(("value", "allowed"), [("0", False), ("", False), ("1", True), (None, True)])
+def test_mxrun_pdl_env_turns_the_dependent_launches_off(value, allowed) -> None:
+    """``MXRUN_PDL=0`` (or empty) is read at import and makes ``pdl_usable`` say no on any device."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MXRUN_PDL"}
+    if value is not None:
+        env["MXRUN_PDL"] = value
+    code = "import mxrun.kernels.backend as b; print(b._PDL_ALLOWED)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(allowed)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs an sm_90+ GPU")
 @pytest.mark.parametrize(
     ("m", "n", "k"), [(16, 4096, 4096), (16, 4096, 14336), (4, 130, 4160), (1, 96, 4096)]
