@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.bench_linear import _rotating, weight_copies
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.fp8_quantize import Fp8Granularity, Fp8Quantized, quantize_fp8
 from mxrun.kernels.mxfp8_quantize import Mxfp8Quantized, quantize_mxfp8
 from mxrun.kernels.scaled_gemm import fp8_linear
@@ -85,6 +86,11 @@ def main() -> None:
         "--weight-tma",
         action="store_true",
         help="also time every scheme with its weight read by TMA (name suffix ' (tma)')",
+    )
+    parser.add_argument(
+        "--boxes",
+        action="store_true",
+        help="hold the MX weights box-major in each tile's [block_n, block_k] boxes, as the MXFP8 method stores them",
     )
     parser.add_argument(
         "--cold-weights",
@@ -151,8 +157,24 @@ def _runs_over_copies(
     args: argparse.Namespace,
 ) -> dict[str, Callable[[], object]]:
     """Each scheme's launch with tile ``cfg``, going round the weight copies (one copy: always the same)."""
-    per_copy = [_runs(cfg, x, xq, channel, mx, args) for channel, mx in zip(channels, mxs, strict=True)]
+    per_copy = [
+        _runs(cfg, x, xq, channel, _held(mx, cfg, args.boxes), args)
+        for channel, mx in zip(channels, mxs, strict=True)
+    ]
     return {name: _rotating([runs[name] for runs in per_copy]) for name in per_copy[0]}
+
+
+_BOXED: dict[tuple[int, int, int], BoxMajorWeight] = {}
+
+
+def _held(mx: Mxfp8Quantized, cfg: SplitKConfig, boxes: bool) -> Mxfp8Quantized:
+    """``mx`` with its weight box-major in ``cfg``'s boxes (one copy per weight and box, kept), or as it is."""
+    if not boxes:
+        return mx
+    key = (mx.data.data_ptr(), cfg.block_n, cfg.block_k)
+    if key not in _BOXED:
+        _BOXED[key] = BoxMajorWeight.of(mx.data, cfg.block_n, cfg.block_k)
+    return mx._replace(data=_BOXED[key])
 
 
 def _runs(
