@@ -98,6 +98,20 @@ def cuda_major(device: torch.device) -> int:
     return _capability_of(device.index if device.index is not None else torch.cuda.current_device())[0]
 
 
+@functools.cache
+def _name_of(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name (``NVIDIA H100 80GB HBM3``, ``NVIDIA H200``), cached per device: the few settings
+    measured to differ between chips of one compute capability are looked up by it. ``""`` for any other
+    device."""
+    if device.type != "cuda":
+        return ""
+    return _name_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # MXRUN_PDL=0 turns programmatic dependent launches off (read once, at import): an escape hatch, should a driver
 # refuse them (e.g. inside CUDA graph capture).
 _PDL_ALLOWED = os.environ.get("MXRUN_PDL", "1") not in ("", "0")

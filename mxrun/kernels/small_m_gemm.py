@@ -116,7 +116,7 @@ from typing import NamedTuple
 
 import torch
 
-from mxrun.kernels.backend import Backend, gdc_wait, pdl_usable, tl, triton, triton_interpreting
+from mxrun.kernels.backend import Backend, device_name, gdc_wait, pdl_usable, tl, triton, triton_interpreting
 from mxrun.kernels.box_major import BoxMajorWeight, box_first_row
 from mxrun.kernels.e4m3 import e4m3_code, e4m3_to_bf16, fast_widen_usable, widen_to_fp32
 from mxrun.kernels.fp8_quantize import (
@@ -600,16 +600,39 @@ kernel's registers (70B ``gate_up``'s 896: this kernel needs 72 registers instea
 run at once, and the layer took 237 against 193 us); and programs of more than :data:`ROUND_IN_LOOP_MAX_STEPS`
 K steps (70B ``down``'s 56: 97.2 against 96.3 us)."""
 ROUND_IN_LOOP_MAX_STEPS = 32
+ROUND_IN_LOOP_MAX_STEPS_H200 = 8
+"""The same limit on an H200 (:func:`round_in_loop_max_steps`): with 1.4 times the H100's memory bandwidth and the
+same SMs, the MX decode loop is bound by the instructions it issues, so the rounding's instructions in every
+step cost more than the pass's launch beyond a few steps. H200, interleaved, the seven Llama shapes at M = 1
+(``benchmarks/sweep_linear_setting.py --setting small.ROUND_IN_LOOP_MAX_STEPS_H200 --values 32 16 8 0 --ms 1
+--columns scaled_mm mxfp8 --repeats 2 [--cold-weights]``, run as ``small.ROUND_IN_LOOP_MAX_STEPS`` before the
+limit per chip, ``results/mx-round-in-loop-steps-h200.log``): 8 steps x0.971 the time of 32 warm and x0.966 cold (8B
+``gate_up``, 32 steps, 0.99-1.00 -> 1.12x of ``_scaled_mm`` warm, 70B ``qkv``, 22 steps, 1.45 -> 1.57-1.59x;
+8B ``down``, 14 steps, 1.91-1.93 -> 1.98-2.00x cold); 16 x0.978 and x0.972; 0 (always the pass) x0.968 and
+x0.979 (8B ``o`` cold 1.62-1.64 -> 1.51x). On the H100 the rounding in the loop had gained on those three
+(``results/mx-round-in-loop-ab-h100.log``: 8B ``down`` 1.73-1.74 -> 1.82-1.85x, 8B ``gate_up`` and 70B ``qkv``
+by 1-2%), hence a limit per chip."""
 
 
-def rounds_in_loop(m: int, programs: int, steps: int, config: SplitKConfig) -> bool:
+def round_in_loop_max_steps(device: torch.device | None) -> int:
+    """K steps per program up to which one row is rounded in the loop on ``device``:
+    :data:`ROUND_IN_LOOP_MAX_STEPS_H200` on an H200 (the name also covers the H200 NVL and the GH200's, of
+    the same memory), else :data:`ROUND_IN_LOOP_MAX_STEPS` (measured on the H100)."""
+    fast_memory = device is not None and "H200" in device_name(device)
+    return ROUND_IN_LOOP_MAX_STEPS_H200 if fast_memory else ROUND_IN_LOOP_MAX_STEPS
+
+
+def rounds_in_loop(
+    m: int, programs: int, steps: int, config: SplitKConfig, device: torch.device | None = None
+) -> bool:
     """Whether an MXFP8 W8A8 call of ``m`` rows launching ``programs`` programs of ``steps`` K steps each
-    rounds its activations in the loop (:data:`ROUND_ONE_ROW_IN_LOOP`) rather than in a pass first."""
+    rounds its activations in the loop (:data:`ROUND_ONE_ROW_IN_LOOP`) rather than in a pass first, on
+    ``device`` (:func:`round_in_loop_max_steps`)."""
     return (
         ROUND_ONE_ROW_IN_LOOP
         and m == 1
         and programs <= config.target_programs
-        and steps <= ROUND_IN_LOOP_MAX_STEPS
+        and steps <= round_in_loop_max_steps(device)
     )
 
 
@@ -806,7 +829,9 @@ def small_m_gemm_triton(
     splits = triton.cdiv(k, k_per_split)  # no empty splits
     column_blocks = triton.cdiv(n, config.block_n)
     a_round = activation_mx_rule is not None and not blocked
-    a_round = a_round and rounds_in_loop(m, column_blocks * splits, k_per_split // config.block_k, config)
+    a_round = a_round and rounds_in_loop(
+        m, column_blocks * splits, k_per_split // config.block_k, config, a.device
+    )
     if activation_mx_rule is not None and not a_round:
         a = mx_round_triton(a, activation_mx_rule, launch_dependents=pdl)  # same values: then as weight-only
         after_pass = pdl
@@ -919,6 +944,7 @@ __all__ = [
     "NARROW_N",
     "NARROW_TARGET_PROGRAMS",
     "ROUND_IN_LOOP_MAX_STEPS",
+    "ROUND_IN_LOOP_MAX_STEPS_H200",
     "ROUND_ONE_ROW_IN_LOOP",
     "SMALL_M_MAX",
     "SplitKConfig",
@@ -926,6 +952,7 @@ __all__ = [
     "check_operands",
     "default_config",
     "mx_fold_mode",
+    "round_in_loop_max_steps",
     "rounds_in_loop",
     "scale_mode",
     "small_m_gemm_triton",

@@ -570,6 +570,25 @@ def test_rounds_in_loop_only_one_row_in_one_short_wave() -> None:
     assert not rounds_in_loop(1, 64, ROUND_IN_LOOP_MAX_STEPS + 1, DEFAULT_CONFIG)
 
 
+@pytest.mark.parametrize(
+    ("name", "limit"),
+    [("NVIDIA H100 80GB HBM3", "ROUND_IN_LOOP_MAX_STEPS"), ("NVIDIA H200", "ROUND_IN_LOOP_MAX_STEPS_H200")],
+)
+def test_round_in_loop_steps_limit_is_the_chips(monkeypatch, name, limit) -> None:
+    """The H200 takes its own (shorter) step limit, measured apart from the H100's; no device, the H100's."""
+    from mxrun.kernels import small_m_gemm
+
+    monkeypatch.setattr(small_m_gemm, "device_name", lambda device: name)
+    steps = getattr(small_m_gemm, limit)
+    cuda = torch.device("cuda", 0)
+    assert small_m_gemm.ROUND_IN_LOOP_MAX_STEPS_H200 < small_m_gemm.ROUND_IN_LOOP_MAX_STEPS
+    assert small_m_gemm.round_in_loop_max_steps(cuda) == steps
+    cfg = small_m_gemm.DEFAULT_CONFIG
+    assert small_m_gemm.rounds_in_loop(1, 64, steps, cfg, cuda)
+    assert not small_m_gemm.rounds_in_loop(1, 64, steps + 1, cfg, cuda)
+    assert small_m_gemm.round_in_loop_max_steps(None) == small_m_gemm.ROUND_IN_LOOP_MAX_STEPS
+
+
 def test_default_tile_by_operand_kind() -> None:
     """fp16 MMAs (E4M3 codes, fp16 activations) and bf16 MMAs get the tiles measured best for them up to 16
     rows; decoding MX weights, and 32- or 64-row tiles, keep the default (they need the registers)."""
