@@ -19,6 +19,7 @@ from mxrun.kernels import (
     fp8_tma_gemm,
     fp8_wgmma_gemm,
     mid_m_gemm,
+    mx_wgmma_small_m,
     mxfp8_gemm,
     scaled_gemm,
     small_m_gemm,
@@ -32,6 +33,7 @@ MODULES = {
     "quantize": fp8_quantize,
     "mid": mid_m_gemm,
     "small": small_m_gemm,
+    "mxrows": mx_wgmma_small_m,
 }
 
 

@@ -1,25 +1,44 @@
-"""MXFP8 W8A8 at decode sizes on Hopper: E4M3 codes on both sides of FP8 ``wgmma``, one MMA per 32-wide MX
-group, the group's two powers of two applied to its product (a Gluon prototype, measured against the split-K
-kernel of :mod:`mxrun.kernels.small_m_gemm`).
+"""MXFP8 W8A8 for one to four rows on Hopper: E4M3 codes on both sides of an FP8 ``wgmma``, each 32-wide MX
+group's product in its own accumulator column, so no weight element passes through the SMs' ALUs.
 
-The split-K kernel widens every weight element in registers (E4M3 to bf16 with its power of two folded in) and
-is bound by the instructions that issues, not by memory. Here the weight is never touched by the SMs' ALUs: the
-product is computed transposed, ``C^T = W X^T``, with a 64-row weight tile as the MMA's A operand and the few
-activation rows (padded to 8 or 16 by TMA's zero fill) as its N side, both straight from shared memory. Each
-32-wide K group is one ``m64nXk32`` FP8 MMA into its own registers; the four groups of a 128-wide step are
-issued asynchronously, then waited for one by one (``warpgroup_mma_wait`` with 3, 2, 1, 0 still in flight) and
-added into the fp32 accumulator times ``2^(w_scale[n, g]) * 2^(x_scale[m, g])`` while the later ones run: a
-multiply and a fused multiply-add per accumulator element and group (4 or 8 per thread), against one or more
-instructions per weight element in the widening loop. Every product is exact (E4M3 x E4M3 products are exact
-in fp32 and a 32-wide group's sum of them stays within fp32's 24 bits... up to rounding of the sum; the powers
-of two are exact unless their product leaves fp32's range), so the result differs from
-:func:`~mxrun.kernels.mxfp8_gemm.mxfp8_gemm_reference` by the order of the fp32 sums only.
+The split-K kernel (:mod:`mxrun.kernels.small_m_gemm`) widens every weight element to bf16 with its power of two
+folded in, and at these rows it is bound by the instructions that takes, not by memory (on an H200, 8B
+``gate_up`` at M = 1: 42.3 us for the Linear, against 31.4 for the FP8 W8A8 split-K GEMM on E4M3 codes and
+56.5 for bf16; ``benchmarks/small_m_mx_wgmma.py``, ``results/small-m-mx-wgmma-groups-h200.log``). Here the
+product is computed transposed, ``C^T = W X^T``: a 64-row weight tile, brought by TMA into a ring of
+shared-memory slots, is the MMA's A operand, and the activation side is block-diagonal. Row ``4 m + j`` of the
+spread activations holds row ``m``'s E4M3 codes of the groups ``g`` with ``g % 4 == j`` and zeros elsewhere
+(:func:`spread_activation_codes`; written so by :func:`_mx_spread_quantize_kernel`), so one ``m64nRk128`` MMA
+per 128-wide K step gives, in accumulator column ``4 m + j``, row ``m``'s product over that step's group ``j``
+alone. Each column is scaled by its two powers of two (the weight row's and the activation row's, of its group)
+and added into an fp32 accumulator of the same shape: one multiply and one multiply-add per accumulator element
+and step, 2 to 8 per thread, against 64 weight elements per thread and step. The rows' sums over their four
+columns come once, at the end.
 
-K is split across programs as in the split-K kernel (about :data:`TARGET_PROGRAMS` programs); each writes fp32
-partials ``[splits, M, N]`` that :func:`~mxrun.kernels.small_m_gemm.sum_splits` adds in split order with the
-bias and the cast.
+Measured first and dropped (commit e9c929e, the same benchmark): one ``m64n8k32`` MMA per group into its own
+registers, the four of a step issued together and waited for one by one, each scaled and added while the later
+ones run. The MMAs and waits cost nothing (products added unscaled: 30.4 us on 8B ``gate_up``, the codes
+GEMM's speed), but scaling four groups x the padded MMA width per step did: 41.1 us, no faster than today's
+path. The block-diagonal layout does a quarter of that work at M = 1 (33.1 us before the scale codes were
+loaded a step ahead).
 
-Needs CUDA sm_90 and Triton's Gluon (``triton.experimental.gluon``); no interpreter path (Gluon has none).
+Measured, the whole Linear (the quantize and the GEMM, box-major weight, H200, ``small_m_mx_wgmma.py --box-major``,
+``results/small-m-mx-wgmma-rows-h200.log``): at M = 1, 8B ``gate_up`` 33.3 us (split-K path 42.5, bf16 57.3), 8B
+``qkv`` 10.9 (11.9, 14.9), 70B
+``down`` 66.5 (72.2, 115.0), 70B ``qkv`` 28.3 (30.4, 47.2); level on 8B ``o`` and ``down``; slower on 70B
+``gate_up`` (147.8 against 135.4: 896 column blocks, more than one wave) and at four rows (the MMA's N side
+doubles to 16 columns). The Linear routes here only where it won: :func:`mx_rows_fits`.
+
+Every product of codes is exact in fp32, and so is each power of two; the FP8 ``wgmma`` accumulator rounds each
+step's sum to ~14 mantissa bits (see ``tests/kernels/test_scaled_gemm.py``), once per 32-wide group here, as in
+mxrun's other FP8 GEMMs with their promotion every 128 K.
+
+K is split across programs where the column blocks alone would leave SMs idle; each writes its rows' fp32
+partial sums and counts itself in on its column block's counter, and the last to arrive adds the splits in
+split order (deterministic), adds the bias and casts: one launch after the quantize.
+
+Needs CUDA sm_90 and Triton's Gluon; there is no interpreter path (Gluon has none), so the quantize kernel is
+tested on CPU and the GEMM on the GPU.
 """
 
 from __future__ import annotations
@@ -28,8 +47,11 @@ import functools
 
 import torch
 
-from mxrun.kernels.backend import HAS_TRITON, triton
+from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.fp8_wgmma_gemm import HAS_GLUON
+from mxrun.kernels.mxfp8_quantize import E4m3Cast, MxScaleRule, mx_group_codes, resolve_cast
+from mxrun.kernels.scaled_gemm import GemmInputError
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -42,16 +64,68 @@ if HAS_GLUON:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+MX_ROWS_MAX_M = 4
+"""Rows this kernel takes: 4 M accumulator columns, at most 16 (the MMA's N side is 8 or 16)."""
 BLOCK_N = 64
-"""Weight rows per program: one warp group's ``wgmma`` M side."""
+"""Weight rows per program: one warp group's ``wgmma`` M side (and the box-major weight's box)."""
 BLOCK_K = 128
-"""K per pipeline step: four MX groups, four MMAs."""
+"""K per pipeline step: four MX groups, one MMA."""
 STAGES = 4
 """TMA slots in flight per program."""
 TARGET_PROGRAMS = 528
 """Programs per launch the split of K aims at (four per SM on a 132-SM H100/H200)."""
-MAX_M = 16
-"""Rows this kernel takes (its MMA N side is 8 or 16)."""
+QUANTIZE_BLOCK_K = 512
+"""Columns per program of the spread quantize."""
+
+MX_ROWS_GEMM = True
+"""Whether MXFP8 W8A8 Linears take this kernel where :func:`mx_rows_preferred` (else the split-K kernel's MX
+decode)."""
+MX_ROWS_ROUTED_M = 1
+"""Rows up to which the Linear takes this kernel. On the H200 (``benchmarks/sweep_linear_setting.py --setting
+mxrows.MX_ROWS_GEMM``, ``results/mx-rows-routing-h200.log``) it was faster at one row and not at two (level) or
+four (up to 1.4x slower: the MMA's N side grows from 8 to 16 columns and the per-column scaling with it)."""
+
+
+@triton.jit
+def _mx_spread_quantize_kernel(
+    x_ptr,  # [M, K] bf16/fp16/fp32 activations
+    spread_ptr,  # [4 M, K] uint8: E4M3 codes, block-diagonal (see spread_activation_codes)
+    scale_ptr,  # [M, K/32] uint8 E8M0 codes
+    M,
+    K,
+    stride_xm,
+    ROUND_UP: tl.constexpr,
+    SOFT_CAST: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """MX-quantize ``BLOCK_K`` columns of every row (the quantize kernel's rule and cast, so the same bits) and
+    write each group's codes into its row of the spread layout, zeros into the other three."""
+    GROUPS: tl.constexpr = BLOCK_K // 32
+    rows = tl.arange(0, ROWS)
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    x = tl.load(
+        x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :],
+        mask=row_ok[:, None] & (cols < K)[None, :],
+        other=0.0,
+    )
+    codes, _, q = mx_group_codes(tl.reshape(x, [ROWS, GROUPS, 32]), ROUND_UP, SOFT_CAST)
+    groups = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
+    group_ok = groups * 32 < K
+    tl.store(
+        scale_ptr + rows.to(tl.int64)[:, None] * (K // 32) + groups[None, :],
+        codes.to(tl.uint8),
+        mask=row_ok[:, None] & group_ok[None, :],
+    )
+    q = q.to(tl.uint8)
+    offs = groups[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+    ok = row_ok[:, None, None] & group_ok[None, :, None]
+    for j in tl.static_range(4):
+        values = tl.where((groups % 4 == j)[None, :, None], q, 0).to(tl.uint8)
+        spread_rows = (rows.to(tl.int64) * 4 + j) * K
+        tl.store(spread_ptr + spread_rows[:, None, None] + offs, values, mask=ok)
+
 
 if HAS_GLUON:
 
@@ -63,179 +137,60 @@ if HAS_GLUON:
         return gl.where(codes == 255, float("nan"), bits.to(gl.float32, bitcast=True))
 
     @gluon.jit
-    def _group_product(w_tile, x_tile, zero, g: gl.constexpr):
-        """Start group ``g``'s MMA (32 K) of the step's tiles into fresh registers."""
-        return warpgroup_mma(
-            w_tile.slice(32 * g, 32, dim=1),
-            x_tile.slice(32 * g, 32, dim=1).permute((1, 0)),
-            zero,
-            use_acc=False,
-            is_async=True,
-        )
-
-    @gluon.jit
-    def _group_factor(ws_rows, xs_cols, row_ok, col_ok, group, groups_total):
-        """``2^w[n, g] * 2^x[m, g]`` for the tile's rows and columns, [BLOCK_N, BLOCK_M] in the accumulator's
-        layout (groups past K: 1.0, their codes are TMA's zeros)."""
-        in_k = group < groups_total
-        sw = _e8m0_to_fp32(gl.load(ws_rows + group, mask=row_ok & in_k, other=127))
-        sx = _e8m0_to_fp32(gl.load(xs_cols + group, mask=col_ok & in_k, other=127))
-        return gl.expand_dims(sw, 1) * gl.expand_dims(sx, 0)
-
-    @gluon.jit
-    def _codes(ws_rows, xs_cols, row_ok, col_ok, group, groups_total):
-        """Group ``group``'s E8M0 codes for the tile's rows and columns (1.0's code past K)."""
-        in_k = group < groups_total
-        cw = gl.load(ws_rows + group, mask=row_ok & in_k, other=127)
-        cx = gl.load(xs_cols + group, mask=col_ok & in_k, other=127)
+    def _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, group, groups_total):
+        """The step's E8M0 codes starting at ``group``: the weight's ``[BLOCK_N, R]`` (each column its group)
+        and the activations' ``[R]`` (1.0's code past K or past the rows)."""
+        in_k = group + col_g < groups_total
+        cw = gl.load(ws_tile + group, mask=ws_ok & gl.expand_dims(in_k, 0), other=127)
+        cx = gl.load(xs_cols + group, mask=x_ok & in_k, other=127)
         return cw, cx
 
     @gluon.jit
-    def _factor(cw, cx):
-        return gl.expand_dims(_e8m0_to_fp32(cw), 1) * gl.expand_dims(_e8m0_to_fp32(cx), 0)
+    def _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step, slot, k_steps, BOX_MAJOR: gl.constexpr):
+        """TMA the weight tile and the spread activation tile of K step ``step`` into ``slot`` (the program's
+        own step count modulo the stages, not ``step``'s: a split need not start at a multiple of them)."""
+        BLOCK_N: gl.constexpr = w_s.shape[1]
+        BLOCK_K: gl.constexpr = w_s.shape[2]
+        bar = ready.index(slot)
+        mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+        if BOX_MAJOR:  # box (column block, K step) is one [BLOCK_N, BLOCK_K] run of rows
+            tma.async_copy_global_to_shared(
+                w_desc, [(off_n // BLOCK_N * k_steps + step) * BLOCK_N, 0], bar, w_s.index(slot)
+            )
+        else:
+            tma.async_copy_global_to_shared(w_desc, [off_n, step * BLOCK_K], bar, w_s.index(slot))
+        tma.async_copy_global_to_shared(x_desc, [0, step * BLOCK_K], bar, x_s.index(slot))
 
-    @gluon.jit(do_not_specialize=["M"])
-    def _mx_small_m_kernel(
-        w_desc,  # [N, K] E4M3 weight codes, boxes [BLOCK_N, BLOCK_K]
-        x_desc,  # [M, K] E4M3 activation codes, boxes [BLOCK_M, BLOCK_K] (rows past M: zeros)
+    @gluon.jit
+    def _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS: gl.constexpr):
+        """Row ``m`` of the output: ``total`` plus the bias, cast."""
+        if HAS_BIAS:
+            total += gl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)
+        gl.store(c_ptr + m * stride_cm + rows, total.to(c_ptr.dtype.element_ty), mask=row_ok)
+
+    @gluon.jit(do_not_specialize=["M", "N", "K"])
+    def _mx_rows_kernel(
+        w_desc,  # [N, K] E4M3 weight codes, boxes [BLOCK_N, BLOCK_K]; BOX_MAJOR: the box-major tensor
+        x_desc,  # [4 M, K] spread activation codes, boxes [R, BLOCK_K] (rows past 4 M: zeros)
         ws_ptr,  # [N, K/32] uint8 E8M0 weight scales
         xs_ptr,  # [M, K/32] uint8 E8M0 activation scales
-        part_ptr,  # [splits, M, N] fp32 partial sums
+        bias_ptr,
+        c_ptr,  # [M, N] output (row stride stride_cm)
+        part_ptr,  # SPLIT: [splits, M, N] fp32 partial sums
+        count_ptr,  # SPLIT: int32 [cdiv(N, BLOCK_N)] arrival counters, zero before and after each launch
         M,
         N,
         K,
         stride_wsn,
-        stride_xsm,
+        stride_cm,
         steps_per_split,
-        STAGES: gl.constexpr,
-        MODE: gl.constexpr = 0,
-    ):
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
-        GROUPS: gl.constexpr = BLOCK_K // 32
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, BLOCK_M, 32]
-        )
-        pid_n = gl.program_id(0)
-        split = gl.program_id(1)
-        off_n = pid_n * BLOCK_N
-        step0 = split * steps_per_split
-        n_steps = gl.minimum(steps_per_split, gl.cdiv(K, BLOCK_K) - step0)
-        groups_total = K // 32
-
-        w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        x_s = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        step_bytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
-        for i in gl.static_range(STAGES - 1):
-            if i < n_steps:
-                kk = (step0 + i) * BLOCK_K
-                mbarrier.expect(ready.index(i), step_bytes)
-                tma.async_copy_global_to_shared(w_desc, [off_n, kk], ready.index(i), w_s.index(i))
-                tma.async_copy_global_to_shared(x_desc, [0, kk], ready.index(i), x_s.index(i))
-
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, layout))
-        row_ok = rows < N
-        col_ok = cols < M
-        ws_rows = ws_ptr + rows.to(gl.int64) * stride_wsn
-        xs_cols = xs_ptr + cols.to(gl.int64) * stride_xsm
-        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout)
-        acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout)
-        if MODE == 1:  # the first step's scale codes, loaded ahead
-            g0 = step0 * GROUPS
-            cw0, cx0 = _codes(ws_rows, xs_cols, row_ok, col_ok, g0, groups_total)
-            cw1, cx1 = _codes(ws_rows, xs_cols, row_ok, col_ok, g0 + 1, groups_total)
-            cw2, cx2 = _codes(ws_rows, xs_cols, row_ok, col_ok, g0 + 2, groups_total)
-            cw3, cx3 = _codes(ws_rows, xs_cols, row_ok, col_ok, g0 + 3, groups_total)
-        for s in range(n_steps):
-            # The slot of step s - 1 is free: that step's MMAs were all waited for.
-            ahead = s + STAGES - 1
-            if ahead < n_steps:
-                slot_ahead = ahead % STAGES
-                kk = (step0 + ahead) * BLOCK_K
-                mbarrier.expect(ready.index(slot_ahead), step_bytes)
-                tma.async_copy_global_to_shared(
-                    w_desc, [off_n, kk], ready.index(slot_ahead), w_s.index(slot_ahead)
-                )
-                tma.async_copy_global_to_shared(
-                    x_desc, [0, kk], ready.index(slot_ahead), x_s.index(slot_ahead)
-                )
-            slot = s % STAGES
-            mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
-            w_tile = w_s.index(slot)
-            x_tile = x_s.index(slot)
-            group = (step0 + s) * GROUPS
-            if MODE == 3:  # timing bound only: the step's four MMAs chained, no scales
-                p = warpgroup_mma(w_tile, x_tile.permute((1, 0)), acc, is_async=True)
-                acc = warpgroup_mma_wait(0, deps=(p,))
-            else:
-                p0 = _group_product(w_tile, x_tile, zero, 0)
-                p1 = _group_product(w_tile, x_tile, zero, 1)
-                p2 = _group_product(w_tile, x_tile, zero, 2)
-                p3 = _group_product(w_tile, x_tile, zero, 3)
-                if MODE == 0:
-                    f0 = _group_factor(ws_rows, xs_cols, row_ok, col_ok, group, groups_total)
-                    f1 = _group_factor(ws_rows, xs_cols, row_ok, col_ok, group + 1, groups_total)
-                    f2 = _group_factor(ws_rows, xs_cols, row_ok, col_ok, group + 2, groups_total)
-                    f3 = _group_factor(ws_rows, xs_cols, row_ok, col_ok, group + 3, groups_total)
-                elif MODE == 1:
-                    f0 = _factor(cw0, cx0)
-                    f1 = _factor(cw1, cx1)
-                    f2 = _factor(cw2, cx2)
-                    f3 = _factor(cw3, cx3)
-                    cw0, cx0 = _codes(ws_rows, xs_cols, row_ok, col_ok, group + GROUPS, groups_total)
-                    cw1, cx1 = _codes(ws_rows, xs_cols, row_ok, col_ok, group + GROUPS + 1, groups_total)
-                    cw2, cx2 = _codes(ws_rows, xs_cols, row_ok, col_ok, group + GROUPS + 2, groups_total)
-                    cw3, cx3 = _codes(ws_rows, xs_cols, row_ok, col_ok, group + GROUPS + 3, groups_total)
-                if MODE == 2:  # timing bound only: products added unscaled
-                    r0 = warpgroup_mma_wait(3, deps=(p0,))
-                    acc = r0 + acc
-                    r1 = warpgroup_mma_wait(2, deps=(p1,))
-                    acc = r1 + acc
-                    r2 = warpgroup_mma_wait(1, deps=(p2,))
-                    acc = r2 + acc
-                    r3 = warpgroup_mma_wait(0, deps=(p3,))
-                    acc = r3 + acc
-                else:
-                    r0 = warpgroup_mma_wait(3, deps=(p0,))
-                    acc = r0 * f0 + acc
-                    r1 = warpgroup_mma_wait(2, deps=(p1,))
-                    acc = r1 * f1 + acc
-                    r2 = warpgroup_mma_wait(1, deps=(p2,))
-                    acc = r2 * f2 + acc
-                    r3 = warpgroup_mma_wait(0, deps=(p3,))
-                    acc = r3 * f3 + acc
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-        # acc[n, m] -> partials[split, m, n]
-        out = part_ptr + split.to(gl.int64) * M * N
-        offs = gl.expand_dims(cols.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)
-        gl.store(out + offs, acc, mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(col_ok, 0))
-
-    @gluon.jit(do_not_specialize=["M"])
-    def _mx_spread_kernel(
-        w_desc,  # [N, K] E4M3 weight codes, boxes [BLOCK_N, 128]
-        x_desc,  # [4 M, K] spread activation codes (row 4 m + j: row m's groups g with g % 4 == j), boxes [R, 128]
-        ws_ptr,  # [N, K/32] uint8 E8M0 weight scales
-        xs_ptr,  # [M, K/32] uint8 E8M0 activation scales
-        part_ptr,  # [splits, M, N] fp32 partial sums
-        M,
-        N,
-        K,
-        stride_wsn,
-        stride_xsm,
-        steps_per_split,
+        splits,
         STAGES: gl.constexpr,
         MAX_ROWS: gl.constexpr,
+        BOX_MAJOR: gl.constexpr,
+        SPLIT: gl.constexpr,
+        HAS_BIAS: gl.constexpr,
     ):
-        """One MMA per 128-wide step gives every group's product in its own column (the activation side is
-        block-diagonal: column 4 m + j holds row m's group j of the step, zeros elsewhere), so each column is
-        scaled once per step by its row's and its group's powers of two: 4 M useful accumulator elements per
-        64 weight rows, instead of 4 groups x the padded MMA width."""
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         R: gl.constexpr = x_desc.block_type.shape[0]
@@ -245,8 +200,9 @@ if HAS_GLUON:
         pid_n = gl.program_id(0)
         split = gl.program_id(1)
         off_n = pid_n * BLOCK_N
+        k_steps = gl.cdiv(K, BLOCK_K)
         step0 = split * steps_per_split
-        n_steps = gl.minimum(steps_per_split, gl.cdiv(K, BLOCK_K) - step0)
+        n_steps = gl.minimum(steps_per_split, k_steps - step0)
         groups_total = K // 32
 
         w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
@@ -254,56 +210,70 @@ if HAS_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-        step_bytes: gl.constexpr = w_desc.block_type.nbytes + x_desc.block_type.nbytes
         for i in gl.static_range(STAGES - 1):
             if i < n_steps:
-                kk = (step0 + i) * BLOCK_K
-                mbarrier.expect(ready.index(i), step_bytes)
-                tma.async_copy_global_to_shared(w_desc, [off_n, kk], ready.index(i), w_s.index(i))
-                tma.async_copy_global_to_shared(x_desc, [0, kk], ready.index(i), x_s.index(i))
+                _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0 + i, i, k_steps, BOX_MAJOR)
 
         rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, R, layout=gl.SliceLayout(0, layout))
         row_ok = rows < N
         col_m = cols // 4  # the activation row of each column
         col_g = cols % 4  # its group within the step
-        col_ok = col_m < M
+        x_ok = col_m < M
         ws_tile = gl.expand_dims(ws_ptr + rows.to(gl.int64) * stride_wsn, 1) + gl.expand_dims(col_g, 0)
-        ws_ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(col_ok, 0)
-        xs_cols = xs_ptr + col_m.to(gl.int64) * stride_xsm + col_g
+        ws_ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(x_ok, 0)
+        xs_cols = xs_ptr + col_m.to(gl.int64) * groups_total + col_g
         zero = gl.zeros([BLOCK_N, R], gl.float32, layout)
         acc = gl.zeros([BLOCK_N, R], gl.float32, layout)
+        # scale codes a step ahead: their loads' latency stays off each step's MMA-to-add path
+        cw, cx = _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, step0 * 4, groups_total)
         for s in range(n_steps):
             ahead = s + STAGES - 1
-            if ahead < n_steps:
-                slot_ahead = ahead % STAGES
-                kk = (step0 + ahead) * BLOCK_K
-                mbarrier.expect(ready.index(slot_ahead), step_bytes)
-                tma.async_copy_global_to_shared(
-                    w_desc, [off_n, kk], ready.index(slot_ahead), w_s.index(slot_ahead)
-                )
-                tma.async_copy_global_to_shared(
-                    x_desc, [0, kk], ready.index(slot_ahead), x_s.index(slot_ahead)
+            if ahead < n_steps:  # into the slot of step s - 1, whose MMA was waited for
+                _load_step(
+                    w_desc, x_desc, w_s, x_s, ready, off_n, step0 + ahead, ahead % STAGES, k_steps, BOX_MAJOR
                 )
             slot = s % STAGES
             mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
-            p = warpgroup_mma(
+            pending = warpgroup_mma(
                 w_s.index(slot), x_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True
             )
-            group = (step0 + s) * 4
-            in_k = group + col_g < groups_total
-            cw = gl.load(ws_tile + group, mask=ws_ok & gl.expand_dims(in_k, 0), other=127)
-            cx = gl.load(xs_cols + group, mask=col_ok & in_k, other=127)
             factor = _e8m0_to_fp32(cw) * gl.expand_dims(_e8m0_to_fp32(cx), 0)
-            product = warpgroup_mma_wait(0, deps=(p,))
+            cw, cx = _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, (step0 + s + 1) * 4, groups_total)
+            product = warpgroup_mma_wait(0, deps=(pending,))
             acc = product * factor + acc
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
-        out = part_ptr + split.to(gl.int64) * M * N + rows
-        for m in gl.static_range(MAX_ROWS):
-            if m < M:
-                row_sum = gl.sum(gl.where(gl.expand_dims(col_m == m, 0), acc, 0.0), axis=1)
-                gl.store(out + m * N, row_sum, mask=row_ok)
+
+        if SPLIT:
+            part = part_ptr + split.to(gl.int64) * M * N + rows
+            for m in gl.static_range(MAX_ROWS):
+                if m < M:
+                    gl.store(
+                        part + m * N,
+                        gl.sum(gl.where(gl.expand_dims(col_m == m, 0), acc, 0.0), axis=1),
+                        mask=row_ok,
+                    )
+            gl.thread_barrier()  # every thread's partials are written before the release below
+            arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                for m in gl.static_range(MAX_ROWS):
+                    if m < M:
+                        total = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(1, layout))
+                        for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
+                            total += gl.load(
+                                part_ptr + (s * M + m) * N + rows,
+                                mask=row_ok,
+                                other=0.0,
+                                cache_modifier=".cg",
+                            )
+                        _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS)
+        else:
+            for m in gl.static_range(MAX_ROWS):
+                if m < M:
+                    total = gl.sum(gl.where(gl.expand_dims(col_m == m, 0), acc, 0.0), axis=1)
+                    _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS)
 
 
 @functools.cache
@@ -311,57 +281,10 @@ def _layout(rows: int, cols: int):
     return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float8e4nv)
 
 
-def splits_for(n: int, k: int, target: int = TARGET_PROGRAMS, block_n: int = BLOCK_N) -> int:
-    """Splits of K so that ``cdiv(N, BLOCK_N) x splits`` is about ``target`` programs, each at least two steps
-    long, at most 32 (the split sum's unrolled loop)."""
-    blocks = triton.cdiv(n, block_n)
-    steps = triton.cdiv(k, BLOCK_K)
-    return max(1, min(target // blocks, steps // 2, 32))
-
-
-def mx_wgmma_small_m_partials(
-    x_codes: torch.Tensor,
-    x_scale_e8m0: torch.Tensor,
-    weight: torch.Tensor,
-    weight_scale_e8m0: torch.Tensor,
-    splits: int | None = None,
-    stages: int = STAGES,
-    mode: int = 0,
-    block_n: int = BLOCK_N,
-) -> torch.Tensor:
-    """fp32 partial sums ``[splits, M, N]`` of the MXFP8 product of E4M3 ``x_codes`` ``[M, K]`` (M <= 16) with
-    E8M0 ``x_scale_e8m0`` ``[M, K/32]`` and the E4M3 ``weight`` ``[N, K]`` with ``weight_scale_e8m0``."""
-    if not (HAS_TRITON and HAS_GLUON):
-        raise RuntimeError("mx_wgmma_small_m: needs Triton's Gluon")
-    m, k = x_codes.shape
-    n = weight.shape[0]
-    if m > MAX_M or k % 32:
-        raise ValueError(f"mx_wgmma_small_m: needs M <= {MAX_M} and K a multiple of 32, got M={m}, K={k}")
-    if splits is None:
-        splits = splits_for(n, k)
-    steps = triton.cdiv(k, BLOCK_K)
-    per_split = triton.cdiv(steps, splits)
-    splits = triton.cdiv(steps, per_split)
-    block_m = 8 if m <= 8 else 16
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], _layout(block_n, BLOCK_K))
-    x_desc = TensorDescriptor.from_tensor(x_codes, [block_m, BLOCK_K], _layout(block_m, BLOCK_K))
-    ws = weight_scale_e8m0.view(torch.uint8)
-    xs = x_scale_e8m0.view(torch.uint8)
-    partials = torch.empty(splits, m, n, dtype=torch.float32, device=weight.device)
-    _mx_small_m_kernel[(triton.cdiv(n, block_n), splits)](
-        w_desc, x_desc, ws, xs, partials, m, n, k, ws.stride(0), xs.stride(0), per_split,
-        STAGES=stages, MODE=mode, num_warps=block_n // 16,
-    )  # fmt: skip
-    return partials
-
-
-SPREAD_MAX_M = 4
-"""Rows the block-diagonal variant takes (4 M columns of at most 16)."""
-
-
 def spread_activation_codes(codes: torch.Tensor) -> torch.Tensor:
-    """``[4 M, K]`` E4M3: row ``4 m + j`` holds row ``m``'s groups ``g`` with ``g % 4 == j`` and zeros
-    elsewhere (the block-diagonal activation side of :func:`mx_wgmma_spread_partials`)."""
+    """The block-diagonal layout of E4M3 codes ``[M, K]`` (K a multiple of 128) in torch: ``[4 M, K]``, row
+    ``4 m + j`` holding row ``m``'s groups ``g`` with ``g % 4 == j`` and zeros elsewhere (the reference for
+    :func:`quantize_spread`)."""
     m, k = codes.shape
     grouped = codes.view(torch.uint8).view(m, k // 128, 4, 32)
     spread = torch.zeros(m, 4, k // 128, 4, 32, dtype=torch.uint8, device=codes.device)
@@ -370,36 +293,129 @@ def spread_activation_codes(codes: torch.Tensor) -> torch.Tensor:
     return spread.view(4 * m, k).view(torch.float8_e4m3fn)
 
 
-def mx_wgmma_spread_partials(
-    spread: torch.Tensor,
-    x_scale_e8m0: torch.Tensor,
-    weight: torch.Tensor,
+def quantize_spread(
+    x: torch.Tensor, rule: MxScaleRule | str, cast: E4m3Cast | str = E4m3Cast.AUTO
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MX-quantize ``x`` ``[M, K]`` (M <= :data:`MX_ROWS_MAX_M`, K a multiple of 128): its E4M3 codes in the
+    spread layout ``[4 M, K]`` and its E8M0 scale codes ``[M, K/32]`` (uint8), the bytes of
+    :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8_reference`. One launch."""
+    m, k = x.shape
+    if m > MX_ROWS_MAX_M or k % BLOCK_K or x.stride(1) != 1:
+        raise GemmInputError(
+            f"quantize_spread: needs M <= {MX_ROWS_MAX_M} rows, K a multiple of {BLOCK_K} and unit column "
+            f"stride, got {tuple(x.shape)} with strides {x.stride()}"
+        )
+    spread = torch.empty(4 * m, k, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(m, k // 32, dtype=torch.uint8, device=x.device)
+    if m:
+        _mx_spread_quantize_kernel[(triton.cdiv(k, QUANTIZE_BLOCK_K),)](
+            x, spread, scales, m, k, x.stride(0),
+            ROUND_UP=MxScaleRule(rule) is MxScaleRule.ROUND_UP, SOFT_CAST=resolve_cast(cast),
+            ROWS=MX_ROWS_MAX_M, BLOCK_K=QUANTIZE_BLOCK_K,
+        )  # fmt: skip
+    return spread.view(torch.float8_e4m3fn), scales
+
+
+def splits_for(n: int, k: int, target: int = TARGET_PROGRAMS) -> int:
+    """Splits of K so that ``cdiv(N, BLOCK_N) x splits`` is about ``target`` programs, each at least two steps
+    long."""
+    return max(1, min(target // triton.cdiv(n, BLOCK_N), triton.cdiv(k, BLOCK_K) // 2))
+
+
+def mx_rows_usable(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bool:
+    """Whether :func:`mx_rows_linear` takes these operands: Gluon on an sm_90 GPU (not the interpreter), up to
+    :data:`MX_ROWS_MAX_M` rows of unit column stride, K a multiple of 128, and a weight TMA can read: row-major
+    with 16-byte aligned rows, or box-major in ``[64, 128]`` boxes."""
+    if not (HAS_GLUON and x.is_cuda and x.dim() == 2) or triton_interpreting():
+        return False
+    if torch.cuda.get_device_capability(x.device)[0] != 9:
+        return False
+    m, k = x.shape
+    if not 1 <= m <= MX_ROWS_MAX_M or k % BLOCK_K or x.stride(1) != 1:
+        return False
+    if isinstance(weight, BoxMajorWeight):
+        return (weight.box_n, weight.box_k) == (BLOCK_N, BLOCK_K) and weight.k == k
+    return weight.stride(1) == 1 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+
+
+def mx_rows_fits(m: int, n: int) -> bool:
+    """Whether a Linear of ``m`` rows and ``n`` output features is one this kernel measured faster on than the
+    split-K decode: up to :data:`MX_ROWS_ROUTED_M` rows and at most :data:`TARGET_PROGRAMS` column blocks, so
+    that one wave holds them all (70B ``gate_up``'s 896 blocks took 146.6 us against 137.0 on the H200)."""
+    return 1 <= m <= MX_ROWS_ROUTED_M and triton.cdiv(n, BLOCK_N) <= TARGET_PROGRAMS
+
+
+def mx_rows_preferred(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bool:
+    """Whether the MXFP8 W8A8 Linear takes :func:`mx_rows_linear`: :data:`MX_ROWS_GEMM` on, a shape
+    :func:`mx_rows_fits` and operands :func:`mx_rows_usable`."""
+    n = weight.n if isinstance(weight, BoxMajorWeight) else weight.shape[0]
+    return MX_ROWS_GEMM and x.dim() == 2 and mx_rows_fits(x.shape[0], n) and mx_rows_usable(x, weight)
+
+
+def mx_rows_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | BoxMajorWeight,
     weight_scale_e8m0: torch.Tensor,
+    bias: torch.Tensor | None,
+    rule: MxScaleRule | str,
+    *,
     splits: int | None = None,
-    stages: int = STAGES,
-    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
-    """fp32 partial sums ``[splits, M, N]`` from the block-diagonal activation codes ``spread`` ``[4 M, K]``
-    (:func:`spread_activation_codes`, M <= :data:`SPREAD_MAX_M`, K a multiple of 128) and their E8M0 scales
-    ``[M, K/32]``, against the E4M3 ``weight`` ``[N, K]`` with ``weight_scale_e8m0``."""
-    rows4, k = spread.shape
-    m = rows4 // 4
-    n = weight.shape[0]
-    if m > SPREAD_MAX_M or k % 128:
-        raise ValueError(f"mx_wgmma_spread: needs M <= {SPREAD_MAX_M} and K % 128 == 0, got M={m}, K={k}")
-    if splits is None:
-        splits = splits_for(n, k, block_n=block_n)
+    """MXFP8 W8A8 Linear of ``x`` ``[M, K]`` (bf16/fp16, M <= :data:`MX_ROWS_MAX_M`): activations MX-quantized
+    with ``rule``, times the E4M3 ``weight`` ``[N, K]`` (row-major or box-major) with its E8M0 scales
+    ``[N, K/32]``, plus ``bias``, in x's dtype. Two launches (the spread quantize, the GEMM with its split sum)
+    and no host synchronisation. Operands :func:`mx_rows_usable` refuses get a :class:`GemmInputError`."""
+    from mxrun.kernels.workspace import zeroed_int32
+
+    if not mx_rows_usable(x, weight):
+        raise GemmInputError(
+            "mx_rows_linear: needs Triton's Gluon on an sm_90 GPU, 1-4 rows of unit column stride, K a multiple "
+            f"of {BLOCK_K} and a TMA-ready weight; got x {tuple(x.shape)}"
+        )
+    m, k = x.shape
+    boxes = isinstance(weight, BoxMajorWeight)
+    n = weight.n if boxes else weight.shape[0]
+    if tuple(weight_scale_e8m0.shape) != (n, k // 32):
+        raise GemmInputError(
+            f"mx_rows_linear: weight scales must be [{n}, {k // 32}], got {tuple(weight_scale_e8m0.shape)}"
+        )
+    spread, x_scales = quantize_spread(x, rule)
+    c = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if n == 0:
+        return c
     steps = triton.cdiv(k, BLOCK_K)
-    per_split = triton.cdiv(steps, splits)
+    per_split = triton.cdiv(steps, splits or splits_for(n, k))
     splits = triton.cdiv(steps, per_split)
-    r = 8 if rows4 <= 8 else 16
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, BLOCK_K], _layout(block_n, BLOCK_K))
+    blocks = triton.cdiv(n, BLOCK_N)
+    codes = weight.boxes if boxes else weight
+    w_desc = TensorDescriptor.from_tensor(codes, [BLOCK_N, BLOCK_K], _layout(BLOCK_N, BLOCK_K))
+    r = 8 if 4 * m <= 8 else 16
     x_desc = TensorDescriptor.from_tensor(spread, [r, BLOCK_K], _layout(r, BLOCK_K))
     ws = weight_scale_e8m0.view(torch.uint8)
-    xs = x_scale_e8m0.view(torch.uint8)
-    partials = torch.empty(splits, m, n, dtype=torch.float32, device=weight.device)
-    _mx_spread_kernel[(triton.cdiv(n, block_n), splits)](
-        w_desc, x_desc, ws, xs, partials, m, n, k, ws.stride(0), xs.stride(0), per_split,
-        STAGES=stages, MAX_ROWS=SPREAD_MAX_M, num_warps=block_n // 16,
+    if ws.stride(1) != 1:
+        ws = ws.contiguous()
+    if splits > 1:
+        partials = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+        counters = zeroed_int32(x.device, "mx-rows arrivals", blocks)
+    else:
+        partials = counters = c  # not read
+    _mx_rows_kernel[(blocks, splits)](
+        w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters,
+        m, n, k, ws.stride(0), c.stride(0), per_split, splits,
+        STAGES=STAGES, MAX_ROWS=MX_ROWS_MAX_M, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
+        num_warps=4,
     )  # fmt: skip
-    return partials
+    return c
+
+
+__all__ = [
+    "MX_ROWS_GEMM",
+    "MX_ROWS_MAX_M",
+    "MX_ROWS_ROUTED_M",
+    "mx_rows_fits",
+    "mx_rows_linear",
+    "mx_rows_preferred",
+    "mx_rows_usable",
+    "quantize_spread",
+    "spread_activation_codes",
+]

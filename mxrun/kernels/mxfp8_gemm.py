@@ -785,7 +785,10 @@ def mxfp8_linear(
     the E4M3 widening (same values, fewer instructions). ``weight_scales_foldable_f16``:
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`, the same for fp16 activations.
 
-    Triton on CUDA, the torch reference elsewhere. Both W8A16 and W8A8 (activations MX-rounded once first) take
+    Triton on CUDA, the torch reference elsewhere. W8A8 at one row on sm_90 takes the FP8 ``wgmma`` kernel of
+    :mod:`mxrun.kernels.mx_wgmma_small_m` where it measured faster
+    (:func:`~mxrun.kernels.mx_wgmma_small_m.mx_rows_preferred`). Both W8A16
+    and W8A8 (activations MX-rounded once first) take
     the mid-M kernel from :data:`~mxrun.kernels.mid_m_gemm.MID_M_MIN` to
     :data:`~mxrun.kernels.mid_m_gemm.MX_MID_M_MAX` rows where TMA can read the operands
     (:mod:`mxrun.kernels.mid_m_gemm`), the split-K kernel with fewer rows (and up to 64 where the mid-M kernel
@@ -802,6 +805,7 @@ def mxfp8_linear(
     if resolve_backend(backend, x) is not Backend.TRITON:
         rows = weight.row_major() if boxes else weight
         return mxfp8_linear_reference(x, rows, weight_scale_e8m0, bias, activation_rule)
+    from mxrun.kernels import mx_wgmma_small_m as mx_rows
     from mxrun.kernels.mid_m_gemm import MID_M_MIN, MX_MID_M_MAX, mid_m_gemm_triton, mid_m_usable
     from mxrun.kernels.small_m_gemm import SMALL_M_MAX, small_m_gemm_triton  # both import this module
 
@@ -811,6 +815,13 @@ def mxfp8_linear(
     stored_tiles = stored_tiles and (m > SMALL_M_MAX or TILES_W8A8_ALIGNED_AT_EVERY_M)
     if stored_tiles and large_m_kernel is None:
         return mxfp8_aligned_matmul(x, weight, weight_scale_e8m0, bias, activation_rule, weight_tile_scale)
+    if (
+        activation_rule is not None
+        and weight_tile_scale is None
+        and large_m_kernel is None
+        and mx_rows.mx_rows_preferred(x, weight)
+    ):
+        return mx_rows.mx_rows_linear(x, weight, weight_scale_e8m0, bias, activation_rule)
     few_rows = None
     if (
         large_m_kernel is None

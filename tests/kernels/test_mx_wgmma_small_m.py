@@ -1,12 +1,14 @@
-"""The Gluon MXFP8 small-M kernel (:mod:`mxrun.kernels.mx_wgmma_small_m`) against the MXFP8 reference, on an
-sm_90 GPU only (Gluon has no interpreter).
+"""MXFP8 W8A8 at one to four rows on FP8 ``wgmma`` (:mod:`mxrun.kernels.mx_wgmma_small_m`): the spread quantize
+bit for bit against the reference quantize (on CPU under the interpreter too), the Gluon Linear against the
+reference Linear on an sm_90 GPU (Gluon has no interpreter).
 
-Tolerance: kernel and reference add the same exact products (E4M3 x E4M3 times two powers of two, exact in
-fp32), the kernel through one k=32 FP8 ``wgmma`` per MX group, whose accumulator keeps ~14 mantissa bits (see
-``test_scaled_gemm.py``): one rounding per group of a sum bounded by the group's sum |a b|, < 2^-13 of it, so
-the whole result is off by < 2^-13 (|A| @ |W|^T) of the decoded operands plus fp32 reordering (~K 2^-24 of the
-same). We allow 2^-12 (|A| @ |W|^T). Scales spread over 2^+-12 per group make a scale taken from the wrong
-group, row or column far off; K tails (K not a multiple of 128) and ragged N check the masks.
+Tolerance of the Linear: kernel and reference add the same exact products (E4M3 x E4M3 codes times two powers of
+two, exact in fp32); the kernel's FP8 ``wgmma`` accumulator keeps ~14 mantissa bits (see
+``test_scaled_gemm.py``) and rounds each 32-wide group's sum once, by < 2^-13 of that group's sum |a b|, so the
+result is off by < 2^-13 (|A| @ |W|^T) of the decoded operands plus fp32 reordering (~K 2^-24 of the same),
+before the output's one-ulp rounding. We allow 2^-12 (|A| @ |W|^T) on top of one output ulp. Scales spread over
+2^+-12 per group make a scale taken from the wrong group, row or column far off; ragged N, K tails of the
+quantize and uneven splits check the masks.
 """
 
 from __future__ import annotations
@@ -14,10 +16,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mxrun.kernels.mxfp8_gemm import mxfp8_gemm_reference
+from mxrun.kernels.box_major import BoxMajorWeight
+from mxrun.kernels.mx_wgmma_small_m import (
+    MX_ROWS_MAX_M,
+    TARGET_PROGRAMS,
+    mx_rows_fits,
+    mx_rows_usable,
+    quantize_spread,
+    spread_activation_codes,
+)
+from mxrun.kernels.mxfp8_gemm import mxfp8_linear_reference
 from mxrun.kernels.mxfp8_quantize import MxScaleRule, dequantize_mxfp8, quantize_mxfp8_reference
+from mxrun.kernels.scaled_gemm import GemmInputError
 
-from .device_cases import HAS_CUDA
+from .device_cases import HAS_CUDA, KERNEL_CASTS, KERNEL_DEVICE, bits
 from .test_scaled_gemm import assert_one_ulp
 
 needs_sm90 = pytest.mark.skipif(
@@ -25,7 +37,7 @@ needs_sm90 = pytest.mark.skipif(
 )
 
 
-def _spread(rows: int, k: int, seed: int, scale: float) -> torch.Tensor:
+def _spread_groups(rows: int, k: int, seed: int, scale: float) -> torch.Tensor:
     """Random values with every 32-wide group scaled by its own power of two in 2^+-12."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=gen) * scale
@@ -33,15 +45,60 @@ def _spread(rows: int, k: int, seed: int, scale: float) -> torch.Tensor:
     return (x.view(rows, k // 32, 32) * powers[..., None]).view(rows, k)
 
 
-def _operands(m: int, n: int, k: int, seed: int):
-    x = _spread(m, k, seed, 1.0).to(torch.bfloat16)
-    w = _spread(n, k, seed + 1, 0.02).to(torch.bfloat16)
-    return quantize_mxfp8_reference(x, MxScaleRule.ROUND_UP), quantize_mxfp8_reference(
-        w, MxScaleRule.ROUND_UP
-    )
+@pytest.mark.parametrize("cast", KERNEL_CASTS)
+@pytest.mark.parametrize("rule", list(MxScaleRule))
+@pytest.mark.parametrize(
+    ("m", "k", "dtype"), [(1, 1152, torch.bfloat16), (3, 640, torch.float16), (4, 256, torch.bfloat16)]
+)
+def test_quantize_spread_is_the_reference_quantize_spread(m, k, dtype, rule, cast) -> None:
+    """Codes and scale codes are the reference quantize's bytes (a NaN group, an all-zero group, a group of
+    E4M3's largest values among them), the codes placed block-diagonally with zeros elsewhere; K not a multiple
+    of the launch's 512 columns leaves a partial last program."""
+    x = _spread_groups(m, k, seed=m + k, scale=1.0)
+    x[0, 64:96] = 0.0
+    x[m - 1, 128:160] = 448.0 * 2.0**5
+    if dtype == torch.bfloat16:
+        x[0, 200] = float("nan")
+    x = x.to(dtype)
+    ref = quantize_mxfp8_reference(x, rule)
+    spread, scales = quantize_spread(x.to(KERNEL_DEVICE), rule, cast)
+    assert torch.equal(bits(spread), bits(spread_activation_codes(ref.data)))
+    assert torch.equal(bits(scales), bits(ref.scale_e8m0))
 
 
-def _bound(qx, qw) -> torch.Tensor:
+def test_spread_layout_holds_each_group_once() -> None:
+    """The torch layout itself: row 4 m + j has row m's groups g with g % 4 == j, zeros elsewhere."""
+    codes = torch.randint(1, 127, (2, 512), dtype=torch.uint8)
+    spread = spread_activation_codes(codes.view(torch.float8_e4m3fn)).view(torch.uint8).view(2, 4, 16, 32)
+    for m in range(2):
+        for j in range(4):
+            for g in range(16):
+                expected = (
+                    codes[m, 32 * g : 32 * g + 32] if g % 4 == j else torch.zeros(32, dtype=torch.uint8)
+                )
+                assert torch.equal(spread[m, j, g], expected)
+
+
+def test_refusals() -> None:
+    with pytest.raises(GemmInputError, match="M <= 4"):
+        quantize_spread(torch.zeros(MX_ROWS_MAX_M + 1, 256, dtype=torch.bfloat16), MxScaleRule.ROUND_UP)
+    with pytest.raises(GemmInputError, match="multiple of 128"):
+        quantize_spread(torch.zeros(1, 96, dtype=torch.bfloat16), MxScaleRule.ROUND_UP)
+    assert not mx_rows_usable(torch.zeros(1, 256, dtype=torch.bfloat16), torch.zeros(64, 256))  # not on a GPU
+
+
+def test_the_linear_routes_only_shapes_measured_faster() -> None:
+    """One row, column blocks within one wave of programs; two rows and 70B gate_up (896 blocks) stay on the
+    split-K decode, as do shapes without rows."""
+    assert mx_rows_fits(1, 4096) and mx_rows_fits(1, 28672) and mx_rows_fits(1, TARGET_PROGRAMS * 64)
+    assert not mx_rows_fits(1, TARGET_PROGRAMS * 64 + 1)
+    assert not mx_rows_fits(1, 57344)
+    assert not mx_rows_fits(2, 4096)
+    assert not mx_rows_fits(0, 4096)
+
+
+def _bound(x: torch.Tensor, qw, rule) -> torch.Tensor:
+    qx = quantize_mxfp8_reference(x, rule)
     a = dequantize_mxfp8(qx.data, qx.scale_e8m0).abs()
     b = dequantize_mxfp8(qw.data, qw.scale_e8m0).abs()
     return 2.0**-12 * (a @ b.T)
@@ -49,78 +106,68 @@ def _bound(qx, qw) -> torch.Tensor:
 
 @needs_sm90
 @pytest.mark.parametrize(
-    ("m", "n", "k", "splits"),
+    ("m", "n", "k", "splits", "box_major", "with_bias"),
     [
-        (1, 4096, 4096, None),  # a decode row, the default split
-        (1, 6144, 4096, 1),  # one program walks all 32 steps (more steps than slots)
-        (16, 100, 160, None),  # ragged N, a K tail of one group after one full step
-        (3, 200, 4128, 5),  # rows padded to 8, a K tail, splits of uneven length
-        (9, 64, 32, None),  # rows padded to 16, one group only
-        (16, 1000, 1024, 3),  # a last split shorter than the others
+        (1, 4096, 4096, None, False, True),  # a decode row, the default split: 4 of 8 MMA columns
+        (1, 6144, 4096, 1, True, False),  # one program walks all 32 steps, box-major weight
+        (2, 100, 256, None, False, True),  # ragged N, all 8 columns
+        (3, 200, 4224, 5, False, False),  # 12 of 16 columns, uneven splits of 7 steps (off the ring's slot 0)
+        (4, 1024, 1024, 3, True, True),  # 16 columns, a last split shorter than the others, boxes
     ],
 )
-def test_partials_match_the_reference(m, n, k, splits) -> None:
-    from mxrun.kernels.mx_wgmma_small_m import mx_wgmma_small_m_partials
+@pytest.mark.parametrize("rule", list(MxScaleRule))
+def test_linear_matches_the_reference(m, n, k, splits, box_major, with_bias, rule) -> None:
+    from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
 
-    qx, qw = _operands(m, n, k, seed=m * 7 + n)
-    ref = mxfp8_gemm_reference(qx.data, qx.scale_e8m0, qw.data, qw.scale_e8m0, None, torch.float32)
-    args = [t.cuda() for t in (qx.data, qx.scale_e8m0, qw.data, qw.scale_e8m0)]
-    partials = mx_wgmma_small_m_partials(*args, splits=splits)
-    out = partials.sum(0).cpu()
-    allowed = _bound(qx, qw) + 2.0**-20 * ref.abs()
-    bad = (out - ref).abs() > allowed
-    assert not bad.any(), f"{bad.sum().item()} of {bad.numel()} off; max {(out - ref).abs().max()}"
-    assert torch.equal(partials, mx_wgmma_small_m_partials(*args, splits=splits))
+    x = _spread_groups(m, k, seed=m * 7 + n, scale=1.0).to(torch.bfloat16)
+    qw = quantize_mxfp8_reference(
+        _spread_groups(n, k, seed=n, scale=0.02).to(torch.bfloat16), MxScaleRule.FLOOR
+    )
+    bias = torch.randn(n).to(torch.bfloat16) if with_bias else None
+    ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, bias, rule)
+    weight = BoxMajorWeight.of(qw.data.cuda()) if box_major else qw.data.cuda()
+    assert mx_rows_usable(x.cuda(), weight)
+    run = lambda: mx_rows_linear(  # noqa: E731
+        x.cuda(), weight, qw.scale_e8m0.cuda(), bias.cuda() if bias is not None else None, rule, splits=splits
+    )
+    out = run()
+    assert_one_ulp(out, ref, _bound(x, qw, rule))
+    assert torch.equal(out, run())  # deterministic, and the split counters were left at zero
 
 
 @needs_sm90
-def test_whole_linear_with_bias_and_a_nan_scale() -> None:
-    """Partials, then the split sum with bias and the bf16 cast, within one output ulp plus the MMA's allowance
-    of the reference Linear; a NaN weight scale (E8M0 255) makes its output column NaN in every row, as the
-    reference's decode does, and no other."""
-    from mxrun.kernels.mx_wgmma_small_m import mx_wgmma_small_m_partials
-    from mxrun.kernels.small_m_gemm import sum_splits
+def test_a_nan_weight_scale_makes_its_column_nan() -> None:
+    """E8M0 255 in one weight group: that output column NaN in every row, as the reference's decode gives."""
+    from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
 
-    m, n, k = 5, 384, 2048
-    qx, qw = _operands(m, n, k, seed=3)
-    bias = torch.randn(n).to(torch.bfloat16)
-    ref = mxfp8_gemm_reference(qx.data, qx.scale_e8m0, qw.data, qw.scale_e8m0, bias, torch.bfloat16)
-    args = [t.cuda() for t in (qx.data, qx.scale_e8m0, qw.data, qw.scale_e8m0)]
-    partials = mx_wgmma_small_m_partials(*args)
-    c = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-    sum_splits(partials, None, None, bias.cuda(), c)
-    assert_one_ulp(c, ref, _bound(qx, qw))
-
+    m, n, k = 3, 384, 2048
+    x = _spread_groups(m, k, seed=1, scale=1.0).to(torch.bfloat16).cuda()
+    qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=2, scale=0.02).to(torch.bfloat16))
     scales = qw.scale_e8m0.clone()
     scales.view(torch.uint8)[77, 40] = 255
-    args[3] = scales.cuda()
-    out = mx_wgmma_small_m_partials(*args).sum(0).cpu()
+    out = mx_rows_linear(x, qw.data.cuda(), scales.cuda(), None, MxScaleRule.ROUND_UP).float().cpu()
     assert torch.isnan(out[:, 77]).all()
     assert not torch.isnan(out[:, torch.arange(n) != 77]).any()
 
 
 @needs_sm90
-@pytest.mark.parametrize(
-    ("m", "n", "k", "splits"),
-    [
-        (1, 4096, 4096, None),  # a decode row: 4 of the MMA's 8 columns used
-        (1, 6144, 4096, 1),  # one program walks all 32 steps
-        (2, 100, 256, None),  # ragged N, all 8 columns
-        (3, 200, 4224, 5),  # 12 of 16 columns, uneven splits
-        (4, 1000, 1024, 3),  # 16 columns, a last split shorter than the others
-    ],
-)
-def test_spread_partials_match_the_reference(m, n, k, splits) -> None:
-    """The block-diagonal variant: each column its own row and group, summed per row at the end."""
-    from mxrun.kernels.mx_wgmma_small_m import mx_wgmma_spread_partials, spread_activation_codes
+def test_the_mxfp8_linear_takes_it_at_one_row_only(monkeypatch) -> None:
+    """``mxfp8_linear`` W8A8 at one row goes through this kernel (and matches the reference), at two rows not."""
+    from mxrun.kernels import mx_wgmma_small_m
+    from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 
-    qx, qw = _operands(m, n, k, seed=m * 5 + n)
-    ref = mxfp8_gemm_reference(qx.data, qx.scale_e8m0, qw.data, qw.scale_e8m0, None, torch.float32)
-    spread = spread_activation_codes(qx.data.cuda())
-    args = (spread, qx.scale_e8m0.cuda(), qw.data.cuda(), qw.scale_e8m0.cuda())
-    partials = mx_wgmma_spread_partials(*args, splits=splits)
-    out = partials.sum(0).cpu()
-    allowed = _bound(qx, qw) + 2.0**-20 * ref.abs()
-    bad = (out - ref).abs() > allowed
-    assert not bad.any(), f"{bad.sum().item()} of {bad.numel()} off; max {(out - ref).abs().max()}"
-    assert torch.equal(partials, mx_wgmma_spread_partials(*args, splits=splits))
+    calls = []
+    real = mx_wgmma_small_m.mx_rows_linear
+    monkeypatch.setattr(
+        mx_wgmma_small_m,
+        "mx_rows_linear",
+        lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw),
+    )
+    n, k = 640, 1024
+    qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=3, scale=0.02).to(torch.bfloat16))
+    for m in (1, 2):
+        x = _spread_groups(m, k, seed=4, scale=1.0).to(torch.bfloat16)
+        ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, None, MxScaleRule.ROUND_UP)
+        out = mxfp8_linear(x.cuda(), qw.data.cuda(), qw.scale_e8m0.cuda(), None, MxScaleRule.ROUND_UP)
+        assert_one_ulp(out, ref, _bound(x, qw, MxScaleRule.ROUND_UP))
+    assert calls == [torch.Size([1, k])]
