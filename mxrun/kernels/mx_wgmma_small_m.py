@@ -22,12 +22,13 @@ GEMM's speed), but scaling four groups x the padded MMA width per step did: 41.1
 path. The block-diagonal layout does a quarter of that work at M = 1 (33.1 us before the scale codes were
 loaded a step ahead).
 
-Measured, the whole Linear (the quantize and the GEMM, box-major weight, H200, ``small_m_mx_wgmma.py --box-major``,
-``results/small-m-mx-wgmma-rows-h200.log``): at M = 1, 8B ``gate_up`` 33.3 us (split-K path 42.5, bf16 57.3), 8B
-``qkv`` 10.9 (11.9, 14.9), 70B
-``down`` 66.5 (72.2, 115.0), 70B ``qkv`` 28.3 (30.4, 47.2); level on 8B ``o`` and ``down``; slower on 70B
-``gate_up`` (147.8 against 135.4: 896 column blocks, more than one wave) and at four rows (the MMA's N side
-doubles to 16 columns). The Linear routes here only where it won: :func:`mx_rows_fits`.
+Measured, the whole MXFP8 Linear at M = 1 (the quantize and the GEMM, box-major weight, CUDA-graph replays; H200,
+``sweep_linear_setting.py --setting mxrows.MX_ROWS_GEMM --values 0 1 --ms 1``, ``results/mx-rows-settings-h200.log``),
+us, split-K decode path -> this kernel (bf16): 8B ``qkv`` 11.9 -> 10.3 (14.2), ``o`` 9.1 -> 8.9 (10.2), ``gate_up``
+42.4 -> 32.6 (54.9), ``down`` 22.7 -> 21.1 (31.5); 70B ``qkv`` 30.5 -> 27.5 (46.2), ``gate_up`` 133.2 -> 117.1
+(211.6), ``down`` 71.6 -> 65.2 (110.4). The FP8 W8A8 GEMM on E4M3 codes with per-channel scales, the bound for any
+FP8-MMA path, took 31.5 on 8B ``gate_up`` (``small_m_mx_wgmma.py``, ``results/small-m-mx-wgmma-rows-h200.log``, with
+four stages). The Linear routes here where it won: :func:`mx_rows_fits`.
 
 Every product of codes is exact in fp32, and so is each power of two; the FP8 ``wgmma`` accumulator rounds each
 step's sum to ~14 mantissa bits (see ``tests/kernels/test_scaled_gemm.py``), once per 32-wide group here, as in
@@ -70,20 +71,28 @@ BLOCK_N = 64
 """Weight rows per program: one warp group's ``wgmma`` M side (and the box-major weight's box)."""
 BLOCK_K = 128
 """K per pipeline step: four MX groups, one MMA."""
-STAGES = 4
-"""TMA slots in flight per program."""
+STAGES = 3
+"""TMA slots in flight per program: three measured x0.943 the time of four at M = 1, faster on all 7 Llama shapes
+(H200, ``sweep_linear_setting.py --setting mxrows.STAGES``, ``results/mx-rows-settings-h200.log``); 70B
+``gate_up``'s 896 column blocks then fit one wave."""
 TARGET_PROGRAMS = 528
-"""Programs per launch the split of K aims at (four per SM on a 132-SM H100/H200)."""
+"""Programs per launch the split of K aims at (four per SM on a 132-SM H100/H200; 1056 measured the same)."""
 QUANTIZE_BLOCK_K = 512
 """Columns per program of the spread quantize."""
 
 MX_ROWS_GEMM = True
 """Whether MXFP8 W8A8 Linears take this kernel where :func:`mx_rows_preferred` (else the split-K kernel's MX
 decode)."""
-MX_ROWS_ROUTED_M = 1
+MX_ROWS_ROUTED_M = 2
 """Rows up to which the Linear takes this kernel. On the H200 (``benchmarks/sweep_linear_setting.py --setting
-mxrows.MX_ROWS_GEMM``, ``results/mx-rows-routing-h200.log``) it was faster at one row and not at two (level) or
-four (up to 1.4x slower: the MMA's N side grows from 8 to 16 columns and the per-column scaling with it)."""
+mxrows.MX_ROWS_GEMM`` and ``mxrows.MX_ROWS_ROUTED_M``, ``results/mx-rows-settings-h200.log``) it was faster than
+the split-K decode at one row on all 7 Llama shapes (x0.889 the time warm, x0.923 with the weights from DRAM) and at
+two rows on 5 of 7 (x0.932); at four rows up to 1.4x slower (the MMA's N side doubles to 16 columns, and the
+per-column scaling with it; ``results/mx-rows-routing-h200.log``, with four stages)."""
+MX_ROWS_MIN_WEIGHT = 24 << 20
+"""Weight elements (N x K) from which the Linear takes this kernel: the one layer smaller than this among the
+Llama shapes, 8B ``o`` (16 Mi), lost to the split-K path's single launch with its weights from DRAM (x1.09 the
+time) and at two rows (x1.06)."""
 
 
 @triton.jit
@@ -338,18 +347,23 @@ def mx_rows_usable(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bo
     return weight.stride(1) == 1 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
-def mx_rows_fits(m: int, n: int) -> bool:
-    """Whether a Linear of ``m`` rows and ``n`` output features is one this kernel measured faster on than the
-    split-K decode: up to :data:`MX_ROWS_ROUTED_M` rows and at most :data:`TARGET_PROGRAMS` column blocks, so
-    that one wave holds them all (70B ``gate_up``'s 896 blocks took 146.6 us against 137.0 on the H200)."""
-    return 1 <= m <= MX_ROWS_ROUTED_M and triton.cdiv(n, BLOCK_N) <= TARGET_PROGRAMS
+def mx_rows_fits(m: int, n: int, k: int) -> bool:
+    """Whether a Linear of ``m`` rows, ``n`` outputs and ``k`` inputs is one this kernel measured faster on than
+    the split-K decode: up to :data:`MX_ROWS_ROUTED_M` rows and at least :data:`MX_ROWS_MIN_WEIGHT` weight
+    elements."""
+    return 1 <= m <= MX_ROWS_ROUTED_M and n * k >= MX_ROWS_MIN_WEIGHT
 
 
 def mx_rows_preferred(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bool:
     """Whether the MXFP8 W8A8 Linear takes :func:`mx_rows_linear`: :data:`MX_ROWS_GEMM` on, a shape
     :func:`mx_rows_fits` and operands :func:`mx_rows_usable`."""
     n = weight.n if isinstance(weight, BoxMajorWeight) else weight.shape[0]
-    return MX_ROWS_GEMM and x.dim() == 2 and mx_rows_fits(x.shape[0], n) and mx_rows_usable(x, weight)
+    return (
+        MX_ROWS_GEMM
+        and x.dim() == 2
+        and mx_rows_fits(x.shape[0], n, x.shape[1])
+        and mx_rows_usable(x, weight)
+    )
 
 
 def mx_rows_linear(
@@ -411,6 +425,7 @@ def mx_rows_linear(
 __all__ = [
     "MX_ROWS_GEMM",
     "MX_ROWS_MAX_M",
+    "MX_ROWS_MIN_WEIGHT",
     "MX_ROWS_ROUTED_M",
     "mx_rows_fits",
     "mx_rows_linear",

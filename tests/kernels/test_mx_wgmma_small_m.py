@@ -19,7 +19,7 @@ import torch
 from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.mx_wgmma_small_m import (
     MX_ROWS_MAX_M,
-    TARGET_PROGRAMS,
+    MX_ROWS_MIN_WEIGHT,
     mx_rows_fits,
     mx_rows_usable,
     quantize_spread,
@@ -88,13 +88,13 @@ def test_refusals() -> None:
 
 
 def test_the_linear_routes_only_shapes_measured_faster() -> None:
-    """One row, column blocks within one wave of programs; two rows and 70B gate_up (896 blocks) stay on the
-    split-K decode, as do shapes without rows."""
-    assert mx_rows_fits(1, 4096) and mx_rows_fits(1, 28672) and mx_rows_fits(1, TARGET_PROGRAMS * 64)
-    assert not mx_rows_fits(1, TARGET_PROGRAMS * 64 + 1)
-    assert not mx_rows_fits(1, 57344)
-    assert not mx_rows_fits(2, 4096)
-    assert not mx_rows_fits(0, 4096)
+    """One or two rows of a weight of at least 24 Mi elements (8B ``qkv`` and up); 8B ``o``, four rows and shapes
+    without rows stay on the split-K decode."""
+    assert MX_ROWS_MIN_WEIGHT == 6144 * 4096
+    assert mx_rows_fits(1, 6144, 4096) and mx_rows_fits(2, 57344, 8192) and mx_rows_fits(1, 4096, 14336)
+    assert not mx_rows_fits(1, 4096, 4096)
+    assert not mx_rows_fits(3, 6144, 4096)
+    assert not mx_rows_fits(0, 6144, 4096)
 
 
 def _bound(x: torch.Tensor, qw, rule) -> torch.Tensor:
@@ -151,8 +151,9 @@ def test_a_nan_weight_scale_makes_its_column_nan() -> None:
 
 
 @needs_sm90
-def test_the_mxfp8_linear_takes_it_at_one_row_only(monkeypatch) -> None:
-    """``mxfp8_linear`` W8A8 at one row goes through this kernel (and matches the reference), at two rows not."""
+def test_the_mxfp8_linear_takes_it_at_one_and_two_rows(monkeypatch) -> None:
+    """``mxfp8_linear`` W8A8 at one and two rows goes through this kernel (and matches the reference), at three
+    rows not, nor with a weight below :data:`MX_ROWS_MIN_WEIGHT`."""
     from mxrun.kernels import mx_wgmma_small_m
     from mxrun.kernels.mxfp8_gemm import mxfp8_linear
 
@@ -163,11 +164,11 @@ def test_the_mxfp8_linear_takes_it_at_one_row_only(monkeypatch) -> None:
         "mx_rows_linear",
         lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw),
     )
-    n, k = 640, 1024
-    qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=3, scale=0.02).to(torch.bfloat16))
-    for m in (1, 2):
-        x = _spread_groups(m, k, seed=4, scale=1.0).to(torch.bfloat16)
-        ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, None, MxScaleRule.ROUND_UP)
-        out = mxfp8_linear(x.cuda(), qw.data.cuda(), qw.scale_e8m0.cuda(), None, MxScaleRule.ROUND_UP)
-        assert_one_ulp(out, ref, _bound(x, qw, MxScaleRule.ROUND_UP))
-    assert calls == [torch.Size([1, k])]
+    for n, k, ms in ((6144, 4096, (1, 2, 3)), (4096, 4096, (1,))):
+        qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=3, scale=0.02).to(torch.bfloat16))
+        for m in ms:
+            x = _spread_groups(m, k, seed=4, scale=1.0).to(torch.bfloat16)
+            ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, None, MxScaleRule.ROUND_UP)
+            out = mxfp8_linear(x.cuda(), qw.data.cuda(), qw.scale_e8m0.cuda(), None, MxScaleRule.ROUND_UP)
+            assert_one_ulp(out, ref, _bound(x, qw, MxScaleRule.ROUND_UP))
+    assert calls == [torch.Size([1, 4096]), torch.Size([2, 4096])]
