@@ -48,11 +48,13 @@ import functools
 
 import torch
 
-from mxrun.kernels.backend import tl, triton, triton_interpreting
+from mxrun.kernels.backend import cuda_major, tl, triton, triton_interpreting
 from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.fp8_wgmma_gemm import HAS_GLUON
+from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
 from mxrun.kernels.mxfp8_quantize import E4m3Cast, MxScaleRule, mx_group_codes, resolve_cast
 from mxrun.kernels.scaled_gemm import GemmInputError
+from mxrun.kernels.workspace import zeroed_int32
 
 if HAS_GLUON:
     from triton.experimental import gluon
@@ -137,13 +139,6 @@ def _mx_spread_quantize_kernel(
 
 
 if HAS_GLUON:
-
-    @gluon.jit
-    def _e8m0_to_fp32(codes):
-        """2^(code - 127) as fp32 from bits (code 0: the subnormal 2^-127; 255: NaN)."""
-        codes = codes.to(gl.int32)
-        bits = gl.where(codes == 0, 0x00400000, codes << 23)
-        return gl.where(codes == 255, float("nan"), bits.to(gl.float32, bitcast=True))
 
     @gluon.jit
     def _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, group, groups_total):
@@ -247,7 +242,7 @@ if HAS_GLUON:
             pending = warpgroup_mma(
                 w_s.index(slot), x_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True
             )
-            factor = _e8m0_to_fp32(cw) * gl.expand_dims(_e8m0_to_fp32(cx), 0)
+            factor = e8m0_to_fp32(cw) * gl.expand_dims(e8m0_to_fp32(cx), 0)
             cw, cx = _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, (step0 + s + 1) * 4, groups_total)
             product = warpgroup_mma_wait(0, deps=(pending,))
             acc = product * factor + acc
@@ -337,7 +332,7 @@ def mx_rows_usable(x: torch.Tensor, weight: torch.Tensor | BoxMajorWeight) -> bo
     with 16-byte aligned rows, or box-major in ``[64, 128]`` boxes."""
     if not (HAS_GLUON and x.is_cuda and x.dim() == 2) or triton_interpreting():
         return False
-    if torch.cuda.get_device_capability(x.device)[0] != 9:
+    if cuda_major(x.device) != 9:
         return False
     m, k = x.shape
     if not 1 <= m <= MX_ROWS_MAX_M or k % BLOCK_K or x.stride(1) != 1:
@@ -379,8 +374,6 @@ def mx_rows_linear(
     with ``rule``, times the E4M3 ``weight`` ``[N, K]`` (row-major or box-major) with its E8M0 scales
     ``[N, K/32]``, plus ``bias``, in x's dtype. Two launches (the spread quantize, the GEMM with its split sum)
     and no host synchronisation. Operands :func:`mx_rows_usable` refuses get a :class:`GemmInputError`."""
-    from mxrun.kernels.workspace import zeroed_int32
-
     if not mx_rows_usable(x, weight):
         raise GemmInputError(
             "mx_rows_linear: needs Triton's Gluon on an sm_90 GPU, 1-4 rows of unit column stride, K a multiple "

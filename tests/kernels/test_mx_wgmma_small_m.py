@@ -151,6 +151,17 @@ def test_a_nan_weight_scale_makes_its_column_nan() -> None:
 
 
 @needs_sm90
+def test_weight_scales_of_the_wrong_shape_are_refused() -> None:
+    from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
+
+    x = torch.ones(1, 256, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(64, 256, device="cuda").to(torch.float8_e4m3fn)
+    scales = torch.full((64, 4), 127, dtype=torch.uint8, device="cuda")
+    with pytest.raises(GemmInputError, match=r"weight scales must be \[64, 8\]"):
+        mx_rows_linear(x, w, scales, None, MxScaleRule.ROUND_UP)
+
+
+@needs_sm90
 def test_the_mxfp8_linear_takes_it_at_one_and_two_rows(monkeypatch) -> None:
     """``mxfp8_linear`` W8A8 at one and two rows goes through this kernel (and matches the reference), at three
     rows not, nor with a weight below :data:`MX_ROWS_MIN_WEIGHT`."""
