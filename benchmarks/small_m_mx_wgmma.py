@@ -6,7 +6,11 @@ FP8 MMA path can reach); ``round+mx`` (the split-K path: the rounding pass, or t
 loop, then the MX decode GEMM); ``mx_rows`` (the whole new Linear: the spread quantize, the GEMM and its split
 sum); ``q_spread`` (that quantize alone). Also checks ``mx_rows`` against the reference Linear.
 
-    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--json out.json]
+``--variants`` times ``mx_rows`` under each of several kernel settings, given as ``STAGES:PAIR_STAGES:PAIRS:PDL``
+(e.g. ``3:4:0:0 3:4:1:1``), one after the other per case.
+
+    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--variants 3:4:0:0 3:4:1:1]
+        [--shapes "8B gate_up 4096->28672"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 import triton.testing
 from bench_linear import SHAPES
 
+from mxrun.kernels import mx_wgmma_small_m
 from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.e4m3 import mx_scales_foldable
 from mxrun.kernels.fp8_quantize import Fp8Granularity, quantize_fp8
@@ -41,10 +46,13 @@ def main() -> None:
     parser.add_argument(
         "--box-major", action="store_true", help="the MX weight in [64, 128] boxes, as the Linear holds it"
     )
+    parser.add_argument("--variants", nargs="+", default=[], help="STAGES:PAIR_STAGES:PAIRS:PDL settings")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--json")
     args = parser.parse_args()
     rows = []
-    for shape, (k, n) in SHAPES.items():
+    for shape in args.shapes:
+        k, n = SHAPES[shape]
         w = (torch.randn(n, k, device="cuda") * 0.02).to(torch.bfloat16)
         mx = quantize_mxfp8(w)
         weight = BoxMajorWeight.of(mx.data) if args.box_major else mx.data
@@ -63,6 +71,19 @@ def main() -> None:
                 "mx_rows": _time(new),
                 "q_spread": _time(partial(quantize_spread, x, RULE)),
             }
+            for variant in args.variants:
+                names = ("STAGES", "PAIR_STAGES", "PAIRS", "PDL")
+                saved = {name: getattr(mx_wgmma_small_m, name) for name in names}
+                for name, value in zip(names, variant.split(":"), strict=True):
+                    setattr(mx_wgmma_small_m, name, int(value) if "STAGES" in name else value == "1")
+                try:
+                    ref = mxfp8_linear_reference(x.float(), mx.data, mx.scale_e8m0, None, RULE)
+                    got = new().float()
+                    err = ((got - ref).abs().max() / ref.abs().max()).item()
+                    times[f"mx_rows[{variant}]"] = _time(new) if err < 1e-2 else float("nan")
+                finally:
+                    for name, value in saved.items():
+                        setattr(mx_wgmma_small_m, name, value)
             ref = mxfp8_linear_reference(x.float(), mx.data, mx.scale_e8m0, None, RULE)
             error = ((new().float() - ref).abs().max() / ref.abs().max()).item()
             row = {"shape": shape, "m": m, "times_us": times, "rel_err": error}

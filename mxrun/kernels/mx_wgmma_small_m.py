@@ -1,4 +1,4 @@
-"""MXFP8 W8A8 for one to four rows on Hopper: E4M3 codes on both sides of an FP8 ``wgmma``, each 32-wide MX
+"""MXFP8 W8A8 for one to sixteen rows on Hopper (routed at one to four): E4M3 codes on both sides of an FP8 ``wgmma``, each 32-wide MX
 group's product in its own accumulator column, so no weight element passes through the SMs' ALUs.
 
 The split-K kernel (:mod:`mxrun.kernels.small_m_gemm`) widens every weight element to bf16 with its power of two
@@ -12,8 +12,10 @@ spread activations holds row ``m``'s E4M3 codes of the groups ``g`` with ``g % 4
 per 128-wide K step gives, in accumulator column ``4 m + j``, row ``m``'s product over that step's group ``j``
 alone. Each column is scaled by its two powers of two (the weight row's and the activation row's, of its group)
 and added into an fp32 accumulator of the same shape: one multiply and one multiply-add per accumulator element
-and step, 2 to 8 per thread, against 64 weight elements per thread and step. The rows' sums over their four
-columns come once, at the end.
+and step, 4 to 32 per thread, against 64 weight elements per thread and step. The accumulator is viewed as
+``[64, M, 4]`` (weight row, activation row, group), so each step's scale codes are loaded once per weight row and
+group and once per activation row and group, and broadcast (one load per column made four rows up to 1.4x
+slower than the split-K decode). The rows' sums over their four columns come once, at the end.
 
 Measured first and dropped (commit e9c929e, the same benchmark): one ``m64n8k32`` MMA per group into its own
 registers, the four of a step issued together and waited for one by one, each scaled and added while the later
@@ -36,7 +38,8 @@ mxrun's other FP8 GEMMs with their promotion every 128 K.
 
 K is split across programs where the column blocks alone would leave SMs idle; each writes its rows' fp32
 partial sums and counts itself in on its column block's counter, and the last to arrive adds the splits in
-split order (deterministic), adds the bias and casts: one launch after the quantize.
+split order (deterministic), adds the bias and casts: one launch after the quantize, launched as its programmatic
+dependent (:data:`PDL`), with two steps' MMAs in flight at one and two rows (:data:`PAIRS`).
 
 Needs CUDA sm_90 and Triton's Gluon; there is no interpreter path (Gluon has none), so the quantize kernel is
 tested on CPU and the GEMM on the GPU.
@@ -48,7 +51,15 @@ import functools
 
 import torch
 
-from mxrun.kernels.backend import cuda_major, tl, triton, triton_interpreting
+from mxrun.kernels.backend import (
+    cuda_major,
+    gdc_launch_dependents,
+    gdc_wait,
+    pdl_usable,
+    tl,
+    triton,
+    triton_interpreting,
+)
 from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.fp8_wgmma_gemm import HAS_GLUON
 from mxrun.kernels.mxfp8_gemm import e8m0_to_fp32
@@ -67,8 +78,8 @@ if HAS_GLUON:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-MX_ROWS_MAX_M = 4
-"""Rows this kernel takes: 4 M accumulator columns, at most 16 (the MMA's N side is 8 or 16)."""
+MX_ROWS_MAX_M = 16
+"""Rows this kernel takes: 4 M accumulator columns, rounded up to 8, 16, 32 or 64 (the MMA's N side)."""
 BLOCK_N = 64
 """Weight rows per program: one warp group's ``wgmma`` M side (and the box-major weight's box)."""
 BLOCK_K = 128
@@ -81,20 +92,37 @@ TARGET_PROGRAMS = 528
 """Programs per launch the split of K aims at (four per SM on a 132-SM H100/H200; 1056 measured the same)."""
 QUANTIZE_BLOCK_K = 512
 """Columns per program of the spread quantize."""
+PAIRS = True
+"""Two K steps' MMAs in flight before the first is waited for, on :data:`PAIR_STAGES` slots, at one and two rows
+(8 MMA columns) where the launch's programs fit one wave (at most :data:`TARGET_PROGRAMS`) and K's steps are even
+(each split's then are too). H200, the Linear (``sweep_linear_setting.py --setting mxrows.PAIRS --values 0 1 --ms
+1 2 4``, ``results/mx-rows-pairs-h200.log``): at one and two rows 8B ``qkv`` and ``down`` and 70B ``qkv`` and
+``down`` 5-13% faster, 8B ``o`` and both ``gate_up`` level (70B ``gate_up``'s 896 programs do not fit one wave
+at four slots, and were 18% slower with them in ``results/mx-rows-variants-h200.log``); at four rows (16 columns)
+slower on 5 of 7, so not there."""
+PAIR_STAGES = 4
+"""TMA slots per program with :data:`PAIRS`: the loads run two steps (one pair) ahead."""
+PDL = True
+"""The GEMM as a programmatic dependent launch of the spread quantize (sm_90): its programs start, and fetch their
+first weight tiles, while the quantize runs, and wait for its results before they read the activations. H200, the
+Linear at one and four rows (``sweep_linear_setting.py --setting mxrows.PDL --values 0 1 --ms 1 4``,
+``results/mx-rows-pdl-h200.log``): x0.988 the time, faster in 23 of 28."""
 
 MX_ROWS_GEMM = True
 """Whether MXFP8 W8A8 Linears take this kernel where :func:`mx_rows_preferred` (else the split-K kernel's MX
 decode)."""
-MX_ROWS_ROUTED_M = 2
+MX_ROWS_ROUTED_M = 4
 """Rows up to which the Linear takes this kernel. On the H200 (``benchmarks/sweep_linear_setting.py --setting
-mxrows.MX_ROWS_GEMM`` and ``mxrows.MX_ROWS_ROUTED_M``, ``results/mx-rows-settings-h200.log``) it was faster than
-the split-K decode at one row on all 7 Llama shapes (x0.889 the time warm, x0.923 with the weights from DRAM) and at
-two rows on 5 of 7 (x0.932); at four rows up to 1.4x slower (the MMA's N side doubles to 16 columns, and the
-per-column scaling with it; ``results/mx-rows-routing-h200.log``, with four stages)."""
+mxrows.MX_ROWS_GEMM`` and ``mxrows.MX_ROWS_ROUTED_M``) it was faster than the split-K decode at one row on all 7
+Llama shapes (x0.889 the time warm, x0.923 with the weights from DRAM; ``results/mx-rows-settings-h200.log``) and,
+since the scale codes are loaded once per row and group, at three and four rows too (x0.913, faster in 27 of 28,
+``results/mx-rows-routed-m4-h200.log``). From five rows (32 and 64 MMA columns) it lost on 6 of 7 shapes at 8 rows
+and 7 of 7 at 16 (``benchmarks/small_m_mx_wgmma.py --ms 1 4 8 16``, ``results/mx-rows-variants-h200.log``): the
+spread activation tile, read from L2 by every column block's programs, grows to the weight tile's size."""
 MX_ROWS_MIN_WEIGHT = 24 << 20
 """Weight elements (N x K) from which the Linear takes this kernel: the one layer smaller than this among the
 Llama shapes, 8B ``o`` (16 Mi), lost to the split-K path's single launch with its weights from DRAM (x1.09 the
-time) and at two rows (x1.06)."""
+time; with the changes since, x1.036 at one to four rows, though x0.946 warm: ``results/mx-rows-minw-*-h200.log``)."""
 
 
 @triton.jit
@@ -109,9 +137,12 @@ def _mx_spread_quantize_kernel(
     SOFT_CAST: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,  # let the GEMM, a programmatic dependent launch, start (sm_90)
 ):
     """MX-quantize ``BLOCK_K`` columns of every row (the quantize kernel's rule and cast, so the same bits) and
     write each group's codes into its row of the spread layout, zeros into the other three."""
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     GROUPS: tl.constexpr = BLOCK_K // 32
     rows = tl.arange(0, ROWS)
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -141,36 +172,66 @@ def _mx_spread_quantize_kernel(
 if HAS_GLUON:
 
     @gluon.jit
-    def _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, group, groups_total):
-        """The step's E8M0 codes starting at ``group``: the weight's ``[BLOCK_N, R]`` (each column its group)
-        and the activations' ``[R]`` (1.0's code past K or past the rows)."""
-        in_k = group + col_g < groups_total
-        cw = gl.load(ws_tile + group, mask=ws_ok & gl.expand_dims(in_k, 0), other=127)
-        cx = gl.load(xs_cols + group, mask=x_ok & in_k, other=127)
+    def _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step, groups_total):
+        """The step's E8M0 codes starting at ``group``: the weight's ``[BLOCK_N, 4]`` and the activations'
+        ``[ROWS, 4]``, each in the slice of the accumulator's 3-D layout it broadcasts along (1.0's code past K
+        or past the rows). One load per weight row and group, not one per accumulator column."""
+        group = step * 4
+        cw = gl.load(ws_tile + group, mask=w_ok & gl.expand_dims(group + j_w < groups_total, 0), other=127)
+        cx = gl.load(xs_tile + group, mask=x_ok & gl.expand_dims(group + j_x < groups_total, 0), other=127)
         return cw, cx
 
     @gluon.jit
-    def _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step, slot, k_steps, BOX_MAJOR: gl.constexpr):
-        """TMA the weight tile and the spread activation tile of K step ``step`` into ``slot`` (the program's
-        own step count modulo the stages, not ``step``'s: a split need not start at a multiple of them)."""
+    def _load_weight(w_desc, w_s, ready, off_n, step, slot, k_steps, x_bytes, BOX_MAJOR: gl.constexpr):
+        """TMA the weight tile of K step ``step`` into ``slot`` (the program's own step count modulo the stages,
+        not ``step``'s: a split need not start at a multiple of them); the slot's barrier expects the activation
+        tile too (:func:`_load_x`)."""
         BLOCK_N: gl.constexpr = w_s.shape[1]
         BLOCK_K: gl.constexpr = w_s.shape[2]
         bar = ready.index(slot)
-        mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+        mbarrier.expect(bar, w_desc.block_type.nbytes + x_bytes)
         if BOX_MAJOR:  # box (column block, K step) is one [BLOCK_N, BLOCK_K] run of rows
             tma.async_copy_global_to_shared(
                 w_desc, [(off_n // BLOCK_N * k_steps + step) * BLOCK_N, 0], bar, w_s.index(slot)
             )
         else:
             tma.async_copy_global_to_shared(w_desc, [off_n, step * BLOCK_K], bar, w_s.index(slot))
-        tma.async_copy_global_to_shared(x_desc, [0, step * BLOCK_K], bar, x_s.index(slot))
 
     @gluon.jit
-    def _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS: gl.constexpr):
-        """Row ``m`` of the output: ``total`` plus the bias, cast."""
+    def _load_x(x_desc, x_s, ready, step, slot):
+        """TMA the spread activation tile of K step ``step`` into ``slot``."""
+        BLOCK_K: gl.constexpr = x_s.shape[2]
+        tma.async_copy_global_to_shared(x_desc, [0, step * BLOCK_K], ready.index(slot), x_s.index(slot))
+
+    @gluon.jit
+    def _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, s, k_steps, BOX_MAJOR: gl.constexpr):
+        """Both tiles of the program's step ``s`` (K step ``step0 + s``) into its slot."""
+        slot = s % w_s.shape[0]
+        _load_weight(w_desc, w_s, ready, off_n, step0 + s, slot, k_steps, x_desc.block_type.nbytes, BOX_MAJOR)
+        _load_x(x_desc, x_s, ready, step0 + s, slot)
+
+    @gluon.jit
+    def _mma_step(w_s, x_s, ready, zero, s, STAGES: gl.constexpr):
+        """Wait for step ``s``'s tiles and start its MMA into fresh registers."""
+        slot = s % STAGES
+        mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
+        x_t = x_s.index(slot).permute((1, 0))
+        return warpgroup_mma(w_s.index(slot), x_t, zero, use_acc=False, is_async=True)
+
+    @gluon.jit
+    def _scaled_add(acc, product, cw, cx):
+        """``acc`` plus the step's product, each (weight row, activation row, group) element times its two
+        powers of two: one multiply for the factor, one multiply-add."""
+        factor = gl.expand_dims(e8m0_to_fp32(cw), 1) * gl.expand_dims(e8m0_to_fp32(cx), 0)
+        return gl.reshape(product, acc.shape) * factor + acc
+
+    @gluon.jit
+    def _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS: gl.constexpr):
+        """The output rows: ``total`` ``[BLOCK_N, ROWS]`` (weight row, activation row) plus the bias, cast."""
         if HAS_BIAS:
-            total += gl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(gl.float32)
-        gl.store(c_ptr + m * stride_cm + rows, total.to(c_ptr.dtype.element_ty), mask=row_ok)
+            total += gl.expand_dims(gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32), 1)
+        at = gl.expand_dims(ms.to(gl.int64) * stride_cm, 0) + gl.expand_dims(rows, 1)
+        gl.store(c_ptr + at, total.to(c_ptr.dtype.element_ty), mask=ok)
 
     @gluon.jit(do_not_specialize=["M", "N", "K"])
     def _mx_rows_kernel(
@@ -190,14 +251,18 @@ if HAS_GLUON:
         steps_per_split,
         splits,
         STAGES: gl.constexpr,
-        MAX_ROWS: gl.constexpr,
+        PAIRS: gl.constexpr,
         BOX_MAJOR: gl.constexpr,
         SPLIT: gl.constexpr,
         HAS_BIAS: gl.constexpr,
+        WAIT_PRIOR: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
         R: gl.constexpr = x_desc.block_type.shape[0]
+        ROWS: gl.constexpr = R // 4
+        # PAIRS: two steps' MMAs in flight before the first is waited for; loads run STAGES - 2 steps ahead
+        AHEAD: gl.constexpr = STAGES - 2 if PAIRS else STAGES - 1
         layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, R, 32]
         )
@@ -214,70 +279,81 @@ if HAS_GLUON:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-        for i in gl.static_range(STAGES - 1):
+        # the weight does not depend on the quantize before this launch: with WAIT_PRIOR (a programmatic dependent
+        # launch) its first tiles are on their way before the wait for the activations
+        x_bytes: gl.constexpr = x_desc.block_type.nbytes
+        for i in gl.static_range(AHEAD):
             if i < n_steps:
-                _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0 + i, i, k_steps, BOX_MAJOR)
+                _load_weight(w_desc, w_s, ready, off_n, step0 + i, i, k_steps, x_bytes, BOX_MAJOR)
+        if WAIT_PRIOR:
+            gdc_wait()
+        for i in gl.static_range(AHEAD):
+            if i < n_steps:
+                _load_x(x_desc, x_s, ready, step0 + i, i)
 
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, R, layout=gl.SliceLayout(0, layout))
-        row_ok = rows < N
-        col_m = cols // 4  # the activation row of each column
-        col_g = cols % 4  # its group within the step
-        x_ok = col_m < M
-        ws_tile = gl.expand_dims(ws_ptr + rows.to(gl.int64) * stride_wsn, 1) + gl.expand_dims(col_g, 0)
-        ws_ok = gl.expand_dims(row_ok, 1) & gl.expand_dims(x_ok, 0)
-        xs_cols = xs_ptr + col_m.to(gl.int64) * groups_total + col_g
+        # Accumulator column 4 m + j is (activation row m, group j of the step): viewed as [BLOCK_N, ROWS, 4],
+        # the weight's codes broadcast along rows m and the activations' along weight rows (the reshape is free)
         zero = gl.zeros([BLOCK_N, R], gl.float32, layout)
-        acc = gl.zeros([BLOCK_N, R], gl.float32, layout)
+        acc = gl.reshape(zero, [BLOCK_N, ROWS, 4])
+        l3: gl.constexpr = acc.type.layout
+        w_l: gl.constexpr = gl.SliceLayout(1, l3)
+        x_l: gl.constexpr = gl.SliceLayout(0, l3)
+        rows_w = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_l))
+        j_w = gl.arange(0, 4, layout=gl.SliceLayout(0, w_l))
+        w_ok = gl.expand_dims(rows_w < N, 1)
+        ws_tile = gl.expand_dims(ws_ptr + rows_w.to(gl.int64) * stride_wsn, 1) + gl.expand_dims(j_w, 0)
+        m_x = gl.arange(0, ROWS, layout=gl.SliceLayout(1, x_l))
+        j_x = gl.arange(0, 4, layout=gl.SliceLayout(0, x_l))
+        x_ok = gl.expand_dims(m_x < M, 1)
+        xs_tile = gl.expand_dims(xs_ptr + m_x.to(gl.int64) * groups_total, 1) + gl.expand_dims(j_x, 0)
         # scale codes a step ahead: their loads' latency stays off each step's MMA-to-add path
-        cw, cx = _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, step0 * 4, groups_total)
-        for s in range(n_steps):
-            ahead = s + STAGES - 1
-            if ahead < n_steps:  # into the slot of step s - 1, whose MMA was waited for
-                _load_step(
-                    w_desc, x_desc, w_s, x_s, ready, off_n, step0 + ahead, ahead % STAGES, k_steps, BOX_MAJOR
-                )
-            slot = s % STAGES
-            mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
-            pending = warpgroup_mma(
-                w_s.index(slot), x_s.index(slot).permute((1, 0)), zero, use_acc=False, is_async=True
-            )
-            factor = e8m0_to_fp32(cw) * gl.expand_dims(e8m0_to_fp32(cx), 0)
-            cw, cx = _step_codes(ws_tile, ws_ok, xs_cols, x_ok, col_g, (step0 + s + 1) * 4, groups_total)
-            product = warpgroup_mma_wait(0, deps=(pending,))
-            acc = product * factor + acc
+        cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0, groups_total)
+        if PAIRS:  # n_steps is even (the launcher's split)
+            for s in range(0, n_steps, 2):
+                ahead = s + AHEAD
+                if ahead < n_steps:  # into the slots of steps s - 2 and s - 1, whose MMAs were waited for
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR)
+                if ahead + 1 < n_steps:
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead + 1, k_steps, BOX_MAJOR)
+                first = _mma_step(w_s, x_s, ready, zero, s, STAGES)
+                second = _mma_step(w_s, x_s, ready, zero, s + 1, STAGES)
+                cw1, cx1 = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total)
+                product = warpgroup_mma_wait(1, deps=(first,))
+                acc = _scaled_add(acc, product, cw, cx)
+                cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 2, groups_total)
+                product = warpgroup_mma_wait(0, deps=(second,))
+                acc = _scaled_add(acc, product, cw1, cx1)
+        else:
+            for s in range(n_steps):
+                ahead = s + AHEAD
+                if ahead < n_steps:  # into the slot of step s - 1, whose MMA was waited for
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR)
+                pending = _mma_step(w_s, x_s, ready, zero, s, STAGES)
+                cw_now, cx_now = cw, cx
+                cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total)
+                product = warpgroup_mma_wait(0, deps=(pending,))
+                acc = _scaled_add(acc, product, cw_now, cx_now)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
 
+        total = gl.sum(acc, axis=2)  # [BLOCK_N, ROWS]: each row's four groups
+        out_l: gl.constexpr = total.type.layout
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        ms = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
+        ok = gl.expand_dims(rows < N, 1) & gl.expand_dims(ms < M, 0)
+        at = gl.expand_dims(ms.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)  # [m, n] in an [M, N] array
         if SPLIT:
-            part = part_ptr + split.to(gl.int64) * M * N + rows
-            for m in gl.static_range(MAX_ROWS):
-                if m < M:
-                    gl.store(
-                        part + m * N,
-                        gl.sum(gl.where(gl.expand_dims(col_m == m, 0), acc, 0.0), axis=1),
-                        mask=row_ok,
-                    )
+            gl.store(part_ptr + split.to(gl.int64) * M * N + at, total, mask=ok)
             gl.thread_barrier()  # every thread's partials are written before the release below
             arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
             if arrived == splits - 1:
                 gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                for m in gl.static_range(MAX_ROWS):
-                    if m < M:
-                        total = gl.zeros([BLOCK_N], gl.float32, gl.SliceLayout(1, layout))
-                        for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
-                            total += gl.load(
-                                part_ptr + (s * M + m) * N + rows,
-                                mask=row_ok,
-                                other=0.0,
-                                cache_modifier=".cg",
-                            )
-                        _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS)
+                total = gl.zeros([BLOCK_N, ROWS], gl.float32, out_l)
+                for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
+                    total += gl.load(part_ptr + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+                _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
         else:
-            for m in gl.static_range(MAX_ROWS):
-                if m < M:
-                    total = gl.sum(gl.where(gl.expand_dims(col_m == m, 0), acc, 0.0), axis=1)
-                    _store_rows(total, rows, row_ok, bias_ptr, c_ptr, m, stride_cm, HAS_BIAS)
+            _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 @functools.cache
@@ -297,12 +373,23 @@ def spread_activation_codes(codes: torch.Tensor) -> torch.Tensor:
     return spread.view(4 * m, k).view(torch.float8_e4m3fn)
 
 
+def columns_for(m: int) -> int:
+    """The MMA's N side for ``m`` rows: 4 m columns rounded up to a power of two, at least 8 (one compile per
+    bucket: 1-2, 3-4, 5-8 and 9-16 rows)."""
+    return max(8, triton.next_power_of_2(4 * m))
+
+
 def quantize_spread(
-    x: torch.Tensor, rule: MxScaleRule | str, cast: E4m3Cast | str = E4m3Cast.AUTO
+    x: torch.Tensor,
+    rule: MxScaleRule | str,
+    cast: E4m3Cast | str = E4m3Cast.AUTO,
+    *,
+    launch_dependents: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MX-quantize ``x`` ``[M, K]`` (M <= :data:`MX_ROWS_MAX_M`, K a multiple of 128): its E4M3 codes in the
     spread layout ``[4 M, K]`` and its E8M0 scale codes ``[M, K/32]`` (uint8), the bytes of
-    :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8_reference`. One launch."""
+    :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8_reference`. One launch; ``launch_dependents``: its
+    programs let a programmatic dependent launch after it start (sm_90+)."""
     m, k = x.shape
     if m > MX_ROWS_MAX_M or k % BLOCK_K or x.stride(1) != 1:
         raise GemmInputError(
@@ -315,7 +402,7 @@ def quantize_spread(
         _mx_spread_quantize_kernel[(triton.cdiv(k, QUANTIZE_BLOCK_K),)](
             x, spread, scales, m, k, x.stride(0),
             ROUND_UP=MxScaleRule(rule) is MxScaleRule.ROUND_UP, SOFT_CAST=resolve_cast(cast),
-            ROWS=MX_ROWS_MAX_M, BLOCK_K=QUANTIZE_BLOCK_K,
+            ROWS=columns_for(m) // 4, BLOCK_K=QUANTIZE_BLOCK_K, LAUNCH_DEPENDENTS=launch_dependents,
         )  # fmt: skip
     return spread.view(torch.float8_e4m3fn), scales
 
@@ -376,7 +463,7 @@ def mx_rows_linear(
     and no host synchronisation. Operands :func:`mx_rows_usable` refuses get a :class:`GemmInputError`."""
     if not mx_rows_usable(x, weight):
         raise GemmInputError(
-            "mx_rows_linear: needs Triton's Gluon on an sm_90 GPU, 1-4 rows of unit column stride, K a multiple "
+            "mx_rows_linear: needs Triton's Gluon on an sm_90 GPU, 1-16 rows of unit column stride, K a multiple "
             f"of {BLOCK_K} and a TMA-ready weight; got x {tuple(x.shape)}"
         )
     m, k = x.shape
@@ -386,17 +473,21 @@ def mx_rows_linear(
         raise GemmInputError(
             f"mx_rows_linear: weight scales must be [{n}, {k // 32}], got {tuple(weight_scale_e8m0.shape)}"
         )
-    spread, x_scales = quantize_spread(x, rule)
+    pdl = PDL and pdl_usable(x.device)
+    spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return c
     steps = triton.cdiv(k, BLOCK_K)
-    per_split = triton.cdiv(steps, splits or splits_for(n, k))
-    splits = triton.cdiv(steps, per_split)
     blocks = triton.cdiv(n, BLOCK_N)
+    r = columns_for(m)
+    per_split = triton.cdiv(steps, splits or splits_for(n, k))
+    pairs = PAIRS and r == 8 and steps % 2 == 0 and blocks * triton.cdiv(steps, per_split) <= TARGET_PROGRAMS
+    if pairs:
+        per_split += per_split % 2  # every split's steps even
+    splits = triton.cdiv(steps, per_split)
     codes = weight.boxes if boxes else weight
     w_desc = TensorDescriptor.from_tensor(codes, [BLOCK_N, BLOCK_K], _layout(BLOCK_N, BLOCK_K))
-    r = 8 if 4 * m <= 8 else 16
     x_desc = TensorDescriptor.from_tensor(spread, [r, BLOCK_K], _layout(r, BLOCK_K))
     ws = weight_scale_e8m0.view(torch.uint8)
     if ws.stride(1) != 1:
@@ -406,11 +497,12 @@ def mx_rows_linear(
         counters = zeroed_int32(x.device, "mx-rows arrivals", blocks)
     else:
         partials = counters = c  # not read
+    extra = {"launch_pdl": True} if pdl else {}
     _mx_rows_kernel[(blocks, splits)](
         w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters,
         m, n, k, ws.stride(0), c.stride(0), per_split, splits,
-        STAGES=STAGES, MAX_ROWS=MX_ROWS_MAX_M, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
-        num_warps=4,
+        STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
+        WAIT_PRIOR=pdl, num_warps=4, **extra,
     )  # fmt: skip
     return c
 
@@ -420,6 +512,7 @@ __all__ = [
     "MX_ROWS_MAX_M",
     "MX_ROWS_MIN_WEIGHT",
     "MX_ROWS_ROUTED_M",
+    "columns_for",
     "mx_rows_fits",
     "mx_rows_linear",
     "mx_rows_preferred",

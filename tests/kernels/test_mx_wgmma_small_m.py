@@ -1,4 +1,4 @@
-"""MXFP8 W8A8 at one to four rows on FP8 ``wgmma`` (:mod:`mxrun.kernels.mx_wgmma_small_m`): the spread quantize
+"""MXFP8 W8A8 at one to sixteen rows on FP8 ``wgmma`` (:mod:`mxrun.kernels.mx_wgmma_small_m`): the spread quantize
 bit for bit against the reference quantize (on CPU under the interpreter too), the Gluon Linear against the
 reference Linear on an sm_90 GPU (Gluon has no interpreter).
 
@@ -48,7 +48,14 @@ def _spread_groups(rows: int, k: int, seed: int, scale: float) -> torch.Tensor:
 @pytest.mark.parametrize("cast", KERNEL_CASTS)
 @pytest.mark.parametrize("rule", list(MxScaleRule))
 @pytest.mark.parametrize(
-    ("m", "k", "dtype"), [(1, 1152, torch.bfloat16), (3, 640, torch.float16), (4, 256, torch.bfloat16)]
+    ("m", "k", "dtype"),
+    [
+        (1, 1152, torch.bfloat16),
+        (3, 640, torch.float16),
+        (4, 256, torch.bfloat16),
+        (7, 384, torch.bfloat16),
+        (16, 640, torch.float16),
+    ],
 )
 def test_quantize_spread_is_the_reference_quantize_spread(m, k, dtype, rule, cast) -> None:
     """Codes and scale codes are the reference quantize's bytes (a NaN group, an all-zero group, a group of
@@ -80,7 +87,7 @@ def test_spread_layout_holds_each_group_once() -> None:
 
 
 def test_refusals() -> None:
-    with pytest.raises(GemmInputError, match="M <= 4"):
+    with pytest.raises(GemmInputError, match="M <= 16"):
         quantize_spread(torch.zeros(MX_ROWS_MAX_M + 1, 256, dtype=torch.bfloat16), MxScaleRule.ROUND_UP)
     with pytest.raises(GemmInputError, match="multiple of 128"):
         quantize_spread(torch.zeros(1, 96, dtype=torch.bfloat16), MxScaleRule.ROUND_UP)
@@ -88,12 +95,13 @@ def test_refusals() -> None:
 
 
 def test_the_linear_routes_only_shapes_measured_faster() -> None:
-    """One or two rows of a weight of at least 24 Mi elements (8B ``qkv`` and up); 8B ``o``, four rows and shapes
-    without rows stay on the split-K decode."""
+    """One to four rows of a weight of at least 24 Mi elements (8B ``qkv`` and up); 8B ``o``, five rows and more
+    and shapes without rows stay on the split-K decode."""
     assert MX_ROWS_MIN_WEIGHT == 6144 * 4096
-    assert mx_rows_fits(1, 6144, 4096) and mx_rows_fits(2, 57344, 8192) and mx_rows_fits(1, 4096, 14336)
+    assert mx_rows_fits(1, 6144, 4096) and mx_rows_fits(2, 57344, 8192) and mx_rows_fits(4, 4096, 14336)
+    assert mx_rows_fits(3, 6144, 4096)
     assert not mx_rows_fits(1, 4096, 4096)
-    assert not mx_rows_fits(3, 6144, 4096)
+    assert not mx_rows_fits(5, 6144, 4096)
     assert not mx_rows_fits(0, 6144, 4096)
 
 
@@ -113,6 +121,10 @@ def _bound(x: torch.Tensor, qw, rule) -> torch.Tensor:
         (2, 100, 256, None, False, True),  # ragged N, all 8 columns
         (3, 200, 4224, 5, False, False),  # 12 of 16 columns, uneven splits of 7 steps (off the ring's slot 0)
         (4, 1024, 1024, 3, True, True),  # 16 columns, a last split shorter than the others, boxes
+        (5, 300, 2048, None, False, True),  # 20 of 32 columns, ragged N
+        (8, 4096, 2048, 1, True, False),  # all 32 columns, one program per column block, boxes
+        (11, 200, 4224, 4, False, False),  # 44 of 64 columns, odd steps (one MMA at a time)
+        (16, 640, 4096, 3, False, True),  # 64 columns, splits of 12, 12 and 8 steps (two MMAs in flight)
     ],
 )
 @pytest.mark.parametrize("rule", list(MxScaleRule))
@@ -133,6 +145,28 @@ def test_linear_matches_the_reference(m, n, k, splits, box_major, with_bias, rul
     out = run()
     assert_one_ulp(out, ref, _bound(x, qw, rule))
     assert torch.equal(out, run())  # deterministic, and the split counters were left at zero
+
+
+@needs_sm90
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_pipeline_settings_give_the_same_bits(monkeypatch, m) -> None:
+    """The settings that change only when things run (two MMAs in flight or one, the stages, the programmatic
+    dependent launch) add the same products in the same order: the same output bits."""
+    from mxrun.kernels import mx_wgmma_small_m
+    from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
+
+    n, k = 384, 3072
+    x = _spread_groups(m, k, seed=5, scale=1.0).to(torch.bfloat16).cuda()
+    qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=6, scale=0.02).to(torch.bfloat16))
+    w, ws = qw.data.cuda(), qw.scale_e8m0.cuda()
+    outs = []
+    for stages, pairs, pdl in ((3, False, False), (4, True, True), (6, True, False), (4, False, True)):
+        monkeypatch.setattr(mx_wgmma_small_m, "STAGES", stages)
+        monkeypatch.setattr(mx_wgmma_small_m, "PAIRS", pairs)
+        monkeypatch.setattr(mx_wgmma_small_m, "PDL", pdl)
+        outs.append(mx_rows_linear(x, w, ws, None, MxScaleRule.ROUND_UP, splits=3))
+    for out in outs[1:]:
+        assert torch.equal(bits(out), bits(outs[0]))
 
 
 @needs_sm90
@@ -162,8 +196,8 @@ def test_weight_scales_of_the_wrong_shape_are_refused() -> None:
 
 
 @needs_sm90
-def test_the_mxfp8_linear_takes_it_at_one_and_two_rows(monkeypatch) -> None:
-    """``mxfp8_linear`` W8A8 at one and two rows goes through this kernel (and matches the reference), at three
+def test_the_mxfp8_linear_takes_it_at_one_to_four_rows(monkeypatch) -> None:
+    """``mxfp8_linear`` W8A8 at one to four rows goes through this kernel (and matches the reference), at five
     rows not, nor with a weight below :data:`MX_ROWS_MIN_WEIGHT`."""
     from mxrun.kernels import mx_wgmma_small_m
     from mxrun.kernels.mxfp8_gemm import mxfp8_linear
@@ -175,11 +209,11 @@ def test_the_mxfp8_linear_takes_it_at_one_and_two_rows(monkeypatch) -> None:
         "mx_rows_linear",
         lambda *args, **kw: calls.append(args[0].shape) or real(*args, **kw),
     )
-    for n, k, ms in ((6144, 4096, (1, 2, 3)), (4096, 4096, (1,))):
+    for n, k, ms in ((6144, 4096, (1, 3, 4, 5)), (4096, 4096, (1,))):
         qw = quantize_mxfp8_reference(_spread_groups(n, k, seed=3, scale=0.02).to(torch.bfloat16))
         for m in ms:
             x = _spread_groups(m, k, seed=4, scale=1.0).to(torch.bfloat16)
             ref = mxfp8_linear_reference(x, qw.data, qw.scale_e8m0, None, MxScaleRule.ROUND_UP)
             out = mxfp8_linear(x.cuda(), qw.data.cuda(), qw.scale_e8m0.cuda(), None, MxScaleRule.ROUND_UP)
             assert_one_ulp(out, ref, _bound(x, qw, MxScaleRule.ROUND_UP))
-    assert calls == [torch.Size([1, 4096]), torch.Size([2, 4096])]
+    assert calls == [torch.Size([1, 4096]), torch.Size([3, 4096]), torch.Size([4, 4096])]
