@@ -6,10 +6,11 @@ FP8 MMA path can reach); ``round+mx`` (the split-K path: the rounding pass, or t
 loop, then the MX decode GEMM); ``mx_rows`` (the whole new Linear: the spread quantize, the GEMM and its split
 sum); ``q_spread`` (that quantize alone). Also checks ``mx_rows`` against the reference Linear.
 
-``--variants`` times ``mx_rows`` under each of several kernel settings, given as ``STAGES:PAIR_STAGES:PAIRS:PDL``
-(e.g. ``3:4:0:0 3:4:1:1``), one after the other per case.
+``--variants`` times ``mx_rows`` under each of several settings of :mod:`mxrun.kernels.mx_wgmma_small_m`, each
+given as ``NAME=VALUE[,NAME=VALUE...]`` (integers; e.g. ``PDL=0 SPREAD_MAX_M=16,STAGES=4``), one after the other
+per case.
 
-    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--variants 3:4:0:0 3:4:1:1]
+    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--variants PDL=0 SPREAD_MAX_M=16]
         [--shapes "8B gate_up 4096->28672"] [--json out.json]
 """
 
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument(
         "--box-major", action="store_true", help="the MX weight in [64, 128] boxes, as the Linear holds it"
     )
-    parser.add_argument("--variants", nargs="+", default=[], help="STAGES:PAIR_STAGES:PAIRS:PDL settings")
+    parser.add_argument("--variants", nargs="+", default=[], help="NAME=VALUE[,NAME=VALUE] settings")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -72,10 +73,10 @@ def main() -> None:
                 "q_spread": _time(partial(quantize_spread, x, RULE)),
             }
             for variant in args.variants:
-                names = ("STAGES", "PAIR_STAGES", "PAIRS", "PDL")
-                saved = {name: getattr(mx_wgmma_small_m, name) for name in names}
-                for name, value in zip(names, variant.split(":"), strict=True):
-                    setattr(mx_wgmma_small_m, name, int(value) if "STAGES" in name else value == "1")
+                settings = dict(item.split("=") for item in variant.split(","))
+                saved = {name: getattr(mx_wgmma_small_m, name) for name in settings}
+                for name, value in settings.items():
+                    setattr(mx_wgmma_small_m, name, int(value))
                 try:
                     ref = mxfp8_linear_reference(x.float(), mx.data, mx.scale_e8m0, None, RULE)
                     got = new().float()

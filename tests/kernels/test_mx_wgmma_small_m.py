@@ -20,8 +20,10 @@ from mxrun.kernels.box_major import BoxMajorWeight
 from mxrun.kernels.mx_wgmma_small_m import (
     MX_ROWS_MAX_M,
     MX_ROWS_MIN_WEIGHT,
+    compact_rows_for,
     mx_rows_fits,
     mx_rows_usable,
+    quantize_compact,
     quantize_spread,
     spread_activation_codes,
 )
@@ -71,6 +73,29 @@ def test_quantize_spread_is_the_reference_quantize_spread(m, k, dtype, rule, cas
     spread, scales = quantize_spread(x.to(KERNEL_DEVICE), rule, cast)
     assert torch.equal(bits(spread), bits(spread_activation_codes(ref.data)))
     assert torch.equal(bits(scales), bits(ref.scale_e8m0))
+
+
+@pytest.mark.parametrize("cast", KERNEL_CASTS)
+@pytest.mark.parametrize("rule", list(MxScaleRule))
+@pytest.mark.parametrize(("m", "k", "dtype"), [(5, 640, torch.bfloat16), (16, 1152, torch.float16)])
+def test_quantize_compact_is_the_reference_quantize(m, k, dtype, rule, cast) -> None:
+    """Codes are the reference quantize's bytes; the factors are its scales' powers of two, exactly, group-major,
+    NaN for a NaN group and 1.0 in the padding rows past M."""
+    x = _spread_groups(m, k, seed=m + k, scale=1.0)
+    x[0, 64:96] = 0.0
+    x[m - 1, 128:160] = 448.0 * 2.0**5
+    if dtype == torch.bfloat16:
+        x[1, 200] = float("nan")
+    x = x.to(dtype)
+    ref = quantize_mxfp8_reference(x, rule)
+    codes, factors = quantize_compact(x.to(KERNEL_DEVICE), rule, cast)
+    assert torch.equal(bits(codes), bits(ref.data))
+    r = compact_rows_for(m)
+    assert factors.shape == (k // 32, r)
+    expected = torch.ones(k // 32, r, dtype=torch.float64)
+    expected[:, :m] = (ref.scale_e8m0.view(torch.uint8).double() - 127).exp2().T
+    expected[:, :m][ref.scale_e8m0.view(torch.uint8).T == 255] = float("nan")
+    assert torch.equal(factors.cpu().double().nan_to_num(7.0), expected.nan_to_num(7.0))
 
 
 def test_spread_layout_holds_each_group_once() -> None:
@@ -128,9 +153,17 @@ def _bound(x: torch.Tensor, qw, rule) -> torch.Tensor:
     ],
 )
 @pytest.mark.parametrize("rule", list(MxScaleRule))
-def test_linear_matches_the_reference(m, n, k, splits, box_major, with_bias, rule) -> None:
+@pytest.mark.parametrize("spread_max_m", [4, 16])
+def test_linear_matches_the_reference(
+    monkeypatch, m, n, k, splits, box_major, with_bias, rule, spread_max_m
+) -> None:
+    """Above four rows both activation layouts: compact (one MMA per group, the default) and spread (forced)."""
+    from mxrun.kernels import mx_wgmma_small_m
     from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
 
+    if m <= 4 and spread_max_m != 4:
+        pytest.skip("up to four rows the layout is spread either way")
+    monkeypatch.setattr(mx_wgmma_small_m, "SPREAD_MAX_M", spread_max_m)
     x = _spread_groups(m, k, seed=m * 7 + n, scale=1.0).to(torch.bfloat16)
     qw = quantize_mxfp8_reference(
         _spread_groups(n, k, seed=n, scale=0.02).to(torch.bfloat16), MxScaleRule.FLOOR
@@ -148,10 +181,11 @@ def test_linear_matches_the_reference(m, n, k, splits, box_major, with_bias, rul
 
 
 @needs_sm90
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 7, 16])
 def test_pipeline_settings_give_the_same_bits(monkeypatch, m) -> None:
     """The settings that change only when things run (two MMAs in flight or one, the stages, the programmatic
-    dependent launch) add the same products in the same order: the same output bits."""
+    dependent launch) add the same products in the same order: the same output bits (spread rows up to four,
+    compact above)."""
     from mxrun.kernels import mx_wgmma_small_m
     from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
 
@@ -162,6 +196,8 @@ def test_pipeline_settings_give_the_same_bits(monkeypatch, m) -> None:
     outs = []
     for stages, pairs, pdl in ((3, False, False), (4, True, True), (6, True, False), (4, False, True)):
         monkeypatch.setattr(mx_wgmma_small_m, "STAGES", stages)
+        monkeypatch.setattr(mx_wgmma_small_m, "PAIR_STAGES", stages)
+        monkeypatch.setattr(mx_wgmma_small_m, "GROUPS_STAGES", stages)
         monkeypatch.setattr(mx_wgmma_small_m, "PAIRS", pairs)
         monkeypatch.setattr(mx_wgmma_small_m, "PDL", pdl)
         outs.append(mx_rows_linear(x, w, ws, None, MxScaleRule.ROUND_UP, splits=3))
