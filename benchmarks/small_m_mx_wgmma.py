@@ -7,10 +7,10 @@ loop, then the MX decode GEMM); ``mx_rows`` (the whole new Linear: the spread qu
 sum); ``q_spread`` (that quantize alone). Also checks ``mx_rows`` against the reference Linear.
 
 ``--variants`` times ``mx_rows`` under each of several settings of :mod:`mxrun.kernels.mx_wgmma_small_m`, each
-given as ``NAME=VALUE[,NAME=VALUE...]`` (integers; e.g. ``PDL=0 SPREAD_MAX_M=16,STAGES=4``), one after the other
+given as ``NAME=VALUE[,NAME=VALUE...]`` (integers; e.g. ``PDL=0 PAIRS=0,STAGES=4``), one after the other
 per case.
 
-    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--variants PDL=0 SPREAD_MAX_M=16]
+    PYTHONPATH=. python3 benchmarks/small_m_mx_wgmma.py [--ms 1 2 4] [--box-major] [--variants PDL=0 PAIRS=0,STAGES=4]
         [--shapes "8B gate_up 4096->28672"] [--json out.json]
 """
 

@@ -22,7 +22,9 @@ registers, the four of a step issued together and waited for one by one, each sc
 ones run. The MMAs and waits cost nothing (products added unscaled: 30.4 us on 8B ``gate_up``, the codes
 GEMM's speed), but scaling four groups x the padded MMA width per step did: 41.1 us, no faster than today's
 path. The block-diagonal layout does a quarter of that work at M = 1 (33.1 us before the scale codes were
-loaded a step ahead).
+loaded a step ahead). Tried again for 5-16 rows on compact activations (commit 962fa09, codes a step ahead,
+activation scales as fp32 factors): at 16 rows no faster than the split-K decode (8B ``gate_up`` 41.6 against 42.6
+us, 70B ``down`` 89.3 against 73.2; ``results/mx-rows-groups-h200.log``), so five rows and more stay there.
 
 Measured, the whole MXFP8 Linear at M = 1 (the quantize and the GEMM, box-major weight, CUDA-graph replays; H200,
 ``sweep_linear_setting.py --setting mxrows.MX_ROWS_GEMM --values 0 1 --ms 1``, ``results/mx-rows-settings-h200.log``),
@@ -67,46 +69,6 @@ from mxrun.kernels.mxfp8_quantize import E4m3Cast, MxScaleRule, mx_group_codes, 
 from mxrun.kernels.scaled_gemm import GemmInputError
 from mxrun.kernels.workspace import zeroed_int32
 
-
-@triton.jit
-def _mx_compact_quantize_kernel(
-    x_ptr,  # [M, K] bf16/fp16/fp32 activations
-    codes_ptr,  # [M, K] uint8: E4M3 codes
-    factor_ptr,  # [K/32, ROWS] fp32: each group's power of two, group-major (1.0 in rows past M)
-    M,
-    K,
-    stride_xm,
-    ROUND_UP: tl.constexpr,
-    SOFT_CAST: tl.constexpr,
-    ROWS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    LAUNCH_DEPENDENTS: tl.constexpr = False,
-):
-    """MX-quantize ``BLOCK_K`` columns of every row (the quantize kernel's rule and cast, so the same bits): the
-    codes in place, the scales as the fp32 factors the GEMM multiplies by, each group's ``ROWS`` in a row."""
-    if LAUNCH_DEPENDENTS:
-        gdc_launch_dependents()
-    GROUPS: tl.constexpr = BLOCK_K // 32
-    rows = tl.arange(0, ROWS)
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    x = tl.load(
-        x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :],
-        mask=row_ok[:, None] & (cols < K)[None, :],
-        other=0.0,
-    )
-    codes, _, q = mx_group_codes(tl.reshape(x, [ROWS, GROUPS, 32]), ROUND_UP, SOFT_CAST)
-    groups = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
-    group_ok = groups * 32 < K
-    factors = tl.where(row_ok[:, None], e8m0_to_fp32(codes), 1.0)
-    tl.store(factor_ptr + groups[None, :] * ROWS + rows[:, None], factors, mask=group_ok[None, :])
-    tl.store(
-        codes_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
-        tl.reshape(q.to(tl.uint8), [ROWS, BLOCK_K]),
-        mask=row_ok[:, None] & (cols < K)[None, :],
-    )
-
-
 if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -141,12 +103,6 @@ PAIRS = True
 at four slots, and were 18% slower with them in ``results/mx-rows-variants-h200.log``); at four rows (16 columns)
 slower on 5 of 7, so not there."""
 PAIR_STAGES = 4
-SPREAD_MAX_M = 4
-"""Rows up to which the activations go block-diagonal (one MMA per step); above, they stay compact and each step
-is four MMAs, one per 32-wide group (:func:`_mx_groups_kernel`): the spread tile, read from L2 by every column
-block's programs, would grow to the weight tile's size at 16 rows."""
-GROUPS_STAGES = 3
-"""TMA slots per program of the one-MMA-per-group kernel."""
 """TMA slots per program with :data:`PAIRS`: the loads run two steps (one pair) ahead."""
 PDL = True
 """The GEMM as a programmatic dependent launch of the spread quantize (sm_90): its programs start, and fetch their
@@ -219,7 +175,7 @@ if HAS_GLUON:
 
     @gluon.jit
     def _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step, groups_total):
-        """The step's E8M0 codes starting at ``group``: the weight's ``[BLOCK_N, 4]`` and the activations'
+        """The E8M0 codes of K step ``step``'s four groups: the weight's ``[BLOCK_N, 4]`` and the activations'
         ``[ROWS, 4]``, each in the slice of the accumulator's 3-D layout it broadcasts along (1.0's code past K
         or past the rows). One load per weight row and group, not one per accumulator column."""
         group = step * 4
@@ -278,35 +234,6 @@ if HAS_GLUON:
             total += gl.expand_dims(gl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(gl.float32), 1)
         at = gl.expand_dims(ms.to(gl.int64) * stride_cm, 0) + gl.expand_dims(rows, 1)
         gl.store(c_ptr + at, total.to(c_ptr.dtype.element_ty), mask=ok)
-
-    @gluon.jit
-    def _finish(
-        total, off_n, M, N, split, splits, part_ptr, count_ptr, bias_ptr, c_ptr, stride_cm,
-        SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-    ):  # fmt: skip
-        """The program's sums ``total`` ``[BLOCK_N, ROWS]`` (weight row, activation row) into the output: alone,
-        or as one split's partials, the last split to arrive at its column block's counter adding them all in
-        split order (deterministic) with the bias."""
-        BLOCK_N: gl.constexpr = total.shape[0]
-        ROWS: gl.constexpr = total.shape[1]
-        out_l: gl.constexpr = total.type.layout
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
-        ms = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
-        ok = gl.expand_dims(rows < N, 1) & gl.expand_dims(ms < M, 0)
-        at = gl.expand_dims(ms.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)  # [m, n] in an [M, N] array
-        if SPLIT:
-            gl.store(part_ptr + split.to(gl.int64) * M * N + at, total, mask=ok)
-            gl.thread_barrier()  # every thread's partials are written before the release below
-            pid_n = off_n // BLOCK_N
-            arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == splits - 1:
-                gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                total = gl.zeros([BLOCK_N, ROWS], gl.float32, out_l)
-                for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
-                    total += gl.load(part_ptr + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
-                _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
-        else:
-            _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
     @gluon.jit(do_not_specialize=["M", "N", "K"])
     def _mx_rows_kernel(
@@ -412,131 +339,23 @@ if HAS_GLUON:
             mbarrier.invalidate(ready.index(i))
 
         total = gl.sum(acc, axis=2)  # [BLOCK_N, ROWS]: each row's four groups
-        _finish(
-            total,
-            off_n,
-            M,
-            N,
-            split,
-            splits,
-            part_ptr,
-            count_ptr,
-            bias_ptr,
-            c_ptr,
-            stride_cm,
-            SPLIT,
-            HAS_BIAS,
-        )
-
-    @gluon.jit
-    def _group_codes(ws_rows, w_ok, xf_ptr, cols, group, R: gl.constexpr):
-        """Group ``group``'s weight E8M0 codes ``[BLOCK_N]`` and activation factors ``[R]``."""
-        cw = gl.load(ws_rows + group, mask=w_ok, other=127)
-        fx = gl.load(xf_ptr + group * R + cols)
-        return cw, fx
-
-    @gluon.jit
-    def _group_add(acc, pending, n_after: gl.constexpr, cw, fx):
-        """Wait for one group's MMA (``n_after`` younger ones may still run) and add its product times the
-        activation rows' and the weight rows' powers of two: a multiply and a multiply-add per element."""
-        product = warpgroup_mma_wait(n_after, deps=(pending,))
-        return (product * gl.expand_dims(fx, 0)) * gl.expand_dims(e8m0_to_fp32(cw), 1) + acc
-
-    @gluon.jit
-    def _group_mma(w_t, x_t, zero, j: gl.constexpr):
-        """Start the MMA of the step's group ``j`` (a 32-wide K slice of both tiles) into fresh registers."""
-        x_j = x_t.slice(32 * j, 32, dim=1).permute((1, 0))
-        return warpgroup_mma(w_t.slice(32 * j, 32, dim=1), x_j, zero, use_acc=False, is_async=True)
-
-    @gluon.jit(do_not_specialize=["M", "N", "K"])
-    def _mx_groups_kernel(
-        w_desc,  # [N, K] E4M3 weight codes, boxes [BLOCK_N, BLOCK_K]; BOX_MAJOR: the box-major tensor
-        x_desc,  # [M, K] activation codes, boxes [R, BLOCK_K] (rows past M: zeros)
-        ws_ptr,  # [N, K/32] uint8 E8M0 weight scales
-        xf_ptr,  # [K/32, R] fp32 activation factors (1.0 past M)
-        bias_ptr,
-        c_ptr,  # [M, N] output (row stride stride_cm)
-        part_ptr,  # SPLIT: [splits, M, N] fp32 partial sums
-        count_ptr,  # SPLIT: int32 [cdiv(N, BLOCK_N)] arrival counters, zero before and after each launch
-        M,
-        N,
-        K,
-        stride_wsn,
-        stride_cm,
-        steps_per_split,
-        splits,
-        STAGES: gl.constexpr,
-        BOX_MAJOR: gl.constexpr,
-        SPLIT: gl.constexpr,
-        HAS_BIAS: gl.constexpr,
-        WAIT_PRIOR: gl.constexpr,
-    ):
-        BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-        BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
-        R: gl.constexpr = x_desc.block_type.shape[0]
-        layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[gl.num_warps(), 1], instr_shape=[16, R, 32]
-        )
-        split = gl.program_id(1)
-        off_n = gl.program_id(0) * BLOCK_N
-        k_steps = gl.cdiv(K, BLOCK_K)
-        step0 = split * steps_per_split
-        n_steps = gl.minimum(steps_per_split, k_steps - step0)
-
-        w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        x_s = gl.allocate_shared_memory(x_desc.dtype, [STAGES, R, BLOCK_K], x_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-        x_bytes: gl.constexpr = x_desc.block_type.nbytes
-        for i in gl.static_range(STAGES - 1):
-            if i < n_steps:
-                _load_weight(w_desc, w_s, ready, off_n, step0 + i, i, k_steps, x_bytes, BOX_MAJOR)
-        if WAIT_PRIOR:
-            gdc_wait()
-        for i in gl.static_range(STAGES - 1):
-            if i < n_steps:
-                _load_x(x_desc, x_s, ready, step0 + i, i)
-
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, R, layout=gl.SliceLayout(0, layout))
-        w_ok = rows < N
-        ws_rows = ws_ptr + rows.to(gl.int64) * stride_wsn
-        zero = gl.zeros([BLOCK_N, R], gl.float32, layout)
-        acc = gl.zeros([BLOCK_N, R], gl.float32, layout)
-        # the four groups' codes a step ahead: their loads' latency stays off each step's MMA-to-add path
-        g = step0 * 4
-        cw0, fx0 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g, R)
-        cw1, fx1 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 1, R)
-        cw2, fx2 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 2, R)
-        cw3, fx3 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 3, R)
-        last_group = K // 32 - 1
-        for s in range(n_steps):
-            ahead = s + STAGES - 1
-            if ahead < n_steps:  # into the slot of step s - 1, whose MMAs were waited for
-                _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR)
-            slot = s % STAGES
-            mbarrier.wait(ready.index(slot), (s // STAGES) & 1)
-            w_t = w_s.index(slot)
-            x_t = x_s.index(slot)
-            p0 = _group_mma(w_t, x_t, zero, 0)
-            p1 = _group_mma(w_t, x_t, zero, 1)
-            p2 = _group_mma(w_t, x_t, zero, 2)
-            p3 = _group_mma(w_t, x_t, zero, 3)
-            g = gl.minimum((step0 + s + 1) * 4, last_group - 3)  # past the split's end: any valid group
-            acc = _group_add(acc, p0, 3, cw0, fx0)
-            cw0, fx0 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g, R)
-            acc = _group_add(acc, p1, 2, cw1, fx1)
-            cw1, fx1 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 1, R)
-            acc = _group_add(acc, p2, 1, cw2, fx2)
-            cw2, fx2 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 2, R)
-            acc = _group_add(acc, p3, 0, cw3, fx3)
-            cw3, fx3 = _group_codes(ws_rows, w_ok, xf_ptr, cols, g + 3, R)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(ready.index(i))
-        _finish(
-            acc, off_n, M, N, split, splits, part_ptr, count_ptr, bias_ptr, c_ptr, stride_cm, SPLIT, HAS_BIAS
-        )
+        out_l: gl.constexpr = total.type.layout
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        ms = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
+        ok = gl.expand_dims(rows < N, 1) & gl.expand_dims(ms < M, 0)
+        at = gl.expand_dims(ms.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)  # [m, n] in an [M, N] array
+        if SPLIT:
+            gl.store(part_ptr + split.to(gl.int64) * M * N + at, total, mask=ok)
+            gl.thread_barrier()  # every thread's partials are written before the release below
+            arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                total = gl.zeros([BLOCK_N, ROWS], gl.float32, out_l)
+                for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
+                    total += gl.load(part_ptr + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+                _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+        else:
+            _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 @functools.cache
@@ -560,40 +379,6 @@ def columns_for(m: int) -> int:
     """The MMA's N side for ``m`` rows: 4 m columns rounded up to a power of two, at least 8 (one compile per
     bucket: 1-2, 3-4, 5-8 and 9-16 rows)."""
     return max(8, triton.next_power_of_2(4 * m))
-
-
-def compact_rows_for(m: int) -> int:
-    """The MMA's N side for ``m`` compact rows: 8 or 16."""
-    return 8 if m <= 8 else 16
-
-
-def quantize_compact(
-    x: torch.Tensor,
-    rule: MxScaleRule | str,
-    cast: E4m3Cast | str = E4m3Cast.AUTO,
-    *,
-    launch_dependents: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MX-quantize ``x`` ``[M, K]`` (M <= :data:`MX_ROWS_MAX_M`, K a multiple of 128): its E4M3 codes ``[M, K]``
-    (the bytes of :func:`~mxrun.kernels.mxfp8_quantize.quantize_mxfp8_reference`) and each group's power of two
-    as fp32, group-major ``[K/32, R]`` with R = :func:`compact_rows_for` (1.0 in the rows past M), the form
-    :func:`_mx_groups_kernel` multiplies by. One launch."""
-    m, k = x.shape
-    if m > MX_ROWS_MAX_M or k % BLOCK_K or x.stride(1) != 1:
-        raise GemmInputError(
-            f"quantize_compact: needs M <= {MX_ROWS_MAX_M} rows, K a multiple of {BLOCK_K} and unit column "
-            f"stride, got {tuple(x.shape)} with strides {x.stride()}"
-        )
-    r = compact_rows_for(m)
-    codes = torch.empty(m, k, dtype=torch.uint8, device=x.device)
-    factors = torch.empty(k // 32, r, dtype=torch.float32, device=x.device)
-    if m:
-        _mx_compact_quantize_kernel[(triton.cdiv(k, QUANTIZE_BLOCK_K),)](
-            x, codes, factors, m, k, x.stride(0),
-            ROUND_UP=MxScaleRule(rule) is MxScaleRule.ROUND_UP, SOFT_CAST=resolve_cast(cast),
-            ROWS=r, BLOCK_K=QUANTIZE_BLOCK_K, LAUNCH_DEPENDENTS=launch_dependents,
-        )  # fmt: skip
-    return codes.view(torch.float8_e4m3fn), factors
 
 
 def quantize_spread(
@@ -691,27 +476,21 @@ def mx_rows_linear(
             f"mx_rows_linear: weight scales must be [{n}, {k // 32}], got {tuple(weight_scale_e8m0.shape)}"
         )
     pdl = PDL and pdl_usable(x.device)
-    spread = m <= SPREAD_MAX_M
-    if spread:
-        x_codes, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
-        r = columns_for(m)
-    else:
-        x_codes, x_scales = quantize_compact(x, rule, launch_dependents=pdl)
-        r = compact_rows_for(m)
+    spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return c
     steps = triton.cdiv(k, BLOCK_K)
     blocks = triton.cdiv(n, BLOCK_N)
+    r = columns_for(m)
     per_split = triton.cdiv(steps, splits or splits_for(n, k))
-    pairs = PAIRS and r == 8 and spread and steps % 2 == 0
-    pairs = pairs and blocks * triton.cdiv(steps, per_split) <= TARGET_PROGRAMS
+    pairs = PAIRS and r == 8 and steps % 2 == 0 and blocks * triton.cdiv(steps, per_split) <= TARGET_PROGRAMS
     if pairs:
         per_split += per_split % 2  # every split's steps even
     splits = triton.cdiv(steps, per_split)
     codes = weight.boxes if boxes else weight
     w_desc = TensorDescriptor.from_tensor(codes, [BLOCK_N, BLOCK_K], _layout(BLOCK_N, BLOCK_K))
-    x_desc = TensorDescriptor.from_tensor(x_codes, [r, BLOCK_K], _layout(r, BLOCK_K))
+    x_desc = TensorDescriptor.from_tensor(spread, [r, BLOCK_K], _layout(r, BLOCK_K))
     ws = weight_scale_e8m0.view(torch.uint8)
     if ws.stride(1) != 1:
         ws = ws.contiguous()
@@ -721,18 +500,12 @@ def mx_rows_linear(
     else:
         partials = counters = c  # not read
     extra = {"launch_pdl": True} if pdl else {}
-    operands = (w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters)
-    sizes = (m, n, k, ws.stride(0), c.stride(0), per_split, splits)
-    flags = {"BOX_MAJOR": boxes, "SPLIT": splits > 1, "HAS_BIAS": bias is not None, "WAIT_PRIOR": pdl}
-    if spread:
-        stages = PAIR_STAGES if pairs else STAGES
-        _mx_rows_kernel[(blocks, splits)](
-            *operands, *sizes, STAGES=stages, PAIRS=pairs, **flags, num_warps=4, **extra
-        )
-    else:
-        _mx_groups_kernel[(blocks, splits)](
-            *operands, *sizes, STAGES=GROUPS_STAGES, **flags, num_warps=4, **extra
-        )
+    _mx_rows_kernel[(blocks, splits)](
+        w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters,
+        m, n, k, ws.stride(0), c.stride(0), per_split, splits,
+        STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
+        WAIT_PRIOR=pdl, num_warps=4, **extra,
+    )  # fmt: skip
     return c
 
 
@@ -742,12 +515,10 @@ __all__ = [
     "MX_ROWS_MIN_WEIGHT",
     "MX_ROWS_ROUTED_M",
     "columns_for",
-    "compact_rows_for",
     "mx_rows_fits",
     "mx_rows_linear",
     "mx_rows_preferred",
     "mx_rows_usable",
-    "quantize_compact",
     "quantize_spread",
     "spread_activation_codes",
 ]
