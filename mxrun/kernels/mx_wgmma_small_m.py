@@ -24,7 +24,11 @@ GEMM's speed), but scaling four groups x the padded MMA width per step did: 41.1
 path. The block-diagonal layout does a quarter of that work at M = 1 (33.1 us before the scale codes were
 loaded a step ahead). Tried again for 5-16 rows on compact activations (commit 962fa09, codes a step ahead,
 activation scales as fp32 factors): at 16 rows no faster than the split-K decode (8B ``gate_up`` 41.6 against 42.6
-us, 70B ``down`` 89.3 against 73.2; ``results/mx-rows-groups-h200.log``), so five rows and more stay there.
+us, 70B ``down`` 89.3 against 73.2; ``results/mx-rows-groups-h200.log``), so five rows and more stay there. Also
+dropped (commit 1958a05): each program MX-quantizing its own K steps into shared memory at one and two rows, in
+place of the quantize launch. The same bits, but slower on all 14 cases (8B ``gate_up`` 38.8 against 33.1 us,
+``results/mx-rows-in-loop-h200.log``): the loads, the quantize and the barrier before each MMA sit on every step's
+path.
 
 Measured, the whole MXFP8 Linear at M = 1 (the quantize and the GEMM, box-major weight, CUDA-graph replays; H200,
 ``sweep_linear_setting.py --setting mxrows.MX_ROWS_GEMM --values 0 1 --ms 1``, ``results/mx-rows-settings-h200.log``),
@@ -73,7 +77,6 @@ if HAS_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
@@ -105,10 +108,6 @@ at four slots, and were 18% slower with them in ``results/mx-rows-variants-h200.
 slower on 5 of 7, so not there."""
 PAIR_STAGES = 4
 """TMA slots per program with :data:`PAIRS`: the loads run two steps (one pair) ahead."""
-QUANTIZE_IN_LOOP = True
-"""At one and two rows each program MX-quantizes its own K steps of the activations, straight into its shared
-memory in the spread layout, instead of a quantize launch before it (the column blocks repeat that work: 256 values
-per step at two rows)."""
 PDL = True
 """The GEMM as a programmatic dependent launch of the spread quantize (sm_90): its programs start, and fetch their
 first weight tiles, while the quantize runs, and wait for its results before they read the activations. H200, the
@@ -179,50 +178,14 @@ def _mx_spread_quantize_kernel(
 if HAS_GLUON:
 
     @gluon.jit
-    def _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step, groups_total, IN_LOOP: gl.constexpr):
+    def _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step, groups_total):
         """The E8M0 codes of K step ``step``'s four groups: the weight's ``[BLOCK_N, 4]`` and the activations'
-        ``[ROWS, 4]`` (IN_LOOP: none, the quantize in the loop gives them), each in the slice of the accumulator's
-        3-D layout it broadcasts along (1.0's code past K or past the rows). One load per weight row and group,
-        not one per accumulator column."""
+        ``[ROWS, 4]``, each in the slice of the accumulator's 3-D layout it broadcasts along (1.0's code past K
+        or past the rows). One load per weight row and group, not one per accumulator column."""
         group = step * 4
         cw = gl.load(ws_tile + group, mask=w_ok & gl.expand_dims(group + j_w < groups_total, 0), other=127)
-        if IN_LOOP:
-            cx = 0
-        else:
-            cx = gl.load(
-                xs_tile + group, mask=x_ok & gl.expand_dims(group + j_x < groups_total, 0), other=127
-            )
+        cx = gl.load(xs_tile + group, mask=x_ok & gl.expand_dims(group + j_x < groups_total, 0), other=127)
         return cw, cx
-
-    @gluon.jit
-    def _raw_spread(x_ptr, stride_xm, M, K, step, R: gl.constexpr, BLOCK_K: gl.constexpr):
-        """Activation values of K step ``step`` placed block-diagonally, ``[R, 4, 32]`` (row ``4 m + j`` holds
-        row ``m``'s group ``j`` of the step, zeros elsewhere), loaded straight from ``x``."""
-        raw_l: gl.constexpr = gl.BlockedLayout([1, 1, 8], [2, 4, 4], [gl.num_warps(), 1, 1], [2, 1, 0])
-        r = gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(2, raw_l)))
-        g = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, raw_l)))
-        e = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, raw_l)))
-        r3 = gl.expand_dims(gl.expand_dims(r, 1), 2)
-        g3 = gl.expand_dims(gl.expand_dims(g, 0), 2)
-        cols = step * BLOCK_K + g3 * 32 + gl.expand_dims(gl.expand_dims(e, 0), 1)
-        ok = (g3 == r3 % 4) & (r3 // 4 < M) & (cols < K)
-        return gl.load(x_ptr + (r3 // 4).to(gl.int64) * stride_xm + cols, mask=ok, other=0.0)
-
-    @gluon.jit
-    def _quantize_into(raw, x_slot, x_l: gl.constexpr, ROUND_UP: gl.constexpr, SOFT_CAST: gl.constexpr):
-        """MX-quantize a :func:`_raw_spread` tile (the quantize kernel's rule and cast: the same bits; the zeros
-        become zero codes) into its shared-memory slot, and return the activation scale codes ``[ROWS, 4]`` in
-        ``x_l`` (row ``4 m + j``'s code of its group ``j``)."""
-        R: gl.constexpr = raw.shape[0]
-        BLOCK_K: gl.constexpr = raw.shape[1] * raw.shape[2]
-        codes, _, q = mx_group_codes(raw, ROUND_UP, SOFT_CAST)
-        x_slot.store(gl.reshape(q, [R, BLOCK_K]).to(gl.float8e4nv, bitcast=True))
-        by_row = gl.reshape(codes, [R // 4, 4, 4])  # (m, j, g): the code of group j's row is at g == j
-        l3: gl.constexpr = by_row.type.layout
-        j = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, l3)))
-        g = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, l3)))
-        diagonal = gl.expand_dims(gl.expand_dims(j, 0), 2) == gl.expand_dims(gl.expand_dims(g, 0), 1)
-        return gl.convert_layout(gl.sum(gl.where(diagonal, by_row, 0), axis=2), x_l)
 
     @gluon.jit
     def _load_weight(w_desc, w_s, ready, off_n, step, slot, k_steps, x_bytes, BOX_MAJOR: gl.constexpr):
@@ -247,28 +210,11 @@ if HAS_GLUON:
         tma.async_copy_global_to_shared(x_desc, [0, step * BLOCK_K], ready.index(slot), x_s.index(slot))
 
     @gluon.jit
-    def _load_step(
-        w_desc,
-        x_desc,
-        w_s,
-        x_s,
-        ready,
-        off_n,
-        step0,
-        s,
-        k_steps,
-        BOX_MAJOR: gl.constexpr,
-        IN_LOOP: gl.constexpr,
-    ):
-        """Both tiles of the program's step ``s`` (K step ``step0 + s``) into its slot (IN_LOOP: the weight's)."""
+    def _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, s, k_steps, BOX_MAJOR: gl.constexpr):
+        """Both tiles of the program's step ``s`` (K step ``step0 + s``) into its slot."""
         slot = s % w_s.shape[0]
-        if IN_LOOP:
-            _load_weight(w_desc, w_s, ready, off_n, step0 + s, slot, k_steps, 0, BOX_MAJOR)
-        else:
-            _load_weight(
-                w_desc, w_s, ready, off_n, step0 + s, slot, k_steps, x_desc.block_type.nbytes, BOX_MAJOR
-            )
-            _load_x(x_desc, x_s, ready, step0 + s, slot)
+        _load_weight(w_desc, w_s, ready, off_n, step0 + s, slot, k_steps, x_desc.block_type.nbytes, BOX_MAJOR)
+        _load_x(x_desc, x_s, ready, step0 + s, slot)
 
     @gluon.jit
     def _mma_step(w_s, x_s, ready, zero, s, STAGES: gl.constexpr):
@@ -293,54 +239,12 @@ if HAS_GLUON:
         at = gl.expand_dims(ms.to(gl.int64) * stride_cm, 0) + gl.expand_dims(rows, 1)
         gl.store(c_ptr + at, total.to(c_ptr.dtype.element_ty), mask=ok)
 
-    @gluon.jit
-    def _finish(
-        total, off_n, M, N, split, splits, part_ptr, count_ptr, bias_ptr, c_ptr, stride_cm,
-        SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-    ):  # fmt: skip
-        """The program's sums ``total`` ``[BLOCK_N, ROWS]`` (weight row, activation row) into the output: alone,
-        or as one split's partials, the last split to arrive at its column block's counter adding them all in
-        split order (deterministic) with the bias."""
-        BLOCK_N: gl.constexpr = total.shape[0]
-        ROWS: gl.constexpr = total.shape[1]
-        out_l: gl.constexpr = total.type.layout
-        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
-        ms = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
-        ok = gl.expand_dims(rows < N, 1) & gl.expand_dims(ms < M, 0)
-        at = gl.expand_dims(ms.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)  # [m, n] in an [M, N] array
-        if SPLIT:
-            gl.store(part_ptr + split.to(gl.int64) * M * N + at, total, mask=ok)
-            gl.thread_barrier()  # every thread's partials are written before the release below
-            pid_n = off_n // BLOCK_N
-            arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == splits - 1:
-                gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
-                total = gl.zeros([BLOCK_N, ROWS], gl.float32, out_l)
-                for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
-                    total += gl.load(part_ptr + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
-                _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
-        else:
-            _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
-
-    @gluon.jit
-    def _x_step(x_s, x_ptr, stride_xm, M, K, raw, step, slot, x_l: gl.constexpr, cx_loaded,
-                IN_LOOP: gl.constexpr, ROUND_UP: gl.constexpr, SOFT_CAST: gl.constexpr):  # fmt: skip
-        """IN_LOOP: quantize the prefetched ``raw`` tile of this step into ``slot`` and return its activation codes
-        and the raw tile of step ``step`` (the next one); else the codes loaded ahead, ``raw`` untouched."""
-        if IN_LOOP:
-            cx = _quantize_into(raw, x_s.index(slot), x_l, ROUND_UP, SOFT_CAST)
-            raw = _raw_spread(x_ptr, stride_xm, M, K, step, x_s.shape[1], x_s.shape[2])
-        else:
-            cx = cx_loaded
-        return cx, raw
-
     @gluon.jit(do_not_specialize=["M", "N", "K"])
     def _mx_rows_kernel(
         w_desc,  # [N, K] E4M3 weight codes, boxes [BLOCK_N, BLOCK_K]; BOX_MAJOR: the box-major tensor
-        x_desc,  # [4 M, K] spread activation codes, boxes [R, BLOCK_K] (rows past 4 M: zeros); IN_LOOP: unused
-        x_ptr,  # IN_LOOP: [M, K] activations (row stride stride_xm)
+        x_desc,  # [4 M, K] spread activation codes, boxes [R, BLOCK_K] (rows past 4 M: zeros)
         ws_ptr,  # [N, K/32] uint8 E8M0 weight scales
-        xs_ptr,  # [M, K/32] uint8 E8M0 activation scales (IN_LOOP: unused)
+        xs_ptr,  # [M, K/32] uint8 E8M0 activation scales
         bias_ptr,
         c_ptr,  # [M, N] output (row stride stride_cm)
         part_ptr,  # SPLIT: [splits, M, N] fp32 partial sums
@@ -348,25 +252,20 @@ if HAS_GLUON:
         M,
         N,
         K,
-        stride_xm,
         stride_wsn,
         stride_cm,
         steps_per_split,
         splits,
-        R: gl.constexpr,  # the MMA's N side: 4 M columns rounded up
-        X_SMEM: gl.constexpr,  # the spread tiles' shared-memory layout
         STAGES: gl.constexpr,
         PAIRS: gl.constexpr,
         BOX_MAJOR: gl.constexpr,
         SPLIT: gl.constexpr,
         HAS_BIAS: gl.constexpr,
         WAIT_PRIOR: gl.constexpr,
-        IN_LOOP: gl.constexpr,
-        ROUND_UP: gl.constexpr,
-        SOFT_CAST: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = w_desc.block_type.shape[1]
+        R: gl.constexpr = x_desc.block_type.shape[0]
         ROWS: gl.constexpr = R // 4
         # PAIRS: two steps' MMAs in flight before the first is waited for; loads run STAGES - 2 steps ahead
         AHEAD: gl.constexpr = STAGES - 2 if PAIRS else STAGES - 1
@@ -382,22 +281,21 @@ if HAS_GLUON:
         groups_total = K // 32
 
         w_s = gl.allocate_shared_memory(w_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], w_desc.layout)
-        x_s = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, R, BLOCK_K], X_SMEM)
+        x_s = gl.allocate_shared_memory(x_desc.dtype, [STAGES, R, BLOCK_K], x_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
         # the weight does not depend on the quantize before this launch: with WAIT_PRIOR (a programmatic dependent
         # launch) its first tiles are on their way before the wait for the activations
-        x_bytes: gl.constexpr = 0 if IN_LOOP else R * BLOCK_K
+        x_bytes: gl.constexpr = x_desc.block_type.nbytes
         for i in gl.static_range(AHEAD):
             if i < n_steps:
                 _load_weight(w_desc, w_s, ready, off_n, step0 + i, i, k_steps, x_bytes, BOX_MAJOR)
         if WAIT_PRIOR:
             gdc_wait()
-        if not IN_LOOP:
-            for i in gl.static_range(AHEAD):
-                if i < n_steps:
-                    _load_x(x_desc, x_s, ready, step0 + i, i)
+        for i in gl.static_range(AHEAD):
+            if i < n_steps:
+                _load_x(x_desc, x_s, ready, step0 + i, i)
 
         # Accumulator column 4 m + j is (activation row m, group j of the step): viewed as [BLOCK_N, ROWS, 4],
         # the weight's codes broadcast along rows m and the activations' along weight rows (the reshape is free)
@@ -414,85 +312,54 @@ if HAS_GLUON:
         j_x = gl.arange(0, 4, layout=gl.SliceLayout(0, x_l))
         x_ok = gl.expand_dims(m_x < M, 1)
         xs_tile = gl.expand_dims(xs_ptr + m_x.to(gl.int64) * groups_total, 1) + gl.expand_dims(j_x, 0)
-        # scale codes a step ahead: their loads' latency stays off each step's MMA-to-add path; IN_LOOP: the
-        # step's raw activations a step ahead, the codes coming from their quantize
-        cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0, groups_total, IN_LOOP)
-        raw = _raw_spread(x_ptr, stride_xm, M, K, step0, R, BLOCK_K) if IN_LOOP else 0
+        # scale codes a step ahead: their loads' latency stays off each step's MMA-to-add path
+        cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0, groups_total)
         if PAIRS:  # n_steps is even (the launcher's split)
-            raw1 = _raw_spread(x_ptr, stride_xm, M, K, step0 + 1, R, BLOCK_K) if IN_LOOP else 0
             for s in range(0, n_steps, 2):
                 ahead = s + AHEAD
                 if ahead < n_steps:  # into the slots of steps s - 2 and s - 1, whose MMAs were waited for
-                    _load_step(
-                        w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR, IN_LOOP
-                    )
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR)
                 if ahead + 1 < n_steps:
-                    _load_step(
-                        w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead + 1, k_steps, BOX_MAJOR, IN_LOOP
-                    )
-                cw1, cx1 = _step_codes(
-                    ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total, IN_LOOP
-                )
-                cx, raw = _x_step(
-                    x_s, x_ptr, stride_xm, M, K, raw, step0 + s + 2, s % STAGES, x_l, cx,
-                    IN_LOOP, ROUND_UP, SOFT_CAST,
-                )  # fmt: skip
-                cx1, raw1 = _x_step(
-                    x_s, x_ptr, stride_xm, M, K, raw1, step0 + s + 3, (s + 1) % STAGES, x_l, cx1,
-                    IN_LOOP, ROUND_UP, SOFT_CAST,
-                )  # fmt: skip
-                if IN_LOOP:  # the tiles written by every thread, and visible to the MMA, before it starts
-                    fence_async_shared()
-                    gl.thread_barrier()
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead + 1, k_steps, BOX_MAJOR)
                 first = _mma_step(w_s, x_s, ready, zero, s, STAGES)
                 second = _mma_step(w_s, x_s, ready, zero, s + 1, STAGES)
+                cw1, cx1 = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total)
                 product = warpgroup_mma_wait(1, deps=(first,))
                 acc = _scaled_add(acc, product, cw, cx)
-                cw, cx = _step_codes(
-                    ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 2, groups_total, IN_LOOP
-                )
+                cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 2, groups_total)
                 product = warpgroup_mma_wait(0, deps=(second,))
                 acc = _scaled_add(acc, product, cw1, cx1)
         else:
             for s in range(n_steps):
                 ahead = s + AHEAD
                 if ahead < n_steps:  # into the slot of step s - 1, whose MMA was waited for
-                    _load_step(
-                        w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR, IN_LOOP
-                    )
-                cx_now, raw = _x_step(
-                    x_s, x_ptr, stride_xm, M, K, raw, step0 + s + 1, s % STAGES, x_l, cx,
-                    IN_LOOP, ROUND_UP, SOFT_CAST,
-                )  # fmt: skip
-                if IN_LOOP:
-                    fence_async_shared()
-                    gl.thread_barrier()
+                    _load_step(w_desc, x_desc, w_s, x_s, ready, off_n, step0, ahead, k_steps, BOX_MAJOR)
                 pending = _mma_step(w_s, x_s, ready, zero, s, STAGES)
-                cw_now = cw
-                cw, cx = _step_codes(
-                    ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total, IN_LOOP
-                )
+                cw_now, cx_now = cw, cx
+                cw, cx = _step_codes(ws_tile, w_ok, j_w, xs_tile, x_ok, j_x, step0 + s + 1, groups_total)
                 product = warpgroup_mma_wait(0, deps=(pending,))
                 acc = _scaled_add(acc, product, cw_now, cx_now)
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
 
         total = gl.sum(acc, axis=2)  # [BLOCK_N, ROWS]: each row's four groups
-        _finish(
-            total,
-            off_n,
-            M,
-            N,
-            split,
-            splits,
-            part_ptr,
-            count_ptr,
-            bias_ptr,
-            c_ptr,
-            stride_cm,
-            SPLIT,
-            HAS_BIAS,
-        )
+        out_l: gl.constexpr = total.type.layout
+        rows = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, out_l))
+        ms = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
+        ok = gl.expand_dims(rows < N, 1) & gl.expand_dims(ms < M, 0)
+        at = gl.expand_dims(ms.to(gl.int64) * N, 0) + gl.expand_dims(rows, 1)  # [m, n] in an [M, N] array
+        if SPLIT:
+            gl.store(part_ptr + split.to(gl.int64) * M * N + at, total, mask=ok)
+            gl.thread_barrier()  # every thread's partials are written before the release below
+            arrived = gl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                gl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                total = gl.zeros([BLOCK_N, ROWS], gl.float32, out_l)
+                for s in range(splits):  # in split order; L2, not L1: other SMs wrote these
+                    total += gl.load(part_ptr + s * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+                _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
+        else:
+            _store_rows(total, rows, ms, ok, N, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
 @functools.cache
@@ -612,28 +479,22 @@ def mx_rows_linear(
         raise GemmInputError(
             f"mx_rows_linear: weight scales must be [{n}, {k // 32}], got {tuple(weight_scale_e8m0.shape)}"
         )
-    m_columns = columns_for(m)
-    in_loop = QUANTIZE_IN_LOOP and m_columns == 8
-    pdl = PDL and not in_loop and pdl_usable(x.device)
+    pdl = PDL and pdl_usable(x.device)
+    spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if not in_loop:
-        spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     if n == 0:
         return c
     steps = triton.cdiv(k, BLOCK_K)
     blocks = triton.cdiv(n, BLOCK_N)
+    r = columns_for(m)
     per_split = triton.cdiv(steps, splits or splits_for(n, k))
-    pairs = PAIRS and m_columns == 8 and steps % 2 == 0
-    pairs = pairs and blocks * triton.cdiv(steps, per_split) <= TARGET_PROGRAMS
+    pairs = PAIRS and r == 8 and steps % 2 == 0 and blocks * triton.cdiv(steps, per_split) <= TARGET_PROGRAMS
     if pairs:
         per_split += per_split % 2  # every split's steps even
     splits = triton.cdiv(steps, per_split)
     codes = weight.boxes if boxes else weight
     w_desc = TensorDescriptor.from_tensor(codes, [BLOCK_N, BLOCK_K], _layout(BLOCK_N, BLOCK_K))
-    if in_loop:  # the kernel reads x itself: no spread tensor for TMA, no scale codes
-        x_desc, x_scales = w_desc, x
-    else:
-        x_desc = TensorDescriptor.from_tensor(spread, [m_columns, BLOCK_K], _layout(m_columns, BLOCK_K))
+    x_desc = TensorDescriptor.from_tensor(spread, [r, BLOCK_K], _layout(r, BLOCK_K))
     ws = weight_scale_e8m0.view(torch.uint8)
     if ws.stride(1) != 1:
         ws = ws.contiguous()
@@ -644,12 +505,10 @@ def mx_rows_linear(
         partials = counters = c  # not read
     extra = {"launch_pdl": True} if pdl else {}
     _mx_rows_kernel[(blocks, splits)](
-        w_desc, x_desc, x, ws, x_scales, bias if bias is not None else c, c, partials, counters,
-        m, n, k, x.stride(0), ws.stride(0), c.stride(0), per_split, splits,
-        R=m_columns, X_SMEM=_layout(m_columns, BLOCK_K), STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs,
-        BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None, WAIT_PRIOR=pdl, IN_LOOP=in_loop,
-        ROUND_UP=MxScaleRule(rule) is MxScaleRule.ROUND_UP, SOFT_CAST=resolve_cast(E4m3Cast.AUTO),
-        num_warps=4, **extra,
+        w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters,
+        m, n, k, ws.stride(0), c.stride(0), per_split, splits,
+        STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
+        WAIT_PRIOR=pdl, num_warps=4, **extra,
     )  # fmt: skip
     return c
 
