@@ -41,6 +41,20 @@ def _time(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
 
 
+def _parse_variant(parser: argparse.ArgumentParser, variant: str) -> dict[str, int]:
+    """``NAME=VALUE[,NAME=VALUE...]`` as settings of :mod:`mxrun.kernels.mx_wgmma_small_m` (exits through
+    ``parser`` on a malformed item or a name the module lacks)."""
+    settings = {}
+    for item in variant.split(","):
+        name, _, value = item.partition("=")
+        if not hasattr(mx_wgmma_small_m, name) or not value.lstrip("-").isdigit():
+            parser.error(
+                f"--variants {variant!r}: expected NAME=INTEGER with NAME a setting of mx_wgmma_small_m"
+            )
+        settings[name] = int(value)
+    return settings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4])
@@ -51,6 +65,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--json")
     args = parser.parse_args()
+    variants = {variant: _parse_variant(parser, variant) for variant in args.variants}
     rows = []
     for shape in args.shapes:
         k, n = SHAPES[shape]
@@ -72,11 +87,10 @@ def main() -> None:
                 "mx_rows": _time(new),
                 "q_spread": _time(partial(quantize_spread, x, RULE)),
             }
-            for variant in args.variants:
-                settings = dict(item.split("=") for item in variant.split(","))
+            for variant, settings in variants.items():
                 saved = {name: getattr(mx_wgmma_small_m, name) for name in settings}
                 for name, value in settings.items():
-                    setattr(mx_wgmma_small_m, name, int(value))
+                    setattr(mx_wgmma_small_m, name, value)
                 try:
                     ref = mxfp8_linear_reference(x.float(), mx.data, mx.scale_e8m0, None, RULE)
                     got = new().float()

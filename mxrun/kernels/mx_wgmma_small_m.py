@@ -1,5 +1,6 @@
-"""MXFP8 W8A8 for one to sixteen rows on Hopper (routed at one to four): E4M3 codes on both sides of an FP8 ``wgmma``, each 32-wide MX
-group's product in its own accumulator column, so no weight element passes through the SMs' ALUs.
+"""MXFP8 W8A8 for one to sixteen rows on Hopper (routed at one to four): E4M3 codes on both sides of an FP8
+``wgmma``, each 32-wide MX group's product in its own accumulator column, so no weight element passes through the
+SMs' ALUs.
 
 The split-K kernel (:mod:`mxrun.kernels.small_m_gemm`) widens every weight element to bf16 with its power of two
 folded in, and at these rows it is bound by the instructions that takes, not by memory (on an H200, 8B
@@ -479,11 +480,11 @@ def mx_rows_linear(
         raise GemmInputError(
             f"mx_rows_linear: weight scales must be [{n}, {k // 32}], got {tuple(weight_scale_e8m0.shape)}"
         )
-    pdl = PDL and pdl_usable(x.device)
-    spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     c = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if n == 0:
         return c
+    pdl = PDL and pdl_usable(x.device)
+    spread, x_scales = quantize_spread(x, rule, launch_dependents=pdl)
     steps = triton.cdiv(k, BLOCK_K)
     blocks = triton.cdiv(n, BLOCK_N)
     r = columns_for(m)
@@ -507,8 +508,8 @@ def mx_rows_linear(
     _mx_rows_kernel[(blocks, splits)](
         w_desc, x_desc, ws, x_scales, bias if bias is not None else c, c, partials, counters,
         m, n, k, ws.stride(0), c.stride(0), per_split, splits,
-        STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs, BOX_MAJOR=boxes, SPLIT=splits > 1, HAS_BIAS=bias is not None,
-        WAIT_PRIOR=pdl, num_warps=4, **extra,
+        STAGES=PAIR_STAGES if pairs else STAGES, PAIRS=pairs, BOX_MAJOR=boxes, SPLIT=splits > 1,
+        HAS_BIAS=bias is not None, WAIT_PRIOR=pdl, num_warps=4, **extra,
     )  # fmt: skip
     return c
 

@@ -785,7 +785,7 @@ def mxfp8_linear(
     the E4M3 widening (same values, fewer instructions). ``weight_scales_foldable_f16``:
     :func:`~mxrun.kernels.e4m3.mx_scales_foldable_f16`, the same for fp16 activations.
 
-    Triton on CUDA, the torch reference elsewhere. W8A8 at one or two rows on sm_90 takes the FP8 ``wgmma`` kernel of
+    Triton on CUDA, the torch reference elsewhere. W8A8 at one to four rows on sm_90 takes the FP8 ``wgmma`` kernel of
     :mod:`mxrun.kernels.mx_wgmma_small_m` where it measured faster
     (:func:`~mxrun.kernels.mx_wgmma_small_m.mx_rows_preferred`). Both W8A16
     and W8A8 (activations MX-rounded once first) take

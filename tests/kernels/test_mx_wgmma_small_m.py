@@ -198,6 +198,17 @@ def test_weight_scales_of_the_wrong_shape_are_refused() -> None:
 
 
 @needs_sm90
+def test_a_weight_without_rows_gives_an_empty_output() -> None:
+    from mxrun.kernels.mx_wgmma_small_m import mx_rows_linear
+
+    x = torch.ones(2, 256, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(0, 256, device="cuda").to(torch.float8_e4m3fn)
+    scales = torch.zeros(0, 8, dtype=torch.uint8, device="cuda")
+    out = mx_rows_linear(x, w, scales, None, MxScaleRule.ROUND_UP)
+    assert out.shape == (2, 0) and out.dtype == torch.bfloat16
+
+
+@needs_sm90
 def test_the_mxfp8_linear_takes_it_at_one_to_four_rows(monkeypatch) -> None:
     """``mxfp8_linear`` W8A8 at one to four rows goes through this kernel (and matches the reference), at five
     rows not, nor with a weight below :data:`MX_ROWS_MIN_WEIGHT`."""
